@@ -1,0 +1,1 @@
+"""The generation runtime: engine loading, backends (NumPy reference, PyCUDA), KV cache, sampler, tokenizer."""
