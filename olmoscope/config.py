@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ LIMITS = {
     "max_position_embeddings": 1 << 22,
 }
 MAX_PARAMETERS = 10**13
+MAX_CONFIG_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -139,13 +141,19 @@ def read_config_json(path: str | Path) -> dict[str, Any]:
     """Read and parse a config.json, turning every failure into a ConfigError."""
     path = Path(path)
     try:
-        text = path.read_bytes()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_CONFIG_BYTES:  # checked before reading: a config.json is a few hundred bytes
+                raise ConfigError(f"{path}: {size:,} bytes is too large for a config.json")
+            text = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config.json") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
-    if len(text) > 1 << 20:
-        raise ConfigError(f"{path}: {len(text):,} bytes is too large for a config.json")
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: too large for a config.json")
     try:
         return json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
