@@ -1,0 +1,148 @@
+"""Choosing the next token from logits: the rules every backend follows, and their NumPy implementation.
+
+In order, on the float32 logits [V] of the last position:
+1. padding rows (ids ≥ vocab_limit) → −inf: they are never chosen;
+2. repetition penalty p over every distinct id in the history (prompt and generated), the Hugging Face
+   convention: a positive logit is divided by p, a negative one multiplied by p;
+3. temperature 0 → greedy: the largest logit, the lowest id on ties; no random draw. Otherwise:
+4. logits / temperature;
+5. top-k (k > 0): keep the k best-ranked ids; ranking is by logit, descending, the lower id first on
+   ties (so top-k 1 is greedy);
+6. softmax over what is kept;
+7. top-p (p < 1): keep the shortest run of best-ranked ids whose probabilities sum to at least p·(the
+   kept total);
+8. one uniform u = rng.random() ∈ [0, 1); walking the kept ids in ascending id order, the chosen id is
+   the first whose running sum of probabilities exceeds u·(their sum).
+
+Steps 1–7 define what may be chosen and with what probability on every backend; step 8 is how the
+NumPy backend draws (a GPU backend may draw differently, e.g. Gumbel-max, still seeded from the run's
+numpy Generator), so a fixed seed repeats a run on the same backend.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from olmoscope.errors import UsageError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to choose each next token; invalid values are a UsageError at construction.
+
+    >>> SamplingParams(temperature=0.8, top_p=0.95).greedy
+    False
+    """
+
+    temperature: float = 0.0  # 0 = greedy (the default: reproducible, as transformers' generate)
+    top_k: int = 0  # keep the k most likely tokens; 0 = off
+    top_p: float = 1.0  # keep the smallest set reaching this probability mass; 1 = off
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already seen; 1 = off
+
+    def __post_init__(self) -> None:
+        _finite(self.temperature, "--temperature")
+        if self.temperature < 0:
+            raise UsageError(f"--temperature {self.temperature}: must be ≥ 0 (0 = greedy)")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise UsageError(f"--top-k {self.top_k}: must be an integer ≥ 0 (0 = off)")
+        _finite(self.top_p, "--top-p")
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"--top-p {self.top_p}: must be in (0, 1] (1 = off)")
+        _finite(self.repetition_penalty, "--repetition-penalty")
+        if self.repetition_penalty <= 0:
+            raise UsageError(f"--repetition-penalty {self.repetition_penalty}: must be > 0 (1 = off)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _finite(value: float, option: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UsageError(f"{option} {value!r}: must be a finite number")
+
+
+def penalized_logits(logits: np.ndarray, history: np.ndarray | None, penalty: float, vocab_limit: int) -> np.ndarray:
+    """Steps 1–2: a float32 copy of logits [V] with padding masked and seen ids penalized."""
+    out = np.array(logits, dtype=np.float32)  # a copy: the caller's logits stay as they were
+    out[vocab_limit:] = -np.inf
+    if penalty != 1.0 and history is not None and len(history):
+        seen = np.unique(np.asarray(history))
+        seen = seen[(seen >= 0) & (seen < vocab_limit)]
+        values = out[seen]
+        out[seen] = np.where(values > 0, values / np.float32(penalty), values * np.float32(penalty))
+    return out
+
+
+def ranking(scores: np.ndarray) -> np.ndarray:
+    """Ids from best to worst: by score descending, the lower id first on ties."""
+    return np.lexsort((np.arange(scores.size), -scores))
+
+
+def top_k_mask(logits: np.ndarray, k: int) -> np.ndarray:
+    """Step 5: bool [V], True for the k best-ranked ids (all when k is 0 or ≥ V)."""
+    if k <= 0 or k >= logits.size:
+        return np.ones(logits.shape, bool)
+    kth_largest = np.partition(logits, logits.size - k)[logits.size - k]
+    keep = logits > kth_largest
+    ties = np.flatnonzero(logits == kth_largest)  # ascending ids: the lowest fill the remaining places
+    keep[ties[: k - int(keep.sum())]] = True
+    return keep
+
+
+def top_p_mask(probs: np.ndarray, p: float) -> np.ndarray:
+    """Step 7: bool [V], the shortest best-ranked run of ids holding mass p."""
+    if p >= 1.0:
+        return probs > 0
+    order = ranking(probs)
+    running = np.cumsum(probs[order])
+    last = min(int(np.searchsorted(running, p * running[-1], side="left")), probs.size - 1)
+    keep = np.zeros(probs.shape, bool)
+    keep[order[: last + 1]] = True
+    return keep & (probs > 0)
+
+
+def candidate_probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """Steps 4–7: float64 [V] probabilities, zero outside the kept set (not renormalized after top-p)."""
+    scaled = logits.astype(np.float64) / params.temperature
+    scaled[~top_k_mask(logits, params.top_k)] = -np.inf
+    probs = np.exp(scaled - np.max(scaled))
+    probs /= probs.sum()
+    return np.where(top_p_mask(probs, params.top_p), probs, 0.0)
+
+
+def draw(probs: np.ndarray, u: float) -> int:
+    """Step 8: the first id, ascending, whose running probability sum exceeds u·(the total)."""
+    running = np.cumsum(probs)
+    return int(np.searchsorted(running, u * running[-1], side="right"))
+
+
+def sample(
+    logits: np.ndarray,
+    params: SamplingParams,
+    rng: np.random.Generator,
+    history: np.ndarray | None = None,
+    vocab_limit: int | None = None,
+) -> int:
+    """The next token id from float32 logits [V], by the module's rules.
+
+    >>> sample(np.array([0.1, 2.0, -1.0], np.float32), SamplingParams(), np.random.default_rng(0))
+    1
+    """
+    limit = logits.shape[-1] if vocab_limit is None else min(vocab_limit, logits.shape[-1])
+    scores = penalized_logits(logits, history, params.repetition_penalty, limit)
+    if params.greedy:
+        return int(np.argmax(scores))
+    return draw(candidate_probabilities(scores, params), rng.random())
+
+
+def make_rng(seed: int | None) -> tuple[np.random.Generator, int]:
+    """The run's generator and the seed it came from (a fresh one when None, so a run can be repeated)."""
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy % (1 << 63))
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UsageError(f"--seed {seed!r}: must be a non-negative integer")
+    return np.random.default_rng(seed), seed

@@ -1,0 +1,208 @@
+"""`olmoscope generate` and runtime.generator.generate on a tiny engine file (make-tiny → convert)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from olmoscope.cli import main
+from olmoscope.runtime import backend as backend_module
+from olmoscope.runtime.engine import open_engine
+from olmoscope.runtime.generator import StopScanner, generate
+from olmoscope.runtime.sampler import SamplingParams
+from olmoscope.runtime.tokenizer import Tokenizer
+
+PROMPT = "Language modeling is "  # [14126, 34579, 374, 220]
+
+
+@pytest.fixture(scope="module")
+def engine_file(tmp_path_factory) -> Path:
+    """A tiny random OLMo 2 (D=64, 2 layers, the real dolma2 tokenizer and 100,352 rows), bf16."""
+    from olmoscope.convert import convert
+    from olmoscope.tiny import make_tiny
+
+    directory = tmp_path_factory.mktemp("tiny")
+    make_tiny(directory / "snapshot", seed=0)
+    convert(str(directory / "snapshot"), directory / "tiny.olmo", dtype="bf16")
+    return directory / "tiny.olmo"
+
+
+@pytest.fixture(autouse=True)
+def no_gpu(monkeypatch):
+    """Tests run the NumPy backend: --device auto must resolve to cpu even where a GPU is present."""
+    monkeypatch.setattr(backend_module, "cuda_availability", lambda: (False, "no GPU in this test"))
+
+
+def run(*args: str, input: str | None = None):
+    return CliRunner().invoke(main, ["generate", *args], input=input)
+
+
+def run_json(*args: str, input: str | None = None) -> dict:
+    result = run(*args, "--json", input=input)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_greedy_text_streams_to_stdout_and_statistics_to_stderr(engine_file):
+    result = run(str(engine_file), "--prompt", PROMPT, "--max-new-tokens", "12")
+    assert result.exit_code == 0, result.output
+    report = run_json(str(engine_file), "--prompt", PROMPT, "--max-new-tokens", "12")
+    assert result.stdout == report["text"] + ("" if report["text"].endswith("\n") else "\n")
+    stats = result.stderr.strip().splitlines()[-1]
+    for fragment in ("prompt 4 tokens", "generated 12 (length)", "first token", "tokens/s", "numpy on cpu"):
+        assert fragment in stats, stats
+
+
+def test_json_report_holds_prompt_ids_text_finish_reason_and_timings(engine_file):
+    report = run_json(str(engine_file), "--prompt", PROMPT, "--max-new-tokens", "10")
+    assert report["prompt"] == PROMPT
+    assert report["prompt_token_ids"] == [14126, 34579, 374, 220]
+    assert len(report["token_ids"]) == 10 and report["finish_reason"] == "length"
+    assert report["text"] == Tokenizer.bundled().decode(report["token_ids"])
+    assert max(report["token_ids"]) < 100278  # padding rows (100278…100351) never come out
+    assert set(report["timings"]) >= {"prefill_s", "time_to_first_token_s", "decode_s", "decode_tokens_per_s"}
+    assert (report["backend"], report["device"], report["max_context"]) == ("numpy", "cpu", 4096)
+
+
+def test_cli_and_python_function_agree(engine_file):
+    report = run_json(str(engine_file), "--prompt", PROMPT, "--max-new-tokens", "8")
+    pieces: list[str] = []
+    result = generate(engine_file, PROMPT, device="cpu", max_new_tokens=8, on_text=pieces.append)
+    assert result.token_ids == report["token_ids"]
+    assert "".join(pieces) == result.text == report["text"]
+
+
+def test_prompt_from_stdin_and_from_a_file(engine_file, tmp_path):
+    expected = run_json(str(engine_file), "--prompt", PROMPT, "--max-new-tokens", "4")["token_ids"]
+    assert run_json(str(engine_file), "--max-new-tokens", "4", input=PROMPT + "\n")["token_ids"] == expected
+    (tmp_path / "prompt.txt").write_text(PROMPT, encoding="utf-8")
+    from_file = run_json(str(engine_file), "--prompt-file", str(tmp_path / "prompt.txt"), "--max-new-tokens", "4")
+    assert from_file["token_ids"] == expected
+
+
+def test_chat_wraps_the_prompt_in_the_template(engine_file):
+    report = run_json(str(engine_file), "--prompt", "Hi", "--chat", "--max-new-tokens", "2")
+    assert Tokenizer.bundled().decode(report["prompt_token_ids"]) == "<|endoftext|><|user|>\nHi\n<|assistant|>\n"
+
+
+def test_same_seed_same_sample_and_the_seed_is_reported(engine_file):
+    args = (str(engine_file), "--prompt", PROMPT, "--max-new-tokens", "16", "--temperature", "1.0", "--top-p", "0.9")
+    first = run_json(*args, "--seed", "123")
+    assert first["seed"] == 123
+    assert run_json(*args, "--seed", "123")["token_ids"] == first["token_ids"]
+    unseeded = run_json(*args)
+    assert run_json(*args, "--seed", str(unseeded["seed"]))["token_ids"] == unseeded["token_ids"]
+
+
+def test_stop_string_ends_generation_before_it(engine_file):
+    full = generate(engine_file, PROMPT, device="cpu", max_new_tokens=12)
+    stop = Tokenizer.bundled().decode(full.token_ids[4:6])  # text that the greedy run is sure to produce
+    args = ("--prompt", PROMPT, "--max-new-tokens", "12", "--stop", stop, "--stop", "never!")
+    report = run_json(str(engine_file), *args)
+    assert report["finish_reason"] == "stop"
+    assert report["text"] == full.text[: full.text.index(stop)]
+    assert stop not in report["text"]
+
+
+def test_eos_ends_generation_and_is_not_shown(engine_file):
+    with open_engine(engine_file) as engine:
+        full = generate(engine, PROMPT, device="cpu", max_new_tokens=8)
+        eos = full.token_ids[3]
+        engine.generation = dataclasses.replace(engine.generation, eos_token_ids=(eos,))
+        result = generate(engine, PROMPT, device="cpu", max_new_tokens=8)
+    first = full.token_ids.index(eos)
+    assert result.finish_reason == "eos"
+    assert result.token_ids == full.token_ids[: first + 1]
+    assert result.text == Tokenizer.bundled().decode(full.token_ids[:first])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--temperature", "-1"], "--temperature"),
+        (["--top-p", "0"], "--top-p"),
+        (["--top-p", "1.5"], "--top-p"),
+        (["--top-k", "-1"], "--top-k"),
+        (["--repetition-penalty", "0"], "--repetition-penalty"),
+        (["--max-new-tokens", "-1"], "--max-new-tokens"),
+        (["--seed", "-5"], "--seed"),
+        (["--stop", ""], "--stop"),
+    ],
+)
+def test_invalid_values_are_refused_before_any_work(args, message, tmp_path):
+    # the engine file does not exist: the value must be refused before anything looks for it
+    result = run(str(tmp_path / "absent.olmo"), "--prompt", "x", *args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("olmoscope: error: ") and message in result.stderr, result.stderr
+    assert "Traceback" not in result.output and result.stdout == ""
+
+
+def test_prompt_longer_than_the_context_is_refused(engine_file):
+    result = run(str(engine_file), "--prompt", PROMPT, "--max-context", "3")
+    assert result.exit_code == 2 and "4 tokens, more than the context (3)" in result.stderr, result.output
+
+
+def test_max_context_beyond_the_model_is_refused(engine_file):
+    result = run(str(engine_file), "--prompt", PROMPT, "--max-context", "5000")
+    assert result.exit_code == 2 and "beyond the model's context length 4096" in result.stderr, result.output
+
+
+@pytest.mark.parametrize(
+    "args, input, message",
+    [
+        (["--prompt", "a", "--prompt-file", "p.txt"], None, "not both"),
+        (["--prompt-file", "missing.txt"], None, "missing.txt: no such file"),
+    ],
+)
+def test_prompt_sources_are_exactly_one(engine_file, args, input, message):
+    result = run(str(engine_file), *args, input=input)
+    assert result.exit_code == 2 and message in result.stderr, result.output
+
+
+def test_missing_engine_file_is_one_clear_line(tmp_path):
+    result = run(str(tmp_path / "absent.olmo"), "--prompt", "x")
+    assert result.exit_code == 1
+    assert result.stderr == f"olmoscope: error: {tmp_path / 'absent.olmo'}: no such file\n"
+
+
+def test_a_file_that_is_not_an_engine_is_one_clear_line(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    result = run(str(tmp_path / "config.json"), "--prompt", "x")
+    assert result.exit_code == 1 and result.stderr.startswith("olmoscope: error: "), result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_device_cuda_without_a_gpu_is_a_clear_error(engine_file):
+    result = run(str(engine_file), "--prompt", PROMPT, "--device", "cuda")
+    assert result.exit_code == 2 and "--device cuda: no GPU in this test" in result.stderr, result.output
+
+
+def test_engine_without_a_tokenizer_is_a_clear_error(tmp_path):
+    from olmoscope.convert import convert
+    from olmoscope.tiny import make_tiny
+
+    snapshot = make_tiny(tmp_path / "snapshot", hidden_size=32, num_layers=1, num_heads=2, vocab_size=256)
+    (Path(snapshot) / "tokenizer.json").unlink()
+    convert(str(snapshot), tmp_path / "bare.olmo", dtype="fp32")
+    result = run(str(tmp_path / "bare.olmo"), "--prompt", "x")
+    assert result.exit_code == 1 and "carries no tokenizer" in result.stderr, result.output
+
+
+def test_streamed_pieces_hold_back_a_possible_stop_string():
+    scanner = StopScanner(["STOP"])
+    shown = [scanner.add("ab"), scanner.add("cST"), scanner.add("Oxy"), scanner.flush()]
+    assert shown == ["ab", "c", "STOxy", ""] and not scanner.stopped
+    scanner = StopScanner(["STOP"])
+    shown = [scanner.add("abST"), scanner.add("OP and more")]
+    assert shown == ["ab", ""] and scanner.stopped and scanner.text == "ab"
+
+
+def test_invalid_sampling_params_in_python_are_usage_errors():
+    from olmoscope.errors import UsageError
+
+    with pytest.raises(UsageError):
+        generate("does-not-matter.olmo", "x", sampling=SamplingParams(top_p=0.5), max_new_tokens=-1)

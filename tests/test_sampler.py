@@ -1,0 +1,132 @@
+"""The sampler: reproducible with a seed, greedy at temperature 0 and top-k 1, never outside its top-k/top-p set."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from olmoscope.errors import UsageError
+from olmoscope.runtime.sampler import SamplingParams, make_rng, penalized_logits, sample
+
+finite_logits = arrays(
+    np.float32, st.integers(2, 64), elements=st.floats(-30, 30, width=32, allow_nan=False, allow_infinity=False)
+)
+
+
+def draw_many(logits: np.ndarray, params: SamplingParams, seed: int, count: int = 64) -> list[int]:
+    rng = np.random.default_rng(seed)
+    return [sample(logits, params, rng) for _ in range(count)]
+
+
+def ranked(scores) -> list[int]:
+    """Ids best first: by score descending, the lower id first on ties."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+
+
+def top_k_set(logits: np.ndarray, k: int) -> set[int]:
+    return set(ranked(logits.tolist())[:k])
+
+
+def top_p_set(logits: np.ndarray, p: float, temperature: float) -> set[int]:
+    """The best-ranked ids until their probability reaches p (a hair of slack for rounding)."""
+    scaled = logits.astype(np.float64) / temperature
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    kept, mass = set(), 0.0
+    for i in ranked(probs.tolist()):
+        kept.add(i)
+        mass += probs[i]
+        if mass >= p * (1 - 1e-9):
+            break
+    return kept
+
+
+def test_same_seed_gives_the_same_tokens():
+    logits = np.random.default_rng(0).normal(size=1000).astype(np.float32)
+    params = SamplingParams(temperature=1.0, top_p=0.9)
+    first, again = draw_many(logits, params, seed=42), draw_many(logits, params, seed=42)
+    assert first == again
+    assert len(set(first)) > 1  # it really sampled: a different seed sequence would differ
+    assert draw_many(logits, params, seed=43) != first
+
+
+@given(finite_logits, st.floats(0.05, 5.0))
+@settings(max_examples=60, deadline=None)
+def test_top_k_1_equals_greedy(logits, temperature):
+    greedy = sample(logits, SamplingParams(), np.random.default_rng(0))
+    assert greedy == int(np.argmax(logits))
+    assert draw_many(logits, SamplingParams(temperature=temperature, top_k=1), seed=1, count=8) == [greedy] * 8
+
+
+@given(finite_logits, st.integers(1, 70), st.floats(0.1, 3.0), st.integers(0, 2**32))
+@settings(max_examples=80, deadline=None)
+def test_top_k_only_picks_inside_its_set(logits, k, temperature, seed):
+    allowed = top_k_set(logits, k)
+    picks = draw_many(logits, SamplingParams(temperature=temperature, top_k=k), seed, count=16)
+    assert set(picks) <= allowed, f"picked {set(picks) - allowed} outside top-{k} {sorted(allowed)}"
+
+
+@given(finite_logits, st.floats(0.01, 1.0), st.floats(0.1, 3.0), st.integers(0, 2**32))
+@settings(max_examples=80, deadline=None)
+def test_top_p_only_picks_inside_its_set(logits, p, temperature, seed):
+    allowed = top_p_set(logits, p, temperature)
+    picks = draw_many(logits, SamplingParams(temperature=temperature, top_p=p), seed, count=16)
+    assert set(picks) <= allowed, f"picked {set(picks) - allowed} outside top-p {p} set {sorted(allowed)}"
+
+
+def test_sampling_follows_the_distribution():
+    logits = np.log(np.array([0.5, 0.3, 0.2], np.float32))
+    picks = np.array(draw_many(logits, SamplingParams(temperature=1.0), seed=7, count=20000))
+    frequencies = np.bincount(picks, minlength=3) / len(picks)
+    assert np.abs(frequencies - [0.5, 0.3, 0.2]).max() <= 0.015, f"frequencies {frequencies}"
+
+
+def test_padding_rows_are_never_sampled():
+    logits = np.zeros(16, np.float32)
+    logits[12:] = 100.0  # the padding rows would win everything
+    params = SamplingParams(temperature=1.0)
+    assert sample(logits, SamplingParams(), np.random.default_rng(0), vocab_limit=12) < 12
+    assert max(sample(logits, params, np.random.default_rng(s), vocab_limit=12) for s in range(50)) < 12
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    logits = np.array([2.0, -2.0, 1.0, 3.0], np.float32)
+    penalized = penalized_logits(logits, np.array([0, 1, 0]), 2.0, vocab_limit=4)
+    assert penalized.tolist() == [1.0, -4.0, 1.0, 3.0]
+    assert logits.tolist() == [2.0, -2.0, 1.0, 3.0]  # the caller's logits are left alone
+
+
+def test_repetition_penalty_changes_the_greedy_choice():
+    logits = np.array([3.0, 2.0, 0.0], np.float32)
+    params = SamplingParams(repetition_penalty=2.0)
+    assert sample(logits, params, np.random.default_rng(0), history=np.array([0])) == 1
+
+
+def test_greedy_draws_no_random_numbers():
+    rng = np.random.default_rng(5)
+    sample(np.arange(10, dtype=np.float32), SamplingParams(), rng)
+    assert rng.random() == np.random.default_rng(5).random()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": -0.1}, "--temperature"),
+        ({"temperature": float("nan")}, "--temperature"),
+        ({"top_p": 0.0}, "--top-p"),
+        ({"top_p": 1.5}, "--top-p"),
+        ({"top_k": -1}, "--top-k"),
+        ({"repetition_penalty": 0.0}, "--repetition-penalty"),
+    ],
+)
+def test_invalid_sampling_values_are_clear_errors(kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_a_negative_seed_is_refused():
+    with pytest.raises(UsageError, match="--seed"):
+        make_rng(-1)
