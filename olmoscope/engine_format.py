@@ -1,12 +1,561 @@
-"""The engine file format (docs/ENGINE_FORMAT.md): preamble, JSON header, 4 KiB-aligned tensor data."""
+"""The engine file format (docs/ENGINE_FORMAT.md): preamble, JSON header, 4 KiB-aligned tensor data.
+
+    offset 0   preamble   magic b"OLMOSCPE" | u32 format version | u64 header length   (little-endian)
+    offset 20  header     UTF-8 JSON, validated by schemas/engine-header.schema.json + semantic checks
+    aligned    tensors    in engine_tensors(config) order; each at a 4 KiB boundary; int8 scales follow
+                          their matrix, also aligned
+
+The writer (EngineWriter) streams tensors in plan order and writes the preamble and header last; the
+reader (EngineFile) maps the file read-only and checks everything before it hands out a view.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from importlib import resources
 from pathlib import Path
+from typing import Any, BinaryIO
+
+import ml_dtypes
+import numpy as np
+import xxhash
+
+from olmoscope.config import ModelConfig
+from olmoscope.errors import ConfigError, EngineError
+from olmoscope.spec import EngineTensorSpec, engine_tensors
 
 MAGIC = b"OLMOSCPE"  # 8 bytes at offset 0 of every engine file
+FORMAT_VERSION = 1  # bumped on any change a version-1 reader would misread
+PREAMBLE = struct.Struct("<8sIQ")  # magic, format version, header length in bytes
+ALIGNMENT = 4096  # every tensor (and scale vector) starts at a multiple of this
+MAX_HEADER_BYTES = 256 << 20  # a header is config + tokenizer (~3 MB) + table; anything larger is hostile
+FORMAT_NAME = "olmoscope-engine"
+
+# Stored element types, safetensors-style names; all little-endian.
+DTYPES: dict[str, np.dtype] = {
+    "F32": np.dtype("<f4"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F16": np.dtype("<f2"),
+    "I8": np.dtype("i1"),
+}
+# --dtype choices → the element type of the "matrix" tensors.
+WEIGHT_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32", "int8": "I8"}
+NORM_DTYPE = "F32"  # norm weights are multiplied in float32 (OLMO2.md), so they are stored that way
+# int8 files keep the embedding in bf16: the runtime gathers single rows from it, where a quantized
+# table would save memory but not time, and its rows would need their own scales at every lookup.
+INT8_UNQUANTIZED_DTYPE = "BF16"
+QUANT_SCHEME = "int8-symmetric-per-row"  # w[r, c] ≈ q[r, c] · scale[r], scale = max|w[r, :]| / 127
+SCALES_SUFFIX = ".scales"  # how an int8 matrix's scale vector is named in listings and verify reports
+CHECKSUM_PLACEHOLDER = "0" * 32  # xxh3-128 hex is always 32 characters, so the header length is known early
 
 
+# ── the tensor table ────────────────────────────────────────────────────────────
+@dataclass(frozen=True)
+class EngineTensor:
+    """One row of the engine file's tensor table."""
+
+    name: str  # engine name, e.g. "layers.3.qkv"
+    role: str  # qkv, gate_up, or a checkpoint role (spec.ROLE_DESCRIPTIONS)
+    layer: int | None  # block index, None for model-level tensors
+    dtype: str  # stored element type: F32, BF16, F16 or I8
+    shape: tuple[int, ...]  # row-major; matrices are [out, in]
+    offset: int  # absolute byte offset in the file, a multiple of ALIGNMENT
+    nbytes: int  # = prod(shape) · itemsize
+    checksum: str  # xxh3-128 of the stored bytes, 32 hex digits
+    layout: str  # how the bytes are arranged, for humans and the runtime's authors
+    quantization: dict[str, Any] | None = None  # int8 only: scheme and where the float32 scales live
+
+    @property
+    def elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "role": self.role,
+            "layer": self.layer,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "offset": self.offset,
+            "size": self.nbytes,
+            "checksum": self.checksum,
+            "layout": self.layout,
+            "quantization": self.quantization,
+        }
+
+    @classmethod
+    def from_json(cls, row: dict[str, Any]) -> EngineTensor:
+        return cls(
+            row["name"], row["role"], row["layer"], row["dtype"], tuple(row["shape"]), row["offset"],
+            row["size"], row["checksum"], row["layout"], row["quantization"],
+        )
+
+    def regions(self) -> list[tuple[int, int, str]]:
+        """(offset, size, label) of every byte range this tensor owns: its data, then its scales."""
+        out = [(self.offset, self.nbytes, self.name)]
+        if self.quantization is not None:
+            q = self.quantization
+            out.append((q["scale_offset"], q["scale_size"], self.name + SCALES_SUFFIX))
+        return out
+
+
+def stored_dtype(spec: EngineTensorSpec, weight_dtype: str) -> str:
+    """The element type a tensor is stored in for a given --dtype.
+
+    >>> stored_dtype(norm_spec, "int8")
+    'F32'
+    """
+    if spec.kind == "norm":
+        return NORM_DTYPE
+    if weight_dtype == "int8" and spec.role == "embedding":
+        return INT8_UNQUANTIZED_DTYPE
+    return WEIGHT_DTYPES[weight_dtype]
+
+
+def layout_text(spec: EngineTensorSpec) -> str:
+    """A one-line description of the bytes, e.g. 'row-major [Hd+Hkvd+Hkvd, D] = [out, in]; rows = [q_proj; k_proj; v_proj]'."""
+    if len(spec.shape) == 1:
+        return f"vector [{spec.sources[0].formula[0]}]"
+    rows = "+".join(p.formula[0] for p in spec.sources)
+    cols = spec.sources[0].formula[1]
+    text = f"row-major [{rows}, {cols}]"
+    text += " = [token, D]; row i embeds token i" if spec.role == "embedding" else " = [out, in]"
+    if len(spec.sources) > 1:
+        text += "; rows = [" + "; ".join(p.role for p in spec.sources) + "]"
+    return text
+
+
+def plan_tensors(config: ModelConfig, weight_dtype: str) -> list[EngineTensor]:
+    """The tensor table for a config and --dtype, offsets not yet assigned (0) and checksums placeholders."""
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise EngineError(f"unknown weight dtype {weight_dtype!r} (choose from {', '.join(WEIGHT_DTYPES)})")
+    out = []
+    for spec in engine_tensors(config):
+        dtype = stored_dtype(spec, weight_dtype)
+        quant = None
+        if dtype == "I8":
+            rows = spec.shape[0]
+            quant = {
+                "scheme": QUANT_SCHEME,
+                "scale_dtype": "F32",
+                "scale_shape": [rows],
+                "scale_offset": 0,
+                "scale_size": rows * DTYPES["F32"].itemsize,
+                "scale_checksum": CHECKSUM_PLACEHOLDER,
+            }
+        nbytes = spec.elements * DTYPES[dtype].itemsize
+        out.append(EngineTensor(spec.name, spec.role, spec.layer, dtype, spec.shape, 0, nbytes,
+                                CHECKSUM_PLACEHOLDER, layout_text(spec), quant))
+    return out
+
+
+def align(n: int) -> int:
+    return -(-n // ALIGNMENT) * ALIGNMENT
+
+
+def assign_offsets(tensors: list[EngineTensor], data_start: int) -> list[EngineTensor]:
+    """Lay tensors out back to back from data_start, each (and each scale vector) on an ALIGNMENT boundary."""
+    out, cursor = [], data_start
+    for t in tensors:
+        offset = align(cursor)
+        cursor = offset + t.nbytes
+        quant = t.quantization
+        if quant is not None:
+            scale_offset = align(cursor)
+            cursor = scale_offset + quant["scale_size"]
+            quant = {**quant, "scale_offset": scale_offset}
+        out.append(replace(t, offset=offset, quantization=quant))
+    return out
+
+
+def config_to_header(config: ModelConfig) -> dict[str, Any]:
+    """The validated config as stored in the header: config.json's own field names, re-readable by from_dict."""
+    return {"model_type": "olmo2", "architectures": ["Olmo2ForCausalLM"], **config.to_dict()}
+
+
+def full_header(base_header: dict[str, Any], tensors: list[EngineTensor]) -> dict[str, Any]:
+    """The header: base fields, the tensor table, and the tokenizer last (megabytes; `head -c` shows the rest)."""
+    header = {k: v for k, v in base_header.items() if k != "tokenizer"}
+    header["tensors"] = [t.to_json() for t in tensors]
+    header["tokenizer"] = base_header.get("tokenizer")
+    return header
+
+
+def encode_header(header: dict[str, Any]) -> bytes:
+    return json.dumps(header, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def layout_file(base_header: dict[str, Any], tensors: list[EngineTensor]) -> tuple[int, list[EngineTensor]]:
+    """Where the data starts and every tensor's final offset.
+
+    The header holds the offsets, whose digits change its length, which moves the data start: iterate to
+    the fixed point (two or three rounds; offsets only ever grow). Checksums are fixed-width placeholders,
+    so filling them in later leaves the length unchanged.
+    """
+    data_start = align(PREAMBLE.size + 2)
+    for _ in range(16):
+        placed = assign_offsets(tensors, data_start)
+        length = len(encode_header(full_header(base_header, placed)))
+        needed = align(PREAMBLE.size + length)
+        if needed <= data_start:
+            return data_start, placed
+        data_start = needed
+    raise AssertionError("engine header layout did not converge")  # offsets only grow: unreachable
+
+
+# ── writing ─────────────────────────────────────────────────────────────────────
+class EngineWriter:
+    """Writes one engine file front to back: tensors in table order, then the header over the reserved space.
+
+    >>> w = EngineWriter(f, base_header, plan_tensors(cfg, "bf16"))
+    >>> w.begin("embedding"); w.write(rows); w.end(); ...; w.finish()
+    """
+
+    def __init__(self, file: BinaryIO, base_header: dict[str, Any], tensors: list[EngineTensor]):
+        self._file = file
+        self._base = base_header
+        self.data_start, self.tensors = layout_file(base_header, tensors)
+        self.total_bytes = self._end_of(self.tensors)
+        self._index = 0  # the next tensor to begin
+        self._current: EngineTensor | None = None
+        self._hasher = xxhash.xxh3_128()
+        self._written = 0
+        self._done: list[EngineTensor] = []
+        file.seek(0)
+        file.truncate()
+        self._pad_to(self.data_start)  # the header's space, filled in by finish()
+
+    @staticmethod
+    def _end_of(tensors: list[EngineTensor]) -> int:
+        return max((off + size for t in tensors for off, size, _ in t.regions()), default=0)
+
+    def begin(self, name: str) -> EngineTensor:
+        """Start the next tensor; names must come in table order."""
+        if self._current is not None:
+            raise EngineError(f"engine writer: {self._current.name} is not finished")
+        if self._index >= len(self.tensors) or self.tensors[self._index].name != name:
+            expected = self.tensors[self._index].name if self._index < len(self.tensors) else "nothing"
+            raise EngineError(f"engine writer: got {name}, expected {expected}")
+        self._current = self.tensors[self._index]
+        self._pad_to(self._current.offset)
+        self._hasher.reset()
+        self._written = 0
+        return self._current
+
+    def write(self, block: np.ndarray) -> None:
+        """Append elements to the current tensor (C-contiguous, already in its stored dtype)."""
+        t = self._current
+        if t is None:
+            raise EngineError("engine writer: write() before begin()")
+        if block.dtype != DTYPES[t.dtype]:
+            raise EngineError(f"engine writer: {t.name} is {t.dtype}, got a {block.dtype} block")
+        raw = np.ascontiguousarray(block).reshape(-1).view(np.uint8)
+        if self._written + raw.nbytes > t.nbytes:
+            raise EngineError(f"engine writer: {t.name} overflows its {t.nbytes} bytes")
+        self._file.write(raw)
+        self._hasher.update(raw)
+        self._written += raw.nbytes
+
+    def end(self, scales: np.ndarray | None = None) -> None:
+        """Finish the current tensor; int8 matrices pass their float32 per-row scales here."""
+        t = self._current
+        if t is None:
+            raise EngineError("engine writer: end() before begin()")
+        if self._written != t.nbytes:
+            raise EngineError(f"engine writer: {t.name} got {self._written} of {t.nbytes} bytes")
+        done = replace(t, checksum=self._hasher.hexdigest())
+        if t.quantization is not None:
+            q = t.quantization
+            if scales is None or scales.dtype != DTYPES["F32"] or list(scales.shape) != q["scale_shape"]:
+                raise EngineError(f"engine writer: {t.name} needs float32 scales of shape {q['scale_shape']}")
+            raw = np.ascontiguousarray(scales).view(np.uint8)
+            self._pad_to(q["scale_offset"])
+            self._file.write(raw)
+            done = replace(done, quantization={**q, "scale_checksum": xxhash.xxh3_128_hexdigest(raw)})
+        elif scales is not None:
+            raise EngineError(f"engine writer: {t.name} is not quantized; no scales expected")
+        self._done.append(done)
+        self._current = None
+        self._index += 1
+
+    def finish(self) -> dict[str, Any]:
+        """Write the preamble and the header (with every checksum) into the reserved space; returns the header."""
+        if self._current is not None or self._index != len(self.tensors):
+            raise EngineError(f"engine writer: finished after {self._index} of {len(self.tensors)} tensors")
+        header = full_header(self._base, self._done)
+        body = encode_header(header)
+        if PREAMBLE.size + len(body) > self.data_start:
+            raise AssertionError("engine header grew after layout")  # fixed-width checksums: unreachable
+        self._pad_to(self.total_bytes)
+        self._file.seek(0)
+        self._file.write(PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(body)))
+        self._file.write(body)
+        self._file.seek(0, os.SEEK_END)
+        return header
+
+    def _pad_to(self, offset: int) -> None:
+        position = self._file.tell()
+        if offset < position:
+            raise AssertionError(f"engine writer moved backwards ({position} → {offset})")
+        self._file.write(bytes(offset - position))
+
+
+# ── reading ─────────────────────────────────────────────────────────────────────
+@lru_cache(maxsize=1)
+def header_schema() -> dict[str, Any]:
+    """The JSON Schema of the header (schemas/engine-header.schema.json, shipped as package data)."""
+    text = resources.files("olmoscope.schemas").joinpath("engine-header.schema.json").read_text("utf-8")
+    return json.loads(text)
+
+
+@lru_cache(maxsize=1)
+def _validator():
+    """The schema's validator, with "integer" meaning a JSON integer: jsonschema would also take 4096.0."""
+    import jsonschema
+
+    schema = header_schema()
+    base = jsonschema.validators.validator_for(schema)
+    base.check_schema(schema)
+    strict = base.TYPE_CHECKER.redefine(
+        "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool)
+    )
+    return jsonschema.validators.extend(base, type_checker=strict)(schema)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+class EngineFile:
+    """A memory-mapped engine file, validated before anything in it is trusted.
+
+    >>> with EngineFile.open("olmo2-1b.engine") as engine:
+    ...     engine.tensor("layers.0.qkv").shape
+    (6144, 2048)
+    """
+
+    path: Path
+    header: dict[str, Any]  # the validated JSON header
+    config: ModelConfig  # from the header
+    weight_dtype: str  # "bf16" | "fp16" | "fp32" | "int8"
+    tokenizer_json: str | None  # the embedded tokenizer.json text, None when the source had none
+    generation: dict[str, Any]  # eos_token_ids, pad/bos_token_id, chat_template, tokenizer_vocab_size
+    entries: list[EngineTensor]  # the tensor table, in storage order
+
+    def __init__(self, path: Path, mapping: mmap.mmap, header: dict[str, Any], config: ModelConfig,
+                 entries: list[EngineTensor]):
+        self.path = path
+        self._map = mapping
+        self.header = header
+        self.config = config
+        self.weight_dtype = header["weight_dtype"]
+        tokenizer = header["tokenizer"]
+        self.tokenizer_json = tokenizer["json"] if tokenizer is not None else None
+        self.generation = header["generation"]
+        self.provenance = header["provenance"]
+        self.entries = entries
+        self._by_name = {t.name: t for t in entries}
+
+    # ── opening ──────────────────────────────────────────────────────────────
+    @classmethod
+    def open(cls, path: str | Path) -> EngineFile:
+        """Map and validate an engine file; every problem is an EngineError naming the file."""
+        path = Path(path)
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < PREAMBLE.size:
+                    raise EngineError(f"{path}: {size} bytes is too short to be an engine file")
+                mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as exc:
+            raise EngineError(f"{path}: cannot open ({exc.strerror or exc})") from None
+        try:
+            header, config, entries = _validate(path, mapping, size)
+        except BaseException:
+            mapping.close()
+            raise
+        return cls(path, mapping, header, config, entries)
+
+    # ── tensors ──────────────────────────────────────────────────────────────
+    def entry(self, name: str) -> EngineTensor:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise EngineError(f"{self.path}: no tensor named {name!r}") from None
+
+    def tensor(self, name: str) -> np.ndarray:
+        """A zero-copy, read-only view of a tensor in its stored dtype (bf16 via ml_dtypes, int8 as int8)."""
+        t = self.entry(name)
+        return self._view(t.offset, DTYPES[t.dtype], t.shape)
+
+    def scales(self, name: str) -> np.ndarray:
+        """The float32 per-output-row scales of an int8 matrix: w[r, :] ≈ tensor(name)[r, :] · scales(name)[r]."""
+        t = self.entry(name)
+        if t.quantization is None:
+            raise EngineError(f"{self.path}: {name} is {t.dtype}, not quantized; it has no scales")
+        q = t.quantization
+        return self._view(q["scale_offset"], DTYPES[q["scale_dtype"]], tuple(q["scale_shape"]))
+
+    def _view(self, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        if self._map is None:
+            raise EngineError(f"{self.path}: engine file is closed")
+        count = int(np.prod(shape, dtype=np.int64))
+        return np.frombuffer(self._map, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+    def verify(self, progress: bool = False) -> list[str]:
+        """Recompute every xxh3-128 checksum; returns the names of tensors that fail ("NAME.scales" for scales)."""
+        from tqdm import tqdm
+
+        if self._map is None:
+            raise EngineError(f"{self.path}: engine file is closed")
+        expected = {}
+        for t in self.entries:
+            expected[t.name] = t.checksum
+            if t.quantization is not None:
+                expected[t.name + SCALES_SUFFIX] = t.quantization["scale_checksum"]
+        regions = [r for t in self.entries for r in t.regions()]
+        bad = []
+        with memoryview(self._map) as whole, tqdm(
+            total=sum(size for _, size, _ in regions), unit="B", unit_scale=True, desc="verify",
+            disable=not progress, leave=False,
+        ) as bar:
+            for offset, size, label in regions:
+                hasher = xxhash.xxh3_128()
+                for start in range(offset, offset + size, 64 << 20):  # chunks keep the bar moving
+                    stop = min(start + (64 << 20), offset + size)
+                    hasher.update(whole[start:stop])
+                    bar.update(stop - start)
+                if hasher.hexdigest() != expected[label]:
+                    bad.append(label)
+        return bad
+
+    def close(self) -> None:
+        """Unmap the file. Views still alive keep the mapping until they are garbage-collected."""
+        mapping, self._map = self._map, None
+        if mapping is not None:
+            try:
+                mapping.close()
+            except BufferError:
+                pass  # a caller still holds a view; the map is released with it
+
+    def __enter__(self) -> EngineFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ── validation: everything, before any offset or size is used ──────────────────
+def _validate(path: Path, mapping: mmap.mmap, size: int) -> tuple[dict, ModelConfig, list[EngineTensor]]:
+    magic, version, header_length = PREAMBLE.unpack_from(mapping, 0)
+    if magic != MAGIC:
+        raise EngineError(f"{path}: not an olmoscope engine file (bad magic {magic!r})")
+    if version > FORMAT_VERSION:
+        raise EngineError(
+            f"{path}: engine format version {version} is newer than this olmoscope reads "
+            f"(up to {FORMAT_VERSION}); upgrade olmoscope or convert the model again"
+        )
+    if version < 1:
+        raise EngineError(f"{path}: engine format version {version} is invalid")
+    if header_length > MAX_HEADER_BYTES or PREAMBLE.size + header_length > size:
+        raise EngineError(
+            f"{path}: header length {header_length:,} bytes does not fit the file ({size:,} bytes) "
+            f"or the {MAX_HEADER_BYTES >> 20} MiB limit; the file is truncated or corrupt"
+        )
+    header = _parse_header(path, mapping[PREAMBLE.size:PREAMBLE.size + header_length])
+    _check_schema(path, header)
+    if header["format_version"] != version:
+        raise EngineError(f"{path}: header says format version {header['format_version']}, preamble {version}")
+    try:
+        config = ModelConfig.from_dict(header["config"], origin=f"{path}: header config")
+    except ConfigError as exc:
+        raise EngineError(str(exc)) from None
+    entries = [EngineTensor.from_json(row) for row in header["tensors"]]
+    _check_table(path, config, header["weight_dtype"], entries)
+    _check_regions(path, entries, data_start=PREAMBLE.size + header_length, size=size)
+    _check_tokenizer(path, header["tokenizer"])
+    return header, config, entries
+
+
+def _parse_header(path: Path, raw: bytes) -> dict[str, Any]:
+    try:
+        header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise EngineError(f"{path}: header is not valid JSON ({str(exc)[:160]})") from None
+    if not isinstance(header, dict):
+        raise EngineError(f"{path}: header is not a JSON object")
+    return header
+
+
+def _check_schema(path: Path, header: dict[str, Any]) -> None:
+    import jsonschema
+
+    try:
+        error = jsonschema.exceptions.best_match(_validator().iter_errors(header))
+    except RecursionError:
+        raise EngineError(f"{path}: header is nested too deeply") from None
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise EngineError(f"{path}: header fails the engine schema at {where}: {error.message[:200]}")
+
+
+def _check_table(path: Path, config: ModelConfig, weight_dtype: str, entries: list[EngineTensor]) -> None:
+    """The table is exactly the tensors the config implies, in order, with the dtypes --dtype implies."""
+    expected = plan_tensors(config, weight_dtype)
+    if len(entries) != len(expected):
+        raise EngineError(f"{path}: tensor table has {len(entries)} tensors; the config implies {len(expected)}")
+    for got, want in zip(entries, expected):
+        for what in ("name", "role", "layer", "shape", "dtype"):
+            if getattr(got, what) != getattr(want, what):
+                raise EngineError(
+                    f"{path}: tensor {got.name!r}: {what} {getattr(got, what)!r}, expected "
+                    f"{getattr(want, what)!r} ({want.name})"
+                )
+        if got.nbytes != want.nbytes:
+            raise EngineError(f"{path}: tensor {got.name}: size {got.nbytes:,} bytes ≠ shape × dtype = {want.nbytes:,}")
+        if (got.quantization is None) != (want.quantization is None):
+            raise EngineError(f"{path}: tensor {got.name}: quantization parameters must be present iff dtype is I8")
+        if got.quantization is not None:
+            for key in ("scheme", "scale_dtype", "scale_shape", "scale_size"):
+                if got.quantization[key] != want.quantization[key]:
+                    raise EngineError(
+                        f"{path}: tensor {got.name}: quantization {key} {got.quantization[key]!r}, "
+                        f"expected {want.quantization[key]!r}"
+                    )
+
+
+def _check_regions(path: Path, entries: list[EngineTensor], data_start: int, size: int) -> None:
+    """Every byte range is aligned, after the header, inside the file, and overlaps no other."""
+    regions = sorted(r for t in entries for r in t.regions())
+    previous_end, previous = data_start, "the header"
+    for offset, length, label in regions:
+        if offset % ALIGNMENT:
+            raise EngineError(f"{path}: {label} at offset {offset:,} is not {ALIGNMENT}-byte aligned")
+        if offset + length > size:
+            raise EngineError(
+                f"{path}: {label} spans bytes {offset:,}..{offset + length:,}, beyond the end of the file "
+                f"({size:,} bytes); the file is truncated or corrupt"
+            )
+        if offset < previous_end:
+            raise EngineError(f"{path}: {label} at offset {offset:,} overlaps {previous}")
+        previous_end, previous = offset + length, label
+
+
+def _check_tokenizer(path: Path, tokenizer: dict[str, Any] | None) -> None:
+    if tokenizer is None:
+        return
+    digest = hashlib.sha256(tokenizer["json"].encode("utf-8")).hexdigest()
+    if digest != tokenizer["sha256"]:
+        raise EngineError(f"{path}: the embedded tokenizer.json fails its sha256 (corrupt header)")
+
+
+# ── engine files as sources and in reports ──────────────────────────────────────
 def looks_like_engine(path: Path) -> bool:
     """True when the file starts with the engine magic (cheap: reads 8 bytes)."""
     try:
@@ -14,3 +563,98 @@ def looks_like_engine(path: Path) -> bool:
             return f.read(len(MAGIC)) == MAGIC
     except OSError:
         return False
+
+
+def source_from_engine(path: Path, label: str):
+    """An engine file as a SOURCE: its header's config (the tensors stay in the file).
+
+    >>> source_from_engine(Path("m.engine"), "m.engine").kind
+    'engine'
+    """
+    from olmoscope.sources import Source
+
+    with EngineFile.open(path) as engine:
+        return Source("engine", label, engine.config, dict(engine.header["config"]), engine_path=Path(path))
+
+
+@dataclass(frozen=True)
+class EngineRow:
+    """One stored byte range of an engine file (a tensor or an int8 scale vector), shaped like a
+    checkpoint.TensorRow so that listings take either."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    shard: str  # the engine file's name: everything lives in one file
+    offset: int  # absolute, a multiple of ALIGNMENT
+    nbytes: int
+    role: str
+    layer: int | None
+    layout: str
+    checksum: str
+
+    @property
+    def elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+def engine_rows(engine: EngineFile) -> list[EngineRow]:
+    """The engine's stored tensors in file order, int8 scale vectors as rows of their own ("NAME.scales").
+
+    >>> [r.name for r in engine_rows(engine)][:2]
+    ['embedding', 'layers.0.qkv']
+    """
+    shard = engine.path.name
+    rows = []
+    for t in engine.entries:
+        rows.append(EngineRow(t.name, t.dtype, t.shape, shard, t.offset, t.nbytes, t.role, t.layer, t.layout, t.checksum))
+        if t.quantization is not None:
+            q = t.quantization
+            rows.append(EngineRow(
+                t.name + SCALES_SUFFIX, q["scale_dtype"], tuple(q["scale_shape"]), shard, q["scale_offset"],
+                q["scale_size"], f"{t.role} scales", t.layer,
+                f"vector [rows]; {t.name}[r, :] ≈ q[r, :] · scale[r]", q["scale_checksum"],
+            ))
+    return rows
+
+
+def read_row(engine: EngineFile, name: str) -> np.ndarray:
+    """The data of an engine_rows row: a tensor, or an int8 matrix's scales ("NAME.scales")."""
+    if name.endswith(SCALES_SUFFIX) and name not in engine._by_name:
+        return engine.scales(name[: -len(SCALES_SUFFIX)])
+    return engine.tensor(name)
+
+
+def check_engine_rows(rows, config: ModelConfig):
+    """Engine rows against the tensors the config implies (engine names and fused shapes; int8 scales by row count).
+
+    The reader has already refused any file where these differ; this gives `tensors --check` the same report.
+    """
+    from olmoscope.checkpoint import CheckResult
+
+    found = {r.name: tuple(r.shape) for r in rows}
+    implied = {s.name: s.shape for s in engine_tensors(config)}
+    implied.update({r.name + SCALES_SUFFIX: (r.shape[0],) for r in rows if r.dtype == "I8" and r.name in implied})
+    missing = [n for n in implied if n not in found]
+    unexpected = [n for n in found if n not in implied]
+    wrong = [(n, implied[n], found[n]) for n in implied if n in found and found[n] != implied[n]]
+    return CheckResult(missing, unexpected, wrong, expected=len(implied))
+
+
+def tokenizer_vocab_size(tokenizer: dict[str, Any]) -> int | None:
+    """max id + 1 over a tokenizer.json's model vocab and added tokens (ids beyond are embedding padding)."""
+    if not isinstance(tokenizer, dict):
+        return None
+    ids: list[int] = []
+    model = tokenizer.get("model")
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    if isinstance(vocab, dict):
+        ids.extend(v for v in vocab.values() if isinstance(v, int))
+    elif isinstance(vocab, list):  # Unigram: a list of [piece, score]; ids are positions
+        ids.append(len(vocab) - 1)
+    added_tokens = tokenizer.get("added_tokens")
+    for added in added_tokens if isinstance(added_tokens, list) else []:
+        if isinstance(added, dict) and isinstance(added.get("id"), int):
+            ids.append(added["id"])
+    return max(ids) + 1 if ids else None
+

@@ -25,6 +25,7 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from olmoscope.checkpoint import Checkpoint, CheckResult, TensorRow, check_against_config, display_name
+from olmoscope.config import ModelConfig
 from olmoscope.errors import OlmoscopeError, SourceError, UsageError
 from olmoscope.sources import SOURCE_HELP, Source, resolve
 
@@ -47,6 +48,7 @@ class TensorSource:
     rows: list[TensorRow]  # natural order
     read: Callable[[str], np.ndarray]  # name → read-only array in the tensor's shape
     location: str  # where the rows came from, for headings
+    check: Callable[[Sequence[TensorRow], ModelConfig], CheckResult] = check_against_config  # rows vs config
 
 
 def tensor_source(source: Source) -> TensorSource:
@@ -60,10 +62,21 @@ def tensor_source(source: Source) -> TensorSource:
             f"{source.label}: a preset is a config without tensors; point tensors at a snapshot directory "
             f"or a cached repo id (e.g. {source.repo_id})"
         )
-    if source.kind == "engine" or source.directory is None:
-        raise SourceError(f"{source.label}: listing the tensors of an engine file is not supported yet")
+    if source.kind == "engine":
+        return _engine_tensor_source(source)
+    if source.directory is None:
+        raise SourceError(f"{source.label}: no tensors to list")
     checkpoint = Checkpoint.open(source.directory)
     return TensorSource(source, list(checkpoint.entries), checkpoint.read, str(source.directory))
+
+
+def _engine_tensor_source(source: Source) -> TensorSource:
+    """An engine file's rows: fused tensors in file order, int8 scale vectors as rows of their own."""
+    from olmoscope import engine_format
+
+    engine = engine_format.EngineFile.open(source.engine_path)  # stays mapped while the rows are in use
+    return TensorSource(source, engine_format.engine_rows(engine), lambda name: engine_format.read_row(engine, name),
+                        str(source.engine_path), engine_format.check_engine_rows)
 
 
 # ── statistics ─────────────────────────────────────────────────────────────────
@@ -284,6 +297,7 @@ def report_dict(
 def _row_dict(r: TensorRow, stats: dict[str, TensorStats] | None) -> dict[str, Any]:
     row = {"name": r.name, "shape": list(r.shape), "dtype": r.dtype, "elements": r.elements,
            "bytes": r.nbytes, "shard": r.shard, "offset": r.offset}
+    row.update({column: getattr(r, column) for column in ENGINE_COLUMNS if hasattr(r, column)})
     if stats is not None:
         row["stats"] = stats[r.name].to_dict()
     return row
@@ -306,6 +320,7 @@ def _group_stats(g: TensorGroup, stats: dict[str, TensorStats]) -> TensorStats:
 
 # ── text, CSV ──────────────────────────────────────────────────────────────────
 
+ENGINE_COLUMNS = ("role", "layout")  # what engine rows add: what each stored tensor is for, how its bytes lie
 STATS_COLUMNS = ("min", "max", "mean", "std", "abs_max", "nan", "inf")
 
 
@@ -335,6 +350,10 @@ def table_rows(shown: Sequence[TensorRow], stats: dict[str, TensorStats] | None)
         [display_name(r.name), _shape_text(r.shape), r.dtype, r.elements, r.nbytes, display_name(r.shard), r.offset]
         for r in shown
     ]
+    if shown and all(hasattr(r, column) for r in shown for column in ENGINE_COLUMNS):
+        headers += list(ENGINE_COLUMNS)
+        for cells, r in zip(body, shown):
+            cells += [getattr(r, column) for column in ENGINE_COLUMNS]
     if stats is not None:
         headers += list(STATS_COLUMNS)
         for cells, r in zip(body, shown):
@@ -445,7 +464,7 @@ def summary_lines(source: Source | str) -> list[str]:
     """
     tensors = tensor_source(resolve(source) if isinstance(source, str) else source)
     t = totals(tensors.rows)
-    check = check_against_config(tensors.rows, tensors.source.config)
+    check = tensors.check(tensors.rows, tensors.source.config)
     dtypes = ", ".join(f"{d['dtype']} ×{d['tensors']}" for d in t["by_dtype"])
     first = (f"{len(t['by_shard'])} shards, {t['tensors']:,} tensors, {t['elements']:,} elements, "
              f"{t['bytes']:,} bytes ({human_bytes(t['bytes'])}); dtypes: {dtypes}")
@@ -488,7 +507,7 @@ def tensors_command(
         click.echo(f"olmoscope: note: {note}", err=True)
     tensors = tensor_source(resolved)
     shown = filter_rows(tensors.rows, pattern)
-    check = check_against_config(tensors.rows, resolved.config)
+    check = tensors.check(tensors.rows, resolved.config)
     per_tensor = compute_stats(shown, tensors.read) if stats else None
     groups = group_rows(shown) if group else None
     report = report_dict(tensors, shown, check, pattern, per_tensor, groups)

@@ -1,0 +1,385 @@
+"""The engine file format: writer and reader agree, the layout is what ENGINE_FORMAT.md says, and the reader
+refuses every inconsistency it is documented to check, with one EngineError naming the file."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import jsonschema
+import ml_dtypes
+import numpy as np
+import pytest
+
+from olmoscope import engine_format as ef
+from olmoscope.config import ModelConfig
+from olmoscope.errors import EngineError
+from olmoscope.spec import engine_tensors
+
+# D=64, H=4, Hkv=2 (d=16), I=96, L=2, V=256: small, GQA, every tensor kind.
+CONFIG = {
+    "model_type": "olmo2", "architectures": ["Olmo2ForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256,
+    "max_position_embeddings": 128, "rope_theta": 500000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+    "eos_token_id": 255, "pad_token_id": 254,
+}
+
+
+def base_header(config: ModelConfig, weight_dtype: str, tokenizer: str | None = None) -> dict:
+    """A header without its tensor table, as convert would build it."""
+    import hashlib
+
+    return {
+        "format": ef.FORMAT_NAME, "format_version": ef.FORMAT_VERSION, "weight_dtype": weight_dtype,
+        "alignment": ef.ALIGNMENT, "config": ef.config_to_header(config),
+        "tokenizer": None if tokenizer is None else {"json": tokenizer, "sha256": hashlib.sha256(tokenizer.encode()).hexdigest()},
+        "generation": {"eos_token_ids": [255], "pad_token_id": 254, "bos_token_id": None, "chat_template": None,
+                       "tokenizer_vocab_size": None},
+        "provenance": {"source": "synthetic", "source_kind": "snapshot", "source_path": None, "repo_id": None,
+                       "revision": None, "commit": None, "config_sha256": "0" * 64, "index_sha256": None,
+                       "source_dtypes": ["F32"], "olmoscope_version": "test", "created_utc": "2025-01-01T00:00:00Z"},
+    }
+
+
+def write_synthetic(path: Path, weight_dtype: str = "bf16", raw_config: dict | None = None, seed: int = 0,
+                    tokenizer: str | None = None) -> dict[str, np.ndarray]:
+    """Write an engine file of random tensors straight through EngineWriter; returns what was stored by name."""
+    config = ModelConfig.from_dict(raw_config or CONFIG)
+    rng = np.random.default_rng(seed)
+    stored = {}
+    with open(path, "wb") as f:
+        writer = ef.EngineWriter(f, base_header(config, weight_dtype, tokenizer), ef.plan_tensors(config, weight_dtype))
+        for t in writer.tensors:
+            if t.dtype == "I8":
+                values = rng.integers(-127, 128, t.shape, dtype=np.int8)
+                scales = rng.random(t.shape[0], dtype=np.float32)
+                stored[t.name + ef.SCALES_SUFFIX] = scales
+            else:
+                values = rng.standard_normal(t.shape, dtype=np.float32).astype(ef.DTYPES[t.dtype])
+                scales = None
+            writer.begin(t.name)
+            half = t.shape[0] // 2 if len(t.shape) == 2 else t.shape[0]
+            writer.write(values[:half])  # in two blocks, as convert streams them
+            writer.write(values[half:])
+            writer.end(scales)
+            stored[t.name] = values
+        writer.finish()
+    return stored
+
+
+def read_header(path: Path) -> tuple[dict, int, bytes]:
+    """(header, data start, the file's bytes)."""
+    data = path.read_bytes()
+    _, _, length = ef.PREAMBLE.unpack_from(data, 0)
+    return json.loads(data[20:20 + length]), ef.align(20 + length), data
+
+
+def rewrite_header(path: Path, mutate) -> None:
+    """Apply mutate(header) and write the header back in place (it must still fit before the data)."""
+    header, data_start, data = read_header(path)
+    mutate(header)
+    body = ef.encode_header(header)
+    assert 20 + len(body) <= data_start, "test mutation made the header too long to fit"
+    head = ef.PREAMBLE.pack(ef.MAGIC, ef.FORMAT_VERSION, len(body)) + body
+    path.write_bytes(head + bytes(data_start - len(head)) + data[data_start:])
+
+
+@pytest.fixture
+def engine_path(tmp_path) -> Path:
+    path = tmp_path / "model.engine"
+    write_synthetic(path)
+    return path
+
+
+# ── round trip and layout ───────────────────────────────────────────────────────
+@pytest.mark.parametrize("weight_dtype", ["bf16", "fp16", "fp32", "int8"])
+def test_reader_returns_exactly_what_writer_stored(tmp_path, weight_dtype):
+    path = tmp_path / "m.engine"
+    stored = write_synthetic(path, weight_dtype)
+    with ef.EngineFile.open(path) as engine:
+        assert engine.weight_dtype == weight_dtype
+        assert [t.name for t in engine.entries] == [s.name for s in engine_tensors(engine.config)]
+        for t in engine.entries:
+            view = engine.tensor(t.name)
+            assert view.dtype == ef.DTYPES[t.dtype] and view.shape == t.shape
+            assert np.array_equal(view.view(np.uint8), stored[t.name].view(np.uint8)), t.name
+            if t.quantization is not None:
+                assert np.array_equal(engine.scales(t.name), stored[t.name + ef.SCALES_SUFFIX]), t.name
+        assert engine.verify() == []
+
+
+def test_dtype_rules_norms_float32_int8_keeps_embedding_bf16(tmp_path):
+    path = tmp_path / "m.engine"
+    write_synthetic(path, "int8")
+    with ef.EngineFile.open(path) as engine:
+        kinds = {s.name: s.kind for s in engine_tensors(engine.config)}
+        for t in engine.entries:
+            if kinds[t.name] == "norm":
+                assert t.dtype == "F32" and t.quantization is None, t.name
+            elif t.role == "embedding":
+                assert t.dtype == "BF16" and t.quantization is None
+            else:
+                assert t.dtype == "I8" and t.quantization["scheme"] == ef.QUANT_SCHEME, t.name
+        assert engine.tensor("embedding").dtype == np.dtype(ml_dtypes.bfloat16)
+
+
+def test_preamble_is_magic_u32_version_u64_length_little_endian(engine_path):
+    data = engine_path.read_bytes()
+    assert data[:8] == b"OLMOSCPE"
+    assert struct.unpack_from("<I", data, 8)[0] == ef.FORMAT_VERSION
+    length = struct.unpack_from("<Q", data, 12)[0]
+    header = json.loads(data[20:20 + length].decode("utf-8"))
+    assert header["format"] == "olmoscope-engine"
+    assert set(data[20 + length:ef.align(20 + length)]) <= {0}, "padding after the header is zeros"
+
+
+def test_header_validates_against_the_shipped_schema(engine_path):
+    header, _, _ = read_header(engine_path)
+    schema = json.loads((Path(__file__).parents[1] / "schemas" / "engine-header.schema.json").read_text())
+    jsonschema.validate(header, schema)
+    assert schema == ef.header_schema(), "the packaged schema is the repository's"
+
+
+def test_every_region_is_aligned_in_storage_order_and_disjoint(tmp_path):
+    path = tmp_path / "m.engine"
+    write_synthetic(path, "int8")
+    header, data_start, data = read_header(path)
+    regions = [r for row in header["tensors"] for r in ef.EngineTensor.from_json(row).regions()]
+    assert regions[0][0] == data_start
+    for (offset, size, name), (next_offset, _, _) in zip(regions, regions[1:] + [(len(data) + 1, 0, "")]):
+        assert offset % 4096 == 0, name
+        assert offset + size <= next_offset, f"{name} overlaps the next region"
+    assert regions[-1][0] + regions[-1][1] == len(data), "the file ends with the last tensor"
+
+
+def test_checksums_are_xxh3_128_of_the_stored_bytes(engine_path):
+    import xxhash
+
+    header, _, data = read_header(engine_path)
+    for row in header["tensors"]:
+        assert row["checksum"] == xxhash.xxh3_128_hexdigest(data[row["offset"]:row["offset"] + row["size"]])
+
+
+def test_layout_text_names_the_fused_parts_in_row_order(engine_path):
+    with ef.EngineFile.open(engine_path) as engine:
+        layouts = {t.role: t.layout for t in engine.entries}
+    assert layouts["qkv"] == "row-major [Hd+Hkvd+Hkvd, D] = [out, in]; rows = [q_proj; k_proj; v_proj]"
+    assert layouts["gate_up"] == "row-major [I+I, D] = [out, in]; rows = [gate_proj; up_proj]"
+    assert layouts["final_norm"] == "vector [D]"
+
+
+def test_views_are_zero_copy_and_read_only(engine_path):
+    with ef.EngineFile.open(engine_path) as engine:
+        t = engine.entry("layers.1.gate_up")
+        view = engine.tensor(t.name)
+        assert not view.flags.writeable
+        assert not view.flags.owndata
+        with pytest.raises(ValueError):
+            view[0, 0] = 0
+
+
+def test_close_with_live_views_keeps_them_valid_and_refuses_new_ones(engine_path):
+    engine = ef.EngineFile.open(engine_path)
+    view = engine.tensor("embedding")
+    expected = np.array(view)
+    engine.close()
+    assert np.array_equal(view, expected)
+    with pytest.raises(EngineError, match="closed"):
+        engine.tensor("embedding")
+    engine.close()  # twice is harmless
+
+
+def test_header_fields_come_back(tmp_path):
+    path = tmp_path / "m.engine"
+    write_synthetic(path, tokenizer='{"model": {"vocab": {"a": 0, "b": 7}}}')
+    with ef.EngineFile.open(path) as engine:
+        assert engine.config == ModelConfig.from_dict(CONFIG)
+        assert engine.tokenizer_json == '{"model": {"vocab": {"a": 0, "b": 7}}}'
+        assert engine.generation["eos_token_ids"] == [255]
+        assert engine.provenance["source"] == "synthetic"
+
+
+def test_unknown_tensor_and_scales_of_unquantized_are_engine_errors(engine_path):
+    with ef.EngineFile.open(engine_path) as engine:
+        with pytest.raises(EngineError, match="no tensor named 'nope'"):
+            engine.tensor("nope")
+        with pytest.raises(EngineError, match="not quantized"):
+            engine.scales("layers.0.qkv")
+
+
+def test_tied_embeddings_have_no_lm_head(tmp_path):
+    path = tmp_path / "m.engine"
+    write_synthetic(path, raw_config={**CONFIG, "tie_word_embeddings": True})
+    with ef.EngineFile.open(path) as engine:
+        assert "lm_head" not in [t.name for t in engine.entries]
+
+
+def test_looks_like_engine_reads_the_magic(engine_path, tmp_path):
+    other = tmp_path / "config.json"
+    other.write_text("{}")
+    assert ef.looks_like_engine(engine_path)
+    assert not ef.looks_like_engine(other)
+    assert not ef.looks_like_engine(tmp_path / "missing")
+
+
+def test_engine_rows_list_tensors_and_scale_vectors_in_file_order(tmp_path):
+    path = tmp_path / "m.engine"
+    write_synthetic(path, "int8")
+    with ef.EngineFile.open(path) as engine:
+        rows = ef.engine_rows(engine)
+    assert [r.name for r in rows[:3]] == ["embedding", "layers.0.qkv", "layers.0.qkv.scales"]
+    assert [r.offset for r in rows] == sorted(r.offset for r in rows)
+    assert all(r.shard == "m.engine" and r.nbytes == r.elements * ef.DTYPES[r.dtype].itemsize for r in rows)
+
+
+def test_tokenizer_vocab_size_is_max_id_plus_one_of_dolma2():
+    from importlib import resources
+
+    text = resources.files("olmoscope").joinpath("data", "dolma2-tokenizer.json").read_text("utf-8")
+    assert ef.tokenizer_vocab_size(json.loads(text)) == 100278  # OLMO2.md: ids 0–100277
+    assert ef.tokenizer_vocab_size({"model": {"vocab": {"a": 3}}, "added_tokens": [{"id": 9}]}) == 10
+    assert ef.tokenizer_vocab_size({}) is None
+
+
+# ── the writer refuses misuse ───────────────────────────────────────────────────
+def _writer(tmp_path):
+    config = ModelConfig.from_dict(CONFIG)
+    f = open(tmp_path / "w.engine", "wb")
+    return f, ef.EngineWriter(f, base_header(config, "bf16"), ef.plan_tensors(config, "bf16"))
+
+
+def test_writer_refuses_out_of_order_overflow_and_short_tensors(tmp_path):
+    f, writer = _writer(tmp_path)
+    with f:
+        with pytest.raises(EngineError, match="got layers.0.qkv, expected embedding"):
+            writer.begin("layers.0.qkv")
+        t = writer.begin("embedding")
+        with pytest.raises(EngineError, match="is BF16, got a float32 block"):
+            writer.write(np.zeros(t.shape, np.float32))
+        with pytest.raises(EngineError, match="overflows"):
+            writer.write(np.zeros((t.shape[0] + 1, t.shape[1]), ml_dtypes.bfloat16))
+        writer.write(np.zeros((1, t.shape[1]), ml_dtypes.bfloat16))
+        with pytest.raises(EngineError, match="got 128 of"):
+            writer.end()
+        with pytest.raises(EngineError, match="finished after 0 of"):
+            writer.finish()
+
+
+# ── the reader refuses every documented inconsistency ──────────────────────────
+def _set_version(version: int):
+    def patch(path: Path):
+        data = bytearray(path.read_bytes())
+        struct.pack_into("<I", data, 8, version)
+        path.write_bytes(bytes(data))
+    return patch
+
+
+def _tensor_field(index: int, key: str, value):
+    def mutate(header):
+        header["tensors"][index][key] = value
+    return lambda path: rewrite_header(path, mutate)
+
+
+def _header(fn):
+    return lambda path: rewrite_header(path, fn)
+
+
+def _truncate(path: Path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _header_length(value: int):
+    def patch(path: Path):
+        data = bytearray(path.read_bytes())
+        struct.pack_into("<Q", data, 12, value)
+        path.write_bytes(bytes(data))
+    return patch
+
+
+def _second_offset(header):
+    return header["tensors"][1]["offset"]
+
+
+HOSTILE = [
+    ("bad_magic", lambda p: p.write_bytes(b"NOTANENG" + p.read_bytes()[8:]), "bad magic"),
+    ("too_short", lambda p: p.write_bytes(b"OLMOSCPE\x01"), "too short"),
+    ("version_zero", _set_version(0), "version 0 is invalid"),
+    ("header_length_beyond_file", _header_length(1 << 40), "does not fit the file"),
+    ("header_length_past_limit", _header_length(ef.MAX_HEADER_BYTES + 1), "256 MiB limit"),
+    ("header_not_json", _header_length(3), "not valid JSON"),
+    ("header_fails_schema", _header(lambda h: h.pop("generation")), "fails the engine schema"),
+    ("versions_disagree", _header(lambda h: h.update(format_version=2)), "fails the engine schema"),
+    ("config_invalid", _header(lambda h: h["config"].update(num_attention_heads=3)), "not divisible"),
+    ("tensor_misaligned", _tensor_field(1, "offset", 4096 * 3 + 8), "not 4096-byte aligned"),
+    ("tensor_beyond_file", _tensor_field(-1, "offset", 4096 * 10_000), "beyond the end of the file"),
+    ("tensor_inside_header", _tensor_field(0, "offset", 0), "overlaps the header"),
+    ("tensors_overlap", _header(lambda h: h["tensors"][2].update(offset=_second_offset(h))), "overlaps layers.0."),
+    ("size_not_shape_times_dtype", _tensor_field(1, "size", 12), "shape × dtype"),
+    ("shape_disagrees_with_config", _tensor_field(1, "shape", [96, 64]), "shape"),
+    ("dtype_disagrees_with_weight_dtype", _tensor_field(1, "dtype", "F16"), "dtype 'F16', expected 'BF16'"),
+    ("norm_not_float32", _tensor_field(2, "dtype", "BF16"), "expected 'F32'"),
+    ("tensor_renamed", _tensor_field(1, "name", "layers.0.qkv_"), "name"),
+    ("tensors_reordered", _header(lambda h: h["tensors"].insert(1, h["tensors"].pop(2))), "expected"),
+    ("tensor_missing", _header(lambda h: h["tensors"].pop()), "the config implies"),
+    ("quantization_on_bf16", _tensor_field(1, "quantization", {
+        "scheme": "int8-symmetric-per-row", "scale_dtype": "F32", "scale_shape": [128], "scale_offset": 0,
+        "scale_size": 512, "scale_checksum": "0" * 32}), "iff dtype is I8"),
+    ("checksum_not_hex", _tensor_field(1, "checksum", "xyz"), "fails the engine schema"),
+    ("offset_a_float", _tensor_field(1, "offset", 4096.0 * 3), "fails the engine schema"),
+    ("eos_id_a_float", _header(lambda h: h["generation"].update(eos_token_ids=[5.0])), "fails the engine schema"),
+    ("truncated_data", _truncate, "beyond the end of the file"),
+]
+
+
+@pytest.mark.parametrize("damage,message", [(d, m) for _, d, m in HOSTILE], ids=[i for i, _, _ in HOSTILE])
+def test_reader_refuses_inconsistent_files_with_one_engine_error(engine_path, damage, message):
+    damage(engine_path)
+    with pytest.raises(EngineError) as caught:
+        ef.EngineFile.open(engine_path)
+    text = str(caught.value)
+    assert message in text, text
+    assert str(engine_path) in text and "\n" not in text
+
+
+def test_newer_version_is_a_clear_error_saying_upgrade(engine_path):
+    _set_version(ef.FORMAT_VERSION + 1)(engine_path)
+    with pytest.raises(EngineError, match=r"engine format version 2 is newer than this olmoscope reads \(up to 1\); upgrade"):
+        ef.EngineFile.open(engine_path)
+
+
+def test_int8_scale_regions_are_checked_too(tmp_path):
+    path = tmp_path / "m.engine"
+    write_synthetic(path, "int8")
+
+    def misplace(h):
+        h["tensors"][1]["quantization"]["scale_offset"] = h["tensors"][1]["offset"]
+
+    rewrite_header(path, misplace)
+    with pytest.raises(EngineError, match=r"layers.0.qkv.scales at offset .* overlaps layers.0.qkv|layers.0.qkv at offset .* overlaps"):
+        ef.EngineFile.open(path)
+
+
+def test_corrupt_embedded_tokenizer_is_refused(tmp_path):
+    path = tmp_path / "m.engine"
+    write_synthetic(path, tokenizer='{"model": {}}')
+    rewrite_header(path, lambda h: h["tokenizer"].update(json='{"model": []}'))
+    with pytest.raises(EngineError, match="tokenizer.json fails its sha256"):
+        ef.EngineFile.open(path)
+
+
+def test_missing_file_and_directory_are_engine_errors(tmp_path):
+    with pytest.raises(EngineError, match="cannot open"):
+        ef.EngineFile.open(tmp_path / "missing.engine")
+    with pytest.raises(EngineError, match="cannot open"):
+        ef.EngineFile.open(tmp_path)
+
+
+def test_flipped_data_byte_is_named_by_verify(engine_path):
+    header, _, data = read_header(engine_path)
+    row = header["tensors"][4]
+    damaged = bytearray(data)
+    damaged[row["offset"] + row["size"] // 2] ^= 0x40
+    engine_path.write_bytes(bytes(damaged))
+    with ef.EngineFile.open(engine_path) as engine:
+        assert engine.verify() == [row["name"]]
