@@ -37,8 +37,13 @@ def _register() -> None:
     from olmoscope.arch import arch_command
     from olmoscope.tensors import tensors_command
     from olmoscope.tiny import make_tiny_command
+    from olmoscope.generate import generate_command
+    from olmoscope.convert import convert_command
+    from olmoscope.verify import verify_command
+    from olmoscope.demo import demo_command
 
-    for command in (arch_command, tensors_command, make_tiny_command):
+    for command in (arch_command, tensors_command, make_tiny_command, generate_command, convert_command, verify_command,
+                    demo_command):
         main.add_command(command)
 
 
