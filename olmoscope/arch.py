@@ -108,6 +108,7 @@ def arch_report(
         "compute": _compute(config, parameters, context, prefill),
         "roofline": _roofline(config, parameters, memory, context, bandwidth),
         "tensors": _tensor_rows(config, tensors),
+        **({"engine": _engine_layout(source)} if source.kind == "engine" else {}),
         "notes": notes,
     }
 
@@ -344,6 +345,24 @@ def _tensor_rows(config: ModelConfig, tensors: list[TensorSpec]) -> list[dict[st
     return rows
 
 
+def _engine_layout(source: Source) -> dict[str, Any]:
+    """An engine file as stored: weight dtype, sizes and every stored tensor (fused, cast, with offsets)."""
+    from olmoscope import engine_format  # imported late: only engine sources need it
+
+    with engine_format.EngineFile.open(source.engine_path) as engine:
+        weight_dtype, rows = engine.weight_dtype, engine_format.engine_rows(engine)
+    return {
+        "weight_dtype": weight_dtype,
+        "file_bytes": source.engine_path.stat().st_size,
+        "tensor_bytes": sum(r.nbytes for r in rows),
+        "tensors": [
+            {"name": r.name, "role": r.role, "layer": r.layer, "dtype": r.dtype, "shape": list(r.shape),
+             "offset": r.offset, "bytes": r.nbytes, "layout": r.layout}
+            for r in rows
+        ],
+    }
+
+
 # ── human-readable numbers ──────────────────────────────────────────────────────
 def human_count(n: float, unit: str = "") -> str:
     """1484916736 → '1.48 B'; with unit 'FLOP' the SI prefixes: '14.6 GFLOP'."""
@@ -404,6 +423,8 @@ def render_text(report: dict[str, Any]) -> str:
         _section("Decode roofline (batch 1)", _render_roofline(report["roofline"])),
         _section("Tensors (one layer shown)", _render_tensors(report["tensors"])),
     ]
+    if "engine" in report:
+        sections.append(_section("Engine file layout (one layer shown)", _render_engine(report["engine"])))
     return "\n\n".join(sections) + "\n"
 
 
@@ -528,6 +549,21 @@ def _render_tensors(tensors: list[dict[str, Any]]) -> str:
         for t in tensors
     ]
     return _table(rows, ["scope", "tensor", "shape", "formula", "parameters", "role"], "llrlrl")
+
+
+def _render_engine(e: dict[str, Any]) -> str:
+    rows = [
+        [t["name"], " × ".join(str(n) for n in t["shape"]), t["dtype"], f"{t['bytes']:,}", f"{t['offset']:,}",
+         t["layout"]]
+        for t in e["tensors"] if t["layer"] in (None, 0)
+    ]
+    table = _table(rows, ["tensor", "shape", "dtype", "bytes", "offset", "layout"], "lrlrrl")
+    summary = (
+        f"Weight dtype {e['weight_dtype']}; {len(e['tensors'])} stored arrays, {e['tensor_bytes']:,} bytes "
+        f"({human_bytes(e['tensor_bytes'])}) of tensor data in a {e['file_bytes']:,}-byte file. Every layer has "
+        "layer 0's layout at its own offsets (`olmoscope tensors FILE` lists them all)."
+    )
+    return "\n".join([table, _wrap(summary)])
 
 
 CSV_COLUMNS = (

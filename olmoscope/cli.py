@@ -11,7 +11,27 @@ from olmoscope.errors import OlmoscopeError
 
 
 class _Group(click.Group):
-    """Turns the project's own errors into one line on stderr and a non-zero exit code."""
+    """Turns the project's own errors, and click's usage errors, into one line on stderr and a non-zero exit."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare `olmoscope`: the help is the answer
+            click.echo(exc.ctx.get_help())
+            sys.exit(0)
+        except click.UsageError as exc:  # bad option or argument: click would print a usage block
+            where = exc.ctx.command_path if exc.ctx else "olmoscope"
+            click.echo(f"olmoscope: error: {exc.format_message()} (see '{where} --help')", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"olmoscope: error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("olmoscope: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(result if isinstance(result, int) else 0)  # --help and --version return their exit code
 
     def invoke(self, ctx: click.Context):
         try:

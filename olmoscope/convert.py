@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -132,7 +133,7 @@ def open_checkpoint(src: Source) -> Checkpoint:
     result = check_against_config(checkpoint.entries, src.config)
     if not result.ok:
         raise CheckpointError(f"{src.directory}: the checkpoint does not match its config.json, so nothing was "
-                              f"written: {_findings(result)}")
+                              f"written: {_findings(result)}; every finding: olmoscope tensors {src.label} --check")
     for entry in checkpoint.entries:
         if entry.dtype not in SOURCE_DTYPES:
             raise CheckpointError(
@@ -199,6 +200,20 @@ def atomic_output(path: Path) -> Iterator[BinaryIO]:
             pass
         raise
     _fsync_directory(path.parent)
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (`kill`, `timeout`, a container stopping) unwinds like Ctrl-C, so the temporary file is removed."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -475,7 +490,8 @@ def _sha256(path: Path) -> str:
                    "embedding stays bf16). Norms are always fp32.")
 @click.option("--force", is_flag=True, help="Overwrite FILE if it exists.")
 def convert_command(source: str, output: str, dtype: str, force: bool) -> None:
-    report = convert(source, output, dtype=dtype, force=force, progress=sys.stderr.isatty())
+    with terminate_as_interrupt():
+        report = convert(source, output, dtype=dtype, force=force, progress=sys.stderr.isatty())
     for note in report.notes:
         click.echo(f"olmoscope: note: {note}", err=True)
     click.echo(report.table())

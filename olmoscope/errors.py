@@ -27,3 +27,7 @@ class CheckpointError(OlmoscopeError):
 
 class EngineError(OlmoscopeError):
     """An engine file is malformed, of an unknown version, or fails its checksums."""
+
+
+class DeviceError(OlmoscopeError):
+    """The GPU refused: no device, not enough memory, a kernel that fails to build or to run."""

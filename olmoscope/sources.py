@@ -60,6 +60,8 @@ def resolve(label: str) -> Source:
         if engine_format.looks_like_engine(path):
             return engine_format.source_from_engine(path, label)
         return _from_config(path, label, kind="config")
+    if path.exists():  # a FIFO or a device: never opened, it could block or stream forever
+        raise SourceError(f"{label}: not a regular file or a directory. {SOURCE_HELP}")
     match = _REPO_ID.match(label)
     if match and not path.exists() and not label.startswith((".", "/", "~")):
         return _from_hub(label, match["repo"], match["rev"])
@@ -101,6 +103,8 @@ def _from_hub(label: str, repo_id: str, revision: str | None) -> Source:
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     cache = hub_cache_dir()
+    if revision is not None and ".." in revision.split("/"):  # git refuses such names; here it would escape refs/
+        raise SourceError(f"{label}: revision {revision!r} is not a valid branch, tag or commit")
     try:
         folder = snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True)
     except (LocalEntryNotFoundError, FileNotFoundError, HFValidationError, OSError):

@@ -362,12 +362,16 @@ def table_rows(shown: Sequence[TensorRow], stats: dict[str, TensorStats] | None)
 
 
 def group_table_rows(
-    groups: Sequence[TensorGroup], stats: dict[str, TensorStats] | None
+    groups: Sequence[TensorGroup], stats: dict[str, TensorStats] | None, plain: bool = False
 ) -> tuple[list[str], list[list]]:
-    """(headers, rows) of the --group view: shape and dtype per tensor, elements and bytes in total."""
+    """(headers, rows) of the --group view: shape and dtype per tensor, elements and bytes in total.
+
+    plain: the count as a bare integer (for CSV) rather than "×16".
+    """
     headers = ["tensor", "count", "shape", "dtype", "elements", "bytes"]
     body = [
-        [display_name(g.pattern), f"×{g.count}", _shape_text(g.shape), g.dtype, g.elements, g.nbytes]
+        [display_name(g.pattern), g.count if plain else f"×{g.count}", _shape_text(g.shape), g.dtype, g.elements,
+         g.nbytes]
         for g in groups
     ]
     if stats is not None:
@@ -512,14 +516,16 @@ def tensors_command(
     groups = group_rows(shown) if group else None
     report = report_dict(tensors, shown, check, pattern, per_tensor, groups)
     headers, body = group_table_rows(groups, per_tensor) if groups is not None else table_rows(shown, per_tensor)
+    csv_table = csv_text(*group_table_rows(groups, per_tensor, plain=True)) if groups is not None else csv_text(
+        headers, body)
 
     # Everything is computed before anything is written, so an error leaves no partial output.
     if csv_path is not None and csv_path != "-":
-        write_atomically(Path(csv_path), csv_text(headers, body))
+        write_atomically(Path(csv_path), csv_table)
     if as_json:
         click.echo(json.dumps(report, indent=2, allow_nan=False))
     elif csv_path == "-":
-        click.echo(csv_text(headers, body), nl=False)
+        click.echo(csv_table, nl=False)
     else:
         click.echo(text_report(report, headers, body))
     if strict and not check.ok:

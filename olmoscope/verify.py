@@ -192,7 +192,10 @@ def verify_command(file: Path, against: str | None) -> None:
             click.echo(f"checksums: all {regions} match ({size / 1e9:.3f} GB, xxh3-128)")
         failed = []
         if against is not None:
-            comparisons = compare_with_source(engine, resolve(against), progress)
+            source = resolve(against)
+            for note in source.notes:
+                click.echo(f"olmoscope: note: {note}", err=True)
+            comparisons = compare_with_source(engine, source, progress)
             click.echo("")
             click.echo(comparison_table(comparisons))
             failed = [c.name for c in comparisons if not c.ok]

@@ -213,6 +213,8 @@ def open_engine(path: str | Path) -> Engine:
     from olmoscope.engine_format import EngineFile
 
     path = Path(path)
+    if path.is_dir():
+        raise EngineError(f"{path}: a directory, not an engine file (`olmoscope convert {path} -o FILE` makes one)")
     if not path.is_file():
         raise EngineError(f"{path}: no such file")
     engine_file = EngineFile.open(path)

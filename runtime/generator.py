@@ -48,9 +48,10 @@ class GenerationResult:
         """One line for stderr: prompt tokens, generated tokens, time to first token, decode speed, backend."""
         rate = self.decode_tokens_per_s
         speed = f"{rate:.1f} tokens/s" if rate is not None else "n/a"
+        first = f"{self.time_to_first_token_s * 1e3:.1f} ms" if self.token_ids else "n/a"
         return (
             f"prompt {len(self.prompt_token_ids)} tokens, generated {len(self.token_ids)} ({self.finish_reason}), "
-            f"first token {self.time_to_first_token_s * 1e3:.1f} ms, decode {speed}, "
+            f"first token {first}, decode {speed}, "
             f"{self.backend} on {self.device}, context {self.max_context}"
         )
 
@@ -65,7 +66,7 @@ class GenerationResult:
             "timings": {
                 "load_s": self.load_s,
                 "prefill_s": self.prefill_s,
-                "time_to_first_token_s": self.time_to_first_token_s,
+                "time_to_first_token_s": self.time_to_first_token_s if self.token_ids else None,
                 "decode_s": self.decode_s,
                 "decode_tokens_per_s": self.decode_tokens_per_s,
             },
@@ -219,6 +220,10 @@ def engine_tokenizer(engine: Engine) -> Tokenizer:
 
 def encode_prompt(engine: Engine, tokenizer: Tokenizer, prompt: str, chat: bool) -> list[int]:
     """The prompt's ids (as a one-message chat with --chat), checked against the model's vocabulary."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:  # undecodable bytes from argv or stdin arrive as lone surrogates
+        raise UsageError(f"the prompt is not UTF-8 text (bad byte at character {exc.start})") from None
     ids = tokenizer.encode_chat(prompt) if chat else tokenizer.encode(prompt)
     beyond = [i for i in ids if i >= engine.config.vocab_size]
     if beyond:

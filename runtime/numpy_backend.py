@@ -43,7 +43,7 @@ class NumpyBackend(Backend):
     def prefill(self, token_ids: np.ndarray, return_logits: bool = False) -> np.ndarray | None:
         ids = self._check_ids(token_ids)
         logits = reference.forward(self.config, self.weights, ids, self.cache, all_logits=return_logits)
-        self._last_logits = logits[-1]
+        self._last_logits = logits[-1].copy()  # the caller owns the returned array and may change it
         return logits if return_logits else None
 
     def decode_step(self, token_id: int, return_logits: bool = False) -> np.ndarray | None:

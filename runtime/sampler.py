@@ -10,7 +10,7 @@ In order, on the float32 logits [V] of the last position:
    ties (so top-k 1 is greedy);
 6. softmax over what is kept;
 7. top-p (p < 1): keep the shortest run of best-ranked ids whose probabilities sum to at least p·(the
-   kept total);
+   kept total), up to a relative 1e-9 for rounding (7 of 21 equal tokens hold p = 1/3);
 8. one uniform u = rng.random() ∈ [0, 1); walking the kept ids in ascending id order, the chosen id is
    the first whose running sum of probabilities exceeds u·(their sum).
 
@@ -93,13 +93,17 @@ def top_k_mask(logits: np.ndarray, k: int) -> np.ndarray:
     return keep
 
 
+TOP_P_SLACK = 1e-9  # relative: float sums of equal probabilities land a hair below an exact p
+
+
 def top_p_mask(probs: np.ndarray, p: float) -> np.ndarray:
     """Step 7: bool [V], the shortest best-ranked run of ids holding mass p."""
     if p >= 1.0:
         return probs > 0
     order = ranking(probs)
     running = np.cumsum(probs[order])
-    last = min(int(np.searchsorted(running, p * running[-1], side="left")), probs.size - 1)
+    target = p * running[-1] * (1 - TOP_P_SLACK)  # a run whose mass is p up to rounding reaches it
+    last = min(int(np.searchsorted(running, target, side="left")), probs.size - 1)
     keep = np.zeros(probs.shape, bool)
     keep[order[: last + 1]] = True
     return keep & (probs > 0)

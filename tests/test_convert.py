@@ -230,12 +230,14 @@ def test_bf16_refuses_float32_values_that_would_round_to_infinity(make_snapshot,
     snapshot = _special_snapshot(make_snapshot, np.float32([3.4e38]))
     with pytest.raises(OlmoscopeError, match=r"lm_head\.weight: value 3\.4e\+38 is outside bfloat16's range"):
         cv.convert(str(snapshot), tmp_path / "m.engine", dtype="bf16")
+    assert _leftovers(tmp_path) == []
 
 
 def test_int8_refuses_non_finite_values(make_snapshot, tmp_path):
     snapshot = _special_snapshot(make_snapshot, np.float32([np.nan]))
     with pytest.raises(OlmoscopeError, match=r"lm_head\.weight: holds NaN or Inf"):
         cv.convert(str(snapshot), tmp_path / "m.engine", dtype="int8")
+    assert _leftovers(tmp_path) == []
 
 
 def test_int8_quantizes_each_row_to_absmax_over_127():
@@ -300,6 +302,36 @@ def test_engine_file_is_a_source_for_arch(tiny_snapshots, tmp_path):
     assert "num_key_value_heads" in result.output
 
 
+def test_arch_of_engine_file_reports_the_stored_layout(tiny_snapshots, tmp_path):
+    from importlib import resources
+
+    import jsonschema
+
+    out = tmp_path / "m.engine"
+    cv.convert(str(tiny_snapshots("float32", 2)), out, dtype="int8")
+    result = CliRunner().invoke(main, ["arch", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    schema = json.loads(resources.files("olmoscope.schemas").joinpath("arch-report.schema.json").read_text())
+    jsonschema.validate(report, schema)
+    layout = report["engine"]
+    assert layout["weight_dtype"] == "int8" and layout["file_bytes"] == out.stat().st_size
+    with ef.EngineFile.open(out) as engine:
+        rows = {r.name: r for r in ef.engine_rows(engine)}
+    assert [t["name"] for t in layout["tensors"]] == list(rows)  # fused names, file order, scales included
+    for t in layout["tensors"]:
+        r = rows[t["name"]]
+        assert (t["dtype"], tuple(t["shape"]), t["offset"], t["bytes"]) == (r.dtype, r.shape, r.offset, r.nbytes)
+    qkv = next(t for t in layout["tensors"] if t["name"] == "layers.0.qkv")
+    assert qkv["shape"] == [64 + 2 * 32, 64] and qkv["dtype"] == "I8"  # Hd + 2·Hkv·d rows: GQA widths
+    text = CliRunner().invoke(main, ["arch", str(out)])
+    assert text.exit_code == 0, text.output
+    assert "Engine file layout" in text.stdout and "layers.0.gate_up" in text.stdout
+    assert "layers.1.qkv" not in text.stdout  # one layer shown, like the tensor table
+    snapshot_report = json.loads(CliRunner().invoke(main, ["arch", str(tiny_snapshots("float32", 2)), "--json"]).stdout)
+    assert "engine" not in snapshot_report
+
+
 # ── refusals before any byte is written ─────────────────────────────────────────
 def _leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.is_file())
@@ -315,6 +347,7 @@ def test_checkpoint_not_matching_config_is_refused_with_the_list(make_snapshot, 
     text = str(caught.value)
     assert "2 missing (model.layers.1.mlp.down_proj.weight, model.norm.weight)" in text
     assert "1 wrong shape (model.layers.0.self_attn.k_proj.weight expected [32, 64] found [64, 64])" in text
+    assert text.endswith(f"every finding: olmoscope tensors {snapshot} --check")
     assert _leftovers(out_dir) == []
 
 
@@ -384,6 +417,31 @@ def test_interrupted_forced_conversion_keeps_the_old_file(tiny_snapshots, tmp_pa
         cv.convert(str(tiny_snapshots("float32", 2)), out, force=True)
     assert out.read_bytes() == b"old engine"
     assert _leftovers(tmp_path) == ["m.engine"]
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_killed_cli_conversion_leaves_neither_output_nor_temp_file(tiny_snapshots, tmp_path, signum):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    snapshot = tiny_snapshots("float32", 2)
+    # A real process, slowed down so the signal lands while the temporary file is being written.
+    script = ("import time, olmoscope.convert as cv\n"
+              "real = cv.encode_block\n"
+              "cv.encode_block = lambda *a, **k: (time.sleep(0.2), real(*a, **k))[1]\n"
+              "from olmoscope.cli import main\n"
+              f"main(['convert', {str(snapshot)!r}, '-o', 'm.engine'])\n")
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(getattr(signal, signum))
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130, stderr
+    assert stderr.strip() == "olmoscope: interrupted"
+    assert _leftovers(tmp_path) == []
 
 
 def test_full_disk_is_one_error_and_leaves_nothing(tiny_snapshots, tmp_path, monkeypatch):

@@ -206,3 +206,96 @@ def test_invalid_sampling_params_in_python_are_usage_errors():
 
     with pytest.raises(UsageError):
         generate("does-not-matter.olmo", "x", sampling=SamplingParams(top_p=0.5), max_new_tokens=-1)
+
+
+class ScriptedBackend:
+    """Stands in for a backend: 'samples' a fixed script of ids and records the history each sample saw."""
+
+    name, device, notes = "scripted", "nowhere", []
+
+    def __init__(self, script: list[int], max_context: int = 64):
+        self.script, self.max_context, self.position, self.histories = list(script), max_context, 0, []
+
+    def reset(self):
+        self.position = 0
+
+    def prefill(self, token_ids, return_logits=False):
+        self.position += len(token_ids)
+
+    def decode_step(self, token_id, return_logits=False):
+        self.position += 1
+
+    def sample(self, params, rng, history):
+        self.histories.append(history.tolist())
+        return self.script[len(self.histories) - 1]
+
+
+def test_streamed_pieces_are_whole_characters():
+    from olmoscope.runtime.generator import run_generation
+
+    tokenizer = Tokenizer.bundled()
+    text = "日本語 🙂🙂 naïve"  # 語 and each 🙂 take two byte-level tokens
+    script = tokenizer.encode(text)
+    pieces: list[str] = []
+    result = run_generation(ScriptedBackend(script), [9906], SamplingParams(), len(script),
+                            tokenizer=tokenizer, on_text=pieces.append)
+    assert "".join(pieces) == result.text == text
+    assert all("\ufffd" not in piece for piece in pieces), pieces
+    assert len(pieces) < len(script)  # some ids completed no character and were held back
+
+
+def test_sampler_sees_the_prompt_then_every_generated_id():
+    from olmoscope.runtime.generator import run_generation
+
+    backend = ScriptedBackend([5, 6, 7])
+    run_generation(backend, [1, 2], SamplingParams(repetition_penalty=1.3), 3)
+    assert backend.histories == [[1, 2], [1, 2, 5], [1, 2, 5, 6]]
+
+
+def test_repetition_penalty_keeps_seen_tokens_out(engine_file):
+    plain = run_json(str(engine_file), "--prompt", PROMPT, "--max-new-tokens", "16")
+    assert len(set(plain["token_ids"])) < 16  # the random tiny model repeats itself greedily
+    report = run_json(str(engine_file), "--prompt", PROMPT, "--max-new-tokens", "16", "--repetition-penalty", "1000")
+    ids = report["prompt_token_ids"] + report["token_ids"]
+    assert len(set(ids)) == len(ids), f"a seen token came back: {ids}"
+
+
+@pytest.mark.parametrize("args, input", [(["--prompt", "ok \udcff"], None), ([], b"ok \xff\n")])
+def test_a_prompt_that_is_not_utf8_is_one_clear_line(engine_file, args, input):
+    result = run(str(engine_file), *args, input=input)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("olmoscope: error: ") and "not UTF-8" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output, result.output
+
+
+def test_a_directory_given_as_the_engine_file_says_so(tmp_path):
+    result = run(str(tmp_path), "--prompt", "x")
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"olmoscope: error: {tmp_path}: a directory, not an engine file"), result.stderr
+
+
+def test_zero_new_tokens_reports_no_first_token_time(engine_file):
+    result = run(str(engine_file), "--prompt", PROMPT, "--max-new-tokens", "0")
+    assert result.exit_code == 0 and result.stdout == "", result.output
+    assert "generated 0 (length), first token n/a, decode n/a, numpy on cpu" in result.stderr, result.stderr
+    assert run_json(str(engine_file), "--prompt", PROMPT, "--max-new-tokens", "0")["timings"]["time_to_first_token_s"] is None
+
+
+def test_prefill_logits_belong_to_the_caller(engine_file):
+    import numpy as np
+
+    from olmoscope.runtime.numpy_backend import NumpyBackend
+
+    with open_engine(engine_file) as engine, NumpyBackend(engine, max_context=16) as backend:
+        logits = backend.prefill(np.array([14126, 34579, 374, 220]), return_logits=True)
+        greedy = int(np.argmax(logits[-1]))
+        logits[-1, greedy] = -np.inf  # the caller may change its copy; the next sample must not see it
+        assert backend.sample(SamplingParams(), np.random.default_rng(0), np.array([220])) == greedy
+
+
+def test_engine_file_marks_rows_beyond_the_tokenizer_as_padding(engine_file):
+    from olmoscope.runtime.numpy_backend import NumpyBackend
+
+    with open_engine(engine_file) as engine, NumpyBackend(engine, max_context=8) as backend:
+        assert engine.config.vocab_size == 100352
+        assert backend.vocab_limit == engine.vocab_limit == Tokenizer.bundled().vocab_size == 100278

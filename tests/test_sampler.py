@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from olmoscope.errors import UsageError
-from olmoscope.runtime.sampler import SamplingParams, make_rng, penalized_logits, sample
+from olmoscope.runtime.sampler import SamplingParams, candidate_probabilities, make_rng, penalized_logits, sample
 
 finite_logits = arrays(
     np.float32, st.integers(2, 64), elements=st.floats(-30, 30, width=32, allow_nan=False, allow_infinity=False)
@@ -77,6 +77,26 @@ def test_top_p_only_picks_inside_its_set(logits, p, temperature, seed):
     assert set(picks) <= allowed, f"picked {set(picks) - allowed} outside top-p {p} set {sorted(allowed)}"
 
 
+@given(finite_logits, st.integers(0, 70), st.floats(0.01, 0.99), st.floats(0.1, 3.0))
+@settings(max_examples=80, deadline=None)
+def test_kept_set_is_exactly_top_k_then_top_p(logits, k, p, temperature):
+    """Not only the picks: the ids given any probability are exactly top-k's, then top-p's within them."""
+    best = ranked(logits.tolist())[: k or len(logits)]
+    within_k = np.full(logits.shape, -np.inf, np.float32)
+    within_k[best] = logits[best]
+    expected = top_p_set(within_k, p, temperature)
+    probs = candidate_probabilities(logits, SamplingParams(temperature=temperature, top_k=k, top_p=p))
+    kept = set(np.flatnonzero(probs).tolist())
+    assert kept == expected, f"kept {sorted(kept)}, expected {sorted(expected)}"
+
+
+@pytest.mark.parametrize("count, p, kept", [(21, 1 / 3, 7), (4, 0.5, 2), (10, 0.3, 3), (3, 1 / 3, 1)])
+def test_top_p_keeps_exactly_p_of_equal_tokens(count, p, kept):
+    """Equal probabilities summing to p exactly, up to float rounding, keep no extra token."""
+    probs = candidate_probabilities(np.zeros(count, np.float32), SamplingParams(temperature=1.0, top_p=p))
+    assert np.count_nonzero(probs) == kept, f"kept {np.count_nonzero(probs)} of {count} at top-p {p}"
+
+
 def test_sampling_follows_the_distribution():
     logits = np.log(np.array([0.5, 0.3, 0.2], np.float32))
     picks = np.array(draw_many(logits, SamplingParams(temperature=1.0), seed=7, count=20000))
@@ -97,6 +117,19 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
     penalized = penalized_logits(logits, np.array([0, 1, 0]), 2.0, vocab_limit=4)
     assert penalized.tolist() == [1.0, -4.0, 1.0, 3.0]
     assert logits.tolist() == [2.0, -2.0, 1.0, 3.0]  # the caller's logits are left alone
+
+
+@given(finite_logits, st.lists(st.integers(0, 63), max_size=20), st.floats(0.2, 5.0))
+@settings(max_examples=40, deadline=None)
+def test_repetition_penalty_matches_transformers(logits, history, penalty):
+    import torch
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    history = [i for i in history if i < len(logits)] or [0]
+    ours = penalized_logits(logits, np.array(history), penalty, vocab_limit=len(logits))
+    theirs = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([history]), torch.from_numpy(logits.copy())[None])
+    diff = np.abs(ours - theirs[0].numpy()).max()
+    assert diff <= 1e-6 * max(1.0, np.abs(logits).max()), f"max abs diff {diff:.2e}"
 
 
 def test_repetition_penalty_changes_the_greedy_choice():

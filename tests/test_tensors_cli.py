@@ -170,6 +170,15 @@ def test_csv_into_a_missing_directory_is_a_one_line_error(make_snapshot, tmp_pat
     assert_one_line_error(run(make_snapshot(), "--csv", tmp_path / "nope" / "out.csv"), "--csv", "cannot write")
 
 
+def test_group_csv_gives_the_count_as_a_number(make_snapshot):
+    result = run(make_snapshot(), "--group", "--csv", "-")
+    assert result.exit_code == 0, result.output
+    rows = {r["tensor"]: r for r in csv.DictReader(io.StringIO(result.stdout))}
+    up = rows["model.layers.{0-1}.mlp.up_proj.weight"]
+    assert (up["count"], up["elements"]) == ("2", str(2 * 128 * 64))
+    assert rows["model.embed_tokens.weight"]["count"] == "1"
+
+
 def test_json_with_csv_to_stdout_is_a_usage_error(make_snapshot):
     result = run(make_snapshot(), "--json", "--csv", "-")
     assert_one_line_error(result, "--json and --csv -")

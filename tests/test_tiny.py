@@ -60,7 +60,7 @@ def file_digests(directory) -> dict[str, str]:
     ids=["mha-fp32", "gqa-fp32", "mha-bf16", "gqa-bf16"],
 )
 def test_transformers_loads_tiny_snapshot(tmp_path, heads, kv_heads, dtype):
-    torch = pytest.importorskip("torch")
+    import torch  # a test dependency (pyproject's test extra): missing it must fail, not skip
     from transformers import Olmo2ForCausalLM
 
     path = make_tiny(tmp_path / "tiny", num_heads=heads, num_kv_heads=kv_heads, dtype=dtype, **SMALL)

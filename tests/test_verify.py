@@ -94,6 +94,31 @@ def test_against_source_reports_max_error_per_tensor_within_bound(converted, dty
         assert max(c.max_abs_err for c in comparisons) == 0.0
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_reported_max_error_is_the_true_max_error_per_tensor(converted, dtype):
+    from safetensors.numpy import load_file
+
+    snapshot, engine = converted(dtype)
+    source = {}
+    for shard in snapshot.glob("*.safetensors"):
+        source.update(load_file(shard))
+    result = run(engine, "--against", snapshot)
+    assert result.exit_code == 0, result.output
+    printed = {line.split()[0]: float(line.split()[-3]) for line in result.output.splitlines()
+               if line.startswith(("embedding", "layers.", "final", "lm_head"))}
+    with ef.EngineFile.open(engine) as e:
+        for name, parts in [("layers.0.qkv", ["q_proj", "k_proj", "v_proj"]), ("lm_head", None)]:
+            x = (np.concatenate([source[f"model.layers.0.self_attn.{p}.weight"] for p in parts]) if parts
+                 else source["lm_head.weight"]).astype(np.float64)
+            y = e.tensor(name).astype(np.float64)
+            if e.entry(name).quantization is not None:
+                y = y * e.scales(name).astype(np.float64)[:, None]
+            truth = float(np.abs(y - x).max())
+            assert truth > 0, f"{name}: a lossy {dtype} conversion shows no error at all"
+            rel = abs(printed[name] - truth) / truth
+            assert rel <= 5e-3, f"{name}: printed max |err| {printed[name]:.3g}, true {truth:.6g} (rel {rel:.2e})"
+
+
 def test_against_a_different_checkpoint_fails_naming_tensors(converted, tmp_path):
     from olmoscope.tiny import make_tiny
 
