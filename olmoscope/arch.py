@@ -10,15 +10,13 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 import textwrap
-from pathlib import Path
 from typing import Any
 
 import click
 from tabulate import tabulate
 
+from olmoscope.atomic import write_text_atomically
 from olmoscope.config import ModelConfig
 from olmoscope.errors import UsageError
 from olmoscope.sources import SOURCE_HELP, Source, resolve
@@ -580,25 +578,6 @@ def tensors_csv(report: dict[str, Any]) -> str:
         row = dict(t, shape="x".join(str(n) for n in t["shape"]))
         writer.writerow([row[c] for c in CSV_COLUMNS])
     return out.getvalue()
-
-
-def write_text_atomically(path: str, text: str, option: str) -> None:
-    """Write `text` to `path` via a temporary file in the same folder, so a failure leaves nothing behind."""
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if target.is_dir():
-        raise UsageError(f"{option} {path}: is a directory")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise UsageError(f"{option} {path}: cannot write ({exc.strerror})") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise UsageError(f"{option} {path}: cannot write ({exc.strerror})") from None
 
 
 # ── the command ─────────────────────────────────────────────────────────────────

@@ -8,6 +8,7 @@ from a file before that number has been checked against the file's real size.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import stat
@@ -113,10 +114,7 @@ class TensorEntry:
 
     @property
     def elements(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 class TensorRow(Protocol):
@@ -293,15 +291,22 @@ def check_shard_name(shard: str, where: str) -> None:
         raise CheckpointError(f"{where}: shard name {shown} is not a file name")
 
 
-def _read_json_file(path: Path, limit: int, shown: str) -> Any:
+def _open_regular(path: Path, shown: str) -> tuple[int, os.stat_result]:
+    """Open a regular file for reading; anything else (a FIFO, a device) is refused without hanging."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not hang the open
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO must not block
     except OSError as exc:
         raise CheckpointError(f"{shown}: cannot open ({exc.strerror})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{shown}: not a regular file")
+    return fd, info
+
+
+def _read_json_file(path: Path, limit: int, shown: str) -> Any:
+    fd, info = _open_regular(path, shown)
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise CheckpointError(f"{shown}: not a regular file")
         if info.st_size > limit:
             raise CheckpointError(f"{shown}: {info.st_size:,} bytes is larger than the {limit:,}-byte limit")
         text = _pread(fd, info.st_size, 0, shown)
@@ -353,15 +358,8 @@ def read_shard_header(directory: Path, shard: str) -> tuple[int, list[TensorEntr
     shown = display_name(shard)
     if not os.path.lexists(path):
         raise CheckpointError(f"{shown}: shard is missing from {directory}")
+    fd, info = _open_regular(path, shown)
     try:
-        # O_NONBLOCK: a FIFO named like a shard must not hang the open; fstat refuses it next.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as exc:
-        raise CheckpointError(f"{shown}: cannot open ({exc.strerror})") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise CheckpointError(f"{shown}: not a regular file")
         size = info.st_size
         if size < 8:
             raise CheckpointError(f"{shown}: {size} bytes is shorter than the 8-byte header length")

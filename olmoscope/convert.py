@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +28,7 @@ from tqdm import tqdm
 
 from olmoscope import __version__
 from olmoscope import engine_format as ef
+from olmoscope.atomic import atomic_output
 from olmoscope.checkpoint import INDEX_NAME, Checkpoint, TensorEntry, check_against_config, numpy_dtype
 from olmoscope.config import ModelConfig
 from olmoscope.errors import CheckpointError, OlmoscopeError, SourceError, UsageError
@@ -177,32 +176,6 @@ def check_free_space(output: Path, needed: int) -> None:
 
 
 @contextmanager
-def atomic_output(path: Path) -> Iterator[BinaryIO]:
-    """A temporary file beside `path`, fsynced and renamed onto it on success, removed on any failure."""
-    tmp = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".partial", delete=False)
-    try:
-        yield tmp.file
-        tmp.file.flush()
-        os.fsync(tmp.file.fileno())
-        tmp.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp.name, 0o666 & ~umask)  # NamedTemporaryFile makes 0600; publish with the usual mode
-        os.replace(tmp.name, path)
-    except BaseException:
-        try:
-            tmp.close()  # may itself fail flushing onto a full disk
-        except OSError:
-            pass
-        try:
-            os.unlink(tmp.name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_directory(path.parent)
-
-
-@contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
     """SIGTERM (`kill`, `timeout`, a container stopping) unwinds like Ctrl-C, so the temporary file is removed."""
 
@@ -214,19 +187,6 @@ def terminate_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)  # makes the rename durable
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_engine(f: BinaryIO, base: dict[str, Any], plan: list[ef.EngineTensor], config: ModelConfig,

@@ -6,6 +6,7 @@ the converter and the runtime all read these tables; nothing else spells a tenso
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -63,10 +64,7 @@ class TensorSpec:
 
     @property
     def elements(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 def _shape(formula: tuple[str, ...], symbols: dict[str, int]) -> tuple[int, ...]:
@@ -160,10 +158,7 @@ class EngineTensorSpec:
 
     @property
     def elements(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 def engine_tensors(config: ModelConfig) -> list[EngineTensorSpec]:

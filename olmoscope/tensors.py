@@ -11,12 +11,9 @@ import csv
 import io
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import click
@@ -25,6 +22,7 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from olmoscope.checkpoint import Checkpoint, CheckResult, TensorRow, check_against_config, display_name
+from olmoscope.atomic import write_text_atomically
 from olmoscope.config import ModelConfig
 from olmoscope.errors import OlmoscopeError, SourceError, UsageError
 from olmoscope.sources import SOURCE_HELP, Source, resolve
@@ -389,25 +387,6 @@ def csv_text(headers: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
     return buffer.getvalue()
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write a whole file or nothing: a temporary file beside it, then rename over."""
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    try:
-        fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise UsageError(f"--csv {path}: cannot write there ({exc.strerror})") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(temp, path)
-    except BaseException as exc:  # disk full, a directory in the way, Ctrl-C: leave nothing behind
-        os.unlink(temp)
-        if isinstance(exc, OSError):
-            raise UsageError(f"--csv {path}: cannot write ({exc.strerror})") from None
-        raise
-
-
 def text_report(report: dict[str, Any], headers: list[str], body: list[list]) -> str:
     """The listing, the totals and the check as text tables."""
     out = [f"Tensors of {report['source']}"]
@@ -521,7 +500,7 @@ def tensors_command(
 
     # Everything is computed before anything is written, so an error leaves no partial output.
     if csv_path is not None and csv_path != "-":
-        write_atomically(Path(csv_path), csv_table)
+        write_text_atomically(csv_path, csv_table, "--csv")
     if as_json:
         click.echo(json.dumps(report, indent=2, allow_nan=False))
     elif csv_path == "-":
