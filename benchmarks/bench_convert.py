@@ -186,8 +186,9 @@ def main() -> None:
             f"OLMo-2-1124-7B's shape (D 4096, I 11008, V 100352) with {args.layers} of its 32 layers, "
             f"{source_bytes / 1e9:.2f} GB in {len(list(snapshot.glob('*.safetensors')))} shards; the largest tensor "
             f"is {largest / 2**20:,.0f} MiB. Each run is a fresh process; peak RSS is its VmHWM. "
-            "The source sits in the page cache (it was just written), so reading is cheap; both convert and the "
-            "copy fsync their output, so both pay for writing to the disk.",
+            "The source was just written, so the part of it that fits in RAM is still in the page cache "
+            "(all of a few layers, not all of the whole 7B); both convert and the copy fsync their output, "
+            "so both pay for writing to the disk.",
             "",
             f"Machine: {machine()}.",
             "",
