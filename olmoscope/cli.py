@@ -60,10 +60,11 @@ def _register() -> None:
     from olmoscope.generate import generate_command
     from olmoscope.convert import convert_command
     from olmoscope.verify import verify_command
+    from olmoscope.bench import bench_command
     from olmoscope.demo import demo_command
 
     for command in (arch_command, tensors_command, make_tiny_command, generate_command, convert_command, verify_command,
-                    demo_command):
+                    bench_command, demo_command):
         main.add_command(command)
 
 

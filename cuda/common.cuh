@@ -1,0 +1,95 @@
+// Helpers shared by every kernel family: bf16 unpacking, warp/block reductions, cp.async, mma.sync.
+#pragma once
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#define OS_DEVICE __device__ __forceinline__
+
+typedef __nv_bfloat16 bf16;
+
+// ── bf16 / int8 unpacking ───────────────────────────────────────────────────────────────────────
+// A bf16 is the high half of a float, so widening is a shift (element 0 is the low half of a word).
+OS_DEVICE float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
+OS_DEVICE float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+
+OS_DEVICE uint32_t pack_bf16x2(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x = lo sits in the low half
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Streaming 16-byte load for weights: read once per step, so keep it out of L1.
+OS_DEVICE uint4 load_stream16(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+// ── reductions ────────────────────────────────────────────────────────────────────────────────
+OS_DEVICE float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+OS_DEVICE float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the whole block; `scratch` holds 32 floats. Safe to call repeatedly (syncs before reuse).
+OS_DEVICE float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < warps ? scratch[lane] : 0.f;
+    return warp_sum(v);
+}
+
+OS_DEVICE float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < warps ? scratch[lane] : -INFINITY;
+    return warp_max(v);
+}
+
+// ── async copies and tensor-core instructions (sm_80+) ─────────────────────────────────────────
+// 16-byte global→shared copy; src_bytes 0 fills the destination with zeros (out-of-range rows).
+OS_DEVICE void cp_async16(void* smem, const void* gmem, int src_bytes) {
+    const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(src_bytes));
+}
+OS_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+OS_DEVICE void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+
+// Four 8×8 b16 matrices from shared memory; lanes 8i…8i+7 give the row addresses of matrix i.
+OS_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+    const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+OS_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+    const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+
+// D = A·B + D for one 16×8×16 tile: A row-major 16×16 bf16 (4 regs), B column-major 16×8 (2 regs), f32 accumulators.
+// Fragment layout (g = lane/4, c = lane%4): A {(g,2c),(g+8,2c),(g,2c+8),(g+8,2c+8)}, B {(k=2c,n=g),(k=2c+8,n=g)},
+// D {(g,2c..2c+1),(g+8,2c..2c+1)}.
+OS_DEVICE void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+OS_DEVICE float silu(float x) { return x / (1.f + __expf(-x)); }

@@ -1,0 +1,57 @@
+"""Every kernel file builds with nvcc for sm_80 and sm_90 (CI has nvcc but no GPU); a broken kernel is reported
+with its file and line. Skipped, and said so, only where nvcc is absent."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from olmoscope.errors import DeviceError
+from olmoscope.runtime.cuda_compile import KERNEL_FILES, compile_kernel, describe_failure, kernel_dir
+
+NVCC = shutil.which("nvcc")
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: the CUDA kernels were NOT compiled")
+
+
+def test_every_kernel_file_is_listed():
+    on_disk = {p.name for p in kernel_dir().glob("*.cu")}
+    assert on_disk == set(KERNEL_FILES), f"cuda/ holds {sorted(on_disk)}, the build lists {sorted(KERNEL_FILES)}"
+
+
+@needs_nvcc
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("name", KERNEL_FILES)
+def test_kernel_builds(name, arch, tmp_path):
+    cubin = compile_kernel(name, arch, cache=tmp_path)
+    assert cubin.is_file() and cubin.stat().st_size > 0, f"{name} for {arch}: no cubin"
+
+
+@needs_nvcc
+def test_build_is_cached_by_source_and_arch(tmp_path):
+    first = compile_kernel("norms.cu", "sm_90", cache=tmp_path)
+    stamp = first.stat().st_mtime_ns
+    again = compile_kernel("norms.cu", "sm_90", cache=tmp_path)
+    assert again == first and again.stat().st_mtime_ns == stamp, "second build did not come from the cache"
+    other = compile_kernel("norms.cu", "sm_80", cache=tmp_path)
+    assert other != first
+
+
+@needs_nvcc
+def test_broken_kernel_reports_file_and_line(tmp_path):
+    source_dir = tmp_path / "src"
+    source_dir.mkdir()
+    shutil.copy(kernel_dir() / "common.cuh", source_dir)
+    (source_dir / "broken.cu").write_text('#include "common.cuh"\n\nextern "C" __global__ void k(float* x) {\n'
+                                          "    x[0] = undefined_name;\n}\n")
+    with pytest.raises(DeviceError) as info:
+        compile_kernel("broken.cu", "sm_90", source_dir=source_dir, cache=tmp_path / "cache")
+    message = str(info.value)
+    assert message.startswith("cuda/broken.cu:4: error:") and "undefined_name" in message, message
+
+
+def test_failure_text_without_a_diagnostic_line_still_names_the_file():
+    line = describe_failure("nvcc fatal   : Unsupported gpu architecture 'sm_1'", Path("cuda/gemm.cu"), "sm_1")
+    assert line.startswith("cuda/gemm.cu: nvcc failed for sm_1: nvcc fatal"), line
