@@ -113,33 +113,20 @@ def tiny_config(
 def make_tiny(
     directory: str | Path,
     *,
-    hidden_size: int = 64,
-    intermediate_size: int | None = None,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int | None = None,
-    vocab_size: int = 100352,
-    dtype: str = "float32",
     seed: int = 0,
     max_shard_bytes: int | None = None,
-    max_position_embeddings: int = 4096,
     force: bool = False,
+    **dims: Any,
 ) -> Path:
     """Write a random OLMo 2 snapshot to `directory` and return its path. Same seed, same bytes.
+
+    `dims` are tiny_config's keywords (hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads,
+    vocab_size, dtype, max_position_embeddings).
 
     >>> make_tiny("tiny", num_kv_heads=2, vocab_size=512)
     PosixPath('tiny')
     """
-    raw = tiny_config(
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        vocab_size=vocab_size,
-        dtype=dtype,
-        max_position_embeddings=max_position_embeddings,
-    )
+    raw = tiny_config(**dims)
     config = ModelConfig.from_dict(raw, origin="make-tiny")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise UsageError(f"--seed must be a non-negative integer, found {seed!r}")

@@ -9,6 +9,7 @@ from importlib import resources
 
 import jsonschema
 import pytest
+from cli_checks import assert_one_line_error
 from click.testing import CliRunner
 
 from olmoscope.arch import arch_report, summary_lines
@@ -37,17 +38,12 @@ def write_config(tmp_path, **changes):
     return path
 
 
+def assert_arch_error(result, exit_code: int, *fragments: str):
+    assert_one_line_error(result, *fragments, exit_code=exit_code)
+
+
 def arch_schema():
     return json.loads(resources.files("olmoscope.schemas").joinpath("arch-report.schema.json").read_text())
-
-
-def assert_one_line_error(result, exit_code: int, *fragments: str):
-    assert result.exit_code == exit_code, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("olmoscope: error: "), result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def matmul_params_by_hand(c: dict) -> int:
@@ -254,13 +250,13 @@ def test_csv_dash_writes_only_csv_to_stdout():
 def test_csv_is_not_written_when_options_are_bad(tmp_path):
     out = tmp_path / "tensors.csv"
     result = run("arch", "olmo2-1b", "--context", "0", "--csv", str(out))
-    assert_one_line_error(result, 2, "--context")
+    assert_arch_error(result, 2, "--context")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_csv_into_missing_folder_is_one_line_error(tmp_path):
     result = run("arch", "olmo2-1b", "--csv", str(tmp_path / "no" / "such" / "t.csv"))
-    assert_one_line_error(result, 2, "--csv", "t.csv")
+    assert_arch_error(result, 2, "--csv", "t.csv")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -281,7 +277,7 @@ def test_csv_into_missing_folder_is_one_line_error(tmp_path):
     ],
 )
 def test_bad_options_are_one_line_errors(args, fragment):
-    assert_one_line_error(run("arch", "olmo2-7b", *args), 2, fragment)
+    assert_arch_error(run("arch", "olmo2-7b", *args), 2, fragment)
 
 
 def test_bad_option_raises_usage_error_from_the_function():
@@ -291,16 +287,16 @@ def test_bad_option_raises_usage_error_from_the_function():
 
 def test_non_olmo_config_is_named(tmp_path):
     path = write_config(tmp_path, model_type="llama", architectures=["LlamaForCausalLM"])
-    assert_one_line_error(run("arch", str(path)), 1, "llama", "config.json")
+    assert_arch_error(run("arch", str(path)), 1, "llama", "config.json")
 
 
 def test_inconsistent_config_is_named(tmp_path):
     path = write_config(tmp_path, hidden_size=4000, num_attention_heads=48)
-    assert_one_line_error(run("arch", str(tmp_path)), 1, "hidden_size 4000", "num_attention_heads 48", str(path))
+    assert_arch_error(run("arch", str(tmp_path)), 1, "hidden_size 4000", "num_attention_heads 48", str(path))
 
 
 def test_missing_source_is_one_line_error(tmp_path):
-    assert_one_line_error(run("arch", str(tmp_path / "nothing")), 1, "nothing")
+    assert_arch_error(run("arch", str(tmp_path / "nothing")), 1, "nothing")
 
 
 def test_auto_map_is_noted_on_stderr(tmp_path):

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from cli_checks import assert_one_line_error
 from click.testing import CliRunner
 
 from olmoscope import convert as cv
@@ -23,16 +24,6 @@ OTHER_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 
 def run(*args):
     return CliRunner().invoke(main, list(map(str, args)))
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code != 0, result.output
-    assert isinstance(result.exception, SystemExit), f"not a clean exit: {result.exception!r}"
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("olmoscope: error: "), result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
 
 
 def cache_repo(cache: Path, repo_id: str, snapshot: Path, commit: str = COMMIT, refs=("main",)) -> Path:

@@ -11,6 +11,7 @@ import jsonschema
 import ml_dtypes
 import numpy as np
 import pytest
+from cli_checks import assert_one_line_error
 from click.testing import CliRunner
 from safetensors.numpy import load_file
 
@@ -19,7 +20,13 @@ from olmoscope.checkpoint import Checkpoint
 from olmoscope.cli import main
 from olmoscope.config import ModelConfig
 from olmoscope.spec import checkpoint_tensors
-from olmoscope.tensors import TensorStats, group_rows, layer_ranges, summary_lines, tensor_stats
+from olmoscope.tensors import (
+    TensorStats,
+    group_rows,
+    layer_ranges,
+    summary_lines,
+    tensor_stats,
+)
 
 BROKEN = {  # a snapshot with one tensor missing, one unexpected, one of the wrong shape
     "drop": ("model.layers.1.mlp.up_proj.weight", "model.norm.weight"),
@@ -29,16 +36,6 @@ BROKEN = {  # a snapshot with one tensor missing, one unexpected, one of the wro
 
 def run(*args):
     return CliRunner().invoke(main, ["tensors", *map(str, args)])
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code != 0, result.output
-    assert isinstance(result.exception, SystemExit), f"not a clean exit: {result.exception!r}"
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("olmoscope: error: "), result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
 
 
 def report_of(*args) -> dict:
