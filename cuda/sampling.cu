@@ -22,9 +22,8 @@ OS_DEVICE uint32_t order_key(float f) {
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// Block-wide argmax of (value, index), lowest index winning ties. `sv`/`si` hold 32 entries.
-OS_DEVICE int block_argmax(float v, int idx, float* sv, int* si) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+// Warp-wide argmax of (value, index), lowest index winning ties; every lane ends with the winner.
+OS_DEVICE void warp_argmax(float& v, int& idx) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         const float ov = __shfl_xor_sync(0xffffffffu, v, o);
@@ -34,6 +33,12 @@ OS_DEVICE int block_argmax(float v, int idx, float* sv, int* si) {
             idx = oi;
         }
     }
+}
+
+// Block-wide argmax of (value, index), lowest index winning ties. `sv`/`si` hold 32 entries.
+OS_DEVICE int block_argmax(float v, int idx, float* sv, int* si) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    warp_argmax(v, idx);
     __syncthreads();
     if (lane == 0) {
         sv[warp] = v;
@@ -43,15 +48,7 @@ OS_DEVICE int block_argmax(float v, int idx, float* sv, int* si) {
     if (warp == 0) {
         v = lane < (int)(blockDim.x >> 5) ? sv[lane] : -INFINITY;
         idx = lane < (int)(blockDim.x >> 5) ? si[lane] : 0x7fffffff;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-            const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
-            if (ov > v || (ov == v && oi < idx)) {
-                v = ov;
-                idx = oi;
-            }
-        }
+        warp_argmax(v, idx);
         if (lane == 0) si[0] = idx;
     }
     __syncthreads();
