@@ -449,7 +449,8 @@ def summary_lines(source: Source | str) -> list[str]:
     t = totals(tensors.rows)
     check = tensors.check(tensors.rows, tensors.source.config)
     dtypes = ", ".join(f"{d['dtype']} ×{d['tensors']}" for d in t["by_dtype"])
-    first = (f"{len(t['by_shard'])} shards, {t['tensors']:,} tensors, {t['elements']:,} elements, "
+    shards = len(t["by_shard"])
+    first = (f"{shards} shard{'s' if shards != 1 else ''}, {t['tensors']:,} tensors, {t['elements']:,} elements, "
              f"{t['bytes']:,} bytes ({human_bytes(t['bytes'])}); dtypes: {dtypes}")
     second = "check against config: ok" if check.ok else "check against config: " + _check_counts(
         {"missing": check.missing, "unexpected": check.unexpected, "wrong_shape": check.wrong_shape})

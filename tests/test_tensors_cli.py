@@ -276,3 +276,8 @@ def test_summary_lines_give_shards_tensors_bytes_and_check(make_snapshot):
     lines = summary_lines(str(make_snapshot(shards=2)))
     assert lines[0].startswith("2 shards, 25 tensors, ") and "F32 ×25" in lines[0]
     assert lines[1] == "check against config: ok"
+
+
+def test_summary_of_a_one_file_source_says_one_shard(make_snapshot):
+    lines = summary_lines(str(make_snapshot(shards=1)))
+    assert lines[0].startswith("1 shard, 25 tensors, "), lines[0]
