@@ -69,7 +69,8 @@ def _write(piece: str) -> None:
               help="Divide positive / multiply negative logits of seen tokens (1: off).")
 @click.option("--seed", type=int, help="Seed for sampling; the same seed repeats a run (printed with --json).")
 @click.option("--stop", multiple=True, metavar="STRING", help="Stop when the text contains STRING (repeatable).")
-@click.option("--max-context", type=int, help="KV-cache size in tokens (default: the model's context length).")
+@click.option("--max-context", type=int,
+              help="KV-cache size in tokens (default: the model's context length, on a GPU capped by free memory).")
 @click.option("--json", "as_json", is_flag=True, help="Print prompt, token ids, text, finish reason, timings as JSON.")
 def generate_command(engine_file: Path, prompt: str | None, prompt_file: Path | None, chat: bool, device: str,
                      max_new_tokens: int, temperature: float, top_k: int, top_p: float, repetition_penalty: float,
