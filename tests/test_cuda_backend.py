@@ -226,7 +226,7 @@ def test_int8_engine_matches_numpy_on_the_same_int8_weights():
 
 
 @pytest.mark.slow
-def test_olmo2_1b_sized_model_matches_transformers():
+def test_olmo2_1b_sized_model_matches_numpy_reference_and_transformers():
     model = random_model(OLMO2_1B, seed=11)
     engine = engine_of(model)
     tokens = np.random.default_rng(12).integers(0, 100278, 32 + DECODE_STEPS)
@@ -235,9 +235,13 @@ def test_olmo2_1b_sized_model_matches_transformers():
     torch.cuda.empty_cache()
     with CudaBackend(engine, max_context=1024) as gpu:
         ours = teacher_forced_logits(gpu, tokens, 32)
-    prompt_err, decode_err = worst(ours, hf)
-    print(f"OLMo-2-1B-sized: vs transformers prompt {prompt_err:.2e}, worst decode step {decode_err:.2e}")
-    assert max(prompt_err, decode_err) <= TOLERANCE, f"rel err prompt {prompt_err:.2e}, decode {decode_err:.2e}"
+    with NumpyBackend(engine, max_context=1024) as cpu:
+        reference = teacher_forced_logits(cpu, tokens, 32)
+    (p_ref, d_ref), (p_hf, d_hf) = worst(ours, reference), worst(ours, hf)
+    print(f"OLMo-2-1B-sized: vs numpy prompt {p_ref:.2e} decode {d_ref:.2e}; "
+          f"vs transformers prompt {p_hf:.2e} decode {d_hf:.2e}")
+    assert max(p_ref, d_ref, p_hf, d_hf) <= TOLERANCE, (
+        f"rel err vs numpy: prompt {p_ref:.2e}, decode {d_ref:.2e}; vs transformers: prompt {p_hf:.2e}, decode {d_hf:.2e}")
 
 
 def test_context_overflow_and_oversized_context_are_refused(tiny):
