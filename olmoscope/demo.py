@@ -16,7 +16,7 @@ import click
 from olmoscope import arch, tensors
 from olmoscope.convert import convert
 from olmoscope.engine_format import EngineFile
-from olmoscope.errors import UsageError
+from olmoscope.errors import EngineError
 from olmoscope.sources import resolve
 from olmoscope.tiny import make_tiny
 from olmoscope.verify import compare_with_source
@@ -60,7 +60,7 @@ def run_demo(workdir: Path, prompt: str, max_new_tokens: int) -> None:
         within = sum(c.ok for c in comparisons)
         click.echo(f"against the source: {within} of {len(comparisons)} tensors within their rounding bound")
     if bad or within != len(comparisons):
-        raise UsageError("verification failed: see above")  # cannot happen unless the converter is broken
+        raise EngineError(f"{engine_path}: verification failed, see above")  # cannot happen unless the converter is broken
 
     _step(6, total, f"generate {engine_path} --prompt {prompt!r} --max-new-tokens {max_new_tokens}  (NumPy, CPU)")
     from olmoscope.runtime.generator import generate  # the runtime loads only when it is needed
