@@ -26,7 +26,7 @@ from transformers import Olmo2Config, Olmo2ForCausalLM, StaticCache
 
 from olmoscope.bench import CONTEXTS, PROMPT_LENGTHS, BenchResult, bench_backend, copy_bandwidth, table
 from olmoscope.config import ModelConfig
-from olmoscope.runtime.cuda_backend import CudaBackend
+from olmoscope.runtime.cuda.backend import CudaBackend
 from olmoscope.runtime.engine import Engine
 from olmoscope.spec import engine_tensors
 

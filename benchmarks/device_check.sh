@@ -10,7 +10,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 ln -sfn ../runtime olmoscope/runtime && ln -sfn ../cuda olmoscope/kernels && ln -sfn ../schemas olmoscope/schemas || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OLMOSCOPE_CACHE=/tmp/olmoscope-cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import numpy, ml_dtypes, olmoscope.runtime.cuda_backend as c; print('numpy', numpy.__version__, 'ml_dtypes', ml_dtypes.__version__, 'cuda backend', c.available())"
+python3 -c "import numpy, ml_dtypes, olmoscope.runtime.cuda.backend as c; print('numpy', numpy.__version__, 'ml_dtypes', ml_dtypes.__version__, 'cuda backend', c.available())"
 if [ "$1" = tests ] || [ "$1" = all ]; then
     timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -rs ${PYTEST_ARGS:-} tests/test_cuda_kernels.py tests/test_bench_cli.py \
         tests/test_cuda_backend.py 2>&1 | tee "$OUT/tests.log" | grep -v "^tests/.*PASSED"

@@ -20,8 +20,8 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_cuda import engine_from, random_hf_model  # noqa: E402
 
 from olmoscope.bench import copy_bandwidth, time_decode  # noqa: E402
-from olmoscope.runtime.cuda_backend import CudaBackend, CudaGraph  # noqa: E402
-from olmoscope.runtime.cuda_kernels import DeviceBuffer  # noqa: E402
+from olmoscope.runtime.cuda.backend import CudaBackend, CudaGraph  # noqa: E402
+from olmoscope.runtime.cuda.kernels import DeviceBuffer  # noqa: E402
 
 REPEATS = 100
 

@@ -40,7 +40,7 @@ Contract (shapes are per sequence; there is no batch dimension):
 - ``close()`` frees device memory; a closed backend is not used again. Backends are context managers.
 
 Building one: ``NumpyBackend(engine, max_context=None)``; the CUDA backend lives in
-``olmoscope.runtime.cuda_backend`` (runtime/cuda_backend.py), which must import without PyCUDA and
+``olmoscope.runtime.cuda.backend`` (runtime/cuda/backend.py), which must import without PyCUDA and
 provide ``available() -> tuple[bool, str]`` ((True, "") or (False, the reason, one line)) and
 ``CudaBackend(engine, max_context=None)``. The engine (runtime/engine.py) gives ``engine.config``,
 ``engine.vocab_limit`` and ``engine.weights``: ``.dtype`` ("bf16" | "fp16" | "fp32" | "int8"),
@@ -128,7 +128,7 @@ class Backend(abc.ABC):
 
 
 # ── choosing a backend for --device ────────────────────────────────────────────────
-CUDA_MODULE = "olmoscope.runtime.cuda_backend"  # provides available() -> (bool, reason) and CudaBackend
+CUDA_MODULE = "olmoscope.runtime.cuda.backend"  # provides available() -> (bool, reason) and CudaBackend
 
 
 def cuda_availability() -> tuple[bool, str]:

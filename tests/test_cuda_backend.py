@@ -24,7 +24,7 @@ from olmoscope.runtime.sampler import SamplingParams
 from olmoscope.spec import engine_tensors
 
 pytestmark = pytest.mark.cuda
-cuda_backend = pytest.importorskip("olmoscope.runtime.cuda_backend")
+cuda_backend = pytest.importorskip("olmoscope.runtime.cuda.backend")
 usable, why = cuda_backend.available()
 if not usable:
     pytest.skip(f"CUDA backend unavailable: {why}", allow_module_level=True)
@@ -33,7 +33,7 @@ if not torch.cuda.is_available():
     pytest.skip("torch sees no GPU (transformers is the oracle on the GPU)", allow_module_level=True)
 from transformers import Olmo2Config, Olmo2ForCausalLM  # noqa: E402
 
-from olmoscope.runtime.cuda_backend import CudaBackend  # noqa: E402
+from olmoscope.runtime.cuda.backend import CudaBackend  # noqa: E402
 
 TOLERANCE = 2e-2
 PROMPT_TOKENS = 24

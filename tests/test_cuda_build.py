@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from olmoscope.errors import DeviceError
-from olmoscope.runtime.cuda_compile import KERNEL_FILES, compile_kernel, describe_failure, kernel_dir
+from olmoscope.runtime.cuda.build import KERNEL_FILES, compile_kernel, describe_failure, kernel_dir
 
 NVCC = shutil.which("nvcc")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: the CUDA kernels were NOT compiled")

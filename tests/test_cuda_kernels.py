@@ -19,14 +19,14 @@ from olmoscope.runtime import reference
 from olmoscope.runtime.sampler import SamplingParams, candidate_probabilities, draw, penalized_logits
 
 pytestmark = pytest.mark.cuda
-cuda_backend = pytest.importorskip("olmoscope.runtime.cuda_backend")
+cuda_backend = pytest.importorskip("olmoscope.runtime.cuda.backend")
 usable, why = cuda_backend.available()
 if not usable:
     pytest.skip(f"CUDA backend unavailable: {why}", allow_module_level=True)
 
 import pycuda.driver as cuda  # noqa: E402
 
-from olmoscope.runtime.cuda_kernels import FD_SPLIT, DeviceBuffer, Kernels  # noqa: E402
+from olmoscope.runtime.cuda.kernels import FD_SPLIT, DeviceBuffer, Kernels  # noqa: E402
 
 BF16 = ml_dtypes.bfloat16
 NUMPY_OF = {"bf16": BF16, "f32": np.float32, "i8": np.int8, "i32": np.int32}

@@ -10,10 +10,8 @@ already queued behind it, so the GPU does not wait for the host between tokens.
 
 from __future__ import annotations
 
-import ctypes
 import math
 import sys
-from contextlib import contextmanager
 
 import ml_dtypes
 import numpy as np
@@ -21,106 +19,14 @@ from tqdm import tqdm
 
 from olmoscope.errors import DeviceError, UsageError
 from olmoscope.runtime.backend import Backend, check_max_context
-from olmoscope.runtime.cuda_compile import find_nvcc
-from olmoscope.runtime.cuda_kernels import FD_SPLIT, HEAD_DIMS, ITEMSIZE, DeviceBuffer, Kernels
+from olmoscope.runtime.cuda.driver import ITEMSIZE, CudaGraph, DeviceBuffer, available, cuda, cuda_errors, free_pinned, gib
+from olmoscope.runtime.cuda.kernels import FD_SPLIT, HEAD_DIMS, Kernels
 from olmoscope.runtime.engine import Engine
 from olmoscope.runtime.sampler import SamplingParams
 
-GiB = 1 << 30
 STAGING_BYTES = 64 << 20  # each of the two pinned upload buffers
 RESERVE_BYTES = 512 << 20  # left free for the driver, cubins and the odd temporary
 PREFILL_CHUNK = 2048  # longest prompt run in one pass; longer ones run in chunks over the same cache
-
-try:  # PyCUDA is an optional extra: without it the module imports, and available() says why
-    import pycuda.driver as cuda
-except ImportError as _exc:  # pragma: no cover - depends on the machine
-    cuda = None
-    _IMPORT_ERROR = str(_exc)
-
-
-def available() -> tuple[bool, str]:
-    """(True, "") when PyCUDA, a GPU and nvcc are all present, else (False, why not).
-
-    >>> available()
-    (False, 'PyCUDA is not installed (pip install olmoscope[cuda])')
-    """
-    if cuda is None:
-        return False, "PyCUDA is not installed (pip install olmoscope[cuda])"
-    try:
-        cuda.init()
-        if cuda.Device.count() < 1:
-            return False, "no NVIDIA GPU found"
-    except cuda.Error as exc:
-        return False, f"the CUDA driver is not usable ({exc})"
-    if find_nvcc() is None:
-        return False, "nvcc not found (the kernels are compiled at first use): put the CUDA toolkit on PATH"
-    return True, ""
-
-
-@contextmanager
-def _cuda_errors(what: str):
-    """Turn any CUDA failure inside the block into one DeviceError line."""
-    try:
-        yield
-    except DeviceError:
-        raise
-    except Exception as exc:
-        if cuda is not None and isinstance(exc, cuda.Error):
-            raise DeviceError(f"CUDA error during {what}: {exc}") from None
-        raise
-
-
-def _free_pinned(array: np.ndarray) -> None:
-    """Release a pagelocked array's host allocation now, while its context is current."""
-    free = getattr(array.base, "free", None)
-    if free is not None:
-        free()
-
-
-def _gib(n: int) -> str:
-    return f"{n / GiB:.1f} GiB"
-
-
-class CudaGraph:
-    """A captured stream of launches, replayed with one call (PyCUDA has no graph API: the driver's, via ctypes)."""
-
-    CAPTURE_MODE_RELAXED = 2
-
-    def __init__(self, stream):
-        self._lib = ctypes.CDLL("libcuda.so.1")
-        handle = getattr(stream, "handle", None)
-        self._stream = ctypes.c_void_p(handle if handle is not None else stream.handle_int)
-        self._graph = ctypes.c_void_p()
-        self._exec = ctypes.c_void_p()
-
-    def _check(self, status: int, call: str) -> None:
-        if status != 0:
-            name = ctypes.c_char_p()
-            self._lib.cuGetErrorName(status, ctypes.byref(name))
-            raise DeviceError(f"{call} failed: {name.value.decode() if name.value else status}")
-
-    def capture(self, record) -> None:
-        """Run record() with the stream in capture mode, then instantiate what it launched."""
-        self._check(self._lib.cuStreamBeginCapture_v2(self._stream, self.CAPTURE_MODE_RELAXED), "cuStreamBeginCapture")
-        try:
-            record()
-        finally:
-            status = self._lib.cuStreamEndCapture(self._stream, ctypes.byref(self._graph))
-        self._check(status, "cuStreamEndCapture")
-        self._check(self._lib.cuGraphInstantiateWithFlags(ctypes.byref(self._exec), self._graph, ctypes.c_ulonglong(0)),
-                    "cuGraphInstantiate")
-
-    def launch(self) -> None:
-        self._check(self._lib.cuGraphLaunch(self._exec, self._stream), "cuGraphLaunch")
-
-    def close(self) -> None:
-        if self._exec:
-            self._lib.cuGraphExecDestroy(self._exec)
-            self._exec = ctypes.c_void_p()
-        if self._graph:
-            self._lib.cuGraphDestroy(self._graph)
-            self._graph = ctypes.c_void_p()
-
 
 class CudaBackend(Backend):
     """One OLMo 2 model on one NVIDIA GPU; see backend.py for the contract.
@@ -148,12 +54,12 @@ class CudaBackend(Backend):
         self._speculated: tuple[int, int, int] | None = None  # (token, position, slot) of a step already queued
         self._position = 0
         self._context = None
-        with _cuda_errors("start-up"):
+        with cuda_errors("start-up"):
             device = cuda.Device(device_index)
             self._context = device.retain_primary_context()
             self._context.push()
         try:
-            with _cuda_errors("loading the model"):
+            with cuda_errors("loading the model"):
                 self.device = device.name()
                 self.stream = cuda.Stream()
                 self.kernels = Kernels(cuda, device, self.stream)
@@ -207,9 +113,9 @@ class CudaBackend(Backend):
             context = int((free - fixed) // kv_per_token) // FD_SPLIT * FD_SPLIT or 128
             self.notes.append(f"max context capped by free GPU memory: {context} of {requested} tokens")
         else:
-            raise DeviceError(f"not enough GPU memory: needs {_gib(needed)}, {_gib(free)} free "
-                              f"(weights {_gib(weight_bytes)}, KV cache for {requested} tokens "
-                              f"{_gib(kv_per_token * requested)}); try a smaller --max-context")
+            raise DeviceError(f"not enough GPU memory: needs {gib(needed)}, {gib(free)} free "
+                              f"(weights {gib(weight_bytes)}, KV cache for {requested} tokens "
+                              f"{gib(kv_per_token * requested)}); try a smaller --max-context")
         self._chunk = min(chunk, context)
         return context
 
@@ -230,7 +136,7 @@ class CudaBackend(Backend):
             allocation = cuda.mem_alloc(nbytes)
         except cuda.MemoryError:
             free, _ = cuda.mem_get_info()
-            raise DeviceError(f"not enough GPU memory: needs {_gib(nbytes)} more, {_gib(free)} free") from None
+            raise DeviceError(f"not enough GPU memory: needs {gib(nbytes)} more, {gib(free)} free") from None
         buffer = DeviceBuffer(int(allocation), tuple(shape), dtype, allocation)
         self._buffers.append(buffer)
         return buffer
@@ -286,7 +192,7 @@ class CudaBackend(Backend):
                         send(buffer.ptr + r * array.shape[1] * 2, part)
             self.stream.synchronize()
         for buffer in staging:
-            _free_pinned(buffer)
+            free_pinned(buffer)
         self._head = weights.head_name
 
     def _allocate_state(self) -> None:
@@ -345,7 +251,7 @@ class CudaBackend(Backend):
         ids = self._check_ids(token_ids)
         self._speculated = None  # a step queued ahead is stream-ordered before this and then overwritten
         outputs = []
-        with _cuda_errors("prefill"):
+        with cuda_errors("prefill"):
             for start in range(0, len(ids), self._chunk):
                 part = ids[start:start + self._chunk]
                 logits = self._prefill_chunk(part, return_logits)
@@ -360,7 +266,7 @@ class CudaBackend(Backend):
         if not 0 <= token_id < self.config.vocab_size:
             raise ValueError(f"token id out of range [0, {self.config.vocab_size})")
         self.check_room(1)
-        with _cuda_errors("a decode step"):
+        with cuda_errors("a decode step"):
             queued, self._speculated = self._speculated, None
             if queued is not None and queued[:2] == (int(token_id), self._position):
                 slot = queued[2]  # sample() already queued this very step: nothing to launch
@@ -386,7 +292,7 @@ class CudaBackend(Backend):
         decode_step with that token and position then launches nothing."""
         if self._last_logits is None:
             raise ValueError("sample() before any prefill or decode_step")
-        with _cuda_errors("sampling"):
+        with cuda_errors("sampling"):
             logits = self._last_logits
             if params.repetition_penalty != 1.0 and history is not None and len(history):
                 seen = np.unique(np.asarray(history, dtype=np.int64))
@@ -410,7 +316,7 @@ class CudaBackend(Backend):
 
     def synchronize(self) -> None:
         """Wait for the GPU to finish everything queued (benchmarks time with this)."""
-        with _cuda_errors("synchronize"):
+        with cuda_errors("synchronize"):
             self.stream.synchronize()
 
     def close(self) -> None:
@@ -425,7 +331,7 @@ class CudaBackend(Backend):
             self._buffers = []
             for pinned in ("_step_host", "_token_host"):
                 if hasattr(self, pinned):
-                    _free_pinned(getattr(self, pinned))
+                    free_pinned(getattr(self, pinned))
                     delattr(self, pinned)
         finally:
             self._context.pop()

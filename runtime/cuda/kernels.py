@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
-
 from olmoscope.errors import DeviceError
-from olmoscope.runtime.cuda_compile import arch_of, compile_kernel
+from olmoscope.runtime.cuda.build import arch_of, compile_kernel
+from olmoscope.runtime.cuda.driver import DeviceBuffer
 
-ITEMSIZE = {"bf16": 2, "f32": 4, "i8": 1, "i32": 4}
 HEAD_DIMS = (16, 32, 64, 128)  # the attention kernels' instantiations
 GEMM_TILE = 128
 GEMM_SMEM = 3 * (128 + 128) * (32 + 8) * 2  # STAGES · (BM + BN) · LDS · sizeof(bf16), as gemm.cu
@@ -46,32 +43,6 @@ SIGNATURES = {
     "sample_token": ("sampling.cu", "PififfP"),
     "feed_token": ("sampling.cu", "PPi"),
 }
-
-
-@dataclass
-class DeviceBuffer:
-    """A typed region of device memory: `ptr` to `shape` elements of `dtype` ("bf16", "f32", "i8", "i32")."""
-
-    ptr: int  # device address
-    shape: tuple[int, ...]  # row-major
-    dtype: str  # element type
-    allocation: Any = None  # the pycuda allocation that owns the memory (None for views)
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * ITEMSIZE[self.dtype]
-
-    def rows(self, start: int, count: int) -> DeviceBuffer:
-        """A view of rows start … start+count−1 of a matrix."""
-        if not 0 <= start <= start + count <= self.shape[0]:
-            raise DeviceError(f"rows {start}…{start + count - 1} outside a buffer of {self.shape[0]} rows")
-        row_bytes = math.prod(self.shape[1:]) * ITEMSIZE[self.dtype]
-        return DeviceBuffer(self.ptr + start * row_bytes, (count, *self.shape[1:]), self.dtype)
-
-    def free(self) -> None:
-        if self.allocation is not None:
-            self.allocation.free()
-            self.allocation = None
 
 
 def _expect(buffer: DeviceBuffer | None, what: str, dtype: str, shape: tuple[int, ...], min_rows: int | None = None):

@@ -1,0 +1,142 @@
+"""The CUDA driver through PyCUDA: availability, typed device buffers, one-line errors, CUDA graphs via ctypes.
+
+PyCUDA is an optional extra: without it this module imports, and `available()` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from olmoscope.errors import DeviceError
+from olmoscope.runtime.cuda.build import find_nvcc
+
+ITEMSIZE = {"bf16": 2, "f32": 4, "i8": 1, "i32": 4}
+
+try:  # PyCUDA is an optional extra: without it the module imports, and available() says why
+    import pycuda.driver as cuda
+except ImportError as _exc:  # pragma: no cover - depends on the machine
+    cuda = None
+    _IMPORT_ERROR = str(_exc)
+
+
+def available() -> tuple[bool, str]:
+    """(True, "") when PyCUDA, a GPU and nvcc are all present, else (False, why not).
+
+    >>> available()
+    (False, 'PyCUDA is not installed (pip install olmoscope[cuda])')
+    """
+    if cuda is None:
+        return False, "PyCUDA is not installed (pip install olmoscope[cuda])"
+    try:
+        cuda.init()
+        if cuda.Device.count() < 1:
+            return False, "no NVIDIA GPU found"
+    except cuda.Error as exc:
+        return False, f"the CUDA driver is not usable ({exc})"
+    if find_nvcc() is None:
+        return False, "nvcc not found (the kernels are compiled at first use): put the CUDA toolkit on PATH"
+    return True, ""
+
+
+@contextmanager
+def cuda_errors(what: str):
+    """Turn any CUDA failure inside the block into one DeviceError line."""
+    try:
+        yield
+    except DeviceError:
+        raise
+    except Exception as exc:
+        if cuda is not None and isinstance(exc, cuda.Error):
+            raise DeviceError(f"CUDA error during {what}: {exc}") from None
+        raise
+
+
+def free_pinned(array: np.ndarray) -> None:
+    """Release a pagelocked array's host allocation now, while its context is current."""
+    free = getattr(array.base, "free", None)
+    if free is not None:
+        free()
+
+
+GiB = 1 << 30
+
+
+def gib(n: int) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+class CudaGraph:
+    """A captured stream of launches, replayed with one call (PyCUDA has no graph API: the driver's, via ctypes)."""
+
+    CAPTURE_MODE_RELAXED = 2
+
+    def __init__(self, stream):
+        self._lib = ctypes.CDLL("libcuda.so.1")
+        handle = getattr(stream, "handle", None)
+        self._stream = ctypes.c_void_p(handle if handle is not None else stream.handle_int)
+        self._graph = ctypes.c_void_p()
+        self._exec = ctypes.c_void_p()
+
+    def _check(self, status: int, call: str) -> None:
+        if status != 0:
+            name = ctypes.c_char_p()
+            self._lib.cuGetErrorName(status, ctypes.byref(name))
+            raise DeviceError(f"{call} failed: {name.value.decode() if name.value else status}")
+
+    def capture(self, record) -> None:
+        """Run record() with the stream in capture mode, then instantiate what it launched."""
+        self._check(self._lib.cuStreamBeginCapture_v2(self._stream, self.CAPTURE_MODE_RELAXED), "cuStreamBeginCapture")
+        try:
+            record()
+        finally:
+            status = self._lib.cuStreamEndCapture(self._stream, ctypes.byref(self._graph))
+        self._check(status, "cuStreamEndCapture")
+        self._check(self._lib.cuGraphInstantiateWithFlags(ctypes.byref(self._exec), self._graph, ctypes.c_ulonglong(0)),
+                    "cuGraphInstantiate")
+
+    def launch(self) -> None:
+        self._check(self._lib.cuGraphLaunch(self._exec, self._stream), "cuGraphLaunch")
+
+    def close(self) -> None:
+        if self._exec:
+            self._lib.cuGraphExecDestroy(self._exec)
+            self._exec = ctypes.c_void_p()
+        if self._graph:
+            self._lib.cuGraphDestroy(self._graph)
+            self._graph = ctypes.c_void_p()
+
+
+
+
+@dataclass
+class DeviceBuffer:
+    """A typed region of device memory: `ptr` to `shape` elements of `dtype` ("bf16", "f32", "i8", "i32")."""
+
+    ptr: int  # device address
+    shape: tuple[int, ...]  # row-major
+    dtype: str  # element type
+    allocation: Any = None  # the pycuda allocation that owns the memory (None for views)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
+
+    def rows(self, start: int, count: int) -> DeviceBuffer:
+        """A view of rows start … start+count−1 of a matrix."""
+        if not 0 <= start <= start + count <= self.shape[0]:
+            raise DeviceError(f"rows {start}…{start + count - 1} outside a buffer of {self.shape[0]} rows")
+        row_bytes = math.prod(self.shape[1:]) * ITEMSIZE[self.dtype]
+        return DeviceBuffer(self.ptr + start * row_bytes, (count, *self.shape[1:]), self.dtype)
+
+    def free(self) -> None:
+        if self.allocation is not None:
+            self.allocation.free()
+            self.allocation = None
+
+
