@@ -62,53 +62,51 @@ def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> float:
     return 2 * nbytes / statistics.median(times)
 
 
-def decode_bytes(backend, context: int) -> int:
-    """Bytes a decode step reads at `context`: every weight but the embedding (one row), plus the KV cache."""
+def decode_bytes(backend, context: int, batch: int = 1) -> int:
+    """Bytes a decode step of `batch` sequences reads at `context`: the weights once (the embedding: a row per
+    sequence), plus every sequence's KV cache."""
     cfg = backend.config
-    weights = sum(b.nbytes for name, b in backend.w.items() if name != "embedding")
-    weights += sum(b.nbytes for b in backend.scales.values())
-    weights += backend.w["embedding"].nbytes // cfg.vocab_size
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * context
-    return weights + kv
+    return backend.decode_weight_bytes(batch) + batch * kv
+
+
+def _prompt(backend, length: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(0, backend.vocab_limit, length).tolist()
 
 
 def time_prefill(backend, length: int, repeats: int = 5, seed: int = 0) -> float:
-    """Median tokens/s of prefilling `length` random tokens into an empty cache."""
-    ids = np.random.default_rng(seed).integers(0, backend.vocab_limit, length).astype(np.int32)
+    """Median tokens/s of prefilling `length` random tokens into an empty cache (one step, the last token sampled)."""
+    from olmoscope.runtime.blocks import BlockPool, BlockTable
+    from olmoscope.runtime.sampler import SamplingParams
+    from olmoscope.runtime.step import Sample, Step, Work
+
+    table = BlockTable(BlockPool(backend.num_blocks))
+    table.reserve(length)
+    step = Step([Work(0, 0, _prompt(backend, length, seed), table.blocks, Sample(SamplingParams()))],
+                fresh_slots=[0])
     times = []
     for i in range(repeats + 1):
-        backend.reset()
         backend.synchronize()
         started = time.perf_counter()
-        backend.prefill(ids)
-        backend.synchronize()
+        backend.run(step)
         if i:  # the first run warms up
             times.append(time.perf_counter() - started)
-    backend.reset()
     return length / statistics.median(times)
 
 
 def time_decode(backend, context: int, steps: int = 64, seed: int = 0) -> float:
-    """ms per token of greedy decoding after a `context`-token prompt: decode_step + sample, as the generator does."""
-    from olmoscope.runtime.sampler import SamplingParams
+    """ms per token of greedy decoding after a `context`-token prompt, through the generator's own loop."""
+    from olmoscope.runtime.loop import EngineLoop
+    from olmoscope.runtime.scheduler import Request
 
-    params, rng = SamplingParams(), np.random.default_rng(seed)
-    ids = rng.integers(0, backend.vocab_limit, context).astype(np.int32)
-    history = np.zeros(context + steps + 16, np.int32)
-    backend.reset()
-    backend.prefill(ids)
-    token = backend.sample(params, rng, history[:context])
-    for _ in range(8):  # warm-up: graph capture, first launches
-        backend.decode_step(token)
-        token = backend.sample(params, rng, history[:context])
-    backend.synchronize()
+    warmup = 8
+    loop = EngineLoop(backend)
+    output = loop.add(Request("bench", _prompt(backend, context, seed), max_new_tokens=1 + warmup + steps))
+    while len(output.token_ids) < 1 + warmup:
+        loop.step()
     started = time.perf_counter()
-    for _ in range(steps):
-        backend.decode_step(token)
-        token = backend.sample(params, rng, history[:context])
-    elapsed = time.perf_counter() - started
-    backend.reset()
-    return elapsed / steps * 1e3
+    loop.run()
+    return (time.perf_counter() - started) / steps * 1e3
 
 
 def bench_backend(backend, prompt_lengths=PROMPT_LENGTHS, contexts=CONTEXTS, bandwidth: float | None = None,
@@ -156,11 +154,13 @@ def table(results: list[BenchResult], bandwidth: float) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def bench_command(engine_file: str, prompt_lengths: str, contexts: str, max_context: int | None, as_json: bool) -> None:
     """Time the CUDA backend on an engine file: prefill, decode, bytes per token and % of the roofline."""
-    from olmoscope.runtime.backend import open_backend
+    from olmoscope.runtime.backend import RuntimeOptions
+    from olmoscope.runtime.devices import open_backend
     from olmoscope.runtime.engine import open_engine
 
     lengths, ctxs = _int_list(prompt_lengths, "--prompt-lengths"), _int_list(contexts, "--contexts")
-    with open_engine(engine_file) as engine, open_backend(engine, "cuda", max_context=max_context) as backend:
+    options = RuntimeOptions(max_context=max_context)
+    with open_engine(engine_file) as engine, open_backend(engine, "cuda", options) as backend:
         bandwidth = copy_bandwidth()
         result = bench_backend(backend, lengths, ctxs, bandwidth)
     if as_json:

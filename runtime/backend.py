@@ -1,86 +1,104 @@
-"""The backend interface every runtime implements (NumPy reference, PyCUDA), and picking one for --device.
+"""The backend interface every runtime implements (NumPy reference, CUDA), and picking one for --device.
 
-A backend owns the model's weights on its device and one KV cache. The generation loop
-(generator.py), the sampler's rules (sampler.py) and the tokenizer are shared; a backend only runs the
-forward pass and chooses the next token.
+A backend owns the model's weights on its device, the paged KV cache's storage, and per-sequence state slots.
+It runs steps (runtime/step.py): one forward pass over a ragged batch, the new keys/values appended to the
+cache, logits for the rows that need them, and each sampled row drawn with its own parameters; only token ids
+come back. Which block holds what is the scheduler's business (runtime/blocks.py), not the backend's.
 
-Contract (shapes are per sequence; there is no batch dimension):
+Contract:
+- ``name`` ("numpy" | "cuda"), ``device`` (what runs it), ``notes`` (lines for the user), ``config``,
+  ``vocab_limit`` (ids ≥ it are padding rows, never sampled), ``vocab_size`` (V, logits columns).
+- Sizes fixed at construction: ``max_context`` (positions one sequence may hold), ``num_blocks`` (KV blocks,
+  the null block 0 included), ``max_seqs`` (state slots 0 … max_seqs−1), ``max_step_tokens`` (rows in a step).
+- State slot s keeps the set of token ids its sequence has seen (for the repetition penalty) and its last
+  sample. Before a step runs: ``step.copies`` blocks are copied, ``step.fresh_slots`` forget their seen set,
+  ``step.seen`` ids are marked seen. Every token of the step is marked seen in its slot before sampling; a FED
+  token is first replaced by its slot's last sample.
+- ``launch(step, return_logits=False)`` queues the step and returns a PendingStep; ``.result()`` gives its
+  StepResult (sampled ids in step order; with return_logits the float32 logits [R, V] of step.pack().logit_rows,
+  raw, before any penalty). A backend may run the step at once (NumPy) or asynchronously (CUDA: the next step
+  can be launched before this one's result is read, and will see this one's samples as FED tokens).
+- ``run(step)`` is launch + result. ``close()`` frees device memory. Backends are context managers.
+- A step that breaks the sizes above raises ValueError before any work.
 
-- ``name``: ``"numpy"`` or ``"cuda"``; ``device``: what runs it, for the statistics line (``"cpu"``,
-  ``"NVIDIA H100 80GB HBM3"``); ``notes``: lines for the user (e.g. "max context capped by free memory").
-- ``config``: the engine's ModelConfig. ``vocab_size`` = config.vocab_size V (padded rows included).
-- ``vocab_limit``: the tokenizer's vocabulary size (≤ V). Ids ≥ vocab_limit are padding rows: ``sample``
-  never returns one (their logits are set to -inf first). ``logits`` still carry all V columns, raw.
-- ``max_context``: the KV cache's capacity in tokens, fixed when the backend is built (``--max-context``,
-  else the model's ``max_position_embeddings``, possibly capped by memory; never above the model's).
-- ``position``: how many tokens the KV cache holds = the position the next token will take.
-- The backend allocates and owns the KV cache (keys after QK-norm and RoPE, and values, for every layer,
-  ``max_context`` positions); nothing outside reads it. ``reset()`` forgets its contents (position 0)
-  without freeing or reloading anything; the weights stay.
-- ``prefill(token_ids, return_logits=False)``: token_ids is int [T], 1 ≤ T ≤ max_context - position.
-  Runs the forward pass for the tokens at positions position … position+T-1 (causal over the cache and
-  themselves), appends their keys/values, advances ``position`` by T and keeps the logits of the last
-  token for ``sample``. The generator calls it once, right after ``reset()``; the NumPy backend also
-  accepts further chunks (chunked prefill), a GPU backend may refuse them with a ValueError. With
-  ``return_logits`` it returns float32 [T, V], a new array the caller owns (all prompt positions, for
-  tests); otherwise None (a GPU backend may then skip the lm_head for all but the last token).
-- ``decode_step(token_id, return_logits=False)``: one token at ``position``: appends its keys/values,
-  advances ``position`` by 1, keeps its logits for ``sample``. With ``return_logits`` returns float32 [V].
-- ``sample(params, rng, history)``: the next token id (int) from the logits kept by the last
-  ``prefill``/``decode_step``, by the rules of sampler.py: padding mask, repetition penalty over
-  ``history``, greedy (argmax, lowest id on ties) when temperature is 0, else temperature, then the kept
-  set of top-k (exactly k ids, lower id first on ties, so top-k 1 is greedy) and top-p, then one draw
-  from the kept distribution. How the draw is made is the backend's (NumPy: inverse CDF with one
-  ``rng.random()``; a GPU may use Gumbel-max with counter-based noise), but all randomness comes from
-  ``rng``, the run's numpy Generator, consumed the same way on every call (none when greedy), so a
-  fixed seed repeats a run on the same backend. ``history`` is int32 [n]: every token id so far
-  (prompt, then generated), read only by the repetition penalty; it grows by one between calls.
-  Sampling does not touch the cache: the caller feeds the chosen token to ``decode_step``.
-- Overflowing the cache (position + T > max_context) raises UsageError before any work.
-- ``close()`` frees device memory; a closed backend is not used again. Backends are context managers.
-
-Building one: ``NumpyBackend(engine, max_context=None)``; the CUDA backend lives in
-``olmoscope.runtime.cuda.backend`` (runtime/cuda/backend.py), which must import without PyCUDA and
-provide ``available() -> tuple[bool, str]`` ((True, "") or (False, the reason, one line)) and
-``CudaBackend(engine, max_context=None)``. The engine (runtime/engine.py) gives ``engine.config``,
-``engine.vocab_limit`` and ``engine.weights``: ``.dtype`` ("bf16" | "fp16" | "fp32" | "int8"),
-``.names`` (engine tensor names in consumption order), ``.specs`` (name → spec.EngineTensorSpec),
-``.tensor(name)`` (the stored array, a read-only memory map; in int8 files a matrix is int8 when
-quantized, the embedding stays bf16), ``.scales(name)`` (float32 [rows] of an int8 tensor),
-``.float32(name)`` (upcast / dequantized copy), ``.layer(l)`` (one block's arrays by role),
-``.head_name`` ("lm_head", or "embedding" when tied).
+Building one: ``devices.open_backend(engine, device, options)``.
 """
 
 from __future__ import annotations
 
 import abc
-import importlib
+import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from olmoscope.errors import UsageError
+from olmoscope.runtime.blocks import BLOCK_SIZE
+from olmoscope.runtime.scheduler import Limits
+from olmoscope.runtime.step import FED, Step, StepArrays, StepResult
 
 if TYPE_CHECKING:
     from olmoscope.config import ModelConfig
-    from olmoscope.runtime.engine import Engine
-    from olmoscope.runtime.sampler import SamplingParams
 
-DEVICES = ("auto", "cpu", "cuda")
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How big a backend's cache and steps are; None means "as the backend decides" (see each field)."""
+
+    max_context: int | None = None  # positions one sequence may hold; default the model's context length
+    max_num_seqs: int = 1  # sequences at once (generate: 1, batch/serve: many)
+    max_num_batched_tokens: int = 4096  # token rows in one step (prompt chunks are cut to fit)
+    kv_cache_gib: float | None = None  # KV pool size; default: from free memory
+    gpu_memory_utilization: float = 0.9  # share of the GPU's memory the backend may fill (weights, cache, buffers)
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise UsageError(f"--max-num-seqs {self.max_num_seqs}: must be at least 1")
+        if self.max_num_batched_tokens < 1:
+            raise UsageError(f"--max-num-batched-tokens {self.max_num_batched_tokens}: must be at least 1")
+        if self.kv_cache_gib is not None and not (math.isfinite(self.kv_cache_gib) and self.kv_cache_gib > 0):
+            raise UsageError(f"--kv-cache-gib {self.kv_cache_gib}: must be a positive number")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise UsageError(f"--gpu-memory-utilization {self.gpu_memory_utilization}: must be in (0, 1]")
+
+
+class PendingStep(abc.ABC):
+    """A launched step; result() waits for it."""
+
+    @abc.abstractmethod
+    def result(self) -> StepResult:
+        """The step's samples (and logits when asked)."""
+
+
+class DoneStep(PendingStep):
+    """A step that ran at launch."""
+
+    def __init__(self, result: StepResult):
+        self._result = result
+
+    def result(self) -> StepResult:
+        return self._result
 
 
 class Backend(abc.ABC):
-    """One model on one device with one KV cache; see the module docstring for the exact contract.
+    """One model on one device with one paged KV cache; see the module docstring for the exact contract.
 
-    >>> with open_backend(engine, "cpu") as backend: backend.prefill(np.array([9906, 1917]))
+    >>> with open_backend(engine, "cpu") as backend: backend.run(step).tokens
+    array([1917], dtype=int32)
     """
 
     name: str  # "numpy" or "cuda"
     device: str  # what runs it, for the statistics line
     config: ModelConfig  # the engine's model
     vocab_limit: int  # ids at or above this are padding rows, never sampled
-    max_context: int  # KV-cache capacity in tokens
     notes: list[str]  # lines worth telling the user (stderr)
+    max_context: int  # positions one sequence may hold
+    num_blocks: int  # KV blocks, the null block included
+    max_seqs: int  # state slots
+    max_step_tokens: int  # token rows one step may hold
 
     @property
     def vocab_size(self) -> int:
@@ -88,89 +106,48 @@ class Backend(abc.ABC):
         return self.config.vocab_size
 
     @property
-    @abc.abstractmethod
-    def position(self) -> int:
-        """Tokens held in the KV cache: the position the next token takes."""
+    def limits(self) -> Limits:
+        """What a scheduler over this backend may ask of it."""
+        return Limits(self.max_context, self.max_seqs, self.max_step_tokens)
 
     @abc.abstractmethod
-    def reset(self) -> None:
-        """Forget the KV cache's contents (position 0); weights and allocations stay."""
+    def launch(self, step: Step, return_logits: bool = False) -> PendingStep:
+        """Queue one step (see the module docstring)."""
 
-    @abc.abstractmethod
-    def prefill(self, token_ids: np.ndarray, return_logits: bool = False) -> np.ndarray | None:
-        """Run T tokens (int [T]) into the cache; float32 [T, V] logits when asked."""
-
-    @abc.abstractmethod
-    def decode_step(self, token_id: int, return_logits: bool = False) -> np.ndarray | None:
-        """Run one token into the cache; float32 [V] logits when asked."""
-
-    @abc.abstractmethod
-    def sample(self, params: SamplingParams, rng: np.random.Generator, history: np.ndarray) -> int:
-        """The next token id from the last logits, by sampler.py's rules."""
+    def run(self, step: Step, return_logits: bool = False) -> StepResult:
+        """Run one step and wait for it."""
+        return self.launch(step, return_logits).result()
 
     def close(self) -> None:
         """Free what the backend holds (nothing to do for host memory)."""
 
-    def check_room(self, count: int) -> None:
-        """Refuse, before any work, to run `count` more tokens than the cache has room for."""
-        if count < 1:
-            raise UsageError("nothing to run: at least one token is needed")
-        if self.position + count > self.max_context:
-            raise UsageError(
-                f"context full: {self.position} + {count} tokens exceed max context {self.max_context}"
-            )
+    def check_step(self, step: Step) -> StepArrays:
+        """The step's arrays, refused (ValueError) when it breaks the backend's sizes."""
+        if not step.works:
+            raise ValueError("a step needs at least one work")
+        arrays = step.pack(-(-self.max_context // BLOCK_SIZE))
+        ids = arrays.token_ids
+        if arrays.num_tokens > self.max_step_tokens:
+            raise ValueError(f"{arrays.num_tokens} token rows in one step, more than {self.max_step_tokens}")
+        if np.any((ids != FED) & ((ids < 0) | (ids >= self.vocab_size))):
+            raise ValueError(f"token id out of range [0, {self.vocab_size})")
+        if arrays.context.max() > self.max_context:
+            raise ValueError(f"a sequence of {arrays.context.max()} positions, beyond max context {self.max_context}")
+        blocks = arrays.block_tables[np.arange(arrays.block_tables.shape[1])[None, :]
+                                     < -(-arrays.context[:, None] // BLOCK_SIZE)]
+        copied = np.asarray(step.copies, np.int64).reshape(-1)
+        if np.any(blocks < 1) or np.any(blocks >= self.num_blocks) or np.any((copied < 1) | (copied >= self.num_blocks)):
+            raise ValueError(f"block id out of range [1, {self.num_blocks})")
+        states = [arrays.token_state, np.asarray(step.fresh_slots, np.int32), np.asarray([s for s, _ in step.seen])]
+        if any(np.any((s < 0) | (s >= self.max_seqs)) for s in states if s.size):
+            raise ValueError(f"state slot out of range [0, {self.max_seqs})")
+        return arrays
 
     def __enter__(self) -> Backend:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-# ── choosing a backend for --device ────────────────────────────────────────────────
-CUDA_MODULE = "olmoscope.runtime.cuda.backend"  # provides available() -> (bool, reason) and CudaBackend
-
-
-def cuda_availability() -> tuple[bool, str]:
-    """(True, "") when the CUDA backend can run here, else (False, why not).
-
-    >>> cuda_availability()[0]   # on a machine without an NVIDIA GPU
-    False
-    """
-    try:
-        module = importlib.import_module(CUDA_MODULE)
-    except Exception as exc:  # a broken driver or PyCUDA install must not stop --device auto
-        return False, f"the CUDA backend cannot be imported ({exc})"
-    return module.available()
-
-
-def resolve_device(device: str) -> str:
-    """"auto" → "cuda" when the CUDA backend is available, else "cpu"; "cuda" unavailable → UsageError."""
-    if device not in DEVICES:
-        raise UsageError(f"--device {device!r}: expected one of {', '.join(DEVICES)}")
-    if device == "cpu":
-        return "cpu"
-    usable, reason = cuda_availability()
-    if usable:
-        return "cuda"
-    if device == "cuda":
-        raise UsageError(f"--device cuda: {reason}")
-    return "cpu"
-
-
-def open_backend(engine: Engine, device: str = "auto", max_context: int | None = None) -> Backend:
-    """Build the backend for `device` (auto|cpu|cuda) on an open engine, its KV cache sized for max_context.
-
-    >>> open_backend(open_engine("tiny.olmo"), "cpu").name
-    'numpy'
-    """
-    resolved = resolve_device(device)
-    if resolved == "cuda":
-        module = importlib.import_module(CUDA_MODULE)
-        return module.CudaBackend(engine, max_context=max_context)
-    from olmoscope.runtime.numpy_backend import NumpyBackend
-
-    return NumpyBackend(engine, max_context=max_context)
 
 
 def check_max_context(max_context: int | None, config: ModelConfig) -> int:
@@ -183,3 +160,35 @@ def check_max_context(max_context: int | None, config: ModelConfig) -> int:
     if max_context > limit:
         raise UsageError(f"--max-context {max_context}: beyond the model's context length {limit}")
     return max_context
+
+
+def kv_block_bytes(config: ModelConfig, itemsize: int) -> int:
+    """Bytes of one KV block across all layers: keys and values of BLOCK_SIZE positions."""
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * BLOCK_SIZE * config.head_dim * itemsize
+
+
+def plan_blocks(options: RuntimeOptions, config: ModelConfig, max_context: int, itemsize: int,
+                available_bytes: int, where: str) -> tuple[int, list[str]]:
+    """KV blocks for the pool (the null block included) and a note saying so.
+
+    Explicit --kv-cache-gib is taken as is (refused when it does not fit `available_bytes`); otherwise the pool
+    holds max_num_seqs sequences of max_context positions, capped by `available_bytes`. Either way it must hold
+    one sequence of max_context positions.
+    """
+    block_bytes = kv_block_bytes(config, itemsize)
+    per_sequence = -(-max_context // BLOCK_SIZE)
+    if options.kv_cache_gib is not None:
+        wanted = int(options.kv_cache_gib * GiB)
+        if wanted > available_bytes:
+            raise UsageError(f"--kv-cache-gib {options.kv_cache_gib:g}: only {available_bytes / GiB:.1f} GiB of "
+                             f"{where} memory is free for the KV cache")
+        blocks = wanted // block_bytes
+    else:
+        blocks = min(options.max_num_seqs * per_sequence, available_bytes // block_bytes)
+    if blocks < per_sequence:
+        raise UsageError(f"the KV cache holds {blocks * BLOCK_SIZE} tokens ({blocks * block_bytes / GiB:.2f} GiB of "
+                         f"{where} memory), less than one sequence of --max-context {max_context}: "
+                         f"lower --max-context or give the cache more memory")
+    note = (f"KV cache: {blocks} blocks of {BLOCK_SIZE} tokens = {blocks * BLOCK_SIZE:,} tokens "
+            f"({blocks * block_bytes / GiB:.2f} GiB, {where})")
+    return blocks + 1, [note]

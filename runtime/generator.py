@@ -1,4 +1,4 @@
-"""The generation loop shared by every backend: tokenize, prefill, decode until EOS, a stop string or the limit."""
+"""`generate`'s engine: one request through the engine loop, until EOS, a stop string, the limit or a full context."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from olmoscope.errors import EngineError, UsageError
-from olmoscope.runtime.backend import Backend, check_max_context, open_backend, resolve_device
+from olmoscope.runtime.backend import Backend, RuntimeOptions, check_max_context
+from olmoscope.runtime.devices import open_backend, resolve_device
 from olmoscope.runtime.engine import Engine, open_engine
+from olmoscope.runtime.loop import EngineLoop
+from olmoscope.runtime.output import RequestOutput
 from olmoscope.runtime.sampler import SamplingParams, make_rng
-from olmoscope.runtime.tokenizer import TextStream, Tokenizer
+from olmoscope.runtime.scheduler import Request
+from olmoscope.runtime.tokenizer import Tokenizer
 
 @dataclass
 class GenerationResult:
@@ -26,7 +28,7 @@ class GenerationResult:
     prompt_token_ids: list[int]  # what was prefilled
     token_ids: list[int]  # generated ids, the EOS or the one completing a stop string included
     text: str  # generated text, up to (not including) a stop string
-    finish_reason: str  # "eos", "stop" or "length"
+    finish_reason: str  # "eos", "stop", "length" (max new tokens) or "context" (the context is full)
     backend: str  # "numpy" or "cuda"
     device: str  # what ran it
     max_context: int  # the KV cache's capacity
@@ -77,47 +79,6 @@ class GenerationResult:
         }
 
 
-class StopScanner:
-    """Assembles streamed text, holding back what could still become a stop string.
-
-    >>> s = StopScanner(["\\n\\n"]); s.add("Hi\\n"), s.add("\\nthere")
-    ('Hi', '')
-    """
-
-    def __init__(self, stop: Sequence[str]):
-        self.stop = [s for s in stop if s]
-        self.text = ""  # everything released or held, up to a stop string
-        self.released = 0  # characters of text handed out so far
-        self.stopped = False  # a stop string was found
-
-    def add(self, piece: str) -> str:
-        """Take the next piece; return what can be shown now."""
-        before = len(self.text)
-        self.text += piece
-        hits = [i for s in self.stop if (i := self.text.find(s, max(0, before - len(s) + 1))) >= 0]
-        if hits:
-            self.text, self.stopped = self.text[: min(hits)], True
-            return self._release(len(self.text))
-        return self._release(len(self.text) - self._partial_stop_length())
-
-    def flush(self) -> str:
-        """Everything still held back (the generation ended without a stop string)."""
-        return self._release(len(self.text))
-
-    def _partial_stop_length(self) -> int:
-        """Length of the longest tail of text that begins some stop string."""
-        longest = max((len(s) for s in self.stop), default=1)
-        for n in range(min(longest - 1, len(self.text) - self.released), 0, -1):
-            tail = self.text[-n:]
-            if any(s.startswith(tail) for s in self.stop):
-                return n
-        return 0
-
-    def _release(self, end: int) -> str:
-        piece, self.released = self.text[self.released : end], max(self.released, end)
-        return piece
-
-
 def run_generation(
     backend: Backend,
     prompt_ids: Sequence[int],
@@ -129,7 +90,7 @@ def run_generation(
     tokenizer: Tokenizer | None = None,
     on_text: Callable[[str], None] | None = None,
 ) -> GenerationResult:
-    """Prefill prompt_ids on a reset backend, then sample and decode one token at a time.
+    """One request through the engine loop, a batch of one: prefill, then sample and decode one token at a time.
 
     Without a tokenizer no text is made (token ids only) and stop strings cannot apply.
 
@@ -140,55 +101,34 @@ def run_generation(
     if stop and tokenizer is None:
         raise UsageError("--stop needs a tokenizer to see text")
     check_prompt_fits(len(prompt_ids), backend.max_context)
-    rng, seed = make_rng(seed)
-    history = np.zeros(len(prompt_ids) + max_new_tokens, np.int32)  # prompt then generated ids
-    history[: len(prompt_ids)] = prompt_ids
-    stream: TextStream | None = tokenizer.stream() if tokenizer else None
-    scanner = StopScanner(stop)
-
-    def emit(piece: str) -> None:
-        if piece and on_text is not None:
-            on_text(piece)
-
-    eos = set(eos_token_ids)
-
-    backend.reset()
+    make_rng(seed)  # a bad seed fails before any work
+    loop = EngineLoop(backend, tokenizer)
+    request = Request("generate", [int(i) for i in prompt_ids], params, max_new_tokens, seed, frozenset(eos_token_ids))
     start = time.perf_counter()
-    backend.prefill(np.asarray(prompt_ids, np.int32))
-    prefill_end = first_token = time.perf_counter()
-    generated: list[int] = []
-    finish = "length"
-    while len(generated) < max_new_tokens:
-        token = backend.sample(params, rng, history[: len(prompt_ids) + len(generated)])
-        if not generated:
-            first_token = time.perf_counter()
-        history[len(prompt_ids) + len(generated)] = token
-        generated.append(token)
-        if token in eos:
-            finish = "eos"
-            break
-        if stream is not None:
-            emit(scanner.add(stream.step(token)))
-            if scanner.stopped:
-                finish = "stop"
-                break
-        if len(generated) == max_new_tokens or backend.position >= backend.max_context:
-            break  # the last token needs no forward pass: nothing will read its logits
-        backend.decode_step(token)
+    if max_new_tokens == 0:
+        output = RequestOutput(request.request_id, request.prompt_ids, make_rng(seed)[1])
+        output.finish("length")
+    else:
+        output = loop.add(request, stop)
+        while loop.has_work:
+            loop.step()
+            text, _ = output.take()
+            if text and on_text is not None:
+                on_text(text)
     end = time.perf_counter()
-    emit(scanner.flush())
+    first = output.first_token_time or end
     return GenerationResult(
-        prompt_token_ids=[int(i) for i in prompt_ids],
-        token_ids=generated,
-        text=scanner.text,
-        finish_reason=finish,
+        prompt_token_ids=output.prompt_token_ids,
+        token_ids=output.token_ids,
+        text=output.text,
+        finish_reason=output.finish_reason,
         backend=backend.name,
         device=backend.device,
         max_context=backend.max_context,
-        seed=seed,
-        prefill_s=prefill_end - start,
-        time_to_first_token_s=first_token - start,
-        decode_s=end - first_token if generated else 0.0,
+        seed=output.seed,
+        prefill_s=first - start,
+        time_to_first_token_s=first - start,
+        decode_s=(output.last_token_time or end) - first,
         notes=list(backend.notes),
     )
 
@@ -268,7 +208,7 @@ def generate(
         check_prompt_fits(len(prompt_ids), context)
         load_start = time.perf_counter()
         own_backend = backend is None
-        backend = backend or open_backend(engine, device, max_context)
+        backend = backend or open_backend(engine, device, RuntimeOptions(max_context=max_context))
         load_s = time.perf_counter() - load_start
         try:
             result = run_generation(

@@ -1,72 +1,123 @@
-"""The NumPy reference backend: reference.py's float32 forward pass behind the Backend interface."""
+"""The NumPy reference backend: reference.py's float32 forward pass over a paged cache, behind the Backend interface.
+
+It is the oracle for the CUDA backend and for the scheduler, so it runs exactly the same steps (same block
+tables, same state slots, same FED tokens), synchronously.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
 from olmoscope.runtime import reference
-from olmoscope.runtime.backend import Backend, check_max_context
-from olmoscope.runtime.engine import Engine
-from olmoscope.runtime.kv_cache import KVCache
-from olmoscope.runtime.sampler import SamplingParams, sample
+from olmoscope.runtime.backend import Backend, DoneStep, PendingStep, RuntimeOptions, check_max_context, plan_blocks
+from olmoscope.runtime.engine import Engine, Weights
+from olmoscope.runtime.sampler import candidate_probabilities, draw, penalized_logits
+from olmoscope.runtime.step import FED, Step, StepArrays, StepResult
+from olmoscope.runtime.weights import model_weights
+
+WEIGHT_SHARE = 0.4  # upcast every weight to float32 at load only when that fits this share of free memory
+KV_SHARE = 0.25  # the default KV pool may take this share of free memory (np.zeros: untouched blocks cost nothing)
+
+
+def available_memory() -> int:
+    """Bytes of memory free for new allocations (Linux MemAvailable; else physical pages free)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class LazyFloat32:
+    """A weight kept as stored and upcast (int8: dequantized) to float32 each time the math reads it."""
+
+    def __init__(self, weights: Weights, name: str):
+        self._weights, self._name = weights, name
+        self.shape = weights.specs[name].shape
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self._weights.float32(self._name)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        """Rows as float32 (the embedding gather): only those rows are upcast."""
+        stored = self._weights.tensor(self._name)[rows]
+        if stored.dtype == np.int8:
+            return stored.astype(np.float32) * self._weights.scales(self._name)[rows, None].astype(np.float32)
+        return stored.astype(np.float32)
 
 
 class NumpyBackend(Backend):
-    """float32 on the CPU: weights upcast once at load (float32 engine files are used in place).
+    """float32 on the CPU; see backend.py for the contract.
 
-    >>> NumpyBackend(engine).prefill(np.array([9906, 1917]), return_logits=True).shape
-    (2, 100352)
+    >>> NumpyBackend(engine).run(step, return_logits=True).logits.shape
+    (1, 100352)
     """
 
     name = "numpy"
 
-    def __init__(self, engine: Engine, max_context: int | None = None):
-        self.config = engine.config
+    def __init__(self, engine: Engine, options: RuntimeOptions | None = None):
+        options = options or RuntimeOptions()
+        cfg = self.config = engine.config
         self.device = "cpu"
-        self.notes = []
         self.vocab_limit = engine.vocab_limit
-        self.max_context = check_max_context(max_context, engine.config)
-        # engine name → float32 array; the reference reads these by name
-        self.weights = {name: engine.weights.float32(name) for name in engine.weights.names}
-        cfg = engine.config
-        self.cache = KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, self.max_context)
-        self._last_logits: np.ndarray | None = None  # float32 [V] of the last position run
+        self.max_context = check_max_context(options.max_context, cfg)
+        self.max_seqs = options.max_num_seqs
+        self.max_step_tokens = options.max_num_batched_tokens
+        self.notes: list[str] = []
+        self.weights = model_weights(engine.weights.specs.values(), self._loader(engine.weights))
+        self.num_blocks, notes = plan_blocks(options, cfg, self.max_context, 4, int(available_memory() * KV_SHARE),
+                                             "host")
+        self.notes += notes
+        self.kv = reference.PagedKV(cfg.num_hidden_layers, self.num_blocks, cfg.num_key_value_heads, cfg.head_dim)
+        self.seen = np.zeros((self.max_seqs, cfg.vocab_size), bool)  # [slots, V]: ids each sequence has seen
+        self.last_sampled = np.zeros(self.max_seqs, np.int32)  # [slots]: what a FED token becomes
 
-    @property
-    def position(self) -> int:
-        return self.cache.length
+    def _loader(self, weights: Weights):
+        """float32 arrays for the reference: upcast once when they fit in memory, else upcast at each use."""
+        matrices = [spec for spec in weights.specs.values() if spec.kind == "matrix"]
+        upcast_bytes = 4 * sum(spec.elements for spec in matrices)
+        eager = weights.dtype == "fp32" or upcast_bytes <= WEIGHT_SHARE * available_memory()
+        if not eager:
+            self.notes.append(f"{weights.dtype} weights stay as stored and are upcast layer by layer "
+                              f"({upcast_bytes / 2**30:.1f} GiB as float32 would not fit in memory)")
+        return lambda spec: weights.float32(spec.name) if eager or spec.kind != "matrix" else LazyFloat32(weights,
+                                                                                                         spec.name)
 
-    def reset(self) -> None:
-        self.cache.reset()
-        self._last_logits = None
+    def launch(self, step: Step, return_logits: bool = False) -> PendingStep:
+        arrays = self.check_step(step)
+        self._keep_state(step)
+        ids = np.where(arrays.token_ids == FED, self.last_sampled[arrays.token_state], arrays.token_ids)
+        self.seen[arrays.token_state, ids] = True
+        logits = reference.forward(self.config, self.weights, arrays, ids, self.kv, step.window)
+        tokens = self._sample(logits, arrays)
+        self.last_sampled[arrays.sample_state] = tokens
+        return DoneStep(StepResult(tokens, logits if return_logits else None))
 
-    def prefill(self, token_ids: np.ndarray, return_logits: bool = False) -> np.ndarray | None:
-        ids = self._check_ids(token_ids)
-        logits = reference.forward(self.config, self.weights, ids, self.cache, all_logits=return_logits)
-        self._last_logits = logits[-1].copy()  # the caller owns the returned array and may change it
-        return logits if return_logits else None
+    def _keep_state(self, step: Step) -> None:
+        """The cache and slot upkeep a step asks for before it runs."""
+        for source, destination in step.copies:
+            self.kv.copy_block(source, destination)
+        self.seen[step.fresh_slots] = False
+        for slot, ids in step.seen:
+            self.seen[slot, np.asarray(ids, np.int64)] = True
 
-    def decode_step(self, token_id: int, return_logits: bool = False) -> np.ndarray | None:
-        ids = self._check_ids(np.array([token_id]))
-        logits = reference.forward(self.config, self.weights, ids, self.cache, all_logits=False)
-        self._last_logits = logits[0]
-        return logits[0].copy() if return_logits else None
-
-    def sample(self, params: SamplingParams, rng: np.random.Generator, history: np.ndarray) -> int:
-        if self._last_logits is None:
-            raise ValueError("sample() before any prefill or decode_step")
-        return sample(self._last_logits, params, rng, history, self.vocab_limit)
+    def _sample(self, logits: np.ndarray, arrays: StepArrays) -> np.ndarray:
+        """Each sampled row by sampler.py's rules, with its own parameters, history and uniform draw."""
+        tokens = np.empty(len(arrays.sample_rows), np.int32)
+        for i, (row, params) in enumerate(zip(arrays.sample_rows, arrays.params)):
+            history = np.flatnonzero(self.seen[arrays.sample_state[i]])
+            scores = penalized_logits(logits[row], history, params.repetition_penalty, self.vocab_limit)
+            if params.greedy:
+                tokens[i] = int(np.argmax(scores))
+            else:
+                tokens[i] = draw(candidate_probabilities(scores, params), float(arrays.u[i]))
+        return tokens
 
     def close(self) -> None:
         # drop the float32 weights (views of the engine's memory map for fp32 files) so the file can close
-        self.weights = {}
-        self._last_logits = None
-
-    def _check_ids(self, token_ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(token_ids).reshape(-1)
-        if ids.dtype.kind not in "iu":
-            raise ValueError(f"token ids must be integers, got {ids.dtype}")
-        self.check_room(len(ids))
-        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
-            raise ValueError(f"token id out of range [0, {self.config.vocab_size})")
-        return ids.astype(np.int64)
+        self.weights = None

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from olmoscope.cli import main
 from olmoscope.convert import convert
-from olmoscope.runtime.backend import cuda_availability
+from olmoscope.runtime.devices import cuda_availability
 from olmoscope.tiny import make_tiny
 
 

@@ -6,13 +6,19 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from olmoscope.cli import main
-from olmoscope.runtime import backend as backend_module
+from olmoscope.config import ModelConfig
+from olmoscope.runtime.backend import Backend, DoneStep, RuntimeOptions
+from olmoscope.runtime.step import StepResult
+from olmoscope.tiny import tiny_config
+from olmoscope.runtime import devices as backend_module
 from olmoscope.runtime.engine import open_engine
-from olmoscope.runtime.generator import StopScanner, generate
+from olmoscope.runtime.generator import generate
+from olmoscope.runtime.output import StopScanner
 from olmoscope.runtime.sampler import SamplingParams
 from olmoscope.runtime.tokenizer import Tokenizer
 
@@ -208,26 +214,21 @@ def test_invalid_sampling_params_in_python_are_usage_errors():
         generate("does-not-matter.olmo", "x", sampling=SamplingParams(top_p=0.5), max_new_tokens=-1)
 
 
-class ScriptedBackend:
-    """Stands in for a backend: 'samples' a fixed script of ids and records the history each sample saw."""
+class ScriptedBackend(Backend):
+    """Stands in for a backend: 'samples' a fixed script of ids, one per sampled row, and records each step."""
 
-    name, device, notes = "scripted", "nowhere", []
+    name, device, notes, vocab_limit = "scripted", "nowhere", [], 100278
+    max_context, num_blocks, max_seqs, max_step_tokens = 64, 8, 1, 64
 
-    def __init__(self, script: list[int], max_context: int = 64):
-        self.script, self.max_context, self.position, self.histories = list(script), max_context, 0, []
+    def __init__(self, script: list[int]):
+        self.script, self.steps = list(script), []
+        self.config = ModelConfig.from_dict(tiny_config())
 
-    def reset(self):
-        self.position = 0
-
-    def prefill(self, token_ids, return_logits=False):
-        self.position += len(token_ids)
-
-    def decode_step(self, token_id, return_logits=False):
-        self.position += 1
-
-    def sample(self, params, rng, history):
-        self.histories.append(history.tolist())
-        return self.script[len(self.histories) - 1]
+    def launch(self, step, return_logits=False):
+        arrays = self.check_step(step)
+        self.steps.append(arrays.token_ids.tolist())
+        tokens = [self.script.pop(0) for _ in arrays.sample_rows]
+        return DoneStep(StepResult(np.array(tokens, np.int32)))
 
 
 def test_streamed_pieces_are_whole_characters():
@@ -244,12 +245,12 @@ def test_streamed_pieces_are_whole_characters():
     assert len(pieces) < len(script)  # some ids completed no character and were held back
 
 
-def test_sampler_sees_the_prompt_then_every_generated_id():
+def test_each_step_feeds_the_prompt_then_every_generated_id_but_the_last():
     from olmoscope.runtime.generator import run_generation
 
     backend = ScriptedBackend([5, 6, 7])
-    run_generation(backend, [1, 2], SamplingParams(repetition_penalty=1.3), 3)
-    assert backend.histories == [[1, 2], [1, 2, 5], [1, 2, 5, 6]]
+    result = run_generation(backend, [1, 2], SamplingParams(repetition_penalty=1.3), 3)
+    assert backend.steps == [[1, 2], [5], [6]] and result.token_ids == [5, 6, 7]
 
 
 def test_repetition_penalty_keeps_seen_tokens_out(engine_file):
@@ -281,21 +282,20 @@ def test_zero_new_tokens_reports_no_first_token_time(engine_file):
     assert run_json(str(engine_file), "--prompt", PROMPT, "--max-new-tokens", "0")["timings"]["time_to_first_token_s"] is None
 
 
-def test_prefill_logits_belong_to_the_caller(engine_file):
-    import numpy as np
-
+def test_greedy_sample_is_the_argmax_of_the_returned_logits(engine_file):
     from olmoscope.runtime.numpy_backend import NumpyBackend
+    from olmoscope.runtime.step import Sample, Step, Work
 
-    with open_engine(engine_file) as engine, NumpyBackend(engine, max_context=16) as backend:
-        logits = backend.prefill(np.array([14126, 34579, 374, 220]), return_logits=True)
-        greedy = int(np.argmax(logits[-1]))
-        logits[-1, greedy] = -np.inf  # the caller may change its copy; the next sample must not see it
-        assert backend.sample(SamplingParams(), np.random.default_rng(0), np.array([220])) == greedy
+    with open_engine(engine_file) as engine, NumpyBackend(engine, RuntimeOptions(max_context=16)) as backend:
+        work = Work(0, 0, [14126, 34579, 374, 220], [1], Sample(SamplingParams()), all_logits=True)
+        result = backend.run(Step([work]), return_logits=True)
+        assert result.logits.shape == (4, engine.config.vocab_size)
+        assert result.tokens.tolist() == [int(np.argmax(result.logits[-1, : backend.vocab_limit]))]
 
 
 def test_engine_file_marks_rows_beyond_the_tokenizer_as_padding(engine_file):
     from olmoscope.runtime.numpy_backend import NumpyBackend
 
-    with open_engine(engine_file) as engine, NumpyBackend(engine, max_context=8) as backend:
+    with open_engine(engine_file) as engine, NumpyBackend(engine, RuntimeOptions(max_context=8)) as backend:
         assert engine.config.vocab_size == 100352
         assert backend.vocab_limit == engine.vocab_limit == Tokenizer.bundled().vocab_size == 100278

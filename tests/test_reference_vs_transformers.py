@@ -17,11 +17,13 @@ import torch
 from transformers import Olmo2Config, Olmo2ForCausalLM
 
 from olmoscope.config import ModelConfig
+from olmoscope.runtime.backend import RuntimeOptions
 from olmoscope.runtime.engine import Engine, open_engine
 from olmoscope.runtime.generator import run_generation
 from olmoscope.runtime.numpy_backend import NumpyBackend
 from olmoscope.runtime.sampler import SamplingParams
 from olmoscope.spec import engine_tensors
+from stepping import prompt_logits, teacher_forced_logits
 
 TOLERANCE = 1e-5  # relative Frobenius error, float32 against float32
 PROMPT_TOKENS = 12
@@ -119,12 +121,10 @@ def random_prompt(vocab: int, seed: int = 1) -> np.ndarray:
 
 def compare(backend: NumpyBackend, theirs: TransformersRun, prompt: np.ndarray) -> tuple[float, float]:
     """(prompt logits rel err, worst decode-step rel err), feeding transformers' greedy tokens to ours."""
-    backend.reset()
-    prompt_rel = relative_error(backend.prefill(prompt, return_logits=True), theirs.prompt_logits)
-    step_rels = [
-        relative_error(backend.decode_step(token, return_logits=True), logits)
-        for token, logits in zip(theirs.tokens, theirs.step_logits)
-    ]
+    tokens = prompt.tolist() + theirs.tokens[:DECODE_STEPS]
+    ours = teacher_forced_logits(backend, tokens, len(prompt))
+    prompt_rel = relative_error(ours[0], theirs.prompt_logits)
+    step_rels = [relative_error(mine, logits) for mine, logits in zip(ours[1:], theirs.step_logits)]
     return prompt_rel, max(step_rels)
 
 
@@ -190,15 +190,13 @@ def test_int8_engine_matches_transformers_on_the_dequantized_weights(tmp_path):
         check_against_transformers(model, engine, "converted gqa2-d64-odd-vocab int8")
 
 
-def test_chunked_prefill_equals_one_prefill():
+def test_chunked_prefill_equals_one_prefill_bit_for_bit():
     model = random_model("gqa2-d64-odd-vocab")
     backend = NumpyBackend(engine_for(model))
     prompt = random_prompt(model.config.vocab_size)
-    whole = backend.prefill(prompt, return_logits=True)
-    backend.reset()
-    parts = [backend.prefill(prompt[:5], return_logits=True), backend.prefill(prompt[5:], return_logits=True)]
-    rel = relative_error(np.concatenate(parts), whole)
-    assert rel <= 1e-6, f"chunked prefill rel err {rel:.2e}"
+    whole = prompt_logits(backend, prompt)
+    parts = teacher_forced_logits(backend, prompt, len(prompt), chunks=[5])[0]
+    assert np.array_equal(parts, whole), f"chunked prefill differs: rel err {relative_error(parts, whole):.2e}"
 
 
 def test_padded_vocabulary_rows_are_never_chosen():
@@ -206,11 +204,11 @@ def test_padded_vocabulary_rows_are_never_chosen():
     config = model_config(model)
     arrays = fuse_checkpoint(model.state_dict(), config)
     prompt = random_prompt(config.vocab_size)
-    winner = int(NumpyBackend(Engine.from_arrays(config, arrays)).prefill(prompt, return_logits=True)[-1].argmax())
+    winner = int(prompt_logits(NumpyBackend(Engine.from_arrays(config, arrays)), prompt)[-1].argmax())
     arrays["lm_head"][-1] = 10 * arrays["lm_head"][winner]  # the last row, made padding below, now wins by far
     backend = NumpyBackend(Engine.from_arrays(config, arrays))
     backend.vocab_limit = config.vocab_size - 1
-    assert backend.prefill(prompt, return_logits=True)[-1].argmax() == config.vocab_size - 1
+    assert prompt_logits(backend, prompt)[-1].argmax() == config.vocab_size - 1
     tokens = greedy_tokens(backend, prompt, 8)
     sampled = run_generation(backend, prompt.tolist(), SamplingParams(temperature=1.5), 8, seed=3).token_ids
     assert max(tokens + sampled) < backend.vocab_limit
@@ -219,13 +217,15 @@ def test_padded_vocabulary_rows_are_never_chosen():
 def test_prompt_longer_than_the_context_is_refused():
     from olmoscope.errors import UsageError
 
-    backend = NumpyBackend(engine_for(random_model("mha-d64")), max_context=8)
+    backend = NumpyBackend(engine_for(random_model("mha-d64")), RuntimeOptions(max_context=8))
     with pytest.raises(UsageError, match="more than the context"):
         run_generation(backend, list(range(9)), SamplingParams(), 4)
 
 
-def test_generation_stops_with_length_when_the_context_fills():
-    backend = NumpyBackend(engine_for(random_model("mha-d64")), max_context=16)
+def test_generation_stops_with_context_when_the_context_fills():
+    backend = NumpyBackend(engine_for(random_model("mha-d64")), RuntimeOptions(max_context=16))
     result = run_generation(backend, list(range(12)), SamplingParams(), 10)
     # 12 prompt positions + 4 decoded fill 16; the 5th token is chosen from the last position's logits
-    assert (len(result.token_ids), result.finish_reason, backend.position) == (5, "length", 16)
+    assert (len(result.token_ids), result.finish_reason) == (5, "context")
+    exact = run_generation(backend, list(range(12)), SamplingParams(), 5)
+    assert (exact.token_ids, exact.finish_reason) == (result.token_ids, "length")  # the limit said so first
