@@ -62,9 +62,10 @@ def _register() -> None:
     from olmoscope.verify import verify_command
     from olmoscope.bench import bench_command
     from olmoscope.demo import demo_command
+    from olmoscope.batch import batch_command
 
-    for command in (arch_command, tensors_command, make_tiny_command, generate_command, convert_command, verify_command,
-                    bench_command, demo_command):
+    for command in (arch_command, tensors_command, make_tiny_command, generate_command, batch_command, convert_command,
+                    verify_command, bench_command, demo_command):
         main.add_command(command)
 
 
