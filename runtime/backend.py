@@ -129,6 +129,8 @@ class Backend(abc.ABC):
         ids = arrays.token_ids
         if arrays.num_tokens > self.max_step_tokens:
             raise ValueError(f"{arrays.num_tokens} token rows in one step, more than {self.max_step_tokens}")
+        if arrays.num_seqs > self.max_seqs:
+            raise ValueError(f"{arrays.num_seqs} sequences in one step, more than {self.max_seqs}")
         if np.any((ids != FED) & ((ids < 0) | (ids >= self.vocab_size))):
             raise ValueError(f"token id out of range [0, {self.vocab_size})")
         if arrays.context.max() > self.max_context:
@@ -167,16 +169,17 @@ def kv_block_bytes(config: ModelConfig, itemsize: int) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * BLOCK_SIZE * config.head_dim * itemsize
 
 
-def plan_blocks(options: RuntimeOptions, config: ModelConfig, max_context: int, itemsize: int,
-                available_bytes: int, where: str) -> tuple[int, list[str]]:
-    """KV blocks for the pool (the null block included) and a note saying so.
+def plan_blocks(options: RuntimeOptions, config: ModelConfig, itemsize: int, available_bytes: int,
+                where: str) -> tuple[int, int, list[str]]:
+    """(KV blocks for the pool, the null block included; the context one sequence may hold; notes saying so).
 
     Explicit --kv-cache-gib is taken as is (refused when it does not fit `available_bytes`); otherwise the pool
-    holds max_num_seqs sequences of max_context positions, capped by `available_bytes`. Either way it must hold
-    one sequence of max_context positions.
+    holds max_num_seqs sequences of the context, capped by `available_bytes`. The pool must hold one sequence of
+    the context: an explicit --max-context that does not fit is refused, the model's own is cut to fit.
     """
     block_bytes = kv_block_bytes(config, itemsize)
-    per_sequence = -(-max_context // BLOCK_SIZE)
+    context = check_max_context(options.max_context, config)
+    notes = []
     if options.kv_cache_gib is not None:
         wanted = int(options.kv_cache_gib * GiB)
         if wanted > available_bytes:
@@ -184,11 +187,14 @@ def plan_blocks(options: RuntimeOptions, config: ModelConfig, max_context: int, 
                              f"{where} memory is free for the KV cache")
         blocks = wanted // block_bytes
     else:
-        blocks = min(options.max_num_seqs * per_sequence, available_bytes // block_bytes)
-    if blocks < per_sequence:
-        raise UsageError(f"the KV cache holds {blocks * BLOCK_SIZE} tokens ({blocks * block_bytes / GiB:.2f} GiB of "
-                         f"{where} memory), less than one sequence of --max-context {max_context}: "
-                         f"lower --max-context or give the cache more memory")
-    note = (f"KV cache: {blocks} blocks of {BLOCK_SIZE} tokens = {blocks * BLOCK_SIZE:,} tokens "
-            f"({blocks * block_bytes / GiB:.2f} GiB, {where})")
-    return blocks + 1, [note]
+        blocks = min(options.max_num_seqs * -(-context // BLOCK_SIZE), available_bytes // block_bytes)
+    if blocks * BLOCK_SIZE < context:
+        if options.max_context is not None or blocks < 1:
+            raise UsageError(f"the KV cache holds {blocks * BLOCK_SIZE} tokens ({blocks * block_bytes / GiB:.2f} GiB "
+                             f"of {where} memory), less than one sequence of {context} positions: lower --max-context "
+                             f"or give the cache more memory")
+        notes.append(f"max context cut to what the KV cache holds: {blocks * BLOCK_SIZE} of {context} tokens")
+        context = blocks * BLOCK_SIZE
+    notes.append(f"KV cache: {blocks} blocks of {BLOCK_SIZE} tokens = {blocks * BLOCK_SIZE:,} tokens "
+                 f"({blocks * block_bytes / GiB:.2f} GiB, {where})")
+    return blocks + 1, context, notes

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from olmoscope.runtime import reference
-from olmoscope.runtime.backend import Backend, DoneStep, PendingStep, RuntimeOptions, check_max_context, plan_blocks
+from olmoscope.runtime.backend import Backend, DoneStep, PendingStep, RuntimeOptions, plan_blocks
 from olmoscope.runtime.engine import Engine, Weights
 from olmoscope.runtime.sampler import candidate_probabilities, draw, penalized_logits
 from olmoscope.runtime.step import FED, Step, StepArrays, StepResult
@@ -65,13 +65,12 @@ class NumpyBackend(Backend):
         cfg = self.config = engine.config
         self.device = "cpu"
         self.vocab_limit = engine.vocab_limit
-        self.max_context = check_max_context(options.max_context, cfg)
         self.max_seqs = options.max_num_seqs
         self.max_step_tokens = options.max_num_batched_tokens
         self.notes: list[str] = []
         self.weights = model_weights(engine.weights.specs.values(), self._loader(engine.weights))
-        self.num_blocks, notes = plan_blocks(options, cfg, self.max_context, 4, int(available_memory() * KV_SHARE),
-                                             "host")
+        self.num_blocks, self.max_context, notes = plan_blocks(options, cfg, 4, int(available_memory() * KV_SHARE),
+                                                               "host")
         self.notes += notes
         self.kv = reference.PagedKV(cfg.num_hidden_layers, self.num_blocks, cfg.num_key_value_heads, cfg.head_dim)
         self.seen = np.zeros((self.max_seqs, cfg.vocab_size), bool)  # [slots, V]: ids each sequence has seen
