@@ -26,6 +26,7 @@ from transformers import Olmo2Config, Olmo2ForCausalLM, StaticCache
 
 from olmoscope.bench import CONTEXTS, PROMPT_LENGTHS, BenchResult, bench_backend, copy_bandwidth, table
 from olmoscope.config import ModelConfig
+from olmoscope.runtime.backend import RuntimeOptions
 from olmoscope.runtime.cuda.backend import CudaBackend
 from olmoscope.runtime.engine import Engine
 from olmoscope.spec import engine_tensors
@@ -195,9 +196,9 @@ def render(everything: dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace this benchmark's section of docs/PERFORMANCE.md (between its markers), or append it."""
-    begin, end = f"<!-- {SECTION}: begin -->", f"<!-- {SECTION}: end -->"
+def write_section(path: Path, text: str, section: str = SECTION) -> None:
+    """Replace a benchmark's section of docs/PERFORMANCE.md (between its markers), or append it."""
+    begin, end = f"<!-- {section}: begin -->", f"<!-- {section}: end -->"
     doc = path.read_text() if path.exists() else "# Performance\n"
     block = f"{begin}\n{text}{end}"
     if begin in doc and end in doc:
@@ -247,13 +248,13 @@ def run(args) -> dict:
         model, config = random_hf_model(f"olmo2-{size}")
         engine = engine_from(model, config)
         print(f"[{size}] weights made in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
-        with CudaBackend(engine, max_context=4096, progress=False) as backend:
+        with CudaBackend(engine, RuntimeOptions(max_context=4096), progress=False) as backend:
             device = backend.device
             results = [bench_backend(backend, bandwidth=bandwidth, label="olmoscope cuda (bf16)")]
         del engine
         if args.int8:
             engine = engine_from(model, config, int8=True)
-            with CudaBackend(engine, max_context=4096, progress=False) as backend:
+            with CudaBackend(engine, RuntimeOptions(max_context=4096), progress=False) as backend:
                 results.append(bench_backend(backend, bandwidth=bandwidth, label="olmoscope cuda (int8 weights)"))
             del engine
         print(f"[{size}] olmoscope done at {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)

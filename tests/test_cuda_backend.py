@@ -1,12 +1,12 @@
 """The CUDA backend agrees with the NumPy reference and with transformers (on the GPU) on the same weights.
 
 Weights are rounded to bf16 once, so all three run the same numbers; transformers runs in float32. The CUDA
-backend keeps activations between kernels in bf16 where tensor cores read them (GEMM inputs, q, the KV
-cache, attention output) and accumulates in f32: about 8 significant bits per rounding, compounding over
-layers. Bound: relative Frobenius error ≤ 2e-2 for the full-prompt logits [T, V] and for each of 64 decode
-steps' logits [V] (teacher-forced: every backend is fed the same tokens). Greedy generation must give the
-same tokens as the NumPy reference; the one allowed exception is a divergence where the reference's two
-best logits are closer than 4× the largest logit error seen on that run (a tie at bf16 precision), reported.
+backend keeps activations between kernels in bf16 where tensor cores read them (GEMM inputs, q, the KV cache,
+attention output) and accumulates in f32: about 8 significant bits per rounding, compounding over layers.
+Bound: relative Frobenius error ≤ 2e-2 for prompt logits [T, V], for each decode step's logits [V], and for
+every work of random batched schedules (prefill chunks, decode tokens, forks, truncations, prefix-cache hits).
+Greedy tokens must equal the reference's; the one allowed exception is a divergence where the reference's two
+best logits are closer than 4× the largest logit error seen there (a tie at bf16 precision), reported.
 """
 
 from __future__ import annotations
@@ -17,11 +17,16 @@ import pytest
 
 from olmoscope.config import ModelConfig
 from olmoscope.errors import DeviceError, UsageError
+from olmoscope.runtime.backend import RuntimeOptions
 from olmoscope.runtime.engine import Engine
 from olmoscope.runtime.generator import run_generation
+from olmoscope.runtime.loop import EngineLoop
 from olmoscope.runtime.numpy_backend import NumpyBackend
 from olmoscope.runtime.sampler import SamplingParams
+from olmoscope.runtime.scheduler import Request
 from olmoscope.spec import engine_tensors
+from schedules import ACTIONS, Schedule
+from stepping import teacher_forced_logits
 
 pytestmark = pytest.mark.cuda
 cuda_backend = pytest.importorskip("olmoscope.runtime.cuda.backend")
@@ -33,11 +38,13 @@ if not torch.cuda.is_available():
     pytest.skip("torch sees no GPU (transformers is the oracle on the GPU)", allow_module_level=True)
 from transformers import Olmo2Config, Olmo2ForCausalLM  # noqa: E402
 
+from olmoscope.runtime.cuda import driver  # noqa: E402
 from olmoscope.runtime.cuda.backend import CudaBackend  # noqa: E402
 
 TOLERANCE = 2e-2
 PROMPT_TOKENS = 24
 DECODE_STEPS = 64
+OPTIONS = RuntimeOptions(max_context=512, max_num_seqs=8, max_num_batched_tokens=1024)
 
 # name → (hidden D, heads H, kv heads Hkv, intermediate I, layers L, vocab V, tied embeddings)
 SHAPES = {
@@ -46,6 +53,7 @@ SHAPES = {
     "gqa4-d128": (512, 4, 1, 1024, 2, 1000, False),
     "mha-d128-tied": (256, 2, 2, 256, 2, 1000, True),
     "gqa2-d16": (64, 4, 2, 128, 2, 128, False),
+    "gqa5-d32": (320, 10, 2, 640, 2, 1000, False),
 }
 OLMO2_1B = (2048, 16, 16, 8192, 16, 100352, False)
 
@@ -93,15 +101,6 @@ def rel(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
-def teacher_forced_logits(backend, tokens: np.ndarray, prompt: int) -> list[np.ndarray]:
-    """[prompt logits [T, V], then one [V] per decode step] with the given tokens fed in order."""
-    backend.reset()
-    out = [backend.prefill(tokens[:prompt], return_logits=True)]
-    for token in tokens[prompt:]:
-        out.append(backend.decode_step(int(token), return_logits=True))
-    return out
-
-
 def transformers_logits(model, tokens: np.ndarray, prompt: int) -> list[np.ndarray]:
     with torch.no_grad():
         logits = model(torch.as_tensor(tokens[None], device="cuda")).logits[0].float().cpu().numpy()
@@ -113,11 +112,28 @@ def worst(gpu: list[np.ndarray], ref: list[np.ndarray]) -> tuple[float, float]:
     return rel(gpu[0], ref[0]), max(rel(g, r) for g, r in zip(gpu[1:], ref[1:]))
 
 
+def explain_divergence(engine, prompt: list[int], ours: list[int], theirs: list[int], label: str,
+                       gpu: CudaBackend) -> None:
+    """Greedy tokens may differ only where the reference's top two logits tie at bf16 precision."""
+    if ours == theirs:
+        return
+    at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    history = prompt + theirs[:at]
+    with NumpyBackend(engine, OPTIONS) as cpu:
+        ref = teacher_forced_logits(cpu, history, len(history))[0][-1]
+    got = teacher_forced_logits(gpu, history, len(history))[0][-1]
+    top2 = np.sort(ref)[-2:]
+    gap, err = float(top2[1] - top2[0]), float(np.abs(got - ref).max())
+    assert gap < 4 * err, (f"{label}: greedy tokens differ at step {at} although the reference's top-2 gap "
+                           f"{gap:.3g} is far above the logit error {err:.3g}")
+    print(f"{label}: greedy diverged at step {at}: a tie at bf16 precision (gap {gap:.3g}, error {err:.3g})")
+
+
 @pytest.fixture(scope="module", params=list(SHAPES))
 def tiny(request):
     model = random_model(SHAPES[request.param], seed=len(request.param))
     engine = engine_of(model)
-    with CudaBackend(engine, max_context=512) as gpu:
+    with CudaBackend(engine, OPTIONS) as gpu:
         yield request.param, model, engine, gpu
     del model
     torch.cuda.empty_cache()
@@ -127,8 +143,8 @@ def test_logits_match_numpy_reference_and_transformers(tiny):
     shape, model, engine, gpu = tiny
     V = engine.config.vocab_size
     tokens = np.random.default_rng(1).integers(0, V, PROMPT_TOKENS + DECODE_STEPS)
-    ours = teacher_forced_logits(gpu, tokens, PROMPT_TOKENS)
-    with NumpyBackend(engine, max_context=512) as cpu:
+    ours = teacher_forced_logits(gpu, tokens, PROMPT_TOKENS, chunks=[7])
+    with NumpyBackend(engine, OPTIONS) as cpu:
         reference = teacher_forced_logits(cpu, tokens, PROMPT_TOKENS)
     hf = transformers_logits(model, tokens, PROMPT_TOKENS)
     (p_ref, d_ref), (p_hf, d_hf) = worst(ours, reference), worst(ours, hf)
@@ -141,68 +157,67 @@ def test_greedy_generation_matches_numpy_reference(tiny):
     shape, _, engine, gpu = tiny
     prompt = np.random.default_rng(2).integers(0, engine.config.vocab_size, 12).tolist()
     ours = run_generation(gpu, prompt, SamplingParams(), max_new_tokens=32).token_ids
-    with NumpyBackend(engine, max_context=512) as cpu:
+    with NumpyBackend(engine, OPTIONS) as cpu:
         theirs = run_generation(cpu, prompt, SamplingParams(), max_new_tokens=32).token_ids
-        if ours == theirs:
-            return
-        at = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
-        # explain the divergence: the reference's logits at that step, and ours on the same history
-        history = prompt + theirs[:at]
-        ref = teacher_forced_logits(cpu, np.array(history), len(history))[0][-1]
-    got = teacher_forced_logits(gpu, np.array(history), len(history))[0][-1]
-    top2 = np.sort(ref)[-2:]
-    gap, err = float(top2[1] - top2[0]), float(np.abs(got - ref).max())
-    assert gap < 4 * err, (f"{shape}: greedy tokens differ at step {at} ({ours[at]} vs {theirs[at]}) although the "
-                           f"reference's top-2 gap {gap:.3g} is far above the logit error {err:.3g}")
-    print(f"{shape}: greedy diverged at step {at}: a tie at bf16 precision (gap {gap:.3g}, error {err:.3g})")
+    explain_divergence(engine, prompt, ours, theirs, shape, gpu)
 
 
-def test_decode_graph_and_plain_launches_agree_bitwise(tiny):
-    _, _, engine, gpu = tiny
-    tokens = np.random.default_rng(3).integers(0, engine.config.vocab_size, 20)
-    with_graph = teacher_forced_logits(gpu, tokens, 8)
-    with CudaBackend(engine, max_context=512, use_graph=False) as plain:
-        without = teacher_forced_logits(plain, tokens, 8)
-    for step, (a, b) in enumerate(zip(with_graph, without)):
-        assert np.array_equal(a, b), f"step {step}: graph replay differs from plain launches"
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_batched_schedules_match_the_reference(tiny, seed):
+    """The same schedule on both backends: prompt chunks, decode tokens, forks, truncations, prefix-cache hits."""
+    shape, _, engine, gpu = tiny
+    rng = np.random.default_rng(seed)
+    with NumpyBackend(engine, OPTIONS) as cpu:
+        schedule = Schedule(np.random.default_rng(seed + 100), min(gpu.num_blocks, cpu.num_blocks),
+                            engine.config.vocab_size, OPTIONS.max_num_seqs, max_prompt=120)
+        worst_err, works = 0.0, 0
+        for action in rng.choice(ACTIONS, 30).tolist() + ["step"]:
+            step = schedule.act(action, int(rng.integers(0, 10**6)))
+            if step is None:
+                continue
+            ours, theirs = gpu.run(step, return_logits=True), cpu.run(step, return_logits=True)
+            rows = 0
+            for work in step.works:
+                err = rel(ours.logits[rows:rows + work.count], theirs.logits[rows:rows + work.count])
+                worst_err, works, rows = max(worst_err, err), works + 1, rows + work.count
+            schedule.took(step, theirs.tokens)
+    print(f"{shape}, schedule {seed}: {works} works, worst rel err {worst_err:.2e}")
+    assert works and worst_err <= TOLERANCE, f"rel err {worst_err:.2e} over {works} works"
 
 
-def test_step_queued_by_sample_is_invisible(tiny):
-    """sample() queues the next decode step on the GPU; sampling again, or decoding another token, must not notice."""
-    _, _, engine, gpu = tiny
-    prompt = np.random.default_rng(5).integers(0, engine.config.vocab_size, 10)
-    gpu.reset()
-    gpu.prefill(prompt)
-    first = gpu.sample(SamplingParams(), np.random.default_rng(0), prompt)
-    again = gpu.sample(SamplingParams(), np.random.default_rng(0), prompt)
-    assert first == again, "sampling twice from the same logits gave different greedy tokens"
-    other = (first + 1) % engine.config.vocab_size
-    after_queue = gpu.decode_step(other, return_logits=True)
-    gpu.reset()
-    gpu.prefill(prompt)
-    direct = gpu.decode_step(other, return_logits=True)
-    assert np.array_equal(after_queue, direct), "a decode step after a queued one differs from a fresh one"
-    queued = gpu.sample(SamplingParams(), np.random.default_rng(0), prompt)
-    consumed = gpu.decode_step(queued, return_logits=True)
-    gpu.reset()
-    gpu.prefill(prompt)
-    gpu.decode_step(other)
-    assert np.array_equal(consumed, gpu.decode_step(queued, return_logits=True)), "the queued step's logits differ"
+def test_a_pipelined_batch_on_the_gpu_equals_each_request_alone(tiny):
+    """16 requests of different lengths in one pipelined loop (decode tokens fed on the device, CUDA graphs)."""
+    shape, _, engine, gpu = tiny
+    rng = np.random.default_rng(7)
+    requests = [Request(f"r{i}", rng.integers(0, engine.config.vocab_size, int(rng.integers(1, 80))).tolist(),
+                        max_new_tokens=int(rng.integers(1, 24))) for i in range(16)]
+    with CudaBackend(engine, RuntimeOptions(max_context=512, max_num_seqs=16)) as batched:
+        loop = EngineLoop(batched)
+        outputs = [loop.add(r) for r in requests]
+        loop.run()
+        assert loop.pool.num_used == 0
+    for request, output in zip(requests, outputs):
+        alone = run_generation(gpu, request.prompt_ids, SamplingParams(), request.max_new_tokens).token_ids
+        assert len(output.token_ids) == request.max_new_tokens
+        explain_divergence(engine, request.prompt_ids, output.token_ids, alone, f"{shape} {request.request_id}", gpu)
 
 
-def test_chunked_prefill_equals_one_prefill(tiny):
-    _, _, engine, gpu = tiny
-    tokens = np.random.default_rng(4).integers(0, engine.config.vocab_size, 40)
-    gpu.reset()
-    whole = gpu.prefill(tokens, return_logits=True)
-    gpu.reset()
-    parts = np.concatenate([gpu.prefill(tokens[:17], return_logits=True), gpu.prefill(tokens[17:], return_logits=True)])
-    assert gpu.position == 40
-    err = rel(parts, whole)
-    assert err <= 1e-2, f"rel err {err:.2e}"
+def test_graph_replays_and_plain_launches_agree_bitwise(tiny):
+    _, _, engine, _ = tiny
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, engine.config.vocab_size, n).tolist() for n in (5, 17, 40, 3)]
+
+    def tokens(use_graphs: bool) -> list[list[int]]:
+        with CudaBackend(engine, OPTIONS, use_graphs=use_graphs) as backend:
+            loop = EngineLoop(backend)
+            outs = [loop.add(Request(f"g{i}", p, max_new_tokens=20)) for i, p in enumerate(prompts)]
+            loop.run()
+            return [o.token_ids for o in outs]
+
+    assert tokens(True) == tokens(False), "graph replay differs from plain launches"
 
 
-def test_sampled_generation_runs_and_stays_in_vocabulary(tiny):
+def test_sampling_is_repeatable_in_vocabulary_and_penalized_on_the_device(tiny):
     _, _, engine, gpu = tiny
     params = SamplingParams(temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.1)
     result = run_generation(gpu, [1, 2, 3], params, max_new_tokens=40, seed=7)
@@ -210,15 +225,19 @@ def test_sampled_generation_runs_and_stays_in_vocabulary(tiny):
     assert all(0 <= t < engine.vocab_limit for t in result.token_ids)
     again = run_generation(gpu, [1, 2, 3], params, max_new_tokens=40, seed=7)
     assert again.token_ids == result.token_ids, "same seed, different tokens"
+    prompt = [1, 2, 3, 4]
+    strict = run_generation(gpu, prompt, SamplingParams(repetition_penalty=1000.0), max_new_tokens=30).token_ids
+    ids = prompt + strict
+    assert len(set(ids)) == len(ids), f"a seen token came back under penalty 1000: {ids}"
 
 
 def test_int8_engine_matches_numpy_on_the_same_int8_weights():
     model = random_model(SHAPES["gqa2-d64-odd-vocab"], seed=5)
     engine = engine_of(model, int8=True)
     tokens = np.random.default_rng(6).integers(0, engine.config.vocab_size, PROMPT_TOKENS + 16)
-    with CudaBackend(engine, max_context=256) as gpu:
+    with CudaBackend(engine, OPTIONS) as gpu:
         ours = teacher_forced_logits(gpu, tokens, PROMPT_TOKENS)
-    with NumpyBackend(engine, max_context=256) as cpu:
+    with NumpyBackend(engine, OPTIONS) as cpu:
         reference = teacher_forced_logits(cpu, tokens, PROMPT_TOKENS)
     prompt_err, decode_err = worst(ours, reference)
     print(f"int8 engine: vs numpy prompt {prompt_err:.2e}, worst decode step {decode_err:.2e}")
@@ -233,9 +252,10 @@ def test_olmo2_1b_sized_model_matches_numpy_reference_and_transformers():
     hf = transformers_logits(model, tokens, 32)
     del model
     torch.cuda.empty_cache()
-    with CudaBackend(engine, max_context=1024) as gpu:
+    options = RuntimeOptions(max_context=1024, max_num_seqs=4)
+    with CudaBackend(engine, options) as gpu:
         ours = teacher_forced_logits(gpu, tokens, 32)
-    with NumpyBackend(engine, max_context=1024) as cpu:
+    with NumpyBackend(engine, options) as cpu:
         reference = teacher_forced_logits(cpu, tokens, 32)
     (p_ref, d_ref), (p_hf, d_hf) = worst(ours, reference), worst(ours, hf)
     print(f"OLMo-2-1B-sized: vs numpy prompt {p_ref:.2e} decode {d_ref:.2e}; "
@@ -244,24 +264,23 @@ def test_olmo2_1b_sized_model_matches_numpy_reference_and_transformers():
         f"rel err vs numpy: prompt {p_ref:.2e}, decode {d_ref:.2e}; vs transformers: prompt {p_hf:.2e}, decode {d_hf:.2e}")
 
 
-def test_context_overflow_and_oversized_context_are_refused(tiny):
+def test_overflows_and_oversized_contexts_are_refused(tiny):
     _, _, engine, gpu = tiny
-    gpu.reset()
-    with pytest.raises(UsageError, match="context full"):
-        gpu.prefill(np.zeros(513, np.int32))
+    with pytest.raises(ValueError, match="beyond max context"):
+        teacher_forced_logits(gpu, np.zeros(513, np.int32), 513)
     with pytest.raises(UsageError, match="beyond the model's context length"):
-        CudaBackend(engine, max_context=engine.config.max_position_embeddings + 1)
+        CudaBackend(engine, RuntimeOptions(max_context=engine.config.max_position_embeddings + 1))
 
 
 def test_not_enough_memory_is_one_clear_error(tiny, monkeypatch):
     _, _, engine, _ = tiny
-    monkeypatch.setattr(cuda_backend.cuda, "mem_get_info", lambda: (64 << 20, 80 << 30))
-    with pytest.raises(DeviceError, match=r"not enough GPU memory: needs \d+\.\d GiB, 0\.1 GiB free"):
-        CudaBackend(engine, max_context=4096)
+    monkeypatch.setattr(driver.cuda, "mem_get_info", lambda: (64 << 20, 80 << 30))
+    with pytest.raises(DeviceError, match="not enough GPU memory"):
+        CudaBackend(engine, OPTIONS)
 
 
 def test_engine_file_from_the_converter_runs_on_the_gpu(tmp_path):
-    """The real path: make_tiny → convert → open_engine (memory-mapped upload) and `olmoscope generate --device cuda`."""
+    """The real path: make_tiny → convert → open_engine, `generate --device cuda` and `batch --device cuda`."""
     import json
 
     from click.testing import CliRunner
@@ -276,9 +295,9 @@ def test_engine_file_from_the_converter_runs_on_the_gpu(tmp_path):
     convert(str(snapshot), engine_path, dtype="bf16")
     tokens = np.random.default_rng(8).integers(0, 100278, PROMPT_TOKENS + 16)
     with open_engine(engine_path) as engine:
-        with CudaBackend(engine, max_context=256) as gpu:
+        with CudaBackend(engine, OPTIONS) as gpu:
             ours = teacher_forced_logits(gpu, tokens, PROMPT_TOKENS)
-        with NumpyBackend(engine, max_context=256) as cpu:
+        with NumpyBackend(engine, OPTIONS) as cpu:
             reference = teacher_forced_logits(cpu, tokens, PROMPT_TOKENS)
     prompt_err, decode_err = worst(ours, reference)
     print(f"converted engine file: vs numpy prompt {prompt_err:.2e}, worst decode step {decode_err:.2e}")
@@ -290,3 +309,12 @@ def test_engine_file_from_the_converter_runs_on_the_gpu(tmp_path):
     report = json.loads(result.stdout)
     assert report["backend"] == "cuda" and report["prompt_token_ids"] == [14126, 34579, 374, 220], report
     assert 1 <= len(report["token_ids"]) <= 12, report
+
+    lines = [json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
+                         "body": {"prompt": "x " * (i + 1), "max_tokens": 8, "temperature": 0}}) for i in range(20)]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines))
+    result = CliRunner().invoke(main, ["batch", str(engine_path), "-i", str(tmp_path / "in.jsonl"),
+                                       "-o", str(tmp_path / "out.jsonl"), "--device", "cuda", "--max-context", "512"])
+    assert result.exit_code == 0, result.output
+    out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [o["response"]["status_code"] for o in out] == [200] * 20

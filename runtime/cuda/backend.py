@@ -1,58 +1,98 @@
 """The CUDA backend: OLMo 2 on an NVIDIA GPU with olmoscope's own kernels (cuda/), launched through PyCUDA.
 
-Weights live on the GPU in bf16 (int8 engines stay int8, with per-row f32 scales; fp16/fp32 engines are
-rounded to bf16 at upload). Prefill runs tensor-core GEMMs and flash attention over T tokens; a decode step
-is 7 kernels per layer (4 GEMVs, QK-norm/RoPE/append, flash-decoding, 2 fused residual norms), captured once
-as a CUDA graph and replayed, its per-step values (token id, position) read from device memory. Sampling
-runs on the GPU: only the chosen token id crosses back to the host, and the step that feeds it back is
-already queued behind it, so the GPU does not wait for the host between tokens.
+One layer function serves every step, prefill chunks and decode tokens mixed: projections by GEMV (1–4 rows)
+or tensor-core GEMM (split-K for skinny batches), QK-norm + RoPE + paged append at explicit positions, paged
+flash-decoding for the single-token sequences and paged flash attention for the prompt chunks. Decode-only
+steps replay a CUDA graph captured once per batch size (1, 2, 4, … padded up), reading the step's block tables,
+positions and sampling parameters from device memory. Sampling runs on the GPU; only token ids come back. Steps
+are asynchronous: the next one may be launched before this one's result is read, and will see its samples.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
-from tqdm import tqdm
 
 from olmoscope.errors import DeviceError, UsageError
-from olmoscope.runtime.backend import Backend, check_max_context
-from olmoscope.runtime.cuda.driver import ITEMSIZE, CudaGraph, DeviceBuffer, available, cuda, cuda_errors, free_pinned, gib
-from olmoscope.runtime.cuda.kernels import FD_SPLIT, HEAD_DIMS, Kernels
+from olmoscope.runtime.backend import Backend, PendingStep, RuntimeOptions, plan_blocks
+from olmoscope.runtime.blocks import BLOCK_SIZE
+from olmoscope.runtime.cuda.driver import (ITEMSIZE, CudaGraph, DeviceBuffer, available, cuda, cuda_errors,
+                                           free_pinned, gib)
+from olmoscope.runtime.cuda.kernels import (FA_QUERIES, GEMV_MAX_ROWS, HEAD_DIMS, Kernels, decode_splits, gemm_plan,
+                                            prefill_tiles)
+from olmoscope.runtime.cuda.weights import DeviceWeight, decode_weight_bytes, device_bytes, upload
+from olmoscope.runtime.cuda.workspace import MetaSizes, StepMeta
 from olmoscope.runtime.engine import Engine
-from olmoscope.runtime.sampler import SamplingParams
+from olmoscope.runtime.step import Step, StepArrays, StepResult
 
-STAGING_BYTES = 64 << 20  # each of the two pinned upload buffers
-RESERVE_BYTES = 512 << 20  # left free for the driver, cubins and the odd temporary
-PREFILL_CHUNK = 2048  # longest prompt run in one pass; longer ones run in chunks over the same cache
+RESERVE_BYTES = 1 << 30  # left free for the driver, cubins, graphs and the odd temporary
+RESULT_RING = 4  # pinned result buffers: at most RESULT_RING − 1 launched steps may wait unread
+UPKEEP_IDS = 1 << 16  # ids per mark-seen / block-copy launch
+
+
+def graph_sizes(limit: int) -> list[int]:
+    """Decode batch sizes with a captured graph: powers of two up to `limit`, and `limit` itself."""
+    sizes = [1 << i for i in range(limit.bit_length()) if 1 << i <= limit]
+    return sizes + ([limit] if sizes[-1] != limit else [])
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The launch sizes of one forward pass (captured graphs freeze them)."""
+
+    tokens: int  # T token rows
+    seqs: int  # B sequences
+    decode: int  # the first `decode` sequences have one row each
+    logits: int  # R rows get logits
+    samples: int  # S rows are sampled (rows 0 … S−1 of the logits buffer)
+    tiles: int  # prefill attention tiles
+    splits: int  # flash-decoding splits
+    window: int = 0  # attention window (0: full)
+
+    @classmethod
+    def decode_graph(cls, size: int, splits: int) -> Plan:
+        return cls(size, size, size, size, size, 0, splits)
+
+
+class CudaPending(PendingStep):
+    """A launched step: its sampled ids arrive in a pinned buffer, signalled by an event."""
+
+    def __init__(self, tokens: np.ndarray, count: int, event, logits: np.ndarray | None):
+        self._tokens, self._count, self._event, self._logits = tokens, count, event, logits
+
+    def result(self) -> StepResult:
+        with cuda_errors("a step"):
+            self._event.synchronize()
+        return StepResult(self._tokens[: self._count].copy(), self._logits)
+
 
 class CudaBackend(Backend):
     """One OLMo 2 model on one NVIDIA GPU; see backend.py for the contract.
 
-    >>> with CudaBackend(open_engine("olmo2-1b.olmo")) as gpu: gpu.prefill(np.array([9906, 1917]))
+    >>> with CudaBackend(open_engine("olmo2-1b.olmo"), RuntimeOptions(max_num_seqs=64)) as gpu: gpu.run(step)
     """
 
     name = "cuda"
+    asynchronous = True
 
-    def __init__(self, engine: Engine, max_context: int | None = None, *, use_graph: bool = True,
+    def __init__(self, engine: Engine, options: RuntimeOptions | None = None, *, use_graphs: bool = True,
                  progress: bool | None = None, device_index: int = 0):
         usable, reason = available()
         if not usable:
             raise DeviceError(f"--device cuda: {reason}")
-        cfg = engine.config
-        self.config = cfg
+        options = options or RuntimeOptions()
+        self.config = engine.config
         self.vocab_limit = engine.vocab_limit
         self.notes: list[str] = []
+        self.max_seqs = options.max_num_seqs
+        self.max_step_tokens = options.max_num_batched_tokens
+        self.use_graphs = use_graphs
         self._check_supported(engine)
-        requested = check_max_context(max_context, cfg)
         self._buffers: list[DeviceBuffer] = []
-        self._graphs: list[CudaGraph] | None = None  # the decode step, one per logits slot
-        self._use_graph = use_graph
-        self._slot: int | None = None  # the logits slot holding the last position's logits
-        self._speculated: tuple[int, int, int] | None = None  # (token, position, slot) of a step already queued
-        self._position = 0
+        self._graphs: dict[int, CudaGraph] = {}
         self._context = None
         with cuda_errors("start-up"):
             device = cuda.Device(device_index)
@@ -63,8 +103,9 @@ class CudaBackend(Backend):
                 self.device = device.name()
                 self.stream = cuda.Stream()
                 self.kernels = Kernels(cuda, device, self.stream)
-                self.max_context = self._plan_memory(engine, requested, explicit=max_context is not None)
-                self._upload_weights(engine, sys.stderr.isatty() if progress is None else progress)
+                self._plan_memory(engine, options)
+                self.weights = upload(engine.weights, self.stream, self._alloc,
+                                      sys.stderr.isatty() if progress is None else progress)
                 self._allocate_state()
         except BaseException:
             self.close()
@@ -73,62 +114,74 @@ class CudaBackend(Backend):
     # ── set-up ────────────────────────────────────────────────────────────────────────────────────
     def _check_supported(self, engine: Engine) -> None:
         cfg = self.config
-        d = cfg.head_dim
-        if d not in HEAD_DIMS:
-            raise UsageError(f"the CUDA backend supports head_dim {', '.join(map(str, HEAD_DIMS))}; this model has {d}")
+        if cfg.head_dim not in HEAD_DIMS:
+            raise UsageError(f"the CUDA backend supports head_dim {', '.join(map(str, HEAD_DIMS))}; "
+                             f"this model has {cfg.head_dim}")
         step = 16 if engine.weights.dtype == "int8" else 8
         for name, value in (("hidden_size", cfg.hidden_size), ("intermediate_size", cfg.intermediate_size)):
             if value % step:
                 raise UsageError(f"the CUDA backend needs {name} to be a multiple of {step}; this model has {value}")
 
-    def _device_dtype(self, name: str) -> str:
-        spec = self._weights.specs[name]
-        if spec.kind != "matrix":
-            return "f32"
-        return "i8" if self._weights.dtype == "int8" else "bf16"
-
-    def _plan_memory(self, engine: Engine, requested: int, explicit: bool) -> int:
-        """Check the weights fit and size the KV cache: the requested context, or as much as memory allows."""
+    def _plan_memory(self, engine: Engine, options: RuntimeOptions) -> None:
+        """Check that weights and workspaces fit, then size the KV pool from what is left."""
         cfg = self.config
-        self._weights = engine.weights
-        weight_bytes = 0
-        for name in engine.weights.names:
-            shape = engine.weights.specs[name].shape
-            weight_bytes += math.prod(shape) * ITEMSIZE[self._device_dtype(name)]
-            if self._device_dtype(name) == "i8":
-                weight_bytes += shape[0] * 4
-        self._widen_elements = 0
-        if engine.weights.dtype == "int8":  # prefill widens one layer matrix at a time into bf16
-            self._widen_elements = max(math.prod(s.shape) for s in engine.weights.specs.values()
-                                       if s.kind == "matrix" and s.layer is not None)
-        chunk = min(PREFILL_CHUNK, requested)
-        workspace = self._workspace_bytes(chunk) + 2 * self._widen_elements
-        kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
-        free, _ = cuda.mem_get_info()
-        fixed = weight_bytes + workspace + RESERVE_BYTES
-        needed = fixed + kv_per_token * requested
-        if needed <= free:
-            context = requested
-        elif not explicit and fixed + kv_per_token * 128 <= free:
-            context = int((free - fixed) // kv_per_token) // FD_SPLIT * FD_SPLIT or 128
-            self.notes.append(f"max context capped by free GPU memory: {context} of {requested} tokens")
-        else:
-            raise DeviceError(f"not enough GPU memory: needs {gib(needed)}, {gib(free)} free "
-                              f"(weights {gib(weight_bytes)}, KV cache for {requested} tokens "
-                              f"{gib(kv_per_token * requested)}); try a smaller --max-context")
-        self._chunk = min(chunk, context)
-        return context
+        self.sm_count = self.kernels.sm_count
+        self.graph_sizes = graph_sizes(min(self.max_seqs, self.max_step_tokens))
+        self._int8 = engine.weights.dtype == "int8"
+        weights = device_bytes(engine.weights)
+        free, total = cuda.mem_get_info()
+        self._max_context_guess = min(options.max_context or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        workspace = self._workspace_bytes(engine)
+        budget = int(options.gpu_memory_utilization * total) - (total - free)  # others' use counts against it
+        kv_room = min(budget, free - RESERVE_BYTES) - weights - workspace
+        if kv_room <= 0:
+            raise DeviceError(f"not enough GPU memory: weights {gib(weights)} and buffers {gib(workspace)} need "
+                              f"more than the {gib(max(budget, 0))} allowed ({gib(free)} free of {gib(total)}; "
+                              "--gpu-memory-utilization)")
+        self.num_blocks, self.max_context, notes = plan_blocks(options, cfg, 2, kv_room, "GPU")
+        self.notes += notes
+        if engine.weights.dtype in ("fp16", "fp32"):
+            self.notes.append(f"{engine.weights.dtype} weights rounded to bf16 on the GPU")
 
-    def _workspace_bytes(self, tokens: int) -> int:
-        """Bytes of the buffers _allocate_state makes besides the weights and the KV cache (an upper bound)."""
+    def _sizes(self) -> MetaSizes:
+        T, B = self.max_step_tokens, self.max_seqs
+        context = getattr(self, "max_context", self._max_context_guess)  # the guess bounds it until the pool is planned
+        return MetaSizes(tokens=max(T, self.graph_sizes[-1]), seqs=B, logits=B, samples=B,
+                         tiles=-(-T // FA_QUERIES) + B, table_width=-(-context // BLOCK_SIZE))
+
+    def _proj_elements(self) -> int:
+        """f32 elements the projection output must hold: T rows of the widest matrix, or split-K partials."""
         cfg = self.config
-        D, I, Hd, Hkvd, V = cfg.hidden_size, cfg.intermediate_size, cfg.q_width, cfg.kv_width, cfg.vocab_size
-        # prefill, per token: qkv f32, q and attention bf16, h and a f32, h bf16, SiLU·up bf16, the id
-        per_token = 4 * (Hd + 2 * Hkvd) + 2 * Hd + 2 * Hd + 4 * D + 4 * D + 2 * D + 2 * I + 4
-        splits = math.ceil(cfg.max_position_embeddings / FD_SPLIT)
-        # decode: h, qkv, attention, a, act, xf; partials; two logits slots and the penalized copy
-        decode = 4 * (3 * D + Hd + 2 * Hkvd + Hd + I + cfg.num_attention_heads * splits * (cfg.head_dim + 2) + 3 * V)
-        return tokens * per_token + decode + 4 * cfg.max_position_embeddings
+        widths = {"qkv": cfg.q_width + 2 * cfg.kv_width, "o": cfg.hidden_size, "gate_up": 2 * cfg.intermediate_size,
+                  "down": cfg.hidden_size}
+        inputs = {"qkv": cfg.hidden_size, "o": cfg.q_width, "gate_up": cfg.hidden_size, "down": cfg.intermediate_size}
+        most = self._sizes().tokens * max(widths["qkv"], widths["o"])
+        for rows in range(GEMV_MAX_ROWS + 1, min(self._sizes().tokens, 512) + 1):
+            for name, N in widths.items():
+                _, splits = gemm_plan(rows, N, inputs[name], self.sm_count)
+                if splits > 1 or name != "gate_up":
+                    most = max(most, splits * rows * N)
+        return most
+
+    def _decode_partials(self) -> int:
+        """Rows (of head_dim) flash-decoding's partial results need at the largest split plan."""
+        cfg = self.config
+        width = self._sizes().table_width
+        return max(b * cfg.num_attention_heads * decode_splits(b, cfg.num_key_value_heads, self.sm_count, width)
+                   for b in range(1, self.max_seqs + 1))
+
+    def _workspace_bytes(self, engine: Engine) -> int:
+        """Bytes of everything _allocate_state makes but the KV pool (an upper bound)."""
+        cfg, sizes = self.config, self._sizes()
+        T, R, D, I, V = sizes.tokens, sizes.logits, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+        per_token = 4 * D + 2 * D + 2 * cfg.q_width * 2 + 2 * I
+        widened = 0
+        if self._int8:
+            widened = 2 * max(s.elements for s in engine.weights.specs.values() if s.kind == "matrix")
+        meta = 4 * (13 * T + sizes.seqs * sizes.table_width)
+        state = (self.max_seqs + 1) * (4 * -(-V // 32) + 4)
+        return (T * per_token + 4 * self._proj_elements() + R * (4 * V + 2 * D) + widened + meta + state
+                + 4 * self._decode_partials() * (cfg.head_dim + 2))
 
     def _alloc(self, shape: tuple[int, ...], dtype: str) -> DeviceBuffer:
         nbytes = max(math.prod(shape) * ITEMSIZE[dtype], 1)
@@ -146,173 +199,68 @@ class CudaBackend(Backend):
         """Device memory this backend holds (weights, KV cache, workspaces)."""
         return sum(b.nbytes for b in self._buffers if b.allocation is not None)
 
-    def _upload_weights(self, engine: Engine, progress: bool) -> None:
-        """Every engine tensor to the GPU through two pinned staging buffers, in the engine's order."""
-        weights = engine.weights
-        self.w: dict[str, DeviceBuffer] = {}
-        self.scales: dict[str, DeviceBuffer] = {}
-        staging = [cuda.pagelocked_empty(STAGING_BYTES, np.uint8) for _ in range(2)]
-        done = [cuda.Event(), cuda.Event()]
-        turn = 0
-        total = sum(math.prod(weights.specs[n].shape) * ITEMSIZE[self._device_dtype(n)] for n in weights.names)
-        converted = weights.dtype in ("fp16", "fp32")
-        if converted:
-            self.notes.append(f"{weights.dtype} weights rounded to bf16 on the GPU")
-        with tqdm(total=total, unit="B", unit_scale=True, desc="uploading weights", disable=not progress,
-                  file=sys.stderr) as bar:
-
-            def send(dest: int, array: np.ndarray) -> None:
-                nonlocal turn
-                data = array.reshape(-1).view(np.uint8)
-                for start in range(0, data.size, STAGING_BYTES):
-                    part = data[start:start + STAGING_BYTES]
-                    done[turn].synchronize()  # the buffer's previous copy has left it
-                    staging[turn][: part.size] = part
-                    cuda.memcpy_htod_async(dest + start, staging[turn][: part.size], self.stream)
-                    done[turn].record(self.stream)
-                    turn ^= 1
-                    bar.update(part.size)
-
-            for name in weights.names:
-                array = weights.tensor(name)
-                dtype = self._device_dtype(name)
-                buffer = self._alloc(tuple(array.shape), dtype)
-                self.w[name] = buffer
-                if dtype == "f32":
-                    send(buffer.ptr, np.ascontiguousarray(array, dtype=np.float32))
-                elif dtype == "i8":
-                    send(buffer.ptr, np.ascontiguousarray(array))
-                    scales = np.ascontiguousarray(weights.scales(name), dtype=np.float32)
-                    self.scales[name] = self._alloc(scales.shape, "f32")
-                    send(self.scales[name].ptr, scales)
-                else:
-                    rows_per_part = max(1, STAGING_BYTES // (2 * array.shape[1]))
-                    for r in range(0, array.shape[0], rows_per_part):  # fp32 → bf16 a slab at a time
-                        part = np.ascontiguousarray(array[r:r + rows_per_part]).astype(ml_dtypes.bfloat16, copy=False)
-                        send(buffer.ptr + r * array.shape[1] * 2, part)
-            self.stream.synchronize()
-        for buffer in staging:
-            free_pinned(buffer)
-        self._head = weights.head_name
+    def decode_weight_bytes(self, batch: int = 1) -> int:
+        """Weight bytes a decode step of `batch` sequences reads (benchmarks' roofline)."""
+        return decode_weight_bytes(self.weights, batch)
 
     def _allocate_state(self) -> None:
-        """KV cache, the decode step's buffers, the prefill workspace, sampling scratch."""
-        cfg = self.config
+        """KV pool, per-slot state, the step metadata, activations, sampling buffers."""
+        cfg, sizes = self.config, self._sizes()
         L, H, Hkv, d = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        D, I, V, S = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, self.max_context
-        n_qkv = cfg.q_width + 2 * cfg.kv_width
-        self.k_cache = self._alloc((L, Hkv, S, d), "bf16")
-        self.v_cache = self._alloc((L, Hkv, S, d), "bf16")
+        D, I, V, T, R = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, sizes.tokens, sizes.logits
+        self.pad_state = self.max_seqs  # the state slot padded rows of a graph use
+        self.kv = self._alloc((L, 2, self.num_blocks, Hkv, BLOCK_SIZE, d), "bf16")
+        cuda.memset_d16_async(self.kv.ptr, 0, self.kv.nbytes // 2, self.stream)  # finite everywhere, null block too
+        self.seen_words = -(-V // 32)
+        self.seen = self._alloc((self.max_seqs + 1, self.seen_words), "i32")
+        cuda.memset_d32_async(self.seen.ptr, 0, self.seen.nbytes // 4, self.stream)
+        self.last_sampled = self._alloc((self.max_seqs + 1,), "i32")
+        cuda.memset_d32_async(self.last_sampled.ptr, 0, self.max_seqs + 1, self.stream)
         exponents = np.arange(0, d, 2, dtype=np.float32) / np.float32(d)  # as reference.rope_tables
         inv_freq = (np.float32(1.0) / np.power(np.float32(cfg.rope_theta), exponents)).astype(np.float32)
         self.inv_freq = self._alloc((d // 2,), "f32")
         cuda.memcpy_htod(self.inv_freq.ptr, inv_freq)
-        # per-step values the captured graph reads: [token id, position]
-        self.step = self._alloc((2,), "i32")
-        self._step_host = cuda.pagelocked_empty(2, np.int32)
-        self._step_sent = cuda.Event()
-        self._step_sent.record(self.stream)
-        splits = math.ceil(S / FD_SPLIT)
-        self.dec = {
-            "h": self._alloc((1, D), "f32"), "qkv": self._alloc((1, n_qkv), "f32"), "q": self._alloc((1, H, d), "bf16"),
-            "po": self._alloc((H, splits, d), "f32"), "pml": self._alloc((H, splits, 2), "f32"),
-            "attn": self._alloc((H * d,), "f32"), "counters": self._alloc((H,), "i32"),
-            "a": self._alloc((1, D), "f32"), "act": self._alloc((I,), "f32"),
-            "xf": self._alloc((1, D), "f32"),
-        }
-        # two logits buffers: a decode step queued ahead by sample() writes the one sample() is not reading
-        self.logits_slots = [self._alloc((V,), "f32"), self._alloc((V,), "f32")]
-        C = self._chunk
-        self.pre = {
-            "ids": self._alloc((C,), "i32"), "h": self._alloc((C, D), "f32"), "hb": self._alloc((C, D), "bf16"),
-            "qkv": self._alloc((C, n_qkv), "f32"), "q": self._alloc((C, H, d), "bf16"),
-            "attn": self._alloc((C, H * d), "bf16"), "a": self._alloc((C, D), "f32"), "act": self._alloc((C, I), "bf16"),
-        }
-        cuda.memset_d32(self.dec["counters"].ptr, 0, H)  # flash-decoding's merge tickets start (and stay) at zero
-        self.widened = self._alloc((self._widen_elements,), "bf16") if self._widen_elements else None
-        self.penalized = self._alloc((V,), "f32")
-        self.seen_ids = self._alloc((S + 1,), "i32")
-        self.token_out = self._alloc((1,), "i32")
-        self._token_host = cuda.pagelocked_empty(1, np.int32)
-        self._token_ready = cuda.Event()
-        self._last_logits: DeviceBuffer | None = None
+        self.meta = StepMeta(sizes, self._alloc, self.stream)
+        self.h = self._alloc((T, D), "f32")
+        self.hb = self._alloc((T, D), "bf16")
+        self.proj = self._alloc((self._proj_elements(),), "f32")
+        self.q = self._alloc((T, H, d), "bf16")
+        self.attn = self._alloc((T, H * d), "bf16")
+        self.act = self._alloc((T, I), "bf16")
+        self.xf = self._alloc((R, D), "bf16")
+        self.logits = self._alloc((R, V), "f32")
+        partials = self._decode_partials()
+        self.part_o = self._alloc((partials, d), "f32")
+        self.part_ml = self._alloc((partials, 2), "f32")
+        self.counters = self._alloc((self.max_seqs * Hkv,), "i32")
+        cuda.memset_d32_async(self.counters.ptr, 0, self.max_seqs * Hkv, self.stream)  # merge tickets: zero between steps
+        self.tokens_out = self._alloc((R,), "i32")
+        self.upkeep = self._alloc((2, UPKEEP_IDS), "i32")
+        self.widened = None
+        if self._int8:
+            largest = max(w.data.nbytes for layer in self.weights.layers for w in vars(layer).values()
+                          if w.data.dtype == "i8")
+            self.widened = self._alloc((largest,), "bf16")
+        self._results = [cuda.pagelocked_empty(R, np.int32) for _ in range(RESULT_RING)]
+        self._result_events = [cuda.Event() for _ in range(RESULT_RING)]
+        self._result_turn = 0
         self.stream.synchronize()
 
-    # ── Backend interface ─────────────────────────────────────────────────────────────────────────
-    @property
-    def position(self) -> int:
-        return self._position
-
-    def reset(self) -> None:
-        self._position = 0  # attention reads positions < position only: stale entries are never seen
-        self._last_logits = self._slot = self._speculated = None
-
-    def prefill(self, token_ids: np.ndarray, return_logits: bool = False) -> np.ndarray | None:
-        ids = self._check_ids(token_ids)
-        self._speculated = None  # a step queued ahead is stream-ordered before this and then overwritten
-        outputs = []
-        with cuda_errors("prefill"):
-            for start in range(0, len(ids), self._chunk):
-                part = ids[start:start + self._chunk]
-                logits = self._prefill_chunk(part, return_logits)
-                if logits is not None:
-                    outputs.append(logits)
-            self.stream.synchronize()
-        return np.concatenate(outputs) if return_logits else None
-
-    def decode_step(self, token_id: int, return_logits: bool = False) -> np.ndarray | None:
-        if isinstance(token_id, bool) or not isinstance(token_id, (int, np.integer)):
-            raise ValueError(f"token id must be an integer, got {type(token_id).__name__}")
-        if not 0 <= token_id < self.config.vocab_size:
-            raise ValueError(f"token id out of range [0, {self.config.vocab_size})")
-        self.check_room(1)
-        with cuda_errors("a decode step"):
-            queued, self._speculated = self._speculated, None
-            if queued is not None and queued[:2] == (int(token_id), self._position):
-                slot = queued[2]  # sample() already queued this very step: nothing to launch
+    # ── the Backend interface ─────────────────────────────────────────────────────────────────────────
+    def launch(self, step: Step, return_logits: bool = False) -> PendingStep:
+        arrays = self.check_step(step)
+        with cuda_errors("a step"):
+            self._upkeep(step)
+            size = self._graph_size(arrays, return_logits)
+            logits = None
+            if size:
+                self._upload(pad_decode(arrays, size, self.pad_state), size, [])
+                self._graph(size).launch()
             else:
-                slot = queued[2] if queued is not None else self._free_slot()
-                self._step_sent.synchronize()  # the pinned [token, position] pair is free to rewrite
-                self._step_host[0], self._step_host[1] = int(token_id), self._position
-                cuda.memcpy_htod_async(self.step.ptr, self._step_host, self.stream)
-                self._step_sent.record(self.stream)
-                self._launch_decode(slot)
-            self._position += 1
-            self._slot, self._last_logits = slot, self.logits_slots[slot]
-            if not return_logits:
-                return None
-            out = np.empty(self.config.vocab_size, np.float32)
-            cuda.memcpy_dtoh_async(out, self._last_logits.ptr, self.stream)
-            self.stream.synchronize()
-            return out
-
-    def sample(self, params: SamplingParams, rng: np.random.Generator, history: np.ndarray) -> int:
-        """The next token, chosen on the GPU. With a decode graph, the step that feeds this token back is queued
-        right behind it (into the other logits slot), so the GPU works while the host looks at the token; a
-        decode_step with that token and position then launches nothing."""
-        if self._last_logits is None:
-            raise ValueError("sample() before any prefill or decode_step")
-        with cuda_errors("sampling"):
-            logits = self._last_logits
-            if params.repetition_penalty != 1.0 and history is not None and len(history):
-                seen = np.unique(np.asarray(history, dtype=np.int64))
-                seen = seen[(seen >= 0) & (seen < self.vocab_limit)].astype(np.int32)[: self.seen_ids.shape[0]]
-                cuda.memcpy_dtod_async(self.penalized.ptr, logits.ptr, logits.nbytes, self.stream)
-                if seen.size:
-                    cuda.memcpy_htod_async(self.seen_ids.ptr, seen, self.stream)
-                    self.kernels.repetition_penalty(self.penalized, self.seen_ids, int(seen.size),
-                                                    float(params.repetition_penalty))
-                logits = self.penalized
-            u = 0.0 if params.greedy else float(rng.random())  # exactly one draw per non-greedy sample
-            self.kernels.sample(logits, self.vocab_limit, float(params.temperature), int(params.top_k),
-                                float(params.top_p), u, self.token_out)
-            cuda.memcpy_dtoh_async(self._token_host, self.token_out.ptr, self.stream)
-            self._token_ready.record(self.stream)
-            slot = self._speculate()
-            self._token_ready.synchronize()
-            token = int(self._token_host[0])
-            self._speculated = (token, self._position, slot) if slot is not None else None
-        return token
+                tile_seq, tile_row = prefill_tiles(arrays.first_row, arrays.rows, arrays.num_decode)
+                self._upload(arrays, arrays.num_seqs, [tile_seq, tile_row])
+                logits = self._forward(self._plan(arrays, len(tile_seq), step.window), arrays, return_logits)
+            return self._collect(len(arrays.sample_rows), logits)
 
     def synchronize(self) -> None:
         """Wait for the GPU to finish everything queued (benchmarks time with this)."""
@@ -323,157 +271,237 @@ class CudaBackend(Backend):
         if self._context is None:
             return
         try:
-            for graph in self._graphs or []:
+            for graph in self._graphs.values():
                 graph.close()
-            self._graphs = None
+            self._graphs = {}
+            if hasattr(self, "meta"):
+                self.meta.close()
+            for pinned in getattr(self, "_results", []):
+                free_pinned(pinned)
+            self._results = []
             for buffer in self._buffers:
                 buffer.free()
             self._buffers = []
-            for pinned in ("_step_host", "_token_host"):
-                if hasattr(self, pinned):
-                    free_pinned(getattr(self, pinned))
-                    delattr(self, pinned)
         finally:
             self._context.pop()
             self._context = None
 
-    # ── the forward pass ──────────────────────────────────────────────────────────────────────────
-    def _check_ids(self, token_ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(token_ids).reshape(-1)
-        if ids.dtype.kind not in "iu":
-            raise ValueError(f"token ids must be integers, got {ids.dtype}")
-        self.check_room(len(ids))
-        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-            raise ValueError(f"token id out of range [0, {self.config.vocab_size})")
-        return ids.astype(np.int32)
-
-    def _matrix(self, name: str) -> tuple[DeviceBuffer, DeviceBuffer | None]:
-        """A weight matrix for the GEMM: bf16 as is, int8 widened into the scratch (scales applied in the epilogue)."""
-        weight = self.w[name]
-        if weight.dtype != "i8":
-            return weight, None
-        widened = DeviceBuffer(self.widened.ptr, weight.shape, "bf16")
-        self.kernels.widen_int8(weight, widened)
-        return widened, self.scales[name]
-
-    def _prefill_chunk(self, ids: np.ndarray, return_logits: bool) -> np.ndarray | None:
-        cfg, k, p = self.config, self.kernels, self.pre
-        T, eps = len(ids), cfg.rms_norm_eps
-        self._step_sent.synchronize()
-        self._step_host[1] = self._position
-        cuda.memcpy_htod_async(self.step.ptr, self._step_host, self.stream)
-        self._step_sent.record(self.stream)
-        cuda.memcpy_htod_async(p["ids"].ptr, ids, self.stream)
-        start_pos = DeviceBuffer(self.step.ptr + 4, (1,), "i32")
-        k.embedding(self.w["embedding"], self.scales.get("embedding"), p["ids"], p["h"], p["hb"], T)
-        for layer in range(cfg.num_hidden_layers):
-            name = f"layers.{layer}."
-            kc, vc = self._cache(layer)
-            k.gemm(p["hb"], *self._matrix(name + "qkv"), p["qkv"], T)
-            k.qk_norm_rope_append(p["qkv"], self.w[name + "q_norm"], self.w[name + "k_norm"], self.inv_freq, p["q"],
-                                  kc, vc, start_pos, T, eps)
-            k.flash_prefill(p["q"], kc, vc, p["attn"], start_pos, T)
-            k.gemm(p["attn"], *self._matrix(name + "o_proj"), p["a"], T)
-            k.residual_norm(p["h"], p["a"], self.w[name + "post_attention_norm"], p["hb"], T, eps)
-            k.gemm(p["hb"], *self._matrix(name + "gate_up"), p["act"], T, silu=True)
-            k.gemm(p["act"], *self._matrix(name + "down_proj"), p["a"], T)
-            k.residual_norm(p["h"], p["a"], self.w[name + "post_feedforward_norm"], p["hb"], T, eps)
-        self._position += T
-        self._slot, self._last_logits = 0, self.logits_slots[0]
-        head, head_scales = self.w[self._head], self.scales.get(self._head)
-        if not return_logits:  # the last token's logits only: one GEMV
-            k.rmsnorm(p["h"].rows(T - 1, 1), self.w["final_norm"], self.dec["xf"], 1, eps)
-            k.gemv(head, head_scales, self._flat(self.dec["xf"]), self.logits_slots[0])
+    # ── a step ────────────────────────────────────────────────────────────────────────────────────
+    def _graph_size(self, arrays: StepArrays, return_logits: bool) -> int | None:
+        """The captured batch size this step replays, or None when it runs eagerly (prefill, logits, no graphs)."""
+        B = arrays.num_seqs
+        plain = (arrays.num_decode == B and len(arrays.logit_rows) == B == len(arrays.sample_rows)
+                 and np.array_equal(arrays.sample_rows, np.arange(B)))
+        if not (self.use_graphs and plain and not return_logits and B <= self.graph_sizes[-1]):
             return None
-        V = cfg.vocab_size
-        logits = self._alloc((T, V), "f32")
+        return next(size for size in self.graph_sizes if size >= B)
+
+    def _plan(self, arrays: StepArrays, tiles: int, window: int) -> Plan:
+        cfg = self.config
+        splits = decode_splits(max(arrays.num_decode, 1), cfg.num_key_value_heads, self.sm_count,
+                               self.meta.sizes.table_width)
+        return Plan(arrays.num_tokens, arrays.num_seqs, arrays.num_decode, len(arrays.logit_rows),
+                    len(arrays.sample_rows), tiles, splits, window)
+
+    def _upload(self, arrays: StepArrays, seqs: int, tiles: list[np.ndarray]) -> None:
+        values = {"ids": arrays.token_ids, "positions": arrays.positions, "slots": arrays.slots,
+                  "token_state": arrays.token_state, "first_row": arrays.first_row, "rows": arrays.rows,
+                  "context": arrays.context, "logit_rows": arrays.logit_rows, "sample_state": arrays.sample_state,
+                  "top_k": arrays.top_k, "temperature": arrays.temperature, "top_p": arrays.top_p,
+                  "u": arrays.u.astype(np.float32), "penalty": arrays.repetition_penalty,
+                  "block_tables": arrays.block_tables}
+        if tiles:
+            values["tile_seq"], values["tile_first_row"] = tiles
+        self.meta.upload(values, seqs)
+
+    def _upkeep(self, step: Step) -> None:
+        """Before the forward pass: copy-on-write block copies, fresh slots' seen sets cleared, history marked."""
+        k = self.kernels
+        pairs = np.asarray(step.copies, np.int32).reshape(-1, 2)
+        for start in range(0, len(pairs), UPKEEP_IDS // 2):
+            chunk = pairs[start:start + UPKEEP_IDS // 2]
+            cuda.memcpy_htod_async(self.upkeep.ptr, np.ascontiguousarray(chunk), self.stream)
+            k.copy_blocks(self.kv, DeviceBuffer(self.upkeep.ptr, (len(chunk), 2), "i32"), len(chunk))
+        for slot in step.fresh_slots:
+            cuda.memset_d32_async(self.seen.ptr + 4 * slot * self.seen_words, 0, self.seen_words, self.stream)
+        marks = [(slot, np.asarray(ids, np.int32)) for slot, ids in step.seen]
+        if marks:
+            ids = np.concatenate([m[1] for m in marks])
+            states = np.concatenate([np.full(len(m[1]), m[0], np.int32) for m in marks])
+            for start in range(0, len(ids), UPKEEP_IDS):
+                chunk = np.stack([ids[start:start + UPKEEP_IDS], states[start:start + UPKEEP_IDS]])
+                n = chunk.shape[1]
+                cuda.memcpy_htod_async(self.upkeep.ptr, np.ascontiguousarray(chunk[0]), self.stream)
+                cuda.memcpy_htod_async(self.upkeep.ptr + 4 * UPKEEP_IDS, np.ascontiguousarray(chunk[1]), self.stream)
+                k.mark_seen(DeviceBuffer(self.upkeep.ptr, (n,), "i32"),
+                            DeviceBuffer(self.upkeep.ptr + 4 * UPKEEP_IDS, (n,), "i32"), self.seen, n)
+
+    def _collect(self, samples: int, logits: np.ndarray | None) -> CudaPending:
+        """Queue the sampled ids' copy to the host; the pending step that waits for it."""
+        turn = self._result_turn
+        self._result_turn = (turn + 1) % RESULT_RING
+        self._result_events[turn].synchronize()  # its last reader is done (the loop reads each step before the next)
+        if samples:
+            cuda.memcpy_dtoh_async(self._results[turn][:samples], self.tokens_out.ptr, self.stream)
+        self._result_events[turn].record(self.stream)
+        return CudaPending(self._results[turn], samples, self._result_events[turn], logits)
+
+    def _graph(self, size: int) -> CudaGraph:
+        """The decode step of `size` rows, captured at first use."""
+        graph = self._graphs.get(size)
+        if graph is None:
+            cfg = self.config
+            plan = Plan.decode_graph(size, decode_splits(size, cfg.num_key_value_heads, self.sm_count,
+                                                         self.meta.sizes.table_width))
+            graph = CudaGraph(self.stream)
+            try:
+                graph.capture(lambda: self._forward(plan, None, False))
+            except BaseException:
+                graph.close()
+                raise
+            self._graphs[size] = graph
+        return graph
+
+    # ── the forward pass ──────────────────────────────────────────────────────────────────────────
+    def _forward(self, plan: Plan, arrays: StepArrays | None, return_logits: bool) -> np.ndarray | None:
+        """Every kernel of one step, on the metadata uploaded for it; the logits [R, V] when asked."""
+        cfg, k, w, m = self.config, self.kernels, self.weights, self.meta
+        T, eps = plan.tokens, cfg.rms_norm_eps
+        ids = m.field("ids", T)
+        k.prepare_tokens(ids, self.last_sampled, m.field("token_state", T), self.seen, T)
+        k.embedding(w.embedding.data, w.embedding.scales, ids, self.h, self.hb, T)
+        for l, layer in enumerate(w.layers):
+            k_pool, v_pool = self._kv_planes(l)
+            parts = self._linear(self.hb, layer.qkv, T)
+            k.qk_norm_rope_append(*parts, layer.q_norm.data, layer.k_norm.data, self.inv_freq, self.q, k_pool, v_pool,
+                                  m.field("positions", T), m.field("slots", T), T, eps)
+            self._attention(k_pool, v_pool, plan)
+            k.residual_norm(self.h, *self._linear(self.attn, layer.o_proj, T), layer.post_attention_norm.data,
+                            self.hb, T, eps)
+            self._silu_linear(self.hb, layer.gate_up, T)
+            k.residual_norm(self.h, *self._linear(self.act, layer.down_proj, T), layer.post_feedforward_norm.data,
+                            self.hb, T, eps)
+        R = plan.logits
+        gathered = arrays is not None and not np.array_equal(arrays.sample_rows, np.arange(R))  # all-logits steps
+        if gathered:
+            xf, target = self._alloc((R, cfg.hidden_size), "bf16"), self._alloc((R, cfg.vocab_size), "f32")
+        else:
+            xf, target = self.xf.rows(0, R), self.logits.rows(0, R)
         try:
-            if head.dtype == "i8":  # the lm_head is too large to widen whole: one GEMV per row
-                for t in range(T):
-                    k.rmsnorm(p["h"].rows(t, 1), self.w["final_norm"], self.dec["xf"], 1, eps)
-                    k.gemv(head, head_scales, self._flat(self.dec["xf"]), self._flat(logits.rows(t, 1)))
-            else:
-                k.rmsnorm(p["h"], self.w["final_norm"], p["hb"], T, eps)
-                k.gemm(p["hb"], head, None, logits, T)
-            cuda.memcpy_dtod_async(self.logits_slots[0].ptr, logits.rows(T - 1, 1).ptr, V * 4, self.stream)
-            out = np.empty((T, V), np.float32)
-            cuda.memcpy_dtoh_async(out, logits.ptr, self.stream)
-            self.stream.synchronize()
+            k.rmsnorm_rows(self.h, m.field("logit_rows", R), w.final_norm.data, xf, R, eps)
+            self._linear(xf, w.lm_head, R, out=target, can_split=False)
+            logits = self._fetch(target, R) if return_logits else None
+            if gathered:
+                self._gather_rows(target, arrays.sample_rows)
         finally:
-            self._buffers.remove(logits)
-            logits.free()
+            if gathered:
+                self.stream.synchronize()
+                for temporary in (xf, target):
+                    self._buffers.remove(temporary)
+                    temporary.free()
+        if plan.samples:
+            S = plan.samples
+            k.repetition_penalty_rows(self._rows(self.logits, S), m.field("penalty", S), m.field("sample_state", S),
+                                      self.seen, S)
+            k.sample_rows(self._rows(self.logits, S), self.vocab_limit, m.field("temperature", S), m.field("top_k", S),
+                          m.field("top_p", S), m.field("u", S), m.field("sample_state", S), self.tokens_out,
+                          self.last_sampled, S)
+        return logits
+
+    def _rows(self, buffer: DeviceBuffer, rows: int) -> DeviceBuffer:
+        return buffer.rows(0, rows)
+
+    def _fetch(self, logits: DeviceBuffer, rows: int) -> np.ndarray:
+        out = np.empty((rows, self.config.vocab_size), np.float32)
+        cuda.memcpy_dtoh_async(out, logits.ptr, self.stream)
+        self.stream.synchronize()
         return out
 
-    @staticmethod
-    def _flat(buffer: DeviceBuffer) -> DeviceBuffer:
-        return DeviceBuffer(buffer.ptr, (math.prod(buffer.shape),), buffer.dtype)
+    def _gather_rows(self, source: DeviceBuffer, rows: np.ndarray) -> None:
+        """Sampled rows of an all-logits buffer into the first rows of the sampling buffer (tests' path)."""
+        width = self.config.vocab_size * 4
+        for i, row in enumerate(rows):
+            cuda.memcpy_dtod_async(self.logits.ptr + i * width, source.ptr + int(row) * width, width, self.stream)
 
-    def _cache(self, layer: int) -> tuple[DeviceBuffer, DeviceBuffer]:
-        _, Hkv, S, d = self.k_cache.shape
-        per_layer = Hkv * S * d * 2
-        return (DeviceBuffer(self.k_cache.ptr + layer * per_layer, (Hkv, S, d), "bf16"),
-                DeviceBuffer(self.v_cache.ptr + layer * per_layer, (Hkv, S, d), "bf16"))
+    def _kv_planes(self, layer: int) -> tuple[DeviceBuffer, DeviceBuffer]:
+        _, _, blocks, Hkv, size, d = self.kv.shape
+        plane = blocks * Hkv * size * d * 2
+        base = self.kv.ptr + 2 * layer * plane
+        return (DeviceBuffer(base, (blocks, Hkv, size, d), "bf16"),
+                DeviceBuffer(base + plane, (blocks, Hkv, size, d), "bf16"))
 
-    def _free_slot(self) -> int:
-        """The logits slot that is not holding the last logits."""
-        return 1 - self._slot if self._slot is not None else 0
+    def _matrix(self, weight: DeviceWeight) -> DeviceBuffer:
+        """A weight matrix for the GEMM: bf16 as is, int8 widened into the scratch (scales go to the epilogue)."""
+        if weight.data.dtype != "i8":
+            return weight.data
+        widened = DeviceBuffer(self.widened.ptr, weight.data.shape, "bf16")
+        self.kernels.widen_int8(weight.data, widened)
+        return widened
 
-    def _launch_decode(self, slot: int) -> None:
-        """Queue one decode step reading self.step, its logits into `slot`."""
-        if self._use_graph and self._graphs is None:
-            self._capture_decode()
-        if self._graphs is not None:
-            self._graphs[slot].launch()
-        else:
-            self._decode_kernels(slot)
+    def _linear(self, x: DeviceBuffer, weight: DeviceWeight, rows: int, out: DeviceBuffer | None = None,
+                can_split: bool = True) -> tuple[DeviceBuffer, int, int]:
+        """y = x·Wᵀ for `rows` rows: (output [parts·rows, N] f32, parts, part stride in elements)."""
+        N, K = weight.data.shape
+        x = x.rows(0, rows) if x.shape[0] != rows else x
+        if rows <= GEMV_MAX_ROWS:
+            y = out.rows(0, rows) if out is not None else DeviceBuffer(self.proj.ptr, (rows, N), "f32")
+            self.kernels.gemv(weight.data, weight.scales, x, y, rows)
+            return y, 1, rows * N
+        _, splits = gemm_plan(rows, N, K, self.sm_count)
+        splits = splits if can_split else 1
+        y = out.rows(0, rows) if out is not None else DeviceBuffer(self.proj.ptr, (splits * rows, N), "f32")
+        self.kernels.gemm(x, self._matrix(weight), weight.scales, y, rows, splits=splits)
+        return y, splits, rows * N
 
-    def _speculate(self) -> int | None:
-        """Queue the decode step of the token being sampled (read on the GPU from token_out); its slot, or None."""
-        if not self._use_graph or self._position >= self.max_context:
-            return None
-        if self._graphs is None:
-            self._capture_decode()
-            if self._graphs is None:
-                return None
-        slot = self._free_slot()
-        self.kernels.feed_token(self.token_out, self.step, self._position)
-        self._graphs[slot].launch()
-        return slot
-
-    def _decode_kernels(self, slot: int) -> None:
-        """One token through the model: every launch reads the token and position from self.step."""
-        cfg, k, b = self.config, self.kernels, self.dec
-        eps = cfg.rms_norm_eps
-        token = DeviceBuffer(self.step.ptr, (1,), "i32")
-        start_pos = DeviceBuffer(self.step.ptr + 4, (1,), "i32")
-        h = self._flat(b["h"])
-        k.embedding(self.w["embedding"], self.scales.get("embedding"), token, b["h"], None, 1)
-        for layer in range(cfg.num_hidden_layers):
-            name = f"layers.{layer}."
-            kc, vc = self._cache(layer)
-            k.gemv(self.w[name + "qkv"], self.scales.get(name + "qkv"), h, self._flat(b["qkv"]))
-            k.qk_norm_rope_append(b["qkv"], self.w[name + "q_norm"], self.w[name + "k_norm"], self.inv_freq, b["q"],
-                                  kc, vc, start_pos, 1, eps)
-            k.flash_decode(b["q"], kc, vc, b["po"], b["pml"], b["attn"], b["counters"], start_pos)
-            k.gemv(self.w[name + "o_proj"], self.scales.get(name + "o_proj"), b["attn"], self._flat(b["a"]))
-            k.residual_norm(b["h"], b["a"], self.w[name + "post_attention_norm"], None, 1, eps)
-            k.gemv(self.w[name + "gate_up"], self.scales.get(name + "gate_up"), h, b["act"], silu=True)
-            k.gemv(self.w[name + "down_proj"], self.scales.get(name + "down_proj"), b["act"], self._flat(b["a"]))
-            k.residual_norm(b["h"], b["a"], self.w[name + "post_feedforward_norm"], None, 1, eps)
-        k.rmsnorm(b["h"], self.w["final_norm"], b["xf"], 1, eps)
-        k.gemv(self.w[self._head], self.scales.get(self._head), self._flat(b["xf"]), self.logits_slots[slot])
-
-    def _capture_decode(self) -> None:
-        """Record the decode step once per logits slot; where the driver refuses, plain launches (and say so)."""
-        graphs = []
-        try:
-            for slot in (0, 1):
-                graphs.append(CudaGraph(self.stream))
-                graphs[-1].capture(lambda: self._decode_kernels(slot))
-        except (DeviceError, OSError, AttributeError) as exc:
-            for graph in graphs:
-                graph.close()
-            self._use_graph = False
-            self.notes.append(f"decode runs without a CUDA graph ({exc})")
+    def _silu_linear(self, x: DeviceBuffer, weight: DeviceWeight, rows: int) -> None:
+        """act = SiLU(x·gateᵀ)·(x·upᵀ) (bf16) from the fused [gate; up] matrix."""
+        N, K = weight.data.shape
+        act = self.act.rows(0, rows)
+        x = x.rows(0, rows)
+        if rows <= GEMV_MAX_ROWS:
+            self.kernels.gemv(weight.data, weight.scales, x, act, rows, silu=True)
             return
-        self._graphs = graphs
+        _, splits = gemm_plan(rows, N, K, self.sm_count, silu=True)
+        if splits == 1:
+            self.kernels.gemm(x, self._matrix(weight), weight.scales, act, rows, silu=True)
+            return
+        parts = DeviceBuffer(self.proj.ptr, (splits * rows, N), "f32")
+        self.kernels.gemm(x, self._matrix(weight), weight.scales, parts, rows, splits=splits)
+        self.kernels.silu_mul_parts(parts, splits, rows * N, act, rows)
+
+    def _attention(self, k_pool: DeviceBuffer, v_pool: DeviceBuffer, plan: Plan) -> None:
+        """attn [T, H·d]: flash-decoding for the single-token sequences, flash attention for the prompt chunks."""
+        k, m = self.kernels, self.meta
+        if plan.decode:
+            shape = (plan.decode, self.config.num_attention_heads, plan.splits)
+            part_o = DeviceBuffer(self.part_o.ptr, (*shape, self.config.head_dim), "f32")
+            part_ml = DeviceBuffer(self.part_ml.ptr, (*shape, 2), "f32")
+            k.paged_decode(self.q, k_pool, v_pool, self.attn, part_o, part_ml, self.counters,
+                           m.field("context", plan.decode), m.field("block_tables"), plan.decode, plan.splits,
+                           plan.window)
+        if plan.tiles:
+            k.paged_prefill(self.q, k_pool, v_pool, self.attn, m.field("tile_seq", plan.tiles),
+                            m.field("tile_first_row", plan.tiles), m.field("first_row", plan.seqs),
+                            m.field("rows", plan.seqs), m.field("context", plan.seqs), m.field("block_tables"),
+                            plan.tiles, plan.window)
+
+
+def pad_decode(arrays: StepArrays, size: int, pad_state: int) -> StepArrays:
+    """A decode step's arrays padded to a graph's `size` rows: padded rows read and write the null block only,
+    keep their state in the pad slot, and are sampled greedily into ids nobody reads."""
+    extra = size - arrays.num_seqs
+    if extra == 0:
+        return arrays
+
+    def grow(array: np.ndarray, value) -> np.ndarray:
+        return np.concatenate([array, np.full(extra, value, array.dtype)])
+
+    tables = np.concatenate([arrays.block_tables, np.zeros((extra, arrays.block_tables.shape[1]), np.int32)])
+    return StepArrays(
+        token_ids=grow(arrays.token_ids, 0), positions=grow(arrays.positions, 0), slots=grow(arrays.slots, 0),
+        token_state=grow(arrays.token_state, pad_state), first_row=np.arange(size, dtype=np.int32),
+        rows=grow(arrays.rows, 1), context=grow(arrays.context, 1), block_tables=tables, num_decode=size,
+        logit_rows=np.arange(size, dtype=np.int32), sample_rows=np.arange(size, dtype=np.int32),
+        temperature=grow(arrays.temperature, 0.0), top_k=grow(arrays.top_k, 0), top_p=grow(arrays.top_p, 1.0),
+        repetition_penalty=grow(arrays.repetition_penalty, 1.0), u=grow(arrays.u, 0.0),
+        sample_state=grow(arrays.sample_state, pad_state), params=arrays.params)
