@@ -152,25 +152,29 @@ def gemm_tile(M: int) -> int:
 
 
 def gemm_plan(M: int, N: int, K: int, sm_count: int, silu: bool = False) -> tuple[int, int]:
-    """(bm, splits) for C = A·Wᵀ with A [M, K], W [N, K]: split K until about CTAS_PER_SM CTAs per multiprocessor,
-    each split streaming ≥ GEMM_MIN_KTILES_PER_SPLIT k-tiles, the partials' traffic (written, then read back by the
-    consumer: 8·splits·M·N bytes) at most the weights' (2·N·K); no split when the SiLU epilogue is fused.
+    """(bm, splits) for C = A·Wᵀ with A [M, K], W [N, K]: the tile for M (gemm_tile) and its split count
+    (gemm_splits; 1 when the SiLU epilogue is fused, which cannot split K).
 
     >>> gemm_plan(16, 4096, 4096, 132)
     (16, 8)
     """
     bm = gemm_tile(M)
-    tile = GEMM_TILES[bm]
-    ktiles = math.ceil(K / tile.bk)
+    return bm, 1 if silu else gemm_splits(bm, M, N, K, sm_count)
+
+
+def gemm_splits(bm: int, M: int, N: int, K: int, sm_count: int) -> int:
+    """Split K until about CTAS_PER_SM CTAs per multiprocessor, each split streaming ≥ GEMM_MIN_KTILES_PER_SPLIT
+    k-tiles, the partials' traffic (written, then read back by the consumer: 8·splits·M·N bytes) at most the
+    weights' (2·N·K), and no split left empty."""
+    ktiles = math.ceil(K / GEMM_TILES[bm].bk)
     ctas = math.ceil(N / GEMM_BN) * math.ceil(M / bm)
-    if silu or ctas >= CTAS_PER_SM * sm_count:
-        return bm, 1
+    if ctas >= CTAS_PER_SM * sm_count:
+        return 1
     splits = min(math.ceil(CTAS_PER_SM * sm_count / ctas), ktiles // GEMM_MIN_KTILES_PER_SPLIT, GEMM_MAX_SPLITS,
                  K // (4 * M))
     if splits <= 1:
-        return bm, 1
-    per_split = math.ceil(ktiles / splits)
-    return bm, math.ceil(ktiles / per_split)  # no empty split
+        return 1
+    return math.ceil(ktiles / math.ceil(ktiles / splits))
 
 
 def gemm_ktiles_per_split(bm: int, K: int, splits: int) -> int:
@@ -478,10 +482,7 @@ class Kernels:
             return
         if not 1 <= splits <= 64:
             raise DeviceError(f"gemm: {splits} splits")
-        if splits == 1:
-            _expect(c, "gemm output", "f32", (rows, N), min_rows=rows)
-        else:
-            _expect_elements(c, "gemm partials", "f32", splits * rows * N, last_dim=N)
+        _expect_elements(c, "gemm output" if splits == 1 else "gemm partials", "f32", splits * rows * N, last_dim=N)
         self.launch(f"gemm_bf16_bm{bm}", (*grid, splits), threads, a.ptr, weight.ptr, _ptr(scales), c.ptr, rows, N, K,
                     gemm_ktiles_per_split(bm, K, splits), smem=GEMM_TILES[bm].smem)
 
@@ -619,4 +620,4 @@ class Kernels:
 
 __all__ = ["BLOCK_SIZE", "GEMV_MAX_ROWS", "HEAD_DIMS", "DECODE_GROUPS", "GEMM_TILES", "SIGNATURES", "MIRRORED",
            "DeviceBuffer", "ITEMSIZE", "Kernels", "decode_group", "decode_smem", "decode_splits", "gemm_plan",
-           "gemm_tile", "gemm_ktiles_per_split", "gemv_split", "prefill_tiles"]
+           "gemm_splits", "gemm_tile", "gemm_ktiles_per_split", "gemv_split", "prefill_tiles"]
