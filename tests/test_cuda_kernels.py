@@ -628,14 +628,14 @@ def test_paged_prefill_windows_that_mask_whole_first_tiles(dev, rng, window):
     assert err <= 1e-2, f"rel err {err:.2e}"
 
 
-@pytest.mark.parametrize("edge", ["own_position", "first_cached", "before_window"])
+@pytest.mark.parametrize("edge", ["own_position", "first_visible", "before_window"])
 def test_paged_prefill_sees_exactly_its_visible_keys(dev, rng, edge):
     H, Hkv, d, window = 2, 2, 64, 20
     contexts, first, rows = ragged_batch(rng, [], [(50, 1), (31, 1), (200, 1)])  # one row each: one spike each
     q = bf16(rng.standard_normal((3, H, d)))
     q[:, 1] = q[:, 0]
     lo = lambda c: c - window  # noqa: E731 (first key visible to the query at c − 1)
-    where = {"own_position": lambda s, c: c - 1, "first_cached": lambda s, c: lo(c),
+    where = {"own_position": lambda s, c: c - 1, "first_visible": lambda s, c: lo(c),
              "before_window": lambda s, c: lo(c) - 1}[edge]
     cache, spikes = spike_cache(rng, contexts, Hkv, d, H, q, where)
     got = run_prefill(dev, cache, q, first, rows, 0, window).reshape(3, H, d)

@@ -163,15 +163,15 @@ def gemm_plan(M: int, N: int, K: int, sm_count: int, silu: bool = False) -> tupl
 
 
 def gemm_splits(bm: int, M: int, N: int, K: int, sm_count: int) -> int:
-    """Split K until about CTAS_PER_SM CTAs per multiprocessor, each split streaming ≥ GEMM_MIN_KTILES_PER_SPLIT
-    k-tiles, the partials' traffic (written, then read back by the consumer: 8·splits·M·N bytes) at most the
+    """Split K into as many shares as fit one wave of CTAS_PER_SM CTAs per multiprocessor (a second, partial wave
+    would cost more than it adds: one CTA's 4 stages already keep enough bytes in flight), each streaming
+    ≥ GEMM_MIN_KTILES_PER_SPLIT k-tiles, the partials' traffic (written, then read back by the consumer: 8·splits·M·N bytes) at most the
     weights' (2·N·K), and no split left empty."""
     ktiles = math.ceil(K / GEMM_TILES[bm].bk)
     ctas = math.ceil(N / GEMM_BN) * math.ceil(M / bm)
     if ctas >= CTAS_PER_SM * sm_count:
         return 1
-    splits = min(math.ceil(CTAS_PER_SM * sm_count / ctas), ktiles // GEMM_MIN_KTILES_PER_SPLIT, GEMM_MAX_SPLITS,
-                 K // (4 * M))
+    splits = min(CTAS_PER_SM * sm_count // ctas, ktiles // GEMM_MIN_KTILES_PER_SPLIT, GEMM_MAX_SPLITS, K // (4 * M))
     if splits <= 1:
         return 1
     return math.ceil(ktiles / math.ceil(ktiles / splits))
@@ -193,8 +193,8 @@ def decode_group(H: int, Hkv: int) -> int:
 
 
 def decode_splits(B: int, Hkv: int, sm_count: int, max_blocks: int) -> int:
-    """Splits of each sequence's blocks for paged_decode: enough CTAs (B·Hkv·splits) to fill the chip at small B,
-    every warp of a split with at least one block (max_blocks: the most visible blocks of any sequence); 1 at large B.
+    """Splits of each sequence's blocks for paged_decode: as many as fit one wave of CTAS_PER_SM CTAs (B·Hkv·splits)
+    per multiprocessor, to fill the chip at small B, every warp of a split with at least one block (max_blocks: the most visible blocks of any sequence); 1 at large B.
 
     >>> decode_splits(1, 32, 132, 32), decode_splits(64, 32, 132, 32)
     (8, 1)
@@ -202,7 +202,7 @@ def decode_splits(B: int, Hkv: int, sm_count: int, max_blocks: int) -> int:
     ctas = B * Hkv
     if ctas >= CTAS_PER_SM * sm_count:
         return 1
-    return max(1, min(math.ceil(CTAS_PER_SM * sm_count / ctas), max_blocks // DECODE_WARPS, DECODE_MAX_SPLITS))
+    return max(1, min(CTAS_PER_SM * sm_count // ctas, max_blocks // DECODE_WARPS, DECODE_MAX_SPLITS))
 
 
 def prefill_tiles(first_row, rows, decode_seqs: int = 0) -> tuple[np.ndarray, np.ndarray]:
