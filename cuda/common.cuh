@@ -7,6 +7,11 @@
 
 typedef __nv_bfloat16 bf16;
 
+// The paged KV cache: a block holds KV_BLOCK consecutive positions of one sequence. A pool plane is
+// [num_blocks, Hkv, KV_BLOCK, d] bf16 and a cache slot is block·KV_BLOCK + offset (runtime/cuda/kernels.py mirrors it).
+constexpr int KV_BLOCK = 16;
+constexpr int KV_BLOCK_SHIFT = 4;  // log2(KV_BLOCK)
+
 // ── bf16 / int8 unpacking ───────────────────────────────────────────────────────────────────────
 // A bf16 is the high half of a float, so widening is a shift (element 0 is the low half of a word).
 OS_DEVICE float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
@@ -93,3 +98,21 @@ OS_DEVICE void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0
 }
 
 OS_DEVICE float silu(float x) { return x / (1.f + __expf(-x)); }
+
+// Σ_p parts[p·part_stride + i] in a fixed order (p = 0, 1, …): split-K partial sums, summed the same way on every run.
+OS_DEVICE float4 sum_parts4(const float* __restrict__ parts, int n_parts, long long part_stride, size_t i) {
+    float4 acc = *reinterpret_cast<const float4*>(parts + i);
+    for (int p = 1; p < n_parts; p++) {
+        const float4 v = *reinterpret_cast<const float4*>(parts + p * part_stride + i);
+        acc.x += v.x;
+        acc.y += v.y;
+        acc.z += v.z;
+        acc.w += v.w;
+    }
+    return acc;
+}
+OS_DEVICE float sum_parts(const float* __restrict__ parts, int n_parts, long long part_stride, size_t i) {
+    float acc = parts[i];
+    for (int p = 1; p < n_parts; p++) acc += parts[p * part_stride + i];
+    return acc;
+}

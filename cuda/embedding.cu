@@ -36,3 +36,38 @@ extern "C" __global__ void embedding_gather_int8(const int8_t* __restrict__ tabl
         if (h_bf16) h_bf16[(size_t)t * D + i] = __float2bfloat16(x);
     }
 }
+
+// ── the step's token ids and the per-sequence "seen" sets (repetition penalty) ──────────────────────
+// seen [states, seen_words] uint32 bitsets, seen_words = ceil(V / 32): bit id % 32 of word id / 32 is set once
+// token id has been part of that state's sequence (prompt or generated). Ids outside [0, 32·seen_words) and
+// negative states (padding rows) mark nothing.
+OS_DEVICE void mark_one(unsigned* __restrict__ seen, int seen_words, int state, int id) {
+    if (state < 0 || id < 0 || id >= 32 * seen_words) return;
+    atomicOr(&seen[(size_t)state * seen_words + (id >> 5)], 1u << (id & 31));
+}
+
+// Grid: (ceil(T / 256)); block: 256 threads, one row each.
+// ids [T] int32, changed in place: a negative id is a decode row fed with its sequence's previous sample,
+// ids[t] = last_sampled[token_state[t]] (no host round trip between steps); then the id is marked seen.
+// last_sampled [states] int32 (written by sample_rows); token_state [T] int32: the row's sequence state.
+extern "C" __global__ void prepare_tokens(int* __restrict__ ids, const int* __restrict__ last_sampled,
+                                          const int* __restrict__ token_state, unsigned* __restrict__ seen,
+                                          int seen_words, int T) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= T) return;
+    const int state = token_state[t];
+    int id = ids[t];
+    if (id < 0 && state >= 0) {
+        id = last_sampled[state];
+        ids[t] = id;
+    }
+    mark_one(seen, seen_words, state, id);
+}
+
+// Grid: (ceil(n / 256)); block: 256 threads, one id each. ids [n], states [n] int32: marks ids[i] seen for
+// states[i] (a history reused from the prefix cache, which never went through prepare_tokens).
+extern "C" __global__ void mark_seen(const int* __restrict__ ids, const int* __restrict__ states,
+                                     unsigned* __restrict__ seen, int seen_words, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) mark_one(seen, seen_words, states[i], ids[i]);
+}

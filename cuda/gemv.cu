@@ -1,48 +1,106 @@
-// Decode projections: y = W·x for one token (batch 1), bf16 or int8 weights, f32 accumulation.
-// Memory-bound: every weight byte is read once per step through 16-byte streaming loads, with UNROLL
-// loads per row in flight per lane so the whole chip keeps enough bytes moving to reach bandwidth.
+// Projections for 1 … GEMV_MAX_ROWS token rows (small decode batches): y = x·Wᵀ, bf16 or int8 weights, bf16
+// activations, f32 accumulation. Memory-bound: every weight byte is read once per step for all M rows through
+// 16-byte streaming loads, with UNROLL loads per row in flight per lane so the whole chip keeps enough bytes moving
+// to reach bandwidth; the M rows of x (a few KB) come from L1.
 #include "common.cuh"
 
-constexpr int UNROLL = 4;      // 16-byte loads in flight per row per lane (two rows per warp: 8 in flight)
-constexpr int GEMV_WARPS = 8;  // warps per block
+constexpr int UNROLL = 4;         // 16-byte loads in flight per weight row per lane (two rows per warp: 8 in flight)
+constexpr int GEMV_WARPS = 8;     // warps per block
+constexpr int GEMV_MAX_ROWS = 4;  // M = 1 … 4 (runtime/cuda/kernels.py: larger batches go to the tensor-core GEMM)
 
-// 16 bytes of weights dotted with the matching x: 8 bf16 or 16 int8 elements.
-OS_DEVICE float dot16(uint4 w, const float* __restrict__ x, bf16) {
-    const float4 x0 = __ldg(reinterpret_cast<const float4*>(x));
-    const float4 x1 = __ldg(reinterpret_cast<const float4*>(x) + 1);
-    return bf16_lo(w.x) * x0.x + bf16_hi(w.x) * x0.y + bf16_lo(w.y) * x0.z + bf16_hi(w.y) * x0.w +
-           bf16_lo(w.z) * x1.x + bf16_hi(w.z) * x1.y + bf16_lo(w.w) * x1.z + bf16_hi(w.w) * x1.w;
+// 8 bf16 weights (one 16-byte vector) dotted with the matching 8 bf16 activations (one 16-byte vector).
+OS_DEVICE float dot8_bf16(uint4 w, uint4 x) {
+    float acc = bf16_lo(w.x) * bf16_lo(x.x);
+    acc = fmaf(bf16_hi(w.x), bf16_hi(x.x), acc);
+    acc = fmaf(bf16_lo(w.y), bf16_lo(x.y), acc);
+    acc = fmaf(bf16_hi(w.y), bf16_hi(x.y), acc);
+    acc = fmaf(bf16_lo(w.z), bf16_lo(x.z), acc);
+    acc = fmaf(bf16_hi(w.z), bf16_hi(x.z), acc);
+    acc = fmaf(bf16_lo(w.w), bf16_lo(x.w), acc);
+    acc = fmaf(bf16_hi(w.w), bf16_hi(x.w), acc);
+    return acc;
 }
 
-// Four int8 weights dotted with x, widened without the quarter-rate int→float instruction: byte q + 128 placed in
-// the low mantissa bits of 2^23 is the float 2^23 + 128 + q, exactly; subtracting 2^23 + 128 leaves q.
-OS_DEVICE float dot4_int8(uint32_t w, float4 x) {
+// Four int8 weights widened without the quarter-rate int→float instruction: byte q + 128 placed in the low
+// mantissa bits of 2^23 is the float 2^23 + 128 + q, exactly; subtracting 2^23 + 128 leaves q.
+OS_DEVICE void widen4_int8(uint32_t w, float (&q)[4]) {
     const uint32_t u = w ^ 0x80808080u;  // each byte q + 128, unsigned
     constexpr float OFFSET = 8388736.f;  // 2^23 + 128
-    const float q0 = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7540)) - OFFSET;
-    const float q1 = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7541)) - OFFSET;
-    const float q2 = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7542)) - OFFSET;
-    const float q3 = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7543)) - OFFSET;
-    return q0 * x.x + q1 * x.y + q2 * x.z + q3 * x.w;
+    q[0] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7540)) - OFFSET;
+    q[1] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7541)) - OFFSET;
+    q[2] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7542)) - OFFSET;
+    q[3] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7543)) - OFFSET;
 }
 
-OS_DEVICE float dot16(uint4 w, const float* __restrict__ x, int8_t) {
-    const float4* xv = reinterpret_cast<const float4*>(x);
-    return dot4_int8(w.x, __ldg(xv)) + dot4_int8(w.y, __ldg(xv + 1)) + dot4_int8(w.z, __ldg(xv + 2)) +
-           dot4_int8(w.w, __ldg(xv + 3));
+// One 16-byte weight vector widened to f32: 8 bf16 or 16 int8 elements.
+template <typename W>
+struct Widened;
+template <>
+struct Widened<bf16> {
+    static constexpr int N = 8;
+    float v[8];
+    OS_DEVICE explicit Widened(uint4 w) {
+        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            v[2 * i] = bf16_lo(words[i]);
+            v[2 * i + 1] = bf16_hi(words[i]);
+        }
+    }
+};
+template <>
+struct Widened<int8_t> {
+    static constexpr int N = 16;
+    float v[16];
+    OS_DEVICE explicit Widened(uint4 w) {
+        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            float q[4];
+            widen4_int8(words[i], q);
+#pragma unroll
+            for (int e = 0; e < 4; e++) v[4 * i + e] = q[e];
+        }
+    }
+};
+
+// acc0 += w0·x, acc1 += w1·x for the activations x of one row at element offset e (EPV elements).
+template <typename W>
+OS_DEVICE void dot_pair(uint4 a, uint4 b, const bf16* __restrict__ x, float& acc0, float& acc1) {
+    if constexpr (sizeof(W) == 2) {
+        const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x));
+        acc0 += dot8_bf16(a, xv);
+        acc1 += dot8_bf16(b, xv);
+    } else {
+        const Widened<int8_t> wa(a), wb(b);
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x) + h);
+            const uint32_t words[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const float x0 = bf16_lo(words[i]), x1 = bf16_hi(words[i]);
+                acc0 = fmaf(wa.v[8 * h + 2 * i], x0, acc0);
+                acc0 = fmaf(wa.v[8 * h + 2 * i + 1], x1, acc0);
+                acc1 = fmaf(wb.v[8 * h + 2 * i], x0, acc1);
+                acc1 = fmaf(wb.v[8 * h + 2 * i + 1], x1, acc1);
+            }
+        }
+    }
 }
 
-// Each row pair (r0, r1) is dotted with x by `split` warps (1, 2, 4 or 8) of one block, which share its K range
-// interleaved by 32·split vectors and add their partials through shared memory; splitting K keeps enough warps
-// streaming when N is small (o_proj, down_proj) and costs nothing when N is large (split 1).
-//   plain:     rows (2p, 2p+1), y[r] = acc·scale[r]                       y [N] f32
-//   silu_pair: rows (p, I+p) of the fused [gate; up] matrix, y[p] = SiLU(gate)·up   y [I] f32, N = 2I
+// Each row pair (r0, r1) is dotted with the M rows of x by `split` warps (1, 2, 4 or 8) of one block, which share
+// its K range interleaved by 32·split vectors and add their partials through shared memory in a fixed order;
+// splitting K keeps enough warps streaming when N is small (o_proj, down_proj) and costs nothing when N is large.
+//   plain:     rows (2p, 2p+1), y[m, r] = acc·scale[r]                        y [M, N] f32
+//   silu_pair: rows (p, I+p) of the fused [gate; up] matrix, y[m, p] = bf16(SiLU(gate)·up)   y [M, I] bf16, N = 2I
 // so the SwiGLU product is formed where gate and up are computed, and never round-trips through memory.
-template <typename W, bool SILU_PAIR>
-OS_DEVICE void gemv_body(const W* __restrict__ weight, const float* __restrict__ scales,
-                         const float* __restrict__ x, float* __restrict__ y, int N, int K, int split) {
-    constexpr int EPV = 16 / sizeof(W);  // elements per 16-byte vector
-    __shared__ float partial[GEMV_WARPS][2];
+template <typename W, int M, bool SILU_PAIR>
+OS_DEVICE void gemv_body(const W* __restrict__ weight, const float* __restrict__ scales, const bf16* __restrict__ x,
+                         void* __restrict__ y, int N, int K, int split) {
+    static_assert(M >= 1 && M <= GEMV_MAX_ROWS, "one to GEMV_MAX_ROWS rows");
+    constexpr int EPV = 16 / sizeof(W);  // weight elements per 16-byte vector
+    __shared__ float partial[GEMV_WARPS][M][2];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int pair = blockIdx.x * (GEMV_WARPS / split) + warp / split;
     const int slice = warp % split, stride = 32 * split;
@@ -51,7 +109,9 @@ OS_DEVICE void gemv_body(const W* __restrict__ weight, const float* __restrict__
     const int r0 = SILU_PAIR ? pair : 2 * pair;
     const int r1 = SILU_PAIR ? pair + N / 2 : min(2 * pair + 1, N - 1);  // odd N: the last pair reads r0 twice
 
-    float acc0 = 0.f, acc1 = 0.f;
+    float acc0[M], acc1[M];
+#pragma unroll
+    for (int m = 0; m < M; m++) acc0[m] = acc1[m] = 0.f;
     if (active) {
         const uint4* w0 = reinterpret_cast<const uint4*>(weight + (size_t)r0 * K);
         const uint4* w1 = reinterpret_cast<const uint4*>(weight + (size_t)r1 * K);
@@ -60,56 +120,81 @@ OS_DEVICE void gemv_body(const W* __restrict__ weight, const float* __restrict__
         for (; v + stride * (UNROLL - 1) < nvec; v += stride * UNROLL) {
             uint4 a[UNROLL], b[UNROLL];
 #pragma unroll
-            for (int u = 0; u < UNROLL; u++) {
+            for (int u = 0; u < UNROLL; u++) {  // every load in flight before the first use
                 a[u] = load_stream16(w0 + v + stride * u);
                 b[u] = load_stream16(w1 + v + stride * u);
             }
 #pragma unroll
             for (int u = 0; u < UNROLL; u++) {
-                const float* xs = x + (size_t)(v + stride * u) * EPV;
-                acc0 += dot16(a[u], xs, W());
-                acc1 += dot16(b[u], xs, W());
+#pragma unroll
+                for (int m = 0; m < M; m++)
+                    dot_pair<W>(a[u], b[u], x + (size_t)m * K + (size_t)(v + stride * u) * EPV, acc0[m], acc1[m]);
             }
         }
         for (; v < nvec; v += stride) {
-            const float* xs = x + (size_t)v * EPV;
-            acc0 += dot16(load_stream16(w0 + v), xs, W());
-            acc1 += dot16(load_stream16(w1 + v), xs, W());
+            const uint4 a = load_stream16(w0 + v), b = load_stream16(w1 + v);
+#pragma unroll
+            for (int m = 0; m < M; m++) dot_pair<W>(a, b, x + (size_t)m * K + (size_t)v * EPV, acc0[m], acc1[m]);
         }
     }
-    acc0 = warp_sum(acc0);
-    acc1 = warp_sum(acc1);
-    if (lane == 0) {
-        partial[warp][0] = acc0;
-        partial[warp][1] = acc1;
+#pragma unroll
+    for (int m = 0; m < M; m++) {
+        acc0[m] = warp_sum(acc0[m]);
+        acc1[m] = warp_sum(acc1[m]);
     }
-    __syncthreads();
-    if (!active || slice != 0 || lane != 0) return;
-    for (int s = 1; s < split; s++) {
-        acc0 += partial[warp + s][0];
-        acc1 += partial[warp + s][1];
+    if (split > 1) {
+        if (lane == 0) {
+#pragma unroll
+            for (int m = 0; m < M; m++) {
+                partial[warp][m][0] = acc0[m];
+                partial[warp][m][1] = acc1[m];
+            }
+        }
+        __syncthreads();
+        if (slice != 0) return;
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+            for (int s = 1; s < split; s++) {
+                acc0[m] += partial[warp + s][m][0];
+                acc1[m] += partial[warp + s][m][1];
+            }
+        }
     }
+    if (!active || lane >= M) return;
+    // lane m writes row m of the output (M ≤ 32); acc arrays indexed by constants only (no local memory).
+    float s0 = 1.f, s1 = 1.f;
     if (scales) {
-        acc0 *= scales[r0];
-        acc1 *= scales[r1];
+        s0 = scales[r0];
+        s1 = scales[r1];
     }
-    if (SILU_PAIR) {
-        y[pair] = silu(acc0) * acc1;
-    } else {
-        y[r0] = acc0;
-        if (r1 != r0) y[r1] = acc1;
+#pragma unroll
+    for (int m = 0; m < M; m++) {
+        if (lane != m) continue;
+        const float g = acc0[m] * s0, u = acc1[m] * s1;
+        if (SILU_PAIR) {
+            reinterpret_cast<bf16*>(y)[(size_t)m * (N / 2) + pair] = __float2bfloat16(silu(g) * u);
+        } else {
+            float* out = reinterpret_cast<float*>(y) + (size_t)m * N;
+            out[r0] = g;
+            if (r1 != r0) out[r1] = u;
+        }
     }
 }
 
 // Grid: (ceil(pairs / (8 / split))); block: 256 threads; split ∈ {1, 2, 4, 8} warps per row pair.
-// weight [N, K] (bf16: K % 8 == 0; int8: K % 16 == 0, 16-byte aligned rows); scales [N] f32 or null (int8 only);
-// x [K] f32; y as listed at gemv_body.
-#define GEMV_KERNEL(NAME, W, SILU)                                                                               \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                              \
-        NAME(const W* w, const float* scales, const float* x, float* y, int N, int K, int split) {              \
-        gemv_body<W, SILU>(w, scales, x, y, N, K, split);                                                      \
+// weight [N, K] (bf16: K % 8 == 0; int8: K % 16 == 0), 16-byte aligned rows; scales [N] f32 per weight row, or null;
+// x [M, K] bf16 row-major; y [M, N] f32 (plain) or [M, N/2] bf16 (silu, W = [gate; up]).
+#define GEMV_KERNEL(NAME, W, M, SILU, YT)                                                                          \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                                  \
+        NAME(const W* w, const float* scales, const bf16* x, YT* y, int N, int K, int split) {                     \
+        gemv_body<W, M, SILU>(w, scales, x, y, N, K, split);                                                       \
     }
-GEMV_KERNEL(gemv_bf16, bf16, false)
-GEMV_KERNEL(gemv_bf16_silu, bf16, true)
-GEMV_KERNEL(gemv_int8, int8_t, false)
-GEMV_KERNEL(gemv_int8_silu, int8_t, true)
+#define GEMV_FAMILY(M)                                                 \
+    GEMV_KERNEL(gemv_bf16_m##M, bf16, M, false, float)                 \
+    GEMV_KERNEL(gemv_int8_m##M, int8_t, M, false, float)               \
+    GEMV_KERNEL(gemv_bf16_silu_m##M, bf16, M, true, bf16)              \
+    GEMV_KERNEL(gemv_int8_silu_m##M, int8_t, M, true, bf16)
+GEMV_FAMILY(1)
+GEMV_FAMILY(2)
+GEMV_FAMILY(3)
+GEMV_FAMILY(4)

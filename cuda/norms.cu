@@ -1,35 +1,39 @@
-// RMSNorm, alone (final norm) and fused with OLMo 2's post-norm residual update h = h + RMSNorm(a)·w.
-// RMSNorm: x·rsqrt(mean(x²) + eps), multiplied by the weight in f32.
+// RMSNorm fused with OLMo 2's post-norm residual update h = h + RMSNorm(a)·w, and the final norm of the rows
+// that need logits. RMSNorm: x·rsqrt(mean(x²) + eps), multiplied by the weight in f32.
+// The projection output a may arrive as split-K partial sums: a_row = Σ_p a[p·part_stride + row], summed in the
+// order p = 0, 1, … (sum_parts4), so every run gives the same bits.
 #include "common.cuh"
 
-// Σ x² over one row of D floats (D % 4 == 0), 16-byte loads, reduced over the block.
-OS_DEVICE float row_sum_squares(const float* __restrict__ row, int D, float* scratch) {
-    const float4* v = reinterpret_cast<const float4*>(row);
+constexpr int NORM_THREADS = 256;
+
+// Σ x² over one row of D floats (D % 4 == 0) given as n_parts partials, 16-byte loads, reduced over the block.
+OS_DEVICE float row_sum_squares(const float* __restrict__ row, int n_parts, long long part_stride, int D,
+                                float* scratch) {
     float ss = 0.f;
-#pragma unroll 4
+
     for (int i = threadIdx.x; i < D / 4; i += blockDim.x) {
-        const float4 x = v[i];
+        const float4 x = sum_parts4(row, n_parts, part_stride, (size_t)i * 4);
         ss += x.x * x.x + x.y * x.y + x.z * x.z + x.w * x.w;
     }
     return block_sum(ss, scratch);
 }
 
 // Grid: (T, slices) — block (t, s) updates the s-th of `slices` equal slices of row t (every block of a row
-// computes the row's norm itself, so a single row can be spread over several multiprocessors in decode).
-// Block: 256 threads, 4 elements (16 bytes) each per step. D % 4 == 0.
-// h [T, D] f32 residual (updated in place); a [T, D] f32 (projection output); w [D] f32;
-// h_bf16 [T, D] bf16 copy of the new h for the next GEMM, or null (decode feeds GEMVs f32 directly).
-extern "C" __global__ void residual_rmsnorm_add(float* __restrict__ h, const float* __restrict__ a,
-                                                const float* __restrict__ w, bf16* __restrict__ h_bf16, int D,
-                                                float eps) {
+// computes the row's norm itself, so a few rows can be spread over several multiprocessors in decode).
+// Block: 256 threads, 4 elements (16 bytes) each per step. D % 4 == 0, part_stride % 4 == 0.
+// h [T, D] f32 residual (updated in place); a: parts × [T, D] f32 partials, part p at a + p·part_stride;
+// w [D] f32; h_bf16 [T, D] bf16 copy of the new h for the next projection, or null.
+extern "C" __global__ void __launch_bounds__(NORM_THREADS)
+    residual_rmsnorm_add(float* __restrict__ h, const float* __restrict__ a, int parts, long long part_stride,
+                         const float* __restrict__ w, bf16* __restrict__ h_bf16, int D, float eps) {
     __shared__ float scratch[32];
     const size_t base = (size_t)blockIdx.x * D;
-    const float r = rsqrtf(row_sum_squares(a + base, D, scratch) / D + eps);
+    const float r = rsqrtf(row_sum_squares(a + base, parts, part_stride, D, scratch) / D + eps);
     const int per_slice = (D / 4 + gridDim.y - 1) / gridDim.y;
     const int end = min(D / 4, (int)(blockIdx.y + 1) * per_slice);
     for (int i = blockIdx.y * per_slice + threadIdx.x; i < end; i += blockDim.x) {
         float4 x = reinterpret_cast<float4*>(h + base)[i];
-        const float4 y = reinterpret_cast<const float4*>(a + base)[i];
+        const float4 y = sum_parts4(a + base, parts, part_stride, (size_t)i * 4);
         const float4 g = reinterpret_cast<const float4*>(w)[i];
         x.x += y.x * r * g.x;
         x.y += y.y * r * g.y;
@@ -42,32 +46,21 @@ extern "C" __global__ void residual_rmsnorm_add(float* __restrict__ h, const flo
     }
 }
 
-// Grid: (T, slices) as above; block: 256 threads. x [T, D] f32; w [D] f32; out [T, D] f32 or bf16. D % 4 == 0.
-template <bool BF16_OUT>
-OS_DEVICE void rmsnorm_body(const float* __restrict__ x, const float* __restrict__ w, void* __restrict__ out, int D,
-                            float eps) {
+// Grid: (R, slices) as above; block: 256 threads. The final norm of just the rows that need logits:
+// out[r] = bf16(RMSNorm(x[rows[r]])·w), x [T, D] f32 (the residual stream), rows [R] int32 (row indices into x),
+// w [D] f32, out [R, D] bf16 (the lm_head projection's input). D % 4 == 0.
+extern "C" __global__ void __launch_bounds__(NORM_THREADS)
+    rmsnorm_rows_bf16(const float* __restrict__ x, const int* __restrict__ rows, const float* __restrict__ w,
+                      bf16* __restrict__ out, int D, float eps) {
     __shared__ float scratch[32];
-    const size_t base = (size_t)blockIdx.x * D;
-    const float r = rsqrtf(row_sum_squares(x + base, D, scratch) / D + eps);
+    const float* row = x + (size_t)rows[blockIdx.x] * D;
+    const float r = rsqrtf(row_sum_squares(row, 1, 0, D, scratch) / D + eps);
     const int per_slice = (D / 4 + gridDim.y - 1) / gridDim.y;
     const int end = min(D / 4, (int)(blockIdx.y + 1) * per_slice);
     for (int i = blockIdx.y * per_slice + threadIdx.x; i < end; i += blockDim.x) {
-        const float4 v = reinterpret_cast<const float4*>(x + base)[i];
+        const float4 v = reinterpret_cast<const float4*>(row)[i];
         const float4 g = reinterpret_cast<const float4*>(w)[i];
-        const float4 y = make_float4(v.x * r * g.x, v.y * r * g.y, v.z * r * g.z, v.w * r * g.w);
-        if (BF16_OUT) {
-            reinterpret_cast<uint2*>(reinterpret_cast<bf16*>(out) + base)[i] =
-                make_uint2(pack_bf16x2(y.x, y.y), pack_bf16x2(y.z, y.w));
-        } else {
-            reinterpret_cast<float4*>(reinterpret_cast<float*>(out) + base)[i] = y;
-        }
+        reinterpret_cast<uint2*>(out + (size_t)blockIdx.x * D)[i] =
+            make_uint2(pack_bf16x2(v.x * r * g.x, v.y * r * g.y), pack_bf16x2(v.z * r * g.z, v.w * r * g.w));
     }
-}
-
-extern "C" __global__ void rmsnorm_f32(const float* x, const float* w, float* out, int D, float eps) {
-    rmsnorm_body<false>(x, w, out, D, eps);
-}
-// The input of the prefill lm_head GEMM.
-extern "C" __global__ void rmsnorm_bf16(const float* x, const float* w, bf16* out, int D, float eps) {
-    rmsnorm_body<true>(x, w, out, D, eps);
 }

@@ -5,6 +5,8 @@
 // in ascending order, the first whose running sum exceeds u·(their sum). f32 sums: a draw right at a boundary may
 // differ from NumPy's f64.
 //
+// One block per row of a [R, V] logits matrix, each row with its own parameters (sample_rows).
+//
 // How, in one block: the first 8-bit pass of a radix selection over the whole vocabulary finds the byte of the
 // top-k (or top-p) threshold; the logits at or above that byte are few for any peaked distribution, and are
 // gathered in id order into shared memory, sorted there, and both thresholds and the draw come from that list.
@@ -184,9 +186,11 @@ OS_DEVICE float kept_probability(float l, uint32_t floor, float m, float inv_tem
     return order_key(l) >= floor ? exp2f((l - m) * inv_temp) : 0.f;
 }
 
-// logits[i … i+3] (i % 4 == 0) with one 16-byte load when all four are below `end`; past it: −inf (never kept).
+// logits[i … i+3] (i % 4 == 0) with one 16-byte load when all four are below `end` and the row is 16-byte aligned
+// (a row of an odd-width logits matrix is not); past `end`: −inf (never kept).
+OS_DEVICE bool aligned16(const float* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 OS_DEVICE void load_four(const float* __restrict__ logits, int i, int end, float (&four)[4]) {
-    if (i + 4 <= end) {
+    if (i + 4 <= end && aligned16(logits)) {
         const float4 v = *reinterpret_cast<const float4*>(logits + i);
         four[0] = v.x, four[1] = v.y, four[2] = v.z, four[3] = v.w;
     } else {
@@ -372,35 +376,48 @@ OS_DEVICE int sample_from_list(CandidateList& list, int count, bool use_k, int t
     return draw(Candidates{list}, count, floor, m, inv_temp, u, scan, st);
 }
 
-// Grid: (ceil(n_ids / 256)); block: 256. logits [V] f32 (a scratch copy, changed in place); ids [n_ids] int32,
-// distinct, each < vocab_limit (the host dedupes and filters): positive logits / penalty, others · penalty.
-extern "C" __global__ void repetition_penalty(float* __restrict__ logits, const int* __restrict__ ids, int n_ids,
-                                              float penalty) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n_ids) return;
-    const float l = logits[ids[i]];
-    logits[ids[i]] = l > 0.f ? l / penalty : l * penalty;
+// Grid: (R, ceil(seen_words / 256)); block: 256 threads, one 32-id word of the seen set each.
+// logits [R, V] f32 (a scratch copy, changed in place); penalty [R] f32 (1 = off); row_state [R] int32: the row's
+// sequence state (negative: none); seen [states, seen_words] uint32 bitsets (prepare_tokens, mark_seen). Each id the
+// row's state has seen (id < V) is penalised the Hugging Face way: l > 0 ? l / penalty : l · penalty.
+extern "C" __global__ void repetition_penalty_rows(float* __restrict__ logits, int V, const float* __restrict__ penalty,
+                                                   const int* __restrict__ row_state, const unsigned* __restrict__ seen,
+                                                   int seen_words) {
+    const int r = blockIdx.x, word = blockIdx.y * blockDim.x + threadIdx.x;
+    const float p = penalty[r];
+    const int state = row_state[r];
+    if (p == 1.f || state < 0 || word >= seen_words) return;
+    unsigned bits = seen[(size_t)state * seen_words + word];
+    float* row = logits + (size_t)r * V;
+    while (bits) {
+        const int id = word * 32 + __ffs(bits) - 1;
+        bits &= bits - 1;
+        if (id < V) {
+            const float l = row[id];
+            row[id] = l > 0.f ? l / p : l * p;
+        }
+    }
 }
 
-// Grid: (1); block: 1024 threads. logits [n] f32 (16-byte aligned) with n = the tokenizer's vocabulary (padding
-// rows beyond it are never read, so never drawn); temperature ≤ 0: greedy; top_k ≤ 0 or ≥ n and top_p ≥ 1 switch
-// those filters off; u ∈ [0, 1) is the host's one uniform for this draw. token_out [1] int32.
-extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
-    sample_token(const float* __restrict__ logits, int n, float temperature, int top_k, float top_p, float u,
-                 int* __restrict__ token_out) {
+// The next token of one row by sampler.py's rules (see the top of the file); logits [n] f32 with n = the tokenizer's
+// vocabulary (padding ids beyond it are never read, so never drawn); temperature ≤ 0: greedy; top_k ≤ 0 or ≥ n and
+// top_p ≥ 1 switch those filters off; u ∈ [0, 1) is the host's one uniform for this draw.
+OS_DEVICE int sample_row(const float* __restrict__ logits, int n, float temperature, int top_k, float top_p, float u) {
     __shared__ float sv[32];
     __shared__ int si[32];
     __shared__ float scan[SAMPLE_THREADS];
     __shared__ SampleScratch scratch;
     __shared__ DrawState st;
 
-    // Argmax with 16-byte loads (n % 4 leftovers by thread 0); each thread sees its ids in ascending order, so its
-    // first maximum wins, and block_argmax breaks ties by the lowest id.
+    // Argmax with 16-byte loads where the row is aligned (n % 4 leftovers by thread 0); each thread sees its ids in
+    // ascending order, so its first maximum wins, and block_argmax breaks ties by the lowest id.
     float best = -INFINITY;
     int best_i = 0x7fffffff;
+    const bool vector = aligned16(logits);
+    const int vec_end = vector ? n & ~3 : 0;
     const float4* vec = reinterpret_cast<const float4*>(logits);
 #pragma unroll 4
-    for (int v = threadIdx.x; v < n / 4; v += blockDim.x) {
+    for (int v = threadIdx.x; v < vec_end / 4; v += blockDim.x) {
         const float4 l = vec[v];
         const float four[4] = {l.x, l.y, l.z, l.w};
 #pragma unroll
@@ -411,8 +428,17 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
             }
         }
     }
-    if (threadIdx.x == 0) {
-        for (int i = n & ~3; i < n; i++) {
+    if (vector) {
+        if (threadIdx.x == 0) {
+            for (int i = vec_end; i < n; i++) {
+                if (logits[i] > best) {
+                    best = logits[i];
+                    best_i = i;
+                }
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
             if (logits[i] > best) {
                 best = logits[i];
                 best_i = i;
@@ -420,53 +446,51 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
         }
     }
     const int argmax = block_argmax(best, best_i, sv, si);
-    if (temperature <= 0.f) {
-        if (threadIdx.x == 0) token_out[0] = argmax;
-        return;
-    }
+    if (temperature <= 0.f) return argmax;
     const float m = logits[argmax];
     const float inv_temp = LOG2E_F / temperature;  // probabilities as exp2((l − max)·inv_temp)
     const bool use_k = top_k > 0 && top_k < n, use_p = top_p < 1.f;
     const Vocabulary vocabulary{logits};
-    int token;
-    if (!use_k && !use_p) {
-        token = draw(vocabulary, n, 0u, m, inv_temp, u, scan, st);
-    } else {
-        float z_all = 0.f;
-        if (!use_k) {
-            for (int i = threadIdx.x; i < n; i += blockDim.x) z_all += exp2f((logits[i] - m) * inv_temp);
-            z_all = block_sum(z_all, sv);
-        }
-        // The first radix pass: the byte of the threshold, and so the logits that can be kept.
-        const uint32_t low = use_k ? select_threshold<false>(logits, n, 0u, (float)top_k, m, inv_temp, 24, scratch.select)
-                                   : select_threshold<true>(logits, n, 0u, top_p * z_all, m, inv_temp, 24, scratch.select);
-        const int count = gather_candidates(logits, n, low, scratch.list, scan);
-        if (count <= CANDIDATES) {
-            token = sample_from_list(scratch.list, count, use_k, top_k, use_p, top_p, z_all, m, inv_temp, u, scan, sv,
-                                     st);
-        } else {  // too many to gather: finish the radix selections over the whole vocabulary
-            uint32_t floor = 0u;
-            if (use_k) floor = select_threshold<false>(logits, n, 0u, (float)top_k, m, inv_temp, 0, scratch.select);
-            if (use_p) {
-                float z = z_all;
-                if (use_k) {
-                    z = 0.f;
-                    for (int i = threadIdx.x; i < n; i += blockDim.x) z += kept_probability(logits[i], floor, m, inv_temp);
-                    z = block_sum(z, sv);
-                }
-                floor = max(floor, select_threshold<true>(logits, n, floor, top_p * z, m, inv_temp, 0, scratch.select));
-            }
-            token = draw(vocabulary, n, floor, m, inv_temp, u, scan, st);
-        }
+    if (!use_k && !use_p) return draw(vocabulary, n, 0u, m, inv_temp, u, scan, st);
+    float z_all = 0.f;
+    if (!use_k) {
+        for (int i = threadIdx.x; i < n; i += blockDim.x) z_all += exp2f((logits[i] - m) * inv_temp);
+        z_all = block_sum(z_all, sv);
     }
-    if (threadIdx.x == 0) token_out[0] = token;
+    // The first radix pass: the byte of the threshold, and so the logits that can be kept.
+    const uint32_t low = use_k ? select_threshold<false>(logits, n, 0u, (float)top_k, m, inv_temp, 24, scratch.select)
+                               : select_threshold<true>(logits, n, 0u, top_p * z_all, m, inv_temp, 24, scratch.select);
+    const int count = gather_candidates(logits, n, low, scratch.list, scan);
+    if (count <= CANDIDATES)
+        return sample_from_list(scratch.list, count, use_k, top_k, use_p, top_p, z_all, m, inv_temp, u, scan, sv, st);
+    // Too many to gather: finish the radix selections over the whole vocabulary.
+    uint32_t floor = 0u;
+    if (use_k) floor = select_threshold<false>(logits, n, 0u, (float)top_k, m, inv_temp, 0, scratch.select);
+    if (use_p) {
+        float z = z_all;
+        if (use_k) {
+            z = 0.f;
+            for (int i = threadIdx.x; i < n; i += blockDim.x) z += kept_probability(logits[i], floor, m, inv_temp);
+            z = block_sum(z, sv);
+        }
+        floor = max(floor, select_threshold<true>(logits, n, floor, top_p * z, m, inv_temp, 0, scratch.select));
+    }
+    return draw(vocabulary, n, floor, m, inv_temp, u, scan, st);
 }
 
-// Grid: (1); block: 32 (one thread works). step [2] int32 = [token, position] of the next decode step: the token
-// just sampled (token_out [1]) is fed back without a trip through the host.
-extern "C" __global__ void feed_token(const int* __restrict__ token_out, int* __restrict__ step, int position) {
+// Grid: (R); block: 1024 threads, one row each. logits [R, V] f32 (V may be odd: rows are then not 16-byte aligned);
+// vocab_limit ≤ V: ids ≥ it are never chosen; temperature, top_p, u [R] f32 and top_k [R] int32: the row's own
+// parameters; row_state [R] int32. Writes tokens_out[r] and, for row_state[r] ≥ 0, last_sampled[row_state[r]]
+// (the next step's prepare_tokens feeds it back).
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS, 1)  // 1 block per SM: 46 registers, no spills
+    sample_rows(const float* __restrict__ logits, int V, int vocab_limit, const float* __restrict__ temperature,
+                const int* __restrict__ top_k, const float* __restrict__ top_p, const float* __restrict__ u,
+                const int* __restrict__ row_state, int* __restrict__ tokens_out, int* __restrict__ last_sampled) {
+    const int r = blockIdx.x;
+    const int token = sample_row(logits + (size_t)r * V, vocab_limit, temperature[r], top_k[r], top_p[r], u[r]);
     if (threadIdx.x == 0) {
-        step[0] = token_out[0];
-        step[1] = position;
+        tokens_out[r] = token;
+        const int state = row_state[r];
+        if (state >= 0) last_sampled[state] = token;
     }
 }

@@ -2,49 +2,235 @@
 
 Device memory is held in `DeviceBuffer`s (a pointer, a shape and an element type), so every launch can be
 checked on the host before it runs; any CUDA failure becomes a DeviceError naming the kernel.
+
+Conventions of a step (the backend's contract with these launchers):
+- T token rows; sequences s = 0 … B−1, the first Bd of them decode sequences with one row each (rows 0 … Bd−1),
+  the rest prefill sequences. Per sequence (int32): first_row[s], rows[s], context_len[s] (positions 0 …
+  context_len − 1 are cached after this step's append; the sequence's rows are its last `rows` positions),
+  block_tables [B, table_width].
+- KV pool: [L, 2, num_blocks, Hkv, BLOCK_SIZE, d] bf16; the launchers take one layer's K and V planes
+  (num_blocks, Hkv, BLOCK_SIZE, d). Slot = block·BLOCK_SIZE + offset; block 0 is the null block.
+- Split-K partials: `parts` × [rows, N] f32, part p at element p·part_stride, summed in order by the consumers.
+- Seen-token bitsets: [states, ceil(V/32)] "i32" buffers holding uint32 words.
+- Every per-step value is read from device memory (CUDA-graph safe); only launch sizes are host integers.
 """
 
 from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import numpy as np
+
 from olmoscope.errors import DeviceError
 from olmoscope.runtime.cuda.build import arch_of, compile_kernel
-from olmoscope.runtime.cuda.driver import DeviceBuffer
+from olmoscope.runtime.cuda.driver import ITEMSIZE, DeviceBuffer
 
+# ── constants mirrored from cuda/ (tests/test_kernel_mirror.py checks each against its constexpr) ──────────
+BLOCK_SIZE = 16  # KV positions per cache block (common.cuh KV_BLOCK)
 HEAD_DIMS = (16, 32, 64, 128)  # the attention kernels' instantiations
-GEMM_TILE = 128
-GEMM_SMEM = 3 * (128 + 128) * (32 + 8) * 2  # STAGES · (BM + BN) · LDS · sizeof(bf16), as gemm.cu
-FA_QUERIES = 64  # flash_prefill's query tile
-FD_SPLIT = 128  # flash_decode's positions per block
+DECODE_GROUPS = (1, 2, 4, 8)  # paged_decode's query heads per kv head, rounded up
+GEMV_MAX_ROWS = 4  # rows up to this go to the GEMV, more to the tensor-core GEMM (gemv.cu)
 GEMV_WARPS = 8  # warps per GEMV block (gemv.cu)
 GEMV_WARPS_PER_SM = 16  # split K across warps until about this many stream on every multiprocessor (measured)
-SAMPLE_THREADS = 1024
+GEMM_BN = 128  # weight rows (output columns) per GEMM CTA, every variant (gemm.cu)
+GEMM_PAD = 8  # bf16 of padding per smem row (gemm.cu)
+GEMM_LARGE_BK = 32  # bm128 (prefill): k-tile, stages, threads
+GEMM_LARGE_STAGES = 3
+GEMM_LARGE_THREADS = 256
+GEMM_SMALL_BK = 64  # bm16/32/64 (decode batches): k-tile, stages, threads
+GEMM_SMALL_STAGES = 4
+GEMM_SMALL_THREADS = 128
+FA_QUERIES = 64  # paged_prefill's query tile (attention.cu FA_BQ)
+FA_THREADS = 128
+DECODE_THREADS = 128  # paged_decode (attention.cu DEC_*)
+DECODE_WARPS = 4
+DECODE_STAGES = 3
+KV_PAD = 8  # bf16 of padding per smem row of a K/V tile (attention.cu)
+NORM_THREADS = 256  # norms.cu
+ROPE_THREADS = 256  # rope.cu: one block per token
+ROPE_HEAD_THREADS = 128  # rope.cu: one block per (token, head)
+SAMPLE_THREADS = 1024  # sampling.cu
+COPY_THREADS = 256  # kv_cache.cu
+
+# Python name → (file, constexpr name): what the mirror test compares.
+MIRRORED = {
+    "BLOCK_SIZE": ("common.cuh", "KV_BLOCK"),
+    "GEMV_MAX_ROWS": ("gemv.cu", "GEMV_MAX_ROWS"),
+    "GEMV_WARPS": ("gemv.cu", "GEMV_WARPS"),
+    "GEMM_BN": ("gemm.cu", "GEMM_BN"),
+    "GEMM_PAD": ("gemm.cu", "GEMM_PAD"),
+    "GEMM_LARGE_BK": ("gemm.cu", "GEMM_LARGE_BK"),
+    "GEMM_LARGE_STAGES": ("gemm.cu", "GEMM_LARGE_STAGES"),
+    "GEMM_LARGE_THREADS": ("gemm.cu", "GEMM_LARGE_THREADS"),
+    "GEMM_SMALL_BK": ("gemm.cu", "GEMM_SMALL_BK"),
+    "GEMM_SMALL_STAGES": ("gemm.cu", "GEMM_SMALL_STAGES"),
+    "GEMM_SMALL_THREADS": ("gemm.cu", "GEMM_SMALL_THREADS"),
+    "FA_QUERIES": ("attention.cu", "FA_BQ"),
+    "FA_THREADS": ("attention.cu", "FA_THREADS"),
+    "DECODE_THREADS": ("attention.cu", "DEC_THREADS"),
+    "DECODE_WARPS": ("attention.cu", "DEC_WARPS"),
+    "DECODE_STAGES": ("attention.cu", "DEC_STAGES"),
+    "KV_PAD": ("attention.cu", "KV_PAD"),
+    "NORM_THREADS": ("norms.cu", "NORM_THREADS"),
+    "ROPE_THREADS": ("rope.cu", "ROPE_THREADS"),
+    "ROPE_HEAD_THREADS": ("rope.cu", "ROPE_HEAD_THREADS"),
+    "SAMPLE_THREADS": ("sampling.cu", "SAMPLE_THREADS"),
+    "COPY_THREADS": ("kv_cache.cu", "COPY_THREADS"),
+}
+
+# Host-side planning knobs (not in any .cu file).
+GEMM_MIN_KTILES_PER_SPLIT = 4  # a split-K share streams at least this many k-tiles
+GEMM_MAX_SPLITS = 16
+DECODE_MAX_SPLITS = 16
+ROPE_PER_HEAD_MAX_TOKENS = 32  # qk_norm_rope_append_heads up to this many rows (each block re-reads its vector's norm)
+CTAS_PER_SM = 2  # the grid size the split planners aim at: about two resident CTAs per multiprocessor
+
+
+class GemmTile(NamedTuple):
+    """One GEMM variant: rows per CTA, k-tile, pipeline stages, threads."""
+
+    bm: int
+    bk: int
+    stages: int
+    threads: int
+
+    @property
+    def smem(self) -> int:
+        """Dynamic shared memory: STAGES · (BM + BN) · (BK + PAD) · sizeof(bf16), as gemm.cu's GemmConfig."""
+        return self.stages * (self.bm + GEMM_BN) * (self.bk + GEMM_PAD) * 2
+
+
+GEMM_TILES = {
+    16: GemmTile(16, GEMM_SMALL_BK, GEMM_SMALL_STAGES, GEMM_SMALL_THREADS),
+    32: GemmTile(32, GEMM_SMALL_BK, GEMM_SMALL_STAGES, GEMM_SMALL_THREADS),
+    64: GemmTile(64, GEMM_SMALL_BK, GEMM_SMALL_STAGES, GEMM_SMALL_THREADS),
+    128: GemmTile(128, GEMM_LARGE_BK, GEMM_LARGE_STAGES, GEMM_LARGE_THREADS),
+}
+
+
+def decode_smem(d: int) -> int:
+    """paged_decode's dynamic shared memory: each warp's ring of DECODE_STAGES (K, V) blocks."""
+    return DECODE_WARPS * DECODE_STAGES * 2 * BLOCK_SIZE * (d + KV_PAD) * 2
+
 
 # kernel name → (file, PyCUDA argument format: P pointer, i int32, f float32, q int64)
 SIGNATURES = {
     "embedding_gather_bf16": ("embedding.cu", "PPPPii"),
     "embedding_gather_int8": ("embedding.cu", "PPPPPii"),
-    "residual_rmsnorm_add": ("norms.cu", "PPPPif"),
-    "rmsnorm_f32": ("norms.cu", "PPPif"),
-    "rmsnorm_bf16": ("norms.cu", "PPPif"),
-    "qk_norm_rope_append": ("rope.cu", "PPPPPPPPiiiif"),
-    "qk_norm_rope_append_heads": ("rope.cu", "PPPPPPPPiiiif"),
-    "gemv_bf16": ("gemv.cu", "PPPPiii"),
-    "gemv_bf16_silu": ("gemv.cu", "PPPPiii"),
-    "gemv_int8": ("gemv.cu", "PPPPiii"),
-    "gemv_int8_silu": ("gemv.cu", "PPPPiii"),
-    "gemm_bf16": ("gemm.cu", "PPPPiii"),
-    "gemm_bf16_silu": ("gemm.cu", "PPPPiii"),
+    "prepare_tokens": ("embedding.cu", "PPPPii"),
+    "mark_seen": ("embedding.cu", "PPPii"),
+    "residual_rmsnorm_add": ("norms.cu", "PPiqPPif"),
+    "rmsnorm_rows_bf16": ("norms.cu", "PPPPif"),
+    "qk_norm_rope_append": ("rope.cu", "PiqPPPPPPPPiiif"),
+    "qk_norm_rope_append_heads": ("rope.cu", "PiqPPPPPPPPiiif"),
+    **{f"gemv_{kind}{silu}_m{m}": ("gemv.cu", "PPPPiii")
+       for kind in ("bf16", "int8") for silu in ("", "_silu") for m in range(1, GEMV_MAX_ROWS + 1)},
+    **{f"gemm_bf16_bm{bm}": ("gemm.cu", "PPPPiiii") for bm in GEMM_TILES},
+    **{f"gemm_bf16_silu_bm{bm}": ("gemm.cu", "PPPPiii") for bm in GEMM_TILES},
+    "silu_mul_parts": ("gemm.cu", "PiqPii"),
     "widen_int8": ("gemm.cu", "PPq"),
-    **{f"flash_prefill_d{d}": ("attention.cu", "PPPPPiiii") for d in HEAD_DIMS},
-    **{f"flash_decode_d{d}": ("attention.cu", "PPPPPPPPiii") for d in HEAD_DIMS},
-    "repetition_penalty": ("sampling.cu", "PPif"),
-    "sample_token": ("sampling.cu", "PififfP"),
-    "feed_token": ("sampling.cu", "PPi"),
+    **{f"paged_prefill_d{d}": ("attention.cu", "PPPPPPPPPPiiii") for d in HEAD_DIMS},
+    **{f"paged_decode_d{d}_g{g}": ("attention.cu", "PPPPPPPPPiiiii") for d in HEAD_DIMS for g in DECODE_GROUPS},
+    "repetition_penalty_rows": ("sampling.cu", "PiPPPi"),
+    "sample_rows": ("sampling.cu", "PiiPPPPPPP"),
+    "copy_blocks": ("kv_cache.cu", "PPiqii"),
 }
 
 
+# ── host-side planning (pure functions: the backend and the tests use the same ones) ──────────────────────
+def gemm_tile(M: int) -> int:
+    """The GEMM variant (BM) for M rows: 16, 32, 64 for decode batches, 128 for prefill."""
+    if M <= 16:
+        return 16
+    if M <= 32:
+        return 32
+    if M <= 128:  # two bm64 tiles beat one half-empty bm128 tile
+        return 64
+    return 128
+
+
+def gemm_plan(M: int, N: int, K: int, sm_count: int, silu: bool = False) -> tuple[int, int]:
+    """(bm, splits) for C = A·Wᵀ with A [M, K], W [N, K]: the tile for M (gemm_tile) and its split count
+    (gemm_splits; 1 when the SiLU epilogue is fused, which cannot split K).
+
+    >>> gemm_plan(16, 4096, 4096, 132)
+    (16, 8)
+    """
+    bm = gemm_tile(M)
+    return bm, 1 if silu else gemm_splits(bm, M, N, K, sm_count)
+
+
+def gemm_splits(bm: int, M: int, N: int, K: int, sm_count: int) -> int:
+    """Split K into as many shares as fit one wave of CTAS_PER_SM CTAs per multiprocessor (a second, partial wave
+    would cost more than it adds: one CTA's 4 stages already keep enough bytes in flight), each streaming
+    ≥ GEMM_MIN_KTILES_PER_SPLIT k-tiles, the partials' traffic (written, then read back by the consumer: 8·splits·M·N bytes) at most the
+    weights' (2·N·K), and no split left empty."""
+    ktiles = math.ceil(K / GEMM_TILES[bm].bk)
+    ctas = math.ceil(N / GEMM_BN) * math.ceil(M / bm)
+    if ctas >= CTAS_PER_SM * sm_count:
+        return 1
+    splits = min(CTAS_PER_SM * sm_count // ctas, ktiles // GEMM_MIN_KTILES_PER_SPLIT, GEMM_MAX_SPLITS, K // (4 * M))
+    if splits <= 1:
+        return 1
+    return math.ceil(ktiles / math.ceil(ktiles / splits))
+
+
+def gemm_ktiles_per_split(bm: int, K: int, splits: int) -> int:
+    """k-tiles of each split's share (the kernel's ktiles_per_split)."""
+    return math.ceil(math.ceil(K / GEMM_TILES[bm].bk) / splits)
+
+
+def decode_group(H: int, Hkv: int) -> int:
+    """paged_decode's group instantiation: H/Hkv rounded up to 1, 2, 4 or 8."""
+    if Hkv < 1 or H % Hkv:
+        raise DeviceError(f"attention: {H} query heads do not split into {Hkv} kv heads")
+    for g in DECODE_GROUPS:
+        if H // Hkv <= g:
+            return g
+    raise DeviceError(f"attention: {H // Hkv} query heads per kv head (at most {DECODE_GROUPS[-1]} are supported)")
+
+
+def decode_splits(B: int, Hkv: int, sm_count: int, max_blocks: int) -> int:
+    """Splits of each sequence's blocks for paged_decode: as many as fit one wave of CTAS_PER_SM CTAs (B·Hkv·splits)
+    per multiprocessor, to fill the chip at small B, every warp of a split with at least one block (max_blocks: the most visible blocks of any sequence); 1 at large B.
+
+    >>> decode_splits(1, 32, 132, 32), decode_splits(64, 32, 132, 32)
+    (8, 1)
+    """
+    ctas = B * Hkv
+    if ctas >= CTAS_PER_SM * sm_count:
+        return 1
+    return max(1, min(CTAS_PER_SM * sm_count // ctas, max_blocks // DECODE_WARPS, DECODE_MAX_SPLITS))
+
+
+def prefill_tiles(first_row, rows, decode_seqs: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(tile_seq, tile_first_row) int32 for paged_prefill: the 64-row tiles of every sequence after the first
+    decode_seqs, the longest sequences first and, within one, its last tile (the most keys) first.
+
+    >>> prefill_tiles([0, 1], [1, 70], decode_seqs=1)
+    (array([1, 1], dtype=int32), array([65,  1], dtype=int32))
+    """
+    first_row, rows = np.asarray(first_row, np.int64), np.asarray(rows, np.int64)
+    order = sorted(range(decode_seqs, len(rows)), key=lambda s: (-int(rows[s]), s))
+    seqs, starts = [], []
+    for s in order:
+        for i in reversed(range(math.ceil(int(rows[s]) / FA_QUERIES))):
+            seqs.append(s)
+            starts.append(int(first_row[s]) + i * FA_QUERIES)
+    return np.asarray(seqs, np.int32), np.asarray(starts, np.int32)
+
+
+def gemv_split(pairs: int, sm_count: int) -> int:
+    """Warps per GEMV row pair (1, 2, 4 or 8): more when there are too few pairs to keep the chip streaming."""
+    split = 1
+    while split < GEMV_WARPS and pairs * split < sm_count * GEMV_WARPS_PER_SM:
+        split *= 2
+    return split
+
+
+# ── shape checks ─────────────────────────────────────────────────────────────────────────────────────
 def _expect(buffer: DeviceBuffer | None, what: str, dtype: str, shape: tuple[int, ...], min_rows: int | None = None):
     """Refuse a launch whose buffer has the wrong type or shape (min_rows: a matrix with at least that many rows)."""
     if buffer is None:
@@ -52,11 +238,35 @@ def _expect(buffer: DeviceBuffer | None, what: str, dtype: str, shape: tuple[int
     if buffer.dtype != dtype:
         raise DeviceError(f"{what}: expected {dtype}, found {buffer.dtype}")
     if min_rows is not None:
-        ok = buffer.shape[1:] == shape[1:] and buffer.shape[0] >= min_rows
+        ok = tuple(buffer.shape[1:]) == tuple(shape[1:]) and buffer.shape[0] >= min_rows
     else:
-        ok = buffer.shape == shape
+        ok = tuple(buffer.shape) == tuple(shape)
     if not ok:
         raise DeviceError(f"{what}: expected shape {list(shape)}, found {list(buffer.shape)}")
+
+
+def _expect_elements(buffer: DeviceBuffer | None, what: str, dtype: str, elements: int, last_dim: int | None = None):
+    """Refuse a flat region (split-K partials) of the wrong type, last dimension, or fewer than `elements` elements."""
+    if buffer is None:
+        raise DeviceError(f"{what}: buffer missing")
+    if buffer.dtype != dtype:
+        raise DeviceError(f"{what}: expected {dtype}, found {buffer.dtype}")
+    if last_dim is not None and buffer.shape[-1] != last_dim:
+        raise DeviceError(f"{what}: expected rows of {last_dim}, found shape {list(buffer.shape)}")
+    if math.prod(buffer.shape) < elements:
+        raise DeviceError(f"{what}: {math.prod(buffer.shape)} elements, {elements} needed")
+
+
+def _check_parts(what: str, parts: int, part_stride: int, used: int) -> None:
+    if parts < 1:
+        raise DeviceError(f"{what}: {parts} partial sums")
+    if parts > 1 and (part_stride < used or part_stride % 4):
+        raise DeviceError(f"{what}: part stride {part_stride} (rows need {used}, and a multiple of 4)")
+
+
+def _check_count(what: str, count: int) -> None:
+    if count < 1:
+        raise DeviceError(f"{what}: nothing to launch ({count})")
 
 
 def _ptr(buffer: DeviceBuffer | None) -> int:
@@ -66,7 +276,7 @@ def _ptr(buffer: DeviceBuffer | None) -> int:
 class Kernels:
     """Every kernel, loaded for this GPU's architecture, with shape-checked launchers on one stream.
 
-    >>> kernels = Kernels(cuda.Device(0), cuda.Stream()); kernels.gemv(w, None, x, y)
+    >>> kernels = Kernels(cuda, cuda.Device(0), cuda.Stream()); kernels.gemv(w, None, x, y, 1)
     """
 
     def __init__(self, driver, device, stream):
@@ -88,171 +298,326 @@ class Kernels:
             function = modules[source].get_function(name)
             function.prepare(argtypes)
             self.functions[name] = function
-        for name in ("gemm_bf16", "gemm_bf16_silu"):
-            self.functions[name].set_attribute(driver.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, GEMM_SMEM)
+        self.smem = {}  # kernel name → dynamic shared memory bytes
+        for bm, tile in GEMM_TILES.items():
+            self.smem[f"gemm_bf16_bm{bm}"] = self.smem[f"gemm_bf16_silu_bm{bm}"] = tile.smem
+        for d in HEAD_DIMS:
+            for g in DECODE_GROUPS:
+                self.smem[f"paged_decode_d{d}_g{g}"] = decode_smem(d)
+        for name, nbytes in self.smem.items():
+            self.functions[name].set_attribute(driver.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
         self._modules = modules  # keep them loaded
 
     def launch(self, name: str, grid: tuple[int, ...], block: tuple[int, ...], *args, smem: int = 0) -> None:
         """One asynchronous launch; a refusal (bad configuration, earlier fault) becomes a DeviceError."""
         if min(grid) < 1:
             raise DeviceError(f"{name}: empty grid {grid}")
+        if any(extent > 65535 for extent in grid[1:]):
+            raise DeviceError(f"{name}: grid {grid} beyond 65535 in y or z")
         grid = tuple(grid) + (1,) * (3 - len(grid))
         try:
             self.functions[name].prepared_async_call(grid, block, self.stream, *args, shared_size=smem)
         except self.cuda.Error as exc:
             raise DeviceError(f"CUDA error launching {name}: {exc}") from None
 
-    # ── the forward pass's kernels ────────────────────────────────────────────────────────────────
+    # ── step input: token ids, seen sets, embedding ──────────────────────────────────────────────────────
+    def prepare_tokens(self, ids: DeviceBuffer, last_sampled: DeviceBuffer, token_state: DeviceBuffer,
+                       seen: DeviceBuffer, tokens: int) -> None:
+        """ids [≥T] (negative: last_sampled[token_state[t]]), then marks each id in seen [states, words]."""
+        _check_count("prepare_tokens", tokens)
+        _expect(ids, "step token ids", "i32", (tokens,), min_rows=tokens)
+        _expect(token_state, "token states", "i32", (tokens,), min_rows=tokens)
+        _expect(last_sampled, "last sampled tokens", "i32", (seen.shape[0],))
+        _expect(seen, "seen-token bitsets", "i32", (seen.shape[0], seen.shape[-1]))
+        self.launch("prepare_tokens", (math.ceil(tokens / 256),), (256, 1, 1), ids.ptr, last_sampled.ptr,
+                    token_state.ptr, seen.ptr, seen.shape[1], tokens)
+
+    def mark_seen(self, ids: DeviceBuffer, states: DeviceBuffer, seen: DeviceBuffer, count: int) -> None:
+        """Marks ids[i] [≥n] seen for states[i] [≥n] in seen [states, words] (history from the prefix cache)."""
+        _check_count("mark_seen", count)
+        _expect(ids, "seen ids", "i32", (count,), min_rows=count)
+        _expect(states, "seen id states", "i32", (count,), min_rows=count)
+        _expect(seen, "seen-token bitsets", "i32", (seen.shape[0], seen.shape[-1]))
+        self.launch("mark_seen", (math.ceil(count / 256),), (256, 1, 1), ids.ptr, states.ptr, seen.ptr,
+                    seen.shape[1], count)
+
     def embedding(self, table: DeviceBuffer, scales: DeviceBuffer | None, ids: DeviceBuffer, h: DeviceBuffer,
                   h_bf16: DeviceBuffer | None, tokens: int) -> None:
-        """h[t] = table[ids[t]] (f32), and a bf16 copy when h_bf16 is given.  table [V, D], ids [≥T]."""
+        """h[t] = table[ids[t]] (f32), and a bf16 copy when h_bf16 is given.  table [V, D], ids [≥T], h [≥T, D]."""
         V, D = table.shape
+        _check_count("embedding", tokens)
         _expect(ids, "embedding ids", "i32", (tokens,), min_rows=tokens)
         _expect(h, "embedding output", "f32", (tokens, D), min_rows=tokens)
         if h_bf16 is not None:
             _expect(h_bf16, "embedding bf16 output", "bf16", (tokens, D), min_rows=tokens)
         if table.dtype == "i8":
-            self.launch("embedding_gather_int8", (tokens,), (256, 1, 1), table.ptr, _ptr(scales), ids.ptr, h.ptr,
+            _expect(scales, "embedding scales", "f32", (V,))
+            self.launch("embedding_gather_int8", (tokens,), (256, 1, 1), table.ptr, scales.ptr, ids.ptr, h.ptr,
                         _ptr(h_bf16), D, V)
         else:
+            _expect(table, "embedding table", "bf16", (V, D))
             self.launch("embedding_gather_bf16", (tokens,), (256, 1, 1), table.ptr, ids.ptr, h.ptr, _ptr(h_bf16), D, V)
 
-    def residual_norm(self, h: DeviceBuffer, a: DeviceBuffer, weight: DeviceBuffer, h_bf16: DeviceBuffer | None,
-                      rows: int, eps: float) -> None:
-        """h += RMSNorm(a)·weight over `rows` rows of [*, D]; h_bf16 gets the new h when given."""
+    # ── norms ──────────────────────────────────────────────────────────────────────────────────────────
+    def _slices(self, rows: int, D: int) -> int:
+        """Blocks per row for the norms: a few rows (decode) spread over several multiprocessors, 1024 elements each."""
+        return math.ceil(D / 1024) if rows * math.ceil(D / 1024) <= 2 * self.sm_count else 1
+
+    def residual_norm(self, h: DeviceBuffer, a: DeviceBuffer, parts: int, part_stride: int, weight: DeviceBuffer,
+                      h_bf16: DeviceBuffer | None, rows: int, eps: float) -> None:
+        """h [≥rows, D] += RMSNorm(Σ_p a[p]) · weight; a: parts × [rows, D] f32 at part_stride; h_bf16 gets the new h."""
         D = weight.shape[0]
+        _check_count("residual norm", rows)
         if D % 4:
             raise DeviceError(f"residual norm: D = {D} is not a multiple of 4")
+        _check_parts("residual norm", parts, part_stride, rows * D)
+        _expect(weight, "residual norm weight", "f32", (D,))
         _expect(h, "residual", "f32", (rows, D), min_rows=rows)
-        _expect(a, "residual update", "f32", (rows, D), min_rows=rows)
+        _expect_elements(a, "residual update", "f32", (parts - 1) * part_stride + rows * D, last_dim=D)
         if h_bf16 is not None:
             _expect(h_bf16, "residual bf16 copy", "bf16", (rows, D), min_rows=rows)
-        self.launch("residual_rmsnorm_add", (rows, self._slices(rows, D)), (256, 1, 1), h.ptr, a.ptr, weight.ptr,
-                    _ptr(h_bf16), D, eps)
+        self.launch("residual_rmsnorm_add", (rows, self._slices(rows, D)), (NORM_THREADS, 1, 1), h.ptr, a.ptr, parts,
+                    part_stride, weight.ptr, _ptr(h_bf16), D, eps)
 
-    def rmsnorm(self, x: DeviceBuffer, weight: DeviceBuffer, out: DeviceBuffer, rows: int, eps: float) -> None:
-        """out = RMSNorm(x)·weight for `rows` rows; out f32 or bf16."""
+    def rmsnorm_rows(self, x: DeviceBuffer, rows: DeviceBuffer, weight: DeviceBuffer, out: DeviceBuffer, count: int,
+                     eps: float) -> None:
+        """out[r] = bf16(RMSNorm(x[rows[r]])·weight) for r < count: x [T, D] f32, rows [≥count] i32, out [≥count, D]."""
         D = weight.shape[0]
+        _check_count("rmsnorm rows", count)
         if D % 4:
             raise DeviceError(f"rmsnorm: D = {D} is not a multiple of 4")
-        _expect(x, "rmsnorm input", "f32", (rows, D), min_rows=rows)
-        _expect(out, "rmsnorm output", out.dtype, (rows, D), min_rows=rows)
-        name = "rmsnorm_bf16" if out.dtype == "bf16" else "rmsnorm_f32"
-        self.launch(name, (rows, self._slices(rows, D)), (256, 1, 1), x.ptr, weight.ptr, out.ptr, D, eps)
+        _expect(weight, "final norm weight", "f32", (D,))
+        _expect(x, "rmsnorm input", "f32", (x.shape[0], D))
+        _expect(rows, "rmsnorm row indices", "i32", (count,), min_rows=count)
+        _expect(out, "rmsnorm output", "bf16", (count, D), min_rows=count)
+        self.launch("rmsnorm_rows_bf16", (count, self._slices(count, D)), (NORM_THREADS, 1, 1), x.ptr, rows.ptr,
+                    weight.ptr, out.ptr, D, eps)
 
-    @staticmethod
-    def _slices(rows: int, D: int) -> int:
-        """Blocks per row for the norms: one row (decode) spreads over several multiprocessors, 1024 elements each."""
-        return math.ceil(D / 1024) if rows == 1 else 1
-
-    def qk_norm_rope_append(self, qkv: DeviceBuffer, q_norm: DeviceBuffer, k_norm: DeviceBuffer,
-                            inv_freq: DeviceBuffer, q_out: DeviceBuffer, k_cache: DeviceBuffer,
-                            v_cache: DeviceBuffer, start_pos: DeviceBuffer, tokens: int, eps: float) -> None:
-        """QK-norm and RoPE of `tokens` rows of qkv; q to q_out [T, H, d], k and v into the cache [Hkv, S, d]."""
-        Hkv, S, d = k_cache.shape
+    # ── QK-norm, RoPE, cache append ─────────────────────────────────────────────────────────────────────
+    def qk_norm_rope_append(self, qkv: DeviceBuffer, parts: int, part_stride: int, q_norm: DeviceBuffer,
+                            k_norm: DeviceBuffer, inv_freq: DeviceBuffer, q_out: DeviceBuffer, k_pool: DeviceBuffer,
+                            v_pool: DeviceBuffer, positions: DeviceBuffer, slots: DeviceBuffer, tokens: int,
+                            eps: float, per_head: bool | None = None) -> None:
+        """QK-norm + RoPE of qkv (parts × [T, (H+2Hkv)·d] f32): q → q_out [≥T, H, d], k, v → pools [blocks, Hkv, 16, d]
+        at slots[t] [≥T], rotated at positions[t] [≥T]. per_head: one block per (token, head); default for few rows."""
+        _check_count("qk_norm_rope_append", tokens)
+        num_blocks, Hkv, block, d = k_pool.shape
+        if block != BLOCK_SIZE or d % 8:
+            raise DeviceError(f"qk_norm_rope_append: KV pool {list(k_pool.shape)} (blocks of {BLOCK_SIZE}, d % 8 == 0)")
         H = q_norm.shape[0] // d
-        _expect(qkv, "qkv", "f32", (tokens, (H + 2 * Hkv) * d), min_rows=tokens)
-        _expect(q_out, "rotated q", "bf16", (tokens, H, d), min_rows=tokens)
-        _expect(v_cache, "v cache", "bf16", (Hkv, S, d))
+        width = (H + 2 * Hkv) * d
+        _check_parts("qkv", parts, part_stride, tokens * width)
+        _expect_elements(qkv, "qkv", "f32", (parts - 1) * part_stride + tokens * width, last_dim=width)
+        _expect(q_norm, "q_norm", "f32", (H * d,))
+        _expect(k_norm, "k_norm", "f32", (Hkv * d,))
         _expect(inv_freq, "inv_freq", "f32", (d // 2,))
-        if tokens == 1:  # decode: a block per head instead of one block doing everything
-            self.launch("qk_norm_rope_append_heads", (1, H + Hkv), (128, 1, 1), qkv.ptr, q_norm.ptr, k_norm.ptr,
-                        inv_freq.ptr, q_out.ptr, k_cache.ptr, v_cache.ptr, start_pos.ptr, H, Hkv, d, S, eps)
+        _expect(q_out, "rotated q", "bf16", (tokens, H, d), min_rows=tokens)
+        _expect(k_pool, "k pool", "bf16", (num_blocks, Hkv, BLOCK_SIZE, d))
+        _expect(v_pool, "v pool", "bf16", (num_blocks, Hkv, BLOCK_SIZE, d))
+        _expect(positions, "positions", "i32", (tokens,), min_rows=tokens)
+        _expect(slots, "cache slots", "i32", (tokens,), min_rows=tokens)
+        if per_head is None:
+            per_head = tokens <= ROPE_PER_HEAD_MAX_TOKENS
+        args = (qkv.ptr, parts, part_stride, q_norm.ptr, k_norm.ptr, inv_freq.ptr, q_out.ptr, k_pool.ptr, v_pool.ptr,
+                positions.ptr, slots.ptr, H, Hkv, d, eps)
+        if per_head:
+            self.launch("qk_norm_rope_append_heads", (tokens, H + Hkv), (ROPE_HEAD_THREADS, 1, 1), *args)
         else:
-            self.launch("qk_norm_rope_append", (tokens,), (256, 1, 1), qkv.ptr, q_norm.ptr, k_norm.ptr, inv_freq.ptr,
-                        q_out.ptr, k_cache.ptr, v_cache.ptr, start_pos.ptr, H, Hkv, d, S, eps)
+            self.launch("qk_norm_rope_append", (tokens,), (ROPE_THREADS, 1, 1), *args)
 
-    def gemv(self, weight: DeviceBuffer, scales: DeviceBuffer | None, x: DeviceBuffer, y: DeviceBuffer,
+    # ── projections ───────────────────────────────────────────────────────────────────────────────────
+    def gemv(self, weight: DeviceBuffer, scales: DeviceBuffer | None, x: DeviceBuffer, y: DeviceBuffer, rows: int,
              silu: bool = False, split: int | None = None) -> None:
-        """y = W·x (f32); silu: W is [gate; up] and y = SiLU(gate·x)·(up·x)."""
+        """y = x·Wᵀ for 1 … 4 rows: x [≥rows, K] bf16, W [N, K] bf16/int8; y [≥rows, N] f32, or silu: [≥rows, N/2] bf16."""
         N, K = weight.shape
+        if not 1 <= rows <= GEMV_MAX_ROWS:
+            raise DeviceError(f"gemv: {rows} rows (1 … {GEMV_MAX_ROWS}; more go to gemm)")
+        if weight.dtype not in ("bf16", "i8"):
+            raise DeviceError(f"gemv: weights must be bf16 or int8, found {weight.dtype}")
         step = 16 if weight.dtype == "i8" else 8
         if K % step:
             raise DeviceError(f"gemv: K = {K} is not a multiple of {step}")
-        _expect(x, "gemv input", "f32", (K,))
-        _expect(y, "gemv output", "f32", (N // 2 if silu else N,))
+        if silu and N % 2:
+            raise DeviceError(f"gemv silu: N = {N} is not even ([gate; up])")
+        if scales is not None:
+            _expect(scales, "gemv scales", "f32", (N,))
+        _expect(x, "gemv input", "bf16", (rows, K), min_rows=rows)
+        if silu:
+            _expect(y, "gemv silu output", "bf16", (rows, N // 2), min_rows=rows)
+        else:
+            _expect(y, "gemv output", "f32", (rows, N), min_rows=rows)
         pairs = N // 2 if silu else (N + 1) // 2
-        split = split or self.gemv_split(pairs)
+        split = split or gemv_split(pairs, self.sm_count)
+        if split not in (1, 2, 4, 8):
+            raise DeviceError(f"gemv: split {split} (1, 2, 4 or 8)")
         kind = "int8" if weight.dtype == "i8" else "bf16"
-        name = f"gemv_{kind}_silu" if silu else f"gemv_{kind}"
+        name = f"gemv_{kind}{'_silu' if silu else ''}_m{rows}"
         self.launch(name, (math.ceil(pairs / (GEMV_WARPS // split)),), (32 * GEMV_WARPS, 1, 1), weight.ptr,
                     _ptr(scales), x.ptr, y.ptr, N, K, split)
 
     def gemm(self, a: DeviceBuffer, weight: DeviceBuffer, scales: DeviceBuffer | None, c: DeviceBuffer, rows: int,
-             silu: bool = False) -> None:
-        """C = A·Wᵀ on the tensor cores, A [rows, K] bf16; C f32 [rows, N], or bf16 [rows, N/2] with silu."""
+             silu: bool = False, splits: int = 1, bm: int | None = None) -> None:
+        """C = A·Wᵀ on the tensor cores, A [≥rows, K] bf16, W [N, K] bf16: C holds splits × [rows, N] f32 partials
+        (part stride rows·N), or with silu C [≥rows, N/2] bf16 = SiLU(gate)·up. bm: the tile (default gemm_tile)."""
         N, K = weight.shape
+        _check_count("gemm", rows)
         if weight.dtype != "bf16":
             raise DeviceError(f"gemm: weights must be bf16 (widen int8 first), found {weight.dtype}")
         if K % 8:
             raise DeviceError(f"gemm: K = {K} is not a multiple of 8")
+        bm = bm or gemm_tile(rows)
+        if bm not in GEMM_TILES:
+            raise DeviceError(f"gemm: tile {bm} (one of {sorted(GEMM_TILES)})")
+        if scales is not None:
+            _expect(scales, "gemm scales", "f32", (N,))
         _expect(a, "gemm input", "bf16", (rows, K), min_rows=rows)
+        grid = (math.ceil(N / GEMM_BN), math.ceil(rows / bm))
+        threads = (GEMM_TILES[bm].threads, 1, 1)
         if silu:
+            if splits != 1 or N % 2:
+                raise DeviceError(f"gemm silu: splits {splits}, N = {N} (one split, N even)")
             _expect(c, "gemm silu output", "bf16", (rows, N // 2), min_rows=rows)
-        else:
-            _expect(c, "gemm output", "f32", (rows, N), min_rows=rows)
-        grid = (math.ceil(N / GEMM_TILE), math.ceil(rows / GEMM_TILE))
-        self.launch("gemm_bf16_silu" if silu else "gemm_bf16", grid, (256, 1, 1), a.ptr, weight.ptr, _ptr(scales),
-                    c.ptr, rows, N, K, smem=GEMM_SMEM)
+            self.launch(f"gemm_bf16_silu_bm{bm}", grid, threads, a.ptr, weight.ptr, _ptr(scales), c.ptr, rows, N, K,
+                        smem=GEMM_TILES[bm].smem)
+            return
+        if not 1 <= splits <= 64:
+            raise DeviceError(f"gemm: {splits} splits")
+        _expect_elements(c, "gemm output" if splits == 1 else "gemm partials", "f32", splits * rows * N, last_dim=N)
+        self.launch(f"gemm_bf16_bm{bm}", (*grid, splits), threads, a.ptr, weight.ptr, _ptr(scales), c.ptr, rows, N, K,
+                    gemm_ktiles_per_split(bm, K, splits), smem=GEMM_TILES[bm].smem)
 
-    def gemv_split(self, pairs: int) -> int:
-        """Warps per row pair (1, 2, 4 or 8): more when there are too few pairs to keep the chip streaming."""
-        split = 1
-        while split < GEMV_WARPS and pairs * split < self.sm_count * GEMV_WARPS_PER_SM:
-            split *= 2
-        return split
+    def silu_mul_parts(self, parts_buffer: DeviceBuffer, parts: int, part_stride: int, out: DeviceBuffer,
+                       rows: int) -> None:
+        """out [≥rows, I] bf16 = SiLU(Σ gate)·Σ up from parts × [rows, 2I] f32 partials of [gate; up] at part_stride."""
+        _check_count("silu_mul_parts", rows)
+        I = out.shape[-1]
+        if I % 4:
+            raise DeviceError(f"silu_mul_parts: I = {I} is not a multiple of 4")
+        _check_parts("silu_mul_parts", parts, part_stride, rows * 2 * I)
+        _expect_elements(parts_buffer, "gate/up partials", "f32", (parts - 1) * part_stride + rows * 2 * I,
+                         last_dim=2 * I)
+        _expect(out, "silu output", "bf16", (rows, I), min_rows=rows)
+        self.launch("silu_mul_parts", (math.ceil(rows * I / 1024),), (256, 1, 1), parts_buffer.ptr, parts, part_stride,
+                    out.ptr, rows, I)
 
     def widen_int8(self, q: DeviceBuffer, out: DeviceBuffer) -> None:
         """out (bf16) = q (int8), elementwise and exact; out may be larger than q."""
         n = math.prod(q.shape)
-        if n % 16 or out.nbytes < 2 * n:
-            raise DeviceError(f"widen_int8: {n} elements into {out.nbytes} bytes")
+        if q.dtype != "i8" or out.dtype != "bf16" or n % 16 or out.nbytes < 2 * n:
+            raise DeviceError(f"widen_int8: {n} {q.dtype} elements into {out.nbytes} bytes of {out.dtype}")
         self.launch("widen_int8", (math.ceil(n / 4096),), (256, 1, 1), q.ptr, out.ptr, n)
 
-    def flash_prefill(self, q: DeviceBuffer, k_cache: DeviceBuffer, v_cache: DeviceBuffer, out: DeviceBuffer,
-                      start_pos: DeviceBuffer, tokens: int) -> None:
-        """Causal attention of `tokens` queries [T, H, d] over the cache; out [T, H·d] bf16."""
-        Hkv, S, d = k_cache.shape
+    # ── attention ─────────────────────────────────────────────────────────────────────────────────────────
+    def _attention_shapes(self, what: str, q: DeviceBuffer, k_pool: DeviceBuffer, v_pool: DeviceBuffer,
+                          out: DeviceBuffer, context_len: DeviceBuffer, block_tables: DeviceBuffer,
+                          seqs: int) -> tuple[int, int, int, int]:
+        """(H, Hkv, d, table_width) after checking the buffers every attention launch shares."""
+        num_blocks, Hkv, block, d = k_pool.shape
+        if block != BLOCK_SIZE or d not in HEAD_DIMS:
+            raise DeviceError(f"{what}: KV pool {list(k_pool.shape)} (blocks of {BLOCK_SIZE}, d in {HEAD_DIMS})")
+        if len(q.shape) != 3 or q.shape[2] != d:
+            raise DeviceError(f"{what}: q {list(q.shape)}, expected [T, H, {d}]")
         H = q.shape[1]
-        _expect(q, "attention q", "bf16", (tokens, H, d), min_rows=tokens)
-        _expect(out, "attention output", "bf16", (tokens, H * d), min_rows=tokens)
-        self.launch(f"flash_prefill_d{d}", (math.ceil(tokens / FA_QUERIES), H), (128, 1, 1), q.ptr, k_cache.ptr,
-                    v_cache.ptr, out.ptr, start_pos.ptr, tokens, H, Hkv, S)
+        decode_group(H, Hkv)
+        _expect(q, f"{what} q", "bf16", q.shape)
+        _expect(k_pool, f"{what} k pool", "bf16", (num_blocks, Hkv, BLOCK_SIZE, d))
+        _expect(v_pool, f"{what} v pool", "bf16", (num_blocks, Hkv, BLOCK_SIZE, d))
+        _expect(out, f"{what} output", "bf16", (q.shape[0], H * d), min_rows=q.shape[0])
+        _expect(context_len, f"{what} context lengths", "i32", (seqs,), min_rows=seqs)
+        if len(block_tables.shape) != 2:
+            raise DeviceError(f"{what}: block tables {list(block_tables.shape)}, expected [B, table_width]")
+        _expect(block_tables, f"{what} block tables", "i32", (seqs, block_tables.shape[1]), min_rows=seqs)
+        return H, Hkv, d, block_tables.shape[1]
 
-    def flash_decode(self, q: DeviceBuffer, k_cache: DeviceBuffer, v_cache: DeviceBuffer, partial_o: DeviceBuffer,
-                     partial_ml: DeviceBuffer, out: DeviceBuffer, counters: DeviceBuffer,
-                     start_pos: DeviceBuffer) -> None:
-        """One query [H, d] over positions 0 … start_pos[0], split across blocks and merged by the last; out [H·d] f32.
+    def paged_prefill(self, q: DeviceBuffer, k_pool: DeviceBuffer, v_pool: DeviceBuffer, out: DeviceBuffer,
+                      tile_seq: DeviceBuffer, tile_first_row: DeviceBuffer, first_row: DeviceBuffer,
+                      rows: DeviceBuffer, context_len: DeviceBuffer, block_tables: DeviceBuffer, n_tiles: int,
+                      window: int = 0) -> None:
+        """Causal attention of the prefill rows of q [T, H, d] over the paged cache → out [≥T, H·d] bf16; tiles from
+        prefill_tiles (tile_seq, tile_first_row [≥n_tiles]); per-sequence arrays [B], block_tables [B, width]."""
+        _check_count("paged_prefill", n_tiles)
+        seqs = first_row.shape[0]
+        H, Hkv, d, width = self._attention_shapes("paged_prefill", q, k_pool, v_pool, out, context_len,
+                                                  block_tables, seqs)
+        _expect(first_row, "first rows", "i32", (seqs,))
+        _expect(rows, "rows per sequence", "i32", (seqs,), min_rows=seqs)
+        _expect(tile_seq, "tile sequences", "i32", (n_tiles,), min_rows=n_tiles)
+        _expect(tile_first_row, "tile first rows", "i32", (n_tiles,), min_rows=n_tiles)
+        if window < 0:
+            raise DeviceError(f"paged_prefill: window {window}")
+        self.launch(f"paged_prefill_d{d}", (n_tiles, H), (FA_THREADS, 1, 1), q.ptr, k_pool.ptr, v_pool.ptr, out.ptr,
+                    tile_seq.ptr, tile_first_row.ptr, first_row.ptr, rows.ptr, context_len.ptr, block_tables.ptr,
+                    width, H, Hkv, window)
 
-        counters [H] int32 must be zero before the first launch; the kernel leaves them zero.
-        """
-        Hkv, S, d = k_cache.shape
-        H = q.shape[1]
-        splits = math.ceil(S / FD_SPLIT)
-        _expect(q, "decode q", "bf16", (1, H, d), min_rows=1)
-        _expect(partial_o, "decode partials", "f32", (H, splits, d))
-        _expect(partial_ml, "decode partial max/sum", "f32", (H, splits, 2))
-        _expect(out, "decode attention output", "f32", (H * d,))
-        _expect(counters, "decode merge counters", "i32", (H,))
-        self.launch(f"flash_decode_d{d}", (H, splits), (128, 1, 1), q.ptr, k_cache.ptr, v_cache.ptr, partial_o.ptr,
-                    partial_ml.ptr, out.ptr, counters.ptr, start_pos.ptr, H, Hkv, S)
+    def paged_decode(self, q: DeviceBuffer, k_pool: DeviceBuffer, v_pool: DeviceBuffer, out: DeviceBuffer,
+                     part_o: DeviceBuffer | None, part_ml: DeviceBuffer | None, counters: DeviceBuffer | None,
+                     context_len: DeviceBuffer, block_tables: DeviceBuffer, seqs: int, splits: int = 1,
+                     window: int = 0) -> None:
+        """Flash-decoding of the seqs decode rows of q [≥B, H, d] → out rows 0 … B−1 [T, H·d] bf16; with splits > 1,
+        part_o [≥B, H, splits, d], part_ml [≥B, H, splits, 2] f32 and counters [≥B·Hkv] i32 (zero; left zero)."""
+        _check_count("paged_decode", seqs)
+        H, Hkv, d, width = self._attention_shapes("paged_decode", q, k_pool, v_pool, out, context_len, block_tables,
+                                                  seqs)
+        if q.shape[0] < seqs:
+            raise DeviceError(f"paged_decode: q has {q.shape[0]} rows for {seqs} decode sequences")
+        if not 1 <= splits <= 65535 or window < 0:
+            raise DeviceError(f"paged_decode: splits {splits}, window {window}")
+        if splits > 1:
+            _expect(part_o, "decode partials", "f32", (seqs, H, splits, d), min_rows=seqs)
+            _expect(part_ml, "decode partial max/sum", "f32", (seqs, H, splits, 2), min_rows=seqs)
+            _expect(counters, "decode merge counters", "i32", (seqs * Hkv,), min_rows=seqs * Hkv)
+        name = f"paged_decode_d{d}_g{decode_group(H, Hkv)}"
+        self.launch(name, (seqs, Hkv, splits), (DECODE_THREADS, 1, 1), q.ptr, k_pool.ptr, v_pool.ptr, out.ptr,
+                    _ptr(part_o), _ptr(part_ml), _ptr(counters), context_len.ptr, block_tables.ptr, width, H, Hkv,
+                    splits, window, smem=self.smem[name])
+
+    def copy_blocks(self, pool: DeviceBuffer, pairs: DeviceBuffer, n_pairs: int) -> None:
+        """Copy-on-write: block pairs[i][0] → pairs[i][1] ([≥n_pairs, 2] i32) in every plane of pool [L, 2, blocks, Hkv, 16, d]."""
+        _check_count("copy_blocks", n_pairs)
+        if len(pool.shape) != 6 or pool.shape[1] != 2 or pool.shape[4] != BLOCK_SIZE:
+            raise DeviceError(f"copy_blocks: pool {list(pool.shape)}, expected [L, 2, blocks, Hkv, {BLOCK_SIZE}, d]")
+        _expect(pool, "KV pool", "bf16", pool.shape)
+        _expect(pairs, "block pairs", "i32", (n_pairs, 2), min_rows=n_pairs)
+        L, _, num_blocks, Hkv, _, d = pool.shape
+        block_elems = Hkv * BLOCK_SIZE * d
+        if block_elems % 8:
+            raise DeviceError(f"copy_blocks: {block_elems} elements per block (a multiple of 8)")
+        self.launch("copy_blocks", (n_pairs, 2 * L), (COPY_THREADS, 1, 1), pool.ptr, pairs.ptr, n_pairs,
+                    num_blocks * block_elems, 2 * L, block_elems)
 
     # ── sampling ──────────────────────────────────────────────────────────────────────────────────────
-    def repetition_penalty(self, logits: DeviceBuffer, ids: DeviceBuffer, count: int, penalty: float) -> None:
-        """Penalise `count` distinct ids (ids [≥ count] int32) in logits [V] in place."""
-        _expect(ids, "penalty ids", "i32", (count,), min_rows=count)
-        self.launch("repetition_penalty", (math.ceil(count / 256),), (256, 1, 1), logits.ptr, ids.ptr, count, penalty)
+    def repetition_penalty_rows(self, logits: DeviceBuffer, penalty: DeviceBuffer, row_state: DeviceBuffer,
+                                seen: DeviceBuffer, rows: int) -> None:
+        """logits [≥R, V] in place: each id seen by row_state[r]'s sequence penalised by penalty[r] (1 = off)."""
+        _check_count("repetition_penalty_rows", rows)
+        V = logits.shape[-1]
+        _expect(logits, "logits", "f32", (rows, V), min_rows=rows)
+        _expect(penalty, "penalties", "f32", (rows,), min_rows=rows)
+        _expect(row_state, "row states", "i32", (rows,), min_rows=rows)
+        _expect(seen, "seen-token bitsets", "i32", (seen.shape[0], seen.shape[-1]))
+        words = seen.shape[1]
+        self.launch("repetition_penalty_rows", (rows, math.ceil(words / 256)), (256, 1, 1), logits.ptr, V,
+                    penalty.ptr, row_state.ptr, seen.ptr, words)
 
-    def sample(self, logits: DeviceBuffer, vocab_limit: int, temperature: float, top_k: int, top_p: float,
-               u: float, token_out: DeviceBuffer) -> None:
-        """token_out[0] = the next token, by sampler.py's rules, from logits [≥ vocab_limit]."""
-        if logits.dtype != "f32" or logits.shape[-1] < vocab_limit:
-            raise DeviceError(f"sample: logits {logits.dtype} {list(logits.shape)} for a vocabulary of {vocab_limit}")
-        self.launch("sample_token", (1,), (SAMPLE_THREADS, 1, 1), logits.ptr, vocab_limit, temperature, top_k, top_p,
-                    u, token_out.ptr)
+    def sample_rows(self, logits: DeviceBuffer, vocab_limit: int, temperature: DeviceBuffer, top_k: DeviceBuffer,
+                    top_p: DeviceBuffer, u: DeviceBuffer, row_state: DeviceBuffer, tokens_out: DeviceBuffer,
+                    last_sampled: DeviceBuffer, rows: int) -> None:
+        """tokens_out[r] and last_sampled[row_state[r]] = row r's next token of logits [≥R, V], by sampler.py's rules,
+        each row with its own temperature, top_k, top_p and uniform u ([≥R] each)."""
+        _check_count("sample_rows", rows)
+        V = logits.shape[-1]
+        if not 1 <= vocab_limit <= V:
+            raise DeviceError(f"sample_rows: vocabulary of {vocab_limit} in logits rows of {V}")
+        _expect(logits, "logits", "f32", (rows, V), min_rows=rows)
+        for buffer, what, dtype in ((temperature, "temperatures", "f32"), (top_k, "top-k", "i32"),
+                                    (top_p, "top-p", "f32"), (u, "uniforms", "f32"), (row_state, "row states", "i32"),
+                                    (tokens_out, "sampled tokens", "i32")):
+            _expect(buffer, what, dtype, (rows,), min_rows=rows)
+        _expect(last_sampled, "last sampled tokens", "i32", last_sampled.shape[:1])
+        self.launch("sample_rows", (rows,), (SAMPLE_THREADS, 1, 1), logits.ptr, V, vocab_limit, temperature.ptr,
+                    top_k.ptr, top_p.ptr, u.ptr, row_state.ptr, tokens_out.ptr, last_sampled.ptr)
 
-    def feed_token(self, token_out: DeviceBuffer, step: DeviceBuffer, position: int) -> None:
-        """step = [token_out[0], position] on the device: the sampled token becomes the next step's input."""
-        _expect(token_out, "sampled token", "i32", (1,))
-        _expect(step, "decode step state", "i32", (2,))
-        self.launch("feed_token", (1,), (32, 1, 1), token_out.ptr, step.ptr, position)
+
+__all__ = ["BLOCK_SIZE", "GEMV_MAX_ROWS", "HEAD_DIMS", "DECODE_GROUPS", "GEMM_TILES", "SIGNATURES", "MIRRORED",
+           "DeviceBuffer", "ITEMSIZE", "Kernels", "decode_group", "decode_smem", "decode_splits", "gemm_plan",
+           "gemm_splits", "gemm_tile", "gemm_ktiles_per_split", "gemv_split", "prefill_tiles"]

@@ -1,0 +1,396 @@
+"""Kernel micro-benchmark at OLMo-2-1B and 7B shapes: each kernel alone, timed with CUDA events over CUDA-graph
+replays (no host launch cost), inputs rotated over enough copies that together they are larger than the L2
+cache (so weights come from DRAM, as in a real step), median of several replays.
+
+- projections (qkv N = 3·H·d, o_proj, gate_up with SiLU, down_proj): GEMV at M = 1 … 4 against the tensor-core
+  GEMM tiles bm16/32/64 (and bm128 from M = 128) at M = 1, 2, 4, 8, 16, 32, 64, 128, 256, each GEMM with the
+  split-K count the planner gives that tile; µs, GB/s of the bytes a projection must move (weights + x + y) and
+  % of the measured device copy bandwidth (read + write); "plan" marks what gemv/gemm_plan would choose;
+- paged decode attention at B = 1, 8, 16, 32, 64, 128 with contexts uniform in [128, 512]: µs and KV GB/s;
+- paged prefill of 2048 tokens (one prompt, and 4 × 512): µs and TFLOP/s (causal: the visible keys only);
+- QK-norm + RoPE + append, both variants, at T = 1 … 256; sampling rows (greedy, top-k/top-p) at R = 1, 8, 64.
+
+    python3 benchmarks/bench_kernels.py [--models 1b,7b] [--out DIR] [--quick]
+
+Prints one compact table; with --out writes DIR/bench_kernels.json. Finishes in well under 3 minutes on an H200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pycuda.driver as cuda
+from tabulate import tabulate
+
+from olmoscope.runtime.cuda import kernels as K
+from olmoscope.runtime.cuda.driver import CudaGraph, DeviceBuffer
+
+MODELS = {  # D, H, Hkv, d, I (docs: OLMO2.md)
+    "1b": dict(D=2048, H=16, Hkv=16, d=128, I=8192),
+    "7b": dict(D=4096, H=32, Hkv=32, d=128, I=11008),
+}
+GEMM_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+DECODE_BATCHES = (1, 8, 16, 32, 64, 128)
+ROPE_ROWS = (1, 4, 8, 16, 32, 64, 256)
+SAMPLE_ROWS = (1, 8, 64)
+VOCAB, VOCAB_LIMIT = 100352, 100278
+REPLAYS = 7  # graph replays timed; the median is reported
+
+
+class Bench:
+    """A context, a stream, the kernels, and device buffers freed at the end."""
+
+    def __init__(self):
+        cuda.init()
+        self.device = cuda.Device(0)
+        self.context = self.device.retain_primary_context()
+        self.context.push()
+        self.stream = cuda.Stream()
+        started = time.perf_counter()
+        self.kernels = K.Kernels(cuda, self.device, self.stream)
+        self.compile_s = time.perf_counter() - started
+        self.sm = self.kernels.sm_count
+        self.l2 = self.device.get_attribute(cuda.device_attribute.L2_CACHE_SIZE)
+        self.buffers: list[DeviceBuffer] = []
+        self.rng = np.random.default_rng(0)
+
+    def alloc(self, shape, dtype: str, fill=None) -> DeviceBuffer:
+        nbytes = max(1, math.prod(shape) * {"bf16": 2, "f32": 4, "i8": 1, "i32": 4}[dtype])
+        allocation = cuda.mem_alloc(nbytes)
+        buffer = DeviceBuffer(int(allocation), tuple(shape), dtype, allocation)
+        self.buffers.append(buffer)
+        if fill is not None:
+            self.upload(buffer, fill)
+        else:  # a small non-zero constant, written on the device (timings here do not depend on the values)
+            count = math.prod(shape)
+            if dtype == "bf16":
+                cuda.memset_d16(buffer.ptr, 0x3C00, count)  # 2^-7
+            elif dtype == "i8":
+                cuda.memset_d8(buffer.ptr, 5, count)
+            elif dtype == "f32":
+                cuda.memset_d32(buffer.ptr, 0x3C23D70A, count)  # 0.01
+            else:
+                cuda.memset_d32(buffer.ptr, 0, count)
+        return buffer
+
+    def upload(self, buffer: DeviceBuffer, array) -> None:
+        numpy_type = {"bf16": ml_dtypes.bfloat16, "f32": np.float32, "i8": np.int8, "i32": np.int32}[buffer.dtype]
+        cuda.memcpy_htod(buffer.ptr, np.ascontiguousarray(np.broadcast_to(array, buffer.shape), dtype=numpy_type))
+
+    def free(self) -> None:
+        for buffer in self.buffers:
+            buffer.free()
+        self.buffers = []
+
+    def close(self) -> None:
+        self.free()
+        self.context.pop()
+
+    def copies(self, nbytes: int) -> int:
+        """How many copies of an input of nbytes make more than twice the L2 cache."""
+        return max(1, min(64, math.ceil(2 * self.l2 / max(nbytes, 1))))
+
+    def time_us(self, launches) -> float:
+        """µs per launch: the launches captured in one graph, replayed REPEATS times, the median replay."""
+        graph = CudaGraph(self.stream)
+        graph.capture(lambda: [launch() for launch in launches])
+        start, end = cuda.Event(), cuda.Event()
+        try:
+            graph.launch()  # warm-up
+            times = []
+            for _ in range(REPLAYS):
+                start.record(self.stream)
+                graph.launch()
+                end.record(self.stream)
+                end.synchronize()
+                times.append(end.time_since(start) * 1e3 / len(launches))
+        finally:
+            graph.close()
+        return statistics.median(times)
+
+    def copy_bandwidth(self, nbytes: int = 1 << 30) -> float:
+        """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+        src, dst = cuda.mem_alloc(nbytes), cuda.mem_alloc(nbytes)
+        start, end = cuda.Event(), cuda.Event()
+        times = []
+        try:
+            for i in range(6):
+                start.record(self.stream)
+                cuda.memcpy_dtod_async(dst, src, nbytes, self.stream)
+                end.record(self.stream)
+                end.synchronize()
+                if i:
+                    times.append(end.time_since(start) / 1e3)
+        finally:
+            src.free()
+            dst.free()
+        return 2 * nbytes / statistics.median(times)
+
+
+# ── projections ────────────────────────────────────────────────────────────────────────────────────
+def projections(cfg: dict) -> dict[str, tuple[int, int, bool]]:
+    D, H, Hkv, d, I = cfg["D"], cfg["H"], cfg["Hkv"], cfg["d"], cfg["I"]
+    return {"qkv": ((H + 2 * Hkv) * d, D, False), "o_proj": (D, H * d, False), "gate_up": (2 * I, D, True),
+            "down_proj": (D, I, False)}
+
+
+def bench_projections(b: Bench, model: str, cfg: dict, bandwidth: float, rows_list) -> list[dict]:
+    k = b.kernels
+    results = []
+    for name, (N, Kdim, silu) in projections(cfg).items():
+        weight_bytes = N * Kdim * 2
+        n_copies = b.copies(weight_bytes)
+        weights = [b.alloc((N, Kdim), "bf16") for _ in range(n_copies)]
+        M_max = max(rows_list)
+        x = b.alloc((M_max, Kdim), "bf16")
+        out_cols = N // 2 if silu else N
+        y = b.alloc((M_max, out_cols), "bf16" if silu else "f32")
+        part_rows = max(K.gemm_splits(bm, M, N, Kdim, b.sm) * M for M in rows_list for bm in K.GEMM_TILES)
+        parts = b.alloc((part_rows, N), "f32")  # room for any split's partials
+        for M in rows_list:
+            moved = weight_bytes + M * Kdim * 2 + M * out_cols * (2 if silu else 4)
+            plan_bm, plan_splits = K.gemm_plan(M, N, Kdim, b.sm)
+            variants = []
+            if M <= K.GEMV_MAX_ROWS:
+                variants.append(("gemv", lambda w, M=M: k.gemv(w, None, x, y, M, silu=silu), True))
+            for bm in (16, 32, 64, 128):
+                if bm == 128 and M < 128:
+                    continue
+                planned = M > K.GEMV_MAX_ROWS and bm == plan_bm
+                if silu:
+                    variants.append((f"gemm bm{bm} silu", lambda w, M=M, bm=bm: k.gemm(x, w, None, y, M, silu=True, bm=bm),
+                                     planned and plan_splits == 1))
+                    splits = K.gemm_splits(bm, M, N, Kdim, b.sm)
+                    if splits > 1:
+                        variants.append((f"gemm bm{bm} ×{splits} + silu_mul_parts",
+                                         lambda w, M=M, bm=bm, splits=splits: (
+                                             k.gemm(x, w, None, parts, M, splits=splits, bm=bm),
+                                             k.silu_mul_parts(parts, splits, M * N, y, M)), planned))
+                else:
+                    splits = K.gemm_splits(bm, M, N, Kdim, b.sm)
+                    target = y if splits == 1 else parts
+                    variants.append((f"gemm bm{bm} ×{splits}",
+                                     lambda w, M=M, bm=bm, splits=splits, target=target: k.gemm(x, w, None, target, M,
+                                                                                                 splits=splits, bm=bm),
+                                     planned))
+            for label, launch, planned in variants:
+                launches = [lambda w=w, launch=launch: launch(w) for w in weights]
+                launches = launches * max(1, 8 // len(launches))
+                us = b.time_us(launches)
+                results.append(dict(kind="projection", model=model, name=name, N=N, K=Kdim, M=M, variant=label,
+                                    planned=planned, us=us, gbps=moved / us / 1e3,
+                                    pct_copy=moved / us / 1e3 / (bandwidth / 1e9)))
+        b.free()
+    return results
+
+
+def bench_int8_gemv(b: Bench, model: str, cfg: dict, bandwidth: float) -> list[dict]:
+    """The int8 GEMV (M = 1 … 4) on the largest projection: weight bytes are half of bf16's."""
+    k = b.kernels
+    N, Kdim = 2 * cfg["I"], cfg["D"]
+    weight_bytes = N * Kdim + N * 4
+    ws = [(b.alloc((N, Kdim), "i8"), b.alloc((N,), "f32")) for _ in range(b.copies(weight_bytes))]
+    x, y = b.alloc((4, Kdim), "bf16"), b.alloc((4, N // 2), "bf16")
+    results = []
+    for M in range(1, K.GEMV_MAX_ROWS + 1):
+        moved = weight_bytes + M * Kdim * 2 + M * N
+        us = b.time_us([lambda w=w, s=s, M=M: k.gemv(w, s, x, y, M, silu=True) for w, s in ws] * max(1, 8 // len(ws)))
+        results.append(dict(kind="projection", model=model, name="gate_up int8", N=N, K=Kdim, M=M,
+                            variant="gemv int8 silu", planned=True, us=us, gbps=moved / us / 1e3,
+                            pct_copy=moved / us / 1e3 / (bandwidth / 1e9)))
+    b.free()
+    return results
+
+
+# ── attention ───────────────────────────────────────────────────────────────────────────────────────
+def paged_tables(b: Bench, contexts, instances: int) -> tuple[list[DeviceBuffer], int]:
+    """`instances` disjoint sets of block tables for the contexts (shuffled block ids), and the pool's block count."""
+    need = [math.ceil(c / K.BLOCK_SIZE) for c in contexts]
+    width = max(need)
+    total = sum(need)
+    num_blocks = 1 + total * instances
+    ids = b.rng.permutation(np.arange(1, num_blocks)).astype(np.int32)
+    tables = []
+    for i in range(instances):
+        table = np.zeros((len(contexts), width), np.int32)
+        at = i * total
+        for s, n in enumerate(need):
+            table[s, :n] = ids[at:at + n]
+            at += n
+        tables.append(b.alloc(table.shape, "i32", table))
+    return tables, num_blocks
+
+
+def bench_decode(b: Bench, model: str, cfg: dict, bandwidth: float, batches) -> list[dict]:
+    k = b.kernels
+    H, Hkv, d = cfg["H"], cfg["Hkv"], cfg["d"]
+    results = []
+    for B in batches:
+        contexts = b.rng.integers(128, 513, B)
+        kv_bytes = int(contexts.sum()) * Hkv * d * 2 * 2
+        instances = b.copies(kv_bytes)
+        tables, num_blocks = paged_tables(b, contexts, instances)
+        kp = b.alloc((num_blocks, Hkv, K.BLOCK_SIZE, d), "bf16")
+        vp = b.alloc((num_blocks, Hkv, K.BLOCK_SIZE, d), "bf16")
+        q, out = b.alloc((B, H, d), "bf16"), b.alloc((B, H * d), "bf16")
+        ctx = b.alloc((B,), "i32", contexts)
+        max_blocks = math.ceil(int(contexts.max()) / K.BLOCK_SIZE)
+        planned = K.decode_splits(B, Hkv, b.sm, max_blocks)
+        for splits in sorted({1, planned}):
+            po = b.alloc((B, H, splits, d), "f32") if splits > 1 else None
+            pml = b.alloc((B, H, splits, 2), "f32") if splits > 1 else None
+            counters = b.alloc((B * Hkv,), "i32") if splits > 1 else None
+            launches = [lambda t=t, splits=splits, po=po, pml=pml, counters=counters:
+                        k.paged_decode(q, kp, vp, out, po, pml, counters, ctx, t, B, splits) for t in tables]
+            us = b.time_us(launches * max(1, 8 // len(launches)))
+            results.append(dict(kind="decode", model=model, B=B, context=f"{int(contexts.min())}-{int(contexts.max())}",
+                                splits=splits, planned=splits == planned, us=us, gbps=kv_bytes / us / 1e3,
+                                pct_copy=kv_bytes / us / 1e3 / (bandwidth / 1e9)))
+        b.free()
+    return results
+
+
+def bench_prefill(b: Bench, model: str, cfg: dict) -> list[dict]:
+    k = b.kernels
+    H, Hkv, d = cfg["H"], cfg["Hkv"], cfg["d"]
+    results = []
+    for label, lengths in (("1 × 2048", [2048]), ("4 × 512", [512] * 4)):
+        rows = np.asarray(lengths, np.int32)
+        first = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int32)
+        T = int(rows.sum())
+        tables, num_blocks = paged_tables(b, lengths, 1)
+        kp = b.alloc((num_blocks, Hkv, K.BLOCK_SIZE, d), "bf16")
+        vp = b.alloc((num_blocks, Hkv, K.BLOCK_SIZE, d), "bf16")
+        q, out = b.alloc((T, H, d), "bf16"), b.alloc((T, H * d), "bf16")
+        tile_seq, tile_first = K.prefill_tiles(first, rows)
+        args = (b.alloc(tile_seq.shape, "i32", tile_seq), b.alloc(tile_first.shape, "i32", tile_first),
+                b.alloc(first.shape, "i32", first), b.alloc(rows.shape, "i32", rows),
+                b.alloc(rows.shape, "i32", rows), tables[0], len(tile_seq))
+        us = b.time_us([lambda: k.paged_prefill(q, kp, vp, out, *args)] * 4)
+        flops = sum(4 * H * d * n * (n + 1) / 2 for n in lengths)
+        results.append(dict(kind="prefill", model=model, batch=label, tokens=T, us=us, tflops=flops / us / 1e6))
+        b.free()
+    return results
+
+
+# ── small kernels ─────────────────────────────────────────────────────────────────────────────────────
+def bench_rope(b: Bench, model: str, cfg: dict, rows_list) -> list[dict]:
+    k = b.kernels
+    H, Hkv, d = cfg["H"], cfg["Hkv"], cfg["d"]
+    width = (H + 2 * Hkv) * d
+    T_max = max(rows_list)
+    qkv = b.alloc((T_max, width), "f32")
+    qn, kn = b.alloc((H * d,), "f32"), b.alloc((Hkv * d,), "f32")
+    inv = b.alloc((d // 2,), "f32", 1.0 / 500000.0 ** (np.arange(0, d, 2) / d))
+    q_out = b.alloc((T_max, H, d), "bf16")
+    blocks = T_max // K.BLOCK_SIZE + 2
+    kp, vp = b.alloc((blocks, Hkv, K.BLOCK_SIZE, d), "bf16"), b.alloc((blocks, Hkv, K.BLOCK_SIZE, d), "bf16")
+    pos = b.alloc((T_max,), "i32", np.arange(T_max) + 100)
+    slots = b.alloc((T_max,), "i32", np.arange(T_max) + K.BLOCK_SIZE)
+    results = []
+    for T in rows_list:
+        for per_head in (False, True):
+            us = b.time_us([lambda T=T, per_head=per_head: k.qk_norm_rope_append(
+                qkv, 1, T * width, qn, kn, inv, q_out, kp, vp, pos, slots, T, 1e-6, per_head=per_head)] * 8)
+            results.append(dict(kind="rope", model=model, T=T, variant="per head" if per_head else "per token",
+                                planned=per_head == (T <= K.ROPE_PER_HEAD_MAX_TOKENS), us=us))
+    b.free()
+    return results
+
+
+def bench_sampling(b: Bench) -> list[dict]:
+    k = b.kernels
+    results = []
+    R_max = max(SAMPLE_ROWS)
+    logits = b.alloc((R_max, VOCAB), "f32", (3 * b.rng.standard_normal(VOCAB)).astype(np.float32))
+    u, states = b.alloc((R_max,), "f32", 0.37), b.alloc((R_max,), "i32", np.arange(R_max))
+    tokens, last = b.alloc((R_max,), "i32"), b.alloc((R_max,), "i32")
+    for label, temperature, top_k, top_p in (("greedy", 0.0, 0, 1.0), ("t 0.8, top-k 40, top-p 0.9", 0.8, 40, 0.9),
+                                             ("t 1.0, top-p 0.95", 1.0, 0, 0.95)):
+        tb, kb, pb = (b.alloc((R_max,), "f32", temperature), b.alloc((R_max,), "i32", top_k),
+                      b.alloc((R_max,), "f32", top_p))
+        for R in SAMPLE_ROWS:
+            us = b.time_us([lambda R=R: k.sample_rows(logits, VOCAB_LIMIT, tb, kb, pb, u, states, tokens, last, R)] * 4)
+            results.append(dict(kind="sampling", rows=R, variant=label, us=us))
+    b.free()
+    return results
+
+
+def report(results: list[dict], bandwidth: float) -> str:
+    lines = []
+    proj = [r for r in results if r["kind"] == "projection"]
+    if proj:
+        table = [[r["model"], r["name"], r["M"], r["variant"] + (" *" if r["planned"] else ""), f"{r['us']:.1f}",
+                  f"{r['gbps']:,.0f}", f"{r['pct_copy']:.0%}"] for r in proj]
+        lines.append(tabulate(table, headers=["model", "projection", "M", "kernel (* plan)", "µs", "GB/s", "% copy"],
+                              tablefmt="github"))
+    dec = [r for r in results if r["kind"] == "decode"]
+    if dec:
+        table = [[r["model"], r["B"], r["context"], r["splits"], "*" if r["planned"] else "", f"{r['us']:.1f}",
+                  f"{r['gbps']:,.0f}", f"{r['pct_copy']:.0%}"] for r in dec]
+        lines.append(tabulate(table, headers=["model", "B", "contexts", "splits", "plan", "µs", "KV GB/s", "% copy"],
+                              tablefmt="github"))
+    pre = [r for r in results if r["kind"] == "prefill"]
+    if pre:
+        table = [[r["model"], r["batch"], r["tokens"], f"{r['us']:.1f}", f"{r['tflops']:.0f}"] for r in pre]
+        lines.append(tabulate(table, headers=["model", "prefill", "tokens", "µs", "TFLOP/s"], tablefmt="github"))
+    rope = [r for r in results if r["kind"] == "rope"]
+    if rope:
+        table = [[r["model"], r["T"], r["variant"] + (" *" if r["planned"] else ""), f"{r['us']:.1f}"] for r in rope]
+        lines.append(tabulate(table, headers=["model", "rows", "qk_norm_rope_append", "µs"], tablefmt="github"))
+    samp = [r for r in results if r["kind"] == "sampling"]
+    if samp:
+        table = [[r["variant"], r["rows"], f"{r['us']:.1f}"] for r in samp]
+        lines.append(tabulate(table, headers=["sampling", "rows", "µs"], tablefmt="github"))
+    return "\n\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="1b,7b")
+    parser.add_argument("--out", type=Path, help="directory for bench_kernels.json")
+    parser.add_argument("--quick", action="store_true", help="fewer rows and batches (a smoke run)")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    b = Bench()
+    results: list[dict] = []
+    try:
+        bandwidth = b.copy_bandwidth()
+        name = b.device.name()
+        print(f"{name}: {b.sm} SMs, L2 {b.l2 / 2**20:.0f} MiB, copy bandwidth {bandwidth / 1e9:,.0f} GB/s "
+              f"(read + write); kernels loaded in {b.compile_s:.1f} s", file=sys.stderr, flush=True)
+        rows = (1, 4, 16, 64) if args.quick else GEMM_ROWS
+        for model in args.models.split(","):
+            cfg = MODELS[model]
+            for stage, run in (("projections", lambda: bench_projections(b, model, cfg, bandwidth, rows)),
+                               ("int8 gemv", lambda: bench_int8_gemv(b, model, cfg, bandwidth)),
+                               ("paged decode", lambda: bench_decode(b, model, cfg, bandwidth,
+                                                                     (1, 64) if args.quick else DECODE_BATCHES)),
+                               ("paged prefill", lambda: bench_prefill(b, model, cfg)),
+                               ("qk_norm_rope_append", lambda: bench_rope(b, model, cfg, ROPE_ROWS))):
+                results += run()
+                print(f"  {model} {stage} done at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+        results += bench_sampling(b)
+    finally:
+        b.close()
+    text = report(results, bandwidth)
+    print(f"\n{name}, copy bandwidth {bandwidth / 1e9:,.0f} GB/s (read + write), {time.perf_counter() - started:.0f} s\n")
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_kernels.json").write_text(json.dumps(
+            {"device": name, "sm_count": b.sm, "l2_bytes": b.l2, "copy_bandwidth": bandwidth, "results": results},
+            indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

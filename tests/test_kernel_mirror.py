@@ -1,0 +1,204 @@
+"""The Python side of the kernels mirrors the CUDA side: a mismatch fails here (CPU, nvcc only) instead of corrupting
+device memory on a GPU.
+
+- Every SIGNATURES entry is an `.entry` of its file's PTX whose parameter sizes match its PyCUDA format (P and q:
+  8 bytes, i and f: 4), and every kernel entry of every file is in SIGNATURES.
+- Every mirrored constant in kernels.py equals its `constexpr int` in the .cu/.cuh sources.
+- The host-side planners (gemm_plan, decode_splits, prefill_tiles, decode_group) keep their promises.
+
+The PTX checks need nvcc (skipped, and said so, where it is absent); the planner checks run everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from olmoscope.errors import DeviceError
+from olmoscope.runtime.cuda import kernels
+from olmoscope.runtime.cuda.build import KERNEL_FILES, find_nvcc, kernel_dir
+
+NVCC = find_nvcc()
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found: the kernels' PTX was NOT checked against Python")
+
+PARAM_BYTES = {"P": 8, "q": 8, "i": 4, "f": 4}
+PTX_TYPE_BYTES = {"u64": 8, "b64": 8, "s64": 8, "f64": 8, "u32": 4, "b32": 4, "s32": 4, "f32": 4}
+_ENTRY = re.compile(r"\.(?:visible\s+)?\.entry\s+(\w+)\s*\((.*?)\)", re.S)
+_PARAM = re.compile(r"\.param\s+(?:\.align\s+\d+\s+)?\.(\w+)\s+\w+(\[\d+\])?")
+_CONSTEXPR = re.compile(r"constexpr\s+int\s+([^;]+);")
+
+
+def ptx_entries(ptx: str) -> dict[str, list[int]]:
+    """kernel name → the byte size of each parameter, from the PTX text."""
+    entries = {}
+    for name, params in _ENTRY.findall(ptx):
+        sizes = []
+        for kind, array in _PARAM.findall(params):
+            if array or kind not in PTX_TYPE_BYTES:
+                raise AssertionError(f"{name}: a by-value struct or array parameter ({kind}{array}) cannot be mirrored")
+            sizes.append(PTX_TYPE_BYTES[kind])
+        entries[name] = sizes
+    return entries
+
+
+def constexprs(text: str) -> dict[str, int]:
+    """Every `constexpr int NAME = <integer>` (comma lists too) in a source text."""
+    found = {}
+    for declarators in _CONSTEXPR.findall(text):
+        for declarator in declarators.split(","):
+            match = re.fullmatch(r"\s*(\w+)\s*=\s*(-?\d+)\s*", declarator)
+            if match:
+                found[match[1]] = int(match[2])
+    return found
+
+
+@pytest.fixture(scope="session")
+def ptx(tmp_path_factory) -> dict[str, str]:
+    """file → its PTX for sm_80 (what every supported GPU runs), compiled once per session, files in parallel."""
+    out = tmp_path_factory.mktemp("ptx")
+
+    def build(name: str) -> str:
+        target = out / f"{name}.ptx"
+        # -Xcicc -O0: the entries and their parameters do not depend on optimisation, and it is 4× faster
+        command = [NVCC, "-std=c++17", "-arch=sm_80", "-ptx", "-Xcicc", "-O0", "-o", str(target), str(kernel_dir() / name)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        assert result.returncode == 0, f"{name}: nvcc -ptx failed:\n{result.stderr}"
+        return target.read_text()
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(zip(KERNEL_FILES, pool.map(build, KERNEL_FILES)))
+
+
+@needs_nvcc
+def test_every_signature_is_an_entry_with_matching_parameter_sizes(ptx):
+    entries = {file: ptx_entries(text) for file, text in ptx.items()}
+    problems = []
+    for name, (file, argtypes) in kernels.SIGNATURES.items():
+        if file not in entries:
+            problems.append(f"{name}: file {file} is not in KERNEL_FILES")
+        elif name not in entries[file]:
+            problems.append(f"{name}: no .entry in {file}")
+        else:
+            want = [PARAM_BYTES[c] for c in argtypes]
+            if entries[file][name] != want:
+                problems.append(f"{name}: PTX parameters {entries[file][name]} bytes, SIGNATURES '{argtypes}' = {want}")
+    assert not problems, "\n".join(problems)
+
+
+@needs_nvcc
+def test_every_kernel_in_the_sources_is_in_signatures(ptx):
+    unlisted = [f"{file}: {name}" for file, text in ptx.items() for name in ptx_entries(text)
+                if kernels.SIGNATURES.get(name, (None,))[0] != file]
+    assert not unlisted, "kernels without a SIGNATURES entry (or listed under another file):\n" + "\n".join(unlisted)
+
+
+def test_every_mirrored_constant_matches_its_constexpr():
+    sources = {path.name: path.read_text() for path in kernel_dir().iterdir() if path.suffix in (".cu", ".cuh")}
+    values = {name: constexprs(text) for name, text in sources.items()}
+    problems = []
+    for python_name, (file, cuda_name) in kernels.MIRRORED.items():
+        mine = getattr(kernels, python_name)
+        theirs = values.get(file, {}).get(cuda_name)
+        if theirs is None:
+            problems.append(f"{python_name}: no `constexpr int {cuda_name}` in {file}")
+        elif theirs != mine:
+            problems.append(f"{python_name} = {mine} in kernels.py, {cuda_name} = {theirs} in {file}")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_constexpr_parser_reads_comma_lists_and_refuses_expressions():
+    found = constexprs("constexpr int A = 64, B = 2; constexpr int C = A * 2; constexpr float F = 1;")
+    assert found == {"A": 64, "B": 2}
+
+
+def test_the_ptx_parser_reads_parameter_sizes():
+    text = ".visible .entry k(\n\t.param .u64 k_param_0,\n\t.param .u32 k_param_1,\n\t.param .f32 k_param_2\n)"
+    assert ptx_entries(text) == {"k": [8, 4, 4]}
+
+
+def test_every_kernel_family_has_its_instantiations():
+    names = set(kernels.SIGNATURES)
+    for d in kernels.HEAD_DIMS:
+        assert f"paged_prefill_d{d}" in names
+        for g in kernels.DECODE_GROUPS:
+            assert f"paged_decode_d{d}_g{g}" in names
+    for m in range(1, kernels.GEMV_MAX_ROWS + 1):
+        for variant in ("bf16", "int8", "bf16_silu", "int8_silu"):
+            assert f"gemv_{variant}_m{m}" in names
+    for bm in kernels.GEMM_TILES:
+        assert f"gemm_bf16_bm{bm}" in names and f"gemm_bf16_silu_bm{bm}" in names
+
+
+# ── host-side planners ────────────────────────────────────────────────────────────────────────────────
+SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (6144, 2048), (2048, 2048), (16384, 2048),
+          (2048, 8192), (1001, 776)]
+
+
+@pytest.mark.parametrize("M", [1, 5, 16, 17, 33, 64, 100, 256, 300, 2048])
+@pytest.mark.parametrize("N,K", SHAPES)
+def test_gemm_plan_fills_the_chip_without_starving_a_split(M, N, K):
+    sm = 132
+    bm, splits = kernels.gemm_plan(M, N, K, sm)
+    assert bm == kernels.gemm_tile(M)
+    ktiles = math.ceil(K / kernels.GEMM_TILES[bm].bk)
+    ctas = math.ceil(N / kernels.GEMM_BN) * math.ceil(M / bm)
+    per_split = kernels.gemm_ktiles_per_split(bm, K, splits)
+    assert 1 <= splits <= kernels.GEMM_MAX_SPLITS
+    assert (splits - 1) * per_split < ktiles, "an empty split would write zeros for nothing"
+    if splits > 1:
+        assert per_split >= kernels.GEMM_MIN_KTILES_PER_SPLIT
+        assert 8 * splits * M * N <= 2 * N * K, "partials cost more traffic than the weights"
+        assert ctas * splits <= kernels.CTAS_PER_SM * sm, "split into a second, partial wave of CTAs"
+    assert kernels.gemm_plan(M, N, K, sm, silu=True)[1] == 1
+
+
+def test_gemm_plan_splits_the_decode_o_proj():
+    assert kernels.gemm_plan(16, 4096, 4096, 132) == (16, 8)  # 32 column tiles alone would leave 100 SMs idle
+
+
+@pytest.mark.parametrize("B", [1, 8, 16, 32, 64, 128])
+@pytest.mark.parametrize("Hkv", [8, 16, 32])
+@pytest.mark.parametrize("max_blocks", [1, 8, 32, 256])
+def test_decode_splits_give_every_warp_a_block(B, Hkv, max_blocks):
+    splits = kernels.decode_splits(B, Hkv, 132, max_blocks)
+    assert 1 <= splits <= kernels.DECODE_MAX_SPLITS
+    if splits > 1:
+        assert max_blocks // splits >= kernels.DECODE_WARPS
+        assert B * Hkv * splits <= kernels.CTAS_PER_SM * 132
+    if B * Hkv >= kernels.CTAS_PER_SM * 132:
+        assert splits == 1
+
+
+def test_prefill_tiles_cover_every_prefill_row_once():
+    rows = np.array([1, 1, 130, 5, 64, 65])
+    first = np.concatenate([[0], np.cumsum(rows)[:-1]])
+    seq, start = kernels.prefill_tiles(first, rows, decode_seqs=2)
+    assert seq.dtype == np.int32 and start.dtype == np.int32
+    covered = []
+    for s, r in zip(seq, start):
+        assert first[s] <= r < first[s] + rows[s]
+        covered += list(range(r, min(r + kernels.FA_QUERIES, first[s] + rows[s])))
+    assert sorted(covered) == list(range(first[2], first[-1] + rows[-1])), "a prefill row missing or twice"
+    assert seq[0] == 2 and start[0] == first[2] + 128, "the longest sequence's last tile goes first"
+
+
+@pytest.mark.parametrize("H,Hkv,group", [(32, 32, 1), (16, 8, 2), (8, 2, 4), (40, 8, 8), (10, 2, 8)])
+def test_decode_group_rounds_up(H, Hkv, group):
+    assert kernels.decode_group(H, Hkv) == group
+
+
+@pytest.mark.parametrize("H,Hkv", [(6, 4), (18, 1)])
+def test_decode_group_refuses_what_no_kernel_serves(H, Hkv):
+    with pytest.raises(DeviceError):
+        kernels.decode_group(H, Hkv)
+
+
+def test_shared_memory_fits_every_supported_gpu():
+    limit = 163 * 1024  # sm_80's per-block maximum (sm_90: 227 KB)
+    assert max(tile.smem for tile in kernels.GEMM_TILES.values()) <= limit
+    assert max(kernels.decode_smem(d) for d in kernels.HEAD_DIMS) <= limit
