@@ -146,7 +146,8 @@ class CudaBackend(Backend):
     def _sizes(self) -> MetaSizes:
         T, B = self.max_step_tokens, self.max_seqs
         context = getattr(self, "max_context", self._max_context_guess)  # the guess bounds it until the pool is planned
-        return MetaSizes(tokens=max(T, self.graph_sizes[-1]), seqs=B, logits=B, samples=B,
+        tokens = max(T, self.graph_sizes[-1])
+        return MetaSizes(tokens=tokens, seqs=B, logits=tokens, samples=B,
                          tiles=-(-T // FA_QUERIES) + B, table_width=-(-context // BLOCK_SIZE))
 
     def _proj_elements(self) -> int:
@@ -173,7 +174,7 @@ class CudaBackend(Backend):
     def _workspace_bytes(self, engine: Engine) -> int:
         """Bytes of everything _allocate_state makes but the KV pool (an upper bound)."""
         cfg, sizes = self.config, self._sizes()
-        T, R, D, I, V = sizes.tokens, sizes.logits, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+        T, R, D, I, V = sizes.tokens, self.max_seqs, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
         per_token = 4 * D + 2 * D + 2 * cfg.q_width * 2 + 2 * I
         widened = 0
         if self._int8:
@@ -207,10 +208,11 @@ class CudaBackend(Backend):
         """KV pool, per-slot state, the step metadata, activations, sampling buffers."""
         cfg, sizes = self.config, self._sizes()
         L, H, Hkv, d = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        D, I, V, T, R = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, sizes.tokens, sizes.logits
+        D, I, V, T, R = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, sizes.tokens, self.max_seqs
         self.pad_state = self.max_seqs  # the state slot padded rows of a graph use
         self.kv = self._alloc((L, 2, self.num_blocks, Hkv, BLOCK_SIZE, d), "bf16")
-        cuda.memset_d16_async(self.kv.ptr, 0, self.kv.nbytes // 2, self.stream)  # finite everywhere, null block too
+        for start in range(0, self.kv.nbytes, 1 << 30):  # finite everywhere, the null block too (chunks: 32-bit counts)
+            cuda.memset_d32_async(self.kv.ptr + start, 0, min(1 << 30, self.kv.nbytes - start) // 4, self.stream)
         self.seen_words = -(-V // 32)
         self.seen = self._alloc((self.max_seqs + 1, self.seen_words), "i32")
         cuda.memset_d32_async(self.seen.ptr, 0, self.seen.nbytes // 4, self.stream)
@@ -238,8 +240,8 @@ class CudaBackend(Backend):
         self.upkeep = self._alloc((2, UPKEEP_IDS), "i32")
         self.widened = None
         if self._int8:
-            largest = max(w.data.nbytes for layer in self.weights.layers for w in vars(layer).values()
-                          if w.data.dtype == "i8")
+            matrices = [w for layer in self.weights.layers for w in vars(layer).values()]
+            largest = max(w.data.nbytes for w in matrices + [self.weights.lm_head] if w.data.dtype == "i8")
             self.widened = self._alloc((largest,), "bf16")
         self._results = [cuda.pagelocked_empty(R, np.int32) for _ in range(RESULT_RING)]
         self._result_events = [cuda.Event() for _ in range(RESULT_RING)]
@@ -382,6 +384,8 @@ class CudaBackend(Backend):
             k.residual_norm(self.h, *self._linear(self.act, layer.down_proj, T), layer.post_feedforward_norm.data,
                             self.hb, T, eps)
         R = plan.logits
+        if R == 0:  # a prompt chunk short of its end: nothing to sample
+            return None
         gathered = arrays is not None and not np.array_equal(arrays.sample_rows, np.arange(R))  # all-logits steps
         if gathered:
             xf, target = self._alloc((R, cfg.hidden_size), "bf16"), self._alloc((R, cfg.vocab_size), "f32")
