@@ -125,6 +125,9 @@ class Backend(abc.ABC):
         """The step's arrays, refused (ValueError) when it breaks the backend's sizes."""
         if not step.works:
             raise ValueError("a step needs at least one work")
+        longest = max(work.context for work in step.works)
+        if longest > self.max_context:
+            raise ValueError(f"a sequence of {longest} positions, beyond max context {self.max_context}")
         arrays = step.pack(-(-self.max_context // BLOCK_SIZE))
         ids = arrays.token_ids
         if arrays.num_tokens > self.max_step_tokens:
@@ -133,8 +136,6 @@ class Backend(abc.ABC):
             raise ValueError(f"{arrays.num_seqs} sequences in one step, more than {self.max_seqs}")
         if np.any((ids != FED) & ((ids < 0) | (ids >= self.vocab_size))):
             raise ValueError(f"token id out of range [0, {self.vocab_size})")
-        if arrays.context.max() > self.max_context:
-            raise ValueError(f"a sequence of {arrays.context.max()} positions, beyond max context {self.max_context}")
         blocks = arrays.block_tables[np.arange(arrays.block_tables.shape[1])[None, :]
                                      < -(-arrays.context[:, None] // BLOCK_SIZE)]
         copied = np.asarray(step.copies, np.int64).reshape(-1)
