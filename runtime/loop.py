@@ -70,20 +70,56 @@ class EngineLoop:
 
     # ── running ───────────────────────────────────────────────────────────────────────────────────────
     def step(self) -> list[RequestOutput]:
-        """One forward pass (pipelined: launch the next, then read the previous); the outputs that changed."""
+        """One forward pass (pipelined: launch the next, then read the previous); the outputs that changed.
+
+        A step the backend fails finishes its requests with "error" (the others go on); see `_fail`.
+        """
         if not self.pipelined:
             scheduled = self.scheduler.schedule()
             if scheduled is None:
                 return self._stalled()
             self.steps += 1
-            return self._take(scheduled, self.backend.run(scheduled.step).tokens)
+            try:
+                tokens = self.backend.run(scheduled.step).tokens
+            except Exception as exc:
+                return self._fail([scheduled], exc)
+            return self._take(scheduled, tokens)
         scheduled = self.scheduler.schedule()
-        launched = (scheduled, self.backend.launch(scheduled.step)) if scheduled else None
+        try:
+            launched = (scheduled, self.backend.launch(scheduled.step)) if scheduled else None
+        except Exception as exc:
+            return self._fail([s for s in (scheduled, self._take_in_flight()) if s], exc)
         self.steps += launched is not None
         previous, self._in_flight = self._in_flight, launched
         if previous is None:
             return [] if launched else self._stalled()
-        return self._take(previous[0], previous[1].result().tokens)
+        try:
+            tokens = previous[1].result().tokens
+        except Exception as exc:
+            return self._fail([s for s in (previous[0], self._take_in_flight()) if s], exc)
+        return self._take(previous[0], tokens)
+
+    def _take_in_flight(self) -> Scheduled | None:
+        scheduled = self._in_flight[0] if self._in_flight else None
+        self._in_flight = None
+        return scheduled
+
+    def _fail(self, steps: list[Scheduled], exc: Exception) -> list[RequestOutput]:
+        """Finish every request of failed steps with "error"; their cache positions from those steps are disowned
+        first, so that no block the steps should have written is offered to the prefix cache."""
+        message = f"the backend failed a step holding this request ({type(exc).__name__}: {exc})"
+        for scheduled in steps:
+            for sequence, work in zip(scheduled.sequences, scheduled.step.works):
+                sequence.computed = min(sequence.computed, work.position)
+        return [self._drop(sequence, message) for scheduled in steps for sequence in scheduled.sequences
+                if sequence.request_id in self._outputs]
+
+    def _drop(self, sequence: Sequence, message: str) -> RequestOutput:
+        """End one request with an error; its blocks are free for the next step."""
+        _, output = self._outputs.pop(sequence.request_id)
+        self.scheduler.abort(sequence, "error")
+        output.finish("error", message)
+        return output
 
     def run(self) -> None:
         """Step until every request has finished."""
@@ -96,8 +132,15 @@ class EngineLoop:
         return []
 
     def _take(self, scheduled: Scheduled, tokens) -> list[RequestOutput]:
-        """Hand a step's samples to their outputs; finish those that stopped."""
+        """Hand a step's samples to their outputs; finish those that stopped, and those given an impossible id."""
         changed = []
+        limit = self.backend.vocab_limit
+        for sequence, token in zip(scheduled.sampled, tokens):
+            if not 0 <= int(token) < limit and sequence.request_id in self._outputs and not sequence.finished:
+                # a sampler fed non-finite scores (an edge-value temperature or penalty) can answer past the
+                # vocabulary: that request fails alone, before the id reaches its tokens or the device
+                changed.append(self._drop(sequence, f"the sampler chose token id {int(token)}, outside the "
+                                                    f"vocabulary of {limit} (non-finite scores?)"))
         for sequence in self.scheduler.complete(scheduled, tokens):
             held = self._outputs.get(sequence.request_id)
             if held is None:

