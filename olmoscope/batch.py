@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from olmoscope.atomic import atomic_output
 from olmoscope.errors import UsageError
-from olmoscope.openai_api import ApiError, Prepared, parse_body, prepare, response
+from olmoscope.openai_api import ApiError, Prepared, parse_body, prepare
+from olmoscope.openai_shapes import response
 
 MAX_INPUT_BYTES = 1 << 30  # an input file larger than this is refused before it is read
 MAX_LINE_BYTES = 16 << 20  # one request line
@@ -111,20 +112,26 @@ def run_batch(engine_path: Path, input_path: Path, output: str, device: str, opt
             eos = frozenset(engine.generation.eos_token_ids)
 
             def url_body(url, body) -> Prepared:
-                return prepare(parse_body(url, body), tokenizer, model, backend.max_context, engine.config.vocab_size,
-                               eos, uuid.uuid4().hex)
+                parsed = parse_body(url, body)
+                if parsed.stream:
+                    raise ApiError(400, "a batch cannot stream: leave stream out", "stream")
+                return prepare(parsed, tokenizer, model, backend.max_context, engine.config.vocab_size, eos,
+                               uuid.uuid4().hex)
 
             lines = [parse_line(text, url_body) for text in texts]
             loop = EngineLoop(backend, tokenizer)
-            outputs = {id(line): loop.add(line.prepared.request, line.prepared.stop) for line in lines if line.prepared}
-            _run(loop, len(outputs), progress)
+            outputs = {id(line): line.prepared.submit(loop) for line in lines if line.prepared}
+            _run(loop, sum(map(len, outputs.values())), progress)
     created = int(time.time())
     results = []
     for line in lines:
         if line.error:
             results.append(output_line(line, line.error.body(), line.error.status))
+        elif failed := next((o for o in outputs[id(line)] if o.finish_reason == "error"), None):
+            error = ApiError(500, failed.error, kind="server_error")
+            results.append(output_line(line, error.body(), error.status))
         else:
-            results.append(output_line(line, response(outputs[id(line)], model, line.prepared.chat, created), 200))
+            results.append(output_line(line, response(outputs[id(line)], line.prepared, model, tokenizer, created), 200))
     write_results(output_path, results)
     return len(outputs), len(lines) - len(outputs)
 
@@ -184,7 +191,8 @@ def batch_command(engine_file: Path, input_path: Path, output_path: str, device:
 
     Lines hold {"custom_id", "method": "POST", "url": "/v1/completions" or "/v1/chat/completions", "body"}; a
     body takes model (optional: the engine file's stem), prompt (text or token ids) or messages, max_tokens,
-    temperature, top_p, top_k, seed, stop and repetition_penalty. A bad line gets a 400 result; the rest run.
+    temperature, top_p, top_k, seed, stop, repetition_penalty, presence_penalty, frequency_penalty, n, logprobs
+    (chat: logprobs and top_logprobs) and echo. A bad line gets a 400 result; the rest run.
     """
     from olmoscope.runtime.backend import RuntimeOptions
 
