@@ -63,9 +63,10 @@ def _register() -> None:
     from olmoscope.bench import bench_command
     from olmoscope.demo import demo_command
     from olmoscope.batch import batch_command
+    from olmoscope.serve import serve_command
 
-    for command in (arch_command, tensors_command, make_tiny_command, generate_command, batch_command, convert_command,
-                    verify_command, bench_command, demo_command):
+    for command in (arch_command, tensors_command, make_tiny_command, generate_command, batch_command, serve_command,
+                    convert_command, verify_command, bench_command, demo_command):
         main.add_command(command)
 
 

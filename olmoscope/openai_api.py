@@ -27,9 +27,10 @@ class ApiError(Exception):
     """A request the API refuses: an HTTP status and OpenAI's error object."""
 
     def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+        self.headers = headers or {}  # HTTP headers to send with it (Retry-After)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
@@ -40,15 +41,17 @@ MAX_LOGPROBS = 20  # alternatives per token, the runtime's limit (OpenAI's chat 
 Probability = Annotated[float, Field(ge=-2, le=2)]
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Unknown fields refused by name, no type coercion, no NaN or infinity."""
+
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
-class StreamOptions(_Strict):
+class StreamOptions(StrictModel):
     include_usage: bool | None = None  # a last chunk with the usage, and "usage": null in every other
 
 
-class _Body(_Strict):
+class _Body(StrictModel):
     """Fields every generation request shares; anything else is refused by name. null means the default."""
 
     model: str | None = None
@@ -128,12 +131,12 @@ class CompletionBody(_Body):
         return self.logprobs
 
 
-class TextPart(_Strict):
+class TextPart(StrictModel):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(_Strict):
+class ChatMessage(StrictModel):
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart]
 
@@ -243,7 +246,7 @@ def prepare(body: CompletionBody | ChatBody, tokenizer: Tokenizer, model: str, m
         raise ApiError(404, f"the model {body.model!r} does not exist (this server has {model!r})", "model",
                        code="model_not_found")
     chat = isinstance(body, ChatBody)
-    prompt = _prompt_ids(body, tokenizer)
+    prompt = prompt_ids(body, tokenizer)
     if not prompt:
         raise ApiError(400, "the prompt is empty: at least one token is needed", "prompt")
     if max(prompt) >= vocab:
@@ -267,7 +270,8 @@ def prepare(body: CompletionBody | ChatBody, tokenizer: Tokenizer, model: str, m
     return Prepared(request, body.stop_strings, chat, n, logprobs, echo, bool(body.stream), body.include_usage)
 
 
-def _prompt_ids(body: CompletionBody | ChatBody, tokenizer: Tokenizer) -> list[int]:
+def prompt_ids(body: CompletionBody | ChatBody, tokenizer: Tokenizer) -> list[int]:
+    """The prompt's token ids: a chat through the model's own template, text through the tokenizer."""
     if isinstance(body, ChatBody):
         if not tokenizer.has_chat_template:
             raise ApiError(400, "this model has no chat template, so it cannot take messages: send a prompt to "
