@@ -16,6 +16,7 @@ import logging
 import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -23,6 +24,7 @@ import click
 from olmoscope.errors import UsageError
 
 API_KEY_ENV = "OLMOSCOPE_API_KEY"
+HANDLER_GRACE_S = 2.0  # after the engine aborts the last requests, time for their handlers to answer
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -71,20 +73,44 @@ def run_server(engine_path: Path, device: str, options, host: str, port: int, ap
             served = Served(engine_path.stem, tokenizer, backend.max_context, engine.config.vocab_size,
                             frozenset(engine.generation.eos_token_ids), api_key, max_body_bytes)
             app = create_app(serving, metrics, served)
+            # uvicorn's own limit comes later: by then the engine has aborted what was left (GracefulServer), and
+            # every handler has answered its client with an error object rather than being cancelled
             config = uvicorn.Config(app, log_level="warning", access_log=access_log,
-                                    timeout_graceful_shutdown=shutdown_timeout, timeout_keep_alive=5)
+                                    timeout_graceful_shutdown=shutdown_timeout + HANDLER_GRACE_S, timeout_keep_alive=5)
             bound_host, bound_port = sock.getsockname()[:2]
             shown = f"[{bound_host}]" if ":" in bound_host else bound_host
             click.echo(f"olmoscope: serving {served.name} on http://{shown}:{bound_port} ({backend.name} on "
                        f"{backend.device}; {backend.max_seqs} sequences, context {backend.max_context}, KV cache "
                        f"{backend.num_blocks - 1:,} blocks)", err=True)
+            GracefulServer = _graceful_server_class()
             serving.start()
             try:
-                _serve(uvicorn.Server(config), sock)
+                _serve(GracefulServer(config, serving, shutdown_timeout), sock)
             finally:
                 click.echo("olmoscope: stopping", err=True)
                 serving.stop(timeout=max(shutdown_timeout, 1.0) + 5.0)
     click.echo("olmoscope: stopped", err=True)
+
+
+def _graceful_server_class():
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn's server, and at the first signal a timer: past --shutdown-timeout the engine aborts whatever
+        still runs."""
+
+        def __init__(self, config, serving, shutdown_timeout: float):
+            super().__init__(config)
+            self._timer = threading.Timer(shutdown_timeout, serving.abort_all)
+            self._timer.daemon = True
+
+        def handle_exit(self, sig, frame) -> None:
+            if not self._timer.is_alive() and not self.should_exit:
+                click.echo(f"olmoscope: {signal.Signals(sig).name}: finishing running requests", err=True)
+                self._timer.start()
+            super().handle_exit(sig, frame)
+
+    return GracefulServer
 
 
 def _serve(server, sock: socket.socket) -> None:

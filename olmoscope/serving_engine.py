@@ -140,6 +140,10 @@ class ServingEngine:
         """The client went away: its sequences are aborted, their blocks free at the next step."""
         self._inbox.put(("abort", submission))
 
+    def abort_all(self) -> None:
+        """Abort every request held now (a shutdown past its timeout): each one's handler answers its client."""
+        self._inbox.put(("abort_all", None))
+
     def stop(self, timeout: float | None = None) -> None:
         """Abort whatever still runs and end the thread (waiting at most `timeout` seconds for it)."""
         self._stopping = True
@@ -178,6 +182,8 @@ class ServingEngine:
                 self._add(submission)
             elif kind == "abort":
                 self._abort(submission)
+            elif kind == "abort_all":
+                self._fail_all(None)
 
     def _add(self, submission: Submission) -> None:
         prepared = submission.prepared
