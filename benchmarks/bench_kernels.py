@@ -313,12 +313,13 @@ def bench_sampling(b: Bench) -> list[dict]:
     logits = b.alloc((R_max, VOCAB), "f32", (3 * b.rng.standard_normal(VOCAB)).astype(np.float32))
     u, states = b.alloc((R_max,), "f32", 0.37), b.alloc((R_max,), "i32", np.arange(R_max))
     tokens, last = b.alloc((R_max,), "i32"), b.alloc((R_max,), "i32")
+    counts = b.alloc((R_max, VOCAB), "i32", 0)
     for label, temperature, top_k, top_p in (("greedy", 0.0, 0, 1.0), ("t 0.8, top-k 40, top-p 0.9", 0.8, 40, 0.9),
                                              ("t 1.0, top-p 0.95", 1.0, 0, 0.95)):
         tb, kb, pb = (b.alloc((R_max,), "f32", temperature), b.alloc((R_max,), "i32", top_k),
                       b.alloc((R_max,), "f32", top_p))
         for R in SAMPLE_ROWS:
-            us = b.time_us([lambda R=R: k.sample_rows(logits, VOCAB_LIMIT, tb, kb, pb, u, states, tokens, last, R)] * 4)
+            us = b.time_us([lambda R=R: k.sample_rows(logits, VOCAB_LIMIT, tb, kb, pb, u, states, tokens, last, counts, R)] * 4)
             results.append(dict(kind="sampling", rows=R, variant=label, us=us))
     b.free()
     return results

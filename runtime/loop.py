@@ -20,6 +20,7 @@ from olmoscope.runtime.backend import Backend, PendingStep
 from olmoscope.runtime.blocks import BlockPool
 from olmoscope.runtime.output import RequestOutput
 from olmoscope.runtime.scheduler import Request, Scheduled, Scheduler, Sequence
+from olmoscope.runtime.step import StepResult
 from olmoscope.runtime.tokenizer import Tokenizer
 
 
@@ -33,32 +34,45 @@ class EngineLoop:
         self.pool = BlockPool(backend.num_blocks, prefix_caching=prefix_caching)
         self.scheduler = Scheduler(self.pool, backend.limits)
         self.pipelined = getattr(backend, "asynchronous", False) if pipelined is None else pipelined
-        self._outputs: dict[str, tuple[Sequence, RequestOutput]] = {}
+        self._outputs: dict[Sequence, RequestOutput] = {}  # every running choice
+        self._requests: dict[str, list[Sequence]] = {}  # request id → its choices
         self._in_flight: tuple[Scheduled, PendingStep] | None = None
         self.steps = 0  # forward passes run
         self.generated_tokens = 0  # tokens handed to outputs
 
     # ── requests ──────────────────────────────────────────────────────────────────────────────────────
     def add(self, request: Request, stop: Seq[str] = ()) -> RequestOutput:
-        """Queue a request; its output fills in as steps run."""
-        if request.request_id in self._outputs:
+        """Queue a request of one choice; its output fills in as steps run."""
+        if request.n != 1:
+            raise ValueError("a request of several choices goes through add_choices")
+        return self.add_choices(request, stop)[0]
+
+    def add_choices(self, request: Request, stop: Seq[str] = ()) -> list[RequestOutput]:
+        """Queue a request's n choices (its prompt's full blocks computed once and shared); their outputs."""
+        if request.request_id in self._requests:
             raise ValueError(f"request id {request.request_id!r} is already running")
         if stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer to see text")
-        sequence = Sequence(request)
-        self.scheduler.add(sequence)
-        stream = self.tokenizer.stream() if self.tokenizer else None
-        output = RequestOutput(request.request_id, request.prompt_ids, sequence.seed, stream, stop)
-        self._outputs[request.request_id] = (sequence, output)
-        return output
+        if request.n < 1:
+            raise ValueError(f"n = {request.n}: a request has at least one choice")
+        first = Sequence(request)
+        choices = [first] + [Sequence(request, i, first) for i in range(1, request.n)]
+        outputs = []
+        for sequence in choices:
+            self.scheduler.add(sequence)
+            stream = self.tokenizer.stream() if self.tokenizer else None
+            outputs.append(RequestOutput(request.request_id, request.prompt_ids, sequence.seed, stream, stop))
+            self._outputs[sequence] = outputs[-1]
+        self._requests[request.request_id] = choices
+        return outputs
 
     def abort(self, request_id: str) -> None:
         """Stop a request now (a client went away); its blocks are free for the next step."""
-        held = self._outputs.pop(request_id, None)
-        if held:
-            sequence, output = held
+        for sequence in self._requests.pop(request_id, []):
             self.scheduler.abort(sequence)
-            output.finish("abort")
+            output = self._outputs.pop(sequence, None)
+            if output is not None:
+                output.finish("abort")
 
     @property
     def has_work(self) -> bool:
@@ -76,14 +90,14 @@ class EngineLoop:
             if scheduled is None:
                 return self._stalled()
             self.steps += 1
-            return self._take(scheduled, self.backend.run(scheduled.step).tokens)
+            return self._take(scheduled, self.backend.run(scheduled.step))
         scheduled = self.scheduler.schedule()
         launched = (scheduled, self.backend.launch(scheduled.step)) if scheduled else None
         self.steps += launched is not None
         previous, self._in_flight = self._in_flight, launched
         if previous is None:
             return [] if launched else self._stalled()
-        return self._take(previous[0], previous[1].result().tokens)
+        return self._take(previous[0], previous[1].result())
 
     def run(self) -> None:
         """Step until every request has finished."""
@@ -95,20 +109,27 @@ class EngineLoop:
             raise RuntimeError("the scheduler has work but scheduled nothing (the KV pool is too small?)")
         return []
 
-    def _take(self, scheduled: Scheduled, tokens) -> list[RequestOutput]:
+    def _take(self, scheduled: Scheduled, result: StepResult) -> list[RequestOutput]:
         """Hand a step's samples to their outputs; finish those that stopped."""
         changed = []
-        for sequence in self.scheduler.complete(scheduled, tokens):
-            held = self._outputs.get(sequence.request_id)
-            if held is None:
+        for sequence, token in self.scheduler.complete(scheduled, result):
+            output = self._outputs.get(sequence)
+            if output is None:
                 continue
-            output = held[1]
             changed.append(output)
-            self.generated_tokens += 1
-            visible = sequence.finish_reason != "eos"
-            if output.add_token(sequence.tokens[-1], visible) and not sequence.finished:
-                self.scheduler.abort(sequence, "stop")
+            if token is not None:
+                self.generated_tokens += 1
+                visible = sequence.finish_reason != "eos"
+                if output.add_token(token, visible, sequence.logprob) and not sequence.finished:
+                    self.scheduler.abort(sequence, "stop")
             if sequence.finished:
-                output.finish("stop" if output.stopped else sequence.finish_reason)
-                del self._outputs[sequence.request_id]
+                output.finish("stop" if output.stopped else sequence.finish_reason, sequence.error)
+                self._release(sequence)
         return changed
+
+    def _release(self, sequence: Sequence) -> None:
+        """Forget a finished choice; its request once every choice has finished."""
+        del self._outputs[sequence]
+        choices = self._requests.get(sequence.request_id, [])
+        if all(choice.finished for choice in choices):
+            self._requests.pop(sequence.request_id, None)

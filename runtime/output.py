@@ -6,8 +6,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from olmoscope.runtime.tokenizer import TextStream
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (the raw logits' log-softmax over the real vocabulary)
+    and the best alternatives at its position, best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob)
 
 
 class StopScanner:
@@ -63,7 +74,9 @@ class RequestOutput:
         self.prompt_token_ids = [int(t) for t in prompt_token_ids]
         self.seed = seed  # the sampler's seed: pass it again to repeat a sampled run
         self.token_ids: list[int] = []  # generated, the EOS or the token completing a stop string included
-        self.finish_reason: str | None = None  # eos | stop | length | context | abort, once finished
+        self.finish_reason: str | None = None  # eos | stop | length | context | abort | error, once finished
+        self.error: str | None = None  # what went wrong, for finish reason "error"
+        self.logprobs: list[TokenLogprob] = []  # aligned with token_ids, when the request asked for logprobs
         self.arrival = time.perf_counter()
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
@@ -87,9 +100,11 @@ class RequestOutput:
         """A stop string was found in the text."""
         return self._scanner.stopped
 
-    def add_token(self, token: int, visible: bool = True) -> bool:
+    def add_token(self, token: int, visible: bool = True, logprob: TokenLogprob | None = None) -> bool:
         """Take one generated token (an EOS is not `visible`: it adds no text); True when it completes a stop string."""
         now = time.perf_counter()
+        if logprob is not None:
+            self.logprobs.append(logprob)
         self.first_token_time = self.first_token_time or now
         self.last_token_time = now
         self.token_ids.append(int(token))
@@ -98,10 +113,10 @@ class RequestOutput:
             self._unread_text += self._scanner.add(self._stream.step(int(token)))
         return self._scanner.stopped
 
-    def finish(self, reason: str) -> None:
+    def finish(self, reason: str, error: str | None = None) -> None:
         if self.finished:
             return
-        self.finish_reason = reason
+        self.finish_reason, self.error = reason, error
         self.finish_time = time.perf_counter()
         if reason != "stop":
             self._unread_text += self._scanner.flush()
