@@ -419,29 +419,134 @@ def test_interrupted_forced_conversion_keeps_the_old_file(tiny_snapshots, tmp_pa
     assert _leftovers(tmp_path) == ["m.engine"]
 
 
-@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
-def test_killed_cli_conversion_leaves_neither_output_nor_temp_file(tiny_snapshots, tmp_path, signum):
-    import signal
+def _slow_convert(snapshot: Path, out_dir: Path, marker: Path, force_named_partial: bool = False):
+    """A real `olmoscope convert` process, slowed down so that a signal lands while it writes; it touches
+    `marker` when the first block is being encoded."""
     import subprocess
     import sys
+
+    script = ("import time, pathlib, olmoscope.convert as cv, olmoscope.atomic as at\n"
+              "real = cv.encode_block\n"
+              f"marker = pathlib.Path({str(marker)!r})\n"
+              "cv.encode_block = lambda *a, **k: (marker.touch(), time.sleep(0.2), real(*a, **k))[2]\n"
+              + ("at._Nameless.create = classmethod(lambda cls, folder: None)\n" if force_named_partial else "")
+              + "from olmoscope.cli import main\n"
+              f"main(['convert', {str(snapshot)!r}, '-o', 'm.engine'])\n")
+    return subprocess.Popen([sys.executable, "-c", script], cwd=out_dir, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(marker: Path) -> None:
     import time
 
-    snapshot = tiny_snapshots("float32", 2)
-    # A real process, slowed down so the signal lands while the temporary file is being written.
-    script = ("import time, olmoscope.convert as cv\n"
-              "real = cv.encode_block\n"
-              "cv.encode_block = lambda *a, **k: (time.sleep(0.2), real(*a, **k))[1]\n"
-              "from olmoscope.cli import main\n"
-              f"main(['convert', {str(snapshot)!r}, '-o', 'm.engine'])\n")
-    process = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
-    while not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(getattr(signal, signum))
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert marker.exists(), "the conversion never started writing"
+
+
+@pytest.mark.parametrize("signals,code", [
+    (["SIGINT"], 130), (["SIGTERM"], 130), (["SIGHUP"], 130),
+    (["SIGINT", "SIGINT"], 130),  # two Ctrl-C 20 ms apart: the second lands during the unwinding
+    (["SIGUSR1"], -10), (["SIGKILL"], -9),  # no handler at all: only a nameless file survives these
+])
+def test_killed_cli_conversion_leaves_neither_output_nor_temp_file(tiny_snapshots, tmp_path, signals, code):
+    import signal
+    import time
+
+    out_dir, marker = tmp_path / "out", tmp_path / "started"
+    out_dir.mkdir()
+    process = _slow_convert(tiny_snapshots("float32", 2), out_dir, marker)
+    _wait_for(marker)
+    for number, name in enumerate(signals):
+        if number:
+            time.sleep(0.02)
+        process.send_signal(getattr(signal, name))
     _, stderr = process.communicate(timeout=30)
-    assert process.returncode == 130, stderr
-    assert stderr.strip() == "olmoscope: interrupted"
-    assert _leftovers(tmp_path) == []
+    assert process.returncode == code, stderr
+    assert "Traceback" not in stderr
+    if code == 130:
+        assert stderr.strip().splitlines()[-1] == "olmoscope: interrupted"
+    assert list(out_dir.iterdir()) == [], "no output, no partial, no hidden file"
+
+
+def test_without_o_tmpfile_the_next_convert_removes_a_killed_writers_partial(tiny_snapshots, tmp_path):
+    import fcntl
+    import signal
+
+    from olmoscope import atomic
+
+    out_dir, marker = tmp_path / "out", tmp_path / "started"
+    out_dir.mkdir()
+    process = _slow_convert(tiny_snapshots("float32", 2), out_dir, marker, force_named_partial=True)
+    _wait_for(marker)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=30)
+    left = [p.name for p in out_dir.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".m.engine.") and left[0].endswith(atomic.PARTIAL_SUFFIX)
+    # A partial whose writer is alive (it holds the lock) is left alone.
+    alive = out_dir / f".other.engine.1234{atomic.PARTIAL_SUFFIX}"
+    with open(alive, "wb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        cv.convert(str(tiny_snapshots("float32", 2)), out_dir / "m.engine")
+        assert sorted(p.name for p in out_dir.iterdir()) == [alive.name, "m.engine"]
+
+
+def test_a_file_that_appears_at_the_output_while_converting_is_not_replaced(tiny_snapshots, tmp_path, monkeypatch):
+    out = tmp_path / "m.engine"
+    real = ef.EngineWriter.finish
+
+    def finish(self):
+        out.write_bytes(b"made by someone else meanwhile")
+        return real(self)
+
+    monkeypatch.setattr(ef.EngineWriter, "finish", finish)
+    with pytest.raises(UsageError, match="a file appeared there while converting and was left alone"):
+        cv.convert(str(tiny_snapshots("float32", 2)), out)
+    assert out.read_bytes() == b"made by someone else meanwhile"
+    assert _leftovers(tmp_path) == ["m.engine"]
+
+
+def test_two_converts_to_one_output_do_not_both_succeed(tiny_snapshots, tmp_path, monkeypatch):
+    """The second conversion runs while the first is inside finish(): only the first one's file remains."""
+    out = tmp_path / "m.engine"
+    snapshot = str(tiny_snapshots("float32", 2))
+    real, outcomes = ef.EngineWriter.finish, []
+
+    def finish(self):
+        if not outcomes:
+            outcomes.append("inner")
+            monkeypatch.setattr(ef.EngineWriter, "finish", real)
+            cv.convert(snapshot, out)  # the other convert completes first
+        return real(self)
+
+    monkeypatch.setattr(ef.EngineWriter, "finish", finish)
+    with pytest.raises(UsageError, match="appeared there while converting"):
+        cv.convert(snapshot, out)
+    with ef.EngineFile.open(out) as engine:
+        assert engine.verify() == []
+
+
+def test_output_that_is_a_source_file_is_refused_even_with_force(tiny_snapshots, tmp_path):
+    snapshot = tiny_snapshots("float32", 2)
+    shard = sorted(snapshot.glob("*.safetensors"))[0]
+    before = shard.read_bytes()
+    for target in (shard, snapshot / "config.json", snapshot / "tokenizer.json"):
+        with pytest.raises(UsageError, match=f"is the source's own {target.name}; refused"):
+            cv.convert(str(snapshot), target, force=True)
+    link = tmp_path / "alias.safetensors"
+    os.link(shard, link)  # a hard link is the same file under another name
+    with pytest.raises(UsageError, match="is the source's own"):
+        cv.convert(str(snapshot), link, force=True)
+    assert shard.read_bytes() == before
+
+
+@pytest.mark.parametrize("name", ["out/", "existing_dir", "."])
+def test_output_naming_a_directory_is_refused(tiny_snapshots, tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "existing_dir").mkdir()
+    with pytest.raises(UsageError, match="directory"):
+        cv.convert(str(tiny_snapshots("float32", 2)), name)
+    assert not (tmp_path / "out").exists(), "-o out/ must not write a file named out"
 
 
 def test_full_disk_is_one_error_and_leaves_nothing(tiny_snapshots, tmp_path, monkeypatch):
