@@ -6,20 +6,30 @@ handlers below, so that Ctrl-C at any point after start-up is one "interrupted" 
 
 from __future__ import annotations
 
-import signal
+import os
 import sys
 
-try:  # the only imports before the handlers are in place: an interrupt here must not print a traceback
-    import warnings
 
-    import click
+def _interrupted_at_start_up(signum, frame) -> None:
+    os.write(2, b"olmoscope: interrupted\n")
+    os._exit(130)  # nothing has been done yet: nothing to clean up
 
-    from olmoscope import __version__
-    from olmoscope.display import one_line
-    from olmoscope.errors import OlmoscopeError
-except KeyboardInterrupt:
-    sys.stderr.write("olmoscope: interrupted\n")
-    raise SystemExit(130) from None
+
+import signal  # noqa: E402 - the handler is installed before anything slower is imported
+
+# Until the group's own handlers run, Ctrl-C exits with one line (an import interrupted midway would
+# otherwise print a traceback); restored at the end of this module.
+_DEFAULT_INT_HANDLER = signal.getsignal(signal.SIGINT)
+if _DEFAULT_INT_HANDLER is signal.default_int_handler:  # not when the parent asked us to ignore it
+    signal.signal(signal.SIGINT, _interrupted_at_start_up)
+
+import warnings  # noqa: E402
+
+import click  # noqa: E402
+
+from olmoscope import __version__  # noqa: E402
+from olmoscope.display import one_line  # noqa: E402
+from olmoscope.errors import OlmoscopeError  # noqa: E402
 
 # name → (module, attribute): each command lives in the module of its concern; the CLI only gathers them.
 COMMANDS = {
@@ -40,8 +50,8 @@ class _Group(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        _one_line_streams()
         try:
+            _one_line_streams()
             with warnings.catch_warnings():
                 warnings.showwarning = _one_line_warning
                 result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
@@ -117,3 +127,6 @@ def _one_line_streams() -> None:
 @click.version_option(__version__, prog_name="olmoscope")
 def main() -> None:
     """Look inside AllenAI's OLMo 2 models and run them with olmoscope's own runtime."""
+
+
+signal.signal(signal.SIGINT, _DEFAULT_INT_HANDLER)  # from here on, KeyboardInterrupt reaches the handlers above

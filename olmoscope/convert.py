@@ -338,6 +338,10 @@ def quantize_rows(block: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]
         raise OlmoscopeError(f"tensor {name}: holds NaN or Inf, which int8 cannot represent; "
                              f"convert with --dtype bf16 instead; nothing was written")
     scale = absmax / np.float32(127)  # [rows]
+    # Subnormal rows (absmax below ~1.5e-36): the scale has few bits, and rounding it down — to 0 when
+    # absmax/127 underflows — would break |w − q·scale| ≤ scale/2. One float32 step up restores it.
+    short = scale.astype(np.float64) * 127 < absmax.astype(np.float64) * (1 - 2.0**-20)
+    scale[short] = np.nextafter(scale[short], np.float32(np.inf))
     safe = np.where(scale > 0, scale, np.float32(1))  # an all-zero row: q = 0, scale 0
     q = np.divide(w, safe[:, None])  # [rows, cols], |q| ≤ 127 up to float32 rounding
     np.rint(q, out=q)  # round half to even

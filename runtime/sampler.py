@@ -17,6 +17,18 @@ In order, on the float32 logits [V] of the last position:
 Steps 1–7 define what may be chosen and with what probability on every backend; step 8 is how the
 NumPy backend draws (a GPU backend may draw differently, e.g. Gumbel-max, still seeded from the run's
 numpy Generator), so a fixed seed repeats a run on the same backend.
+
+Edge values (every backend follows these; the chosen id is always a real token, < vocab_limit):
+- NaN in any real token's logit (after step 2) is an error, greedy or not: nothing sensible can be
+  chosen from it, and it means the weights or the arithmetic went wrong (SamplingError names the count).
+- +inf logits win: when any real token's logit is +inf, the candidates are exactly those ids, equally
+  likely (their limit under softmax); greedy picks the lowest of them. A repetition penalty below 1 can
+  make a seen token's logit overflow float32 to +inf (p = 1e-40 divides by 1e-40): the same rule holds.
+- −inf logits are never chosen; if every real token's logit is −inf, that is an error.
+- Steps 4–6 are computed as softmax((l − max l) / temperature) in float64, so any temperature > 0 is
+  well defined however small: a subnormal one (1e-310) makes every id below the maximum underflow to
+  probability 0, i.e. sampling among the ids tied at the maximum (the temperature → 0 limit). Nothing
+  overflows, because l − max l ≤ 0.
 """
 
 from __future__ import annotations
@@ -26,7 +38,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from olmoscope.errors import UsageError
+from olmoscope.errors import EngineError, UsageError
+
+
+class SamplingError(EngineError):
+    """The logits allow no choice: NaN, or every real token at −inf."""
 
 
 @dataclass(frozen=True)
@@ -110,12 +126,33 @@ def top_p_mask(probs: np.ndarray, p: float) -> np.ndarray:
 
 
 def candidate_probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
-    """Steps 4–7: float64 [V] probabilities, zero outside the kept set (not renormalized after top-p)."""
-    scaled = logits.astype(np.float64) / params.temperature
-    scaled[~top_k_mask(logits, params.top_k)] = -np.inf
-    probs = np.exp(scaled - np.max(scaled))
+    """Steps 4–7: float64 [V] probabilities, zero outside the kept set (not renormalized after top-p).
+
+    By the edge-value rules: +inf logits share all the mass; (l − max) / T never overflows.
+    """
+    scores = logits.astype(np.float64)
+    scores[~top_k_mask(logits, params.top_k)] = -np.inf
+    top = np.max(scores)
+    if top == np.inf:  # the +inf ids take everything, equally
+        scaled = np.where(scores == np.inf, 0.0, -np.inf)
+    else:
+        with np.errstate(over="ignore", under="ignore"):  # (l − max) / 1e-310 → −inf: probability 0, as meant
+            scaled = (scores - top) / params.temperature
+        scaled[scores == top] = 0.0  # exact: the maximum has weight exp(0) = 1 whatever the temperature
+    probs = np.exp(scaled)
     probs /= probs.sum()
     return np.where(top_p_mask(probs, params.top_p), probs, 0.0)
+
+
+def check_logits(scores: np.ndarray, limit: int) -> None:
+    """The edge-value rules' errors: NaN among the real tokens, or no real token above −inf."""
+    real = scores[:limit]
+    nan = np.isnan(real)
+    if nan.any():
+        raise SamplingError(f"the model's logits hold NaN for {int(nan.sum()):,} of {limit:,} tokens, so no token "
+                            f"can be chosen (corrupt or overflowing weights? `olmoscope verify` checks the file)")
+    if not (real > -np.inf).any():
+        raise SamplingError("every token's logit is -inf, so no token can be chosen")
 
 
 def draw(probs: np.ndarray, u: float) -> int:
@@ -137,10 +174,15 @@ def sample(
     1
     """
     limit = logits.shape[-1] if vocab_limit is None else min(vocab_limit, logits.shape[-1])
-    scores = penalized_logits(logits, history, params.repetition_penalty, limit)
+    with np.errstate(over="ignore"):  # a penalty < 1 may overflow a logit to +inf: a rule covers it
+        scores = penalized_logits(logits, history, params.repetition_penalty, limit)
+    check_logits(scores, limit)
     if params.greedy:
-        return int(np.argmax(scores))
-    return draw(candidate_probabilities(scores, params), rng.random())
+        return int(np.argmax(scores[:limit]))  # +inf beats everything; the lowest id on ties
+    chosen = draw(candidate_probabilities(scores, params), rng.random())
+    if not 0 <= chosen < limit:  # the rules make this impossible; refuse rather than return a bad id
+        raise SamplingError(f"the sampler drew id {chosen}, outside the {limit:,} real tokens")
+    return chosen
 
 
 def make_rng(seed: int | None) -> tuple[np.random.Generator, int]:

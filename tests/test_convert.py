@@ -250,6 +250,110 @@ def test_int8_quantizes_each_row_to_absmax_over_127():
     assert (err <= scale[:, None] / 2 * (1 + 1e-5)).all(), f"max err {err.max():.3e}"
 
 
+def test_int8_of_a_subnormal_row_keeps_its_bound_and_verifies(make_snapshot, tmp_path):
+    """Issue 10, item 10: a row whose largest value is 1e-45 once got scale 0 (absmax / 127 underflows)."""
+    from olmoscope.verify import compare_with_source
+
+    rows = np.zeros((128, 64), np.float32)
+    rows[0, :3] = [1e-45, -1e-45, 0]  # the smallest subnormal, both signs
+    rows[1, :2] = [190 * 2.0**-149, 3 * 2.0**-149]  # scale rounds down a whole unit without the fix
+    rows[2:] = np.random.default_rng(2).standard_normal((126, 64)) * np.float32(1e-39)
+    snapshot = make_snapshot(drop=("lm_head.weight",), extra={"lm_head.weight": rows})
+    cv.convert(str(snapshot), tmp_path / "m.engine", dtype="int8")
+    with ef.EngineFile.open(tmp_path / "m.engine") as engine:
+        assert engine.scales("lm_head")[0] > 0
+        lm_head = next(c for c in compare_with_source(engine, resolve(str(snapshot))) if c.name == "lm_head")
+    assert lm_head.ok and lm_head.worst <= 1.0, lm_head
+
+
+# ── what the snapshot's side files may hold ─────────────────────────────────────
+def _snapshot_with(make_snapshot, **files) -> Path:
+    snapshot = make_snapshot()
+    for name, content in files.items():
+        path = snapshot / name.replace("__", ".")
+        if content == "fifo":
+            os.mkfifo(path)
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return snapshot
+
+
+def _broken_tokenizer() -> str:
+    """The dolma2 tokenizer with a normalizer whose empty regex makes tokenizers panic on any text."""
+    from importlib import resources
+
+    tokenizer = json.loads(resources.files("olmoscope").joinpath("data", "dolma2-tokenizer.json").read_text("utf-8"))
+    tokenizer["normalizer"] = {"type": "Replace", "pattern": {"Regex": ""}, "content": "x"}
+    return json.dumps(tokenizer)
+
+
+@pytest.mark.parametrize("files,fragments", [
+    ({"generation_config__json": {"eos_token_id": list(range(100))}},
+     ["eos_token_id lists 100 ids; an engine file holds at most 64"]),
+    ({"tokenizer__json": {"model": {"vocab": {"a": 0, "b": 5_000_000}}}},
+     ["token id 5,000,000 is beyond the 4,194,304 ids an engine file holds"]),
+    ({"tokenizer_config__json": {"chat_template": [{"name": ["default"], "template": "x"}]}}, None),  # no name: none
+    ({"tokenizer_config__json": '{"chat_template": "a", "chat_template": "b"}'}, ["duplicate key 'chat_template'"]),
+    ({"generation_config__json": '{"eos_token_id": ' + "9" * 5000 + "}"}, ["an integer of 5,000 digits"]),
+    ({"tokenizer__json": "fifo"}, ["tokenizer.json", "not a regular file (a FIFO)"]),
+    ({"generation_config__json": "fifo"}, ["generation_config.json", "not a regular file (a FIFO)"]),
+    ({"tokenizer_config__json": "fifo"}, ["tokenizer_config.json", "not a regular file (a FIFO)"]),
+    ({"chat_template__jinja": "fifo"}, ["chat_template.jinja", "not a regular file (a FIFO)"]),
+    ({"tokenizer__json": '{"model": {"vocab": {"\\ud800": 0}}}'}, ["tokenizer.json", "lone surrogate (\\ud800)"]),
+])
+def test_side_files_are_refused_before_writing_or_read_as_documented(make_snapshot, tmp_path, files, fragments):
+    snapshot = _snapshot_with(make_snapshot, **files)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    if fragments is None:
+        report = cv.convert(str(snapshot), out_dir / "m.engine")
+        with ef.EngineFile.open(report.output) as engine:
+            assert engine.generation["chat_template"] is None
+        return
+    result = CliRunner().invoke(main, ["convert", str(snapshot), "-o", str(out_dir / "m.engine")])
+    from cli_checks import assert_one_line_error
+
+    assert_one_line_error(result, *fragments)
+    assert _leftovers(out_dir) == []
+
+
+def test_a_tokenizer_that_panics_is_refused_in_one_line(make_snapshot, tmp_path, capfd):
+    from cli_checks import assert_one_line_error
+
+    snapshot = _snapshot_with(make_snapshot, tokenizer__json=_broken_tokenizer())
+    result = CliRunner().invoke(main, ["convert", str(snapshot), "-o", str(tmp_path / "m.engine")])
+    assert_one_line_error(result, "tokenizer.json: the tokenizer panicked (index out of bounds")
+    assert "panicked at" not in capfd.readouterr().err, "Rust's own panic lines are held back"
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_dangling_side_file_symlink_is_an_error_not_absence(make_snapshot, tmp_path):
+    snapshot = make_snapshot()
+    (snapshot / "tokenizer.json").symlink_to(tmp_path / "gone.json")
+    with pytest.raises(SourceError, match=r"tokenizer.json: no such file \(a dangling symbolic link\)"):
+        cv.convert(str(snapshot), tmp_path / "m.engine")
+
+
+def test_a_template_that_does_not_compile_is_kept_with_a_note(make_snapshot, tmp_path):
+    snapshot = _snapshot_with(make_snapshot, chat_template__jinja="{% include 'other.jinja' %}")
+    report = cv.convert(str(snapshot), tmp_path / "m.engine")
+    assert any("{% include %} is not allowed" in note for note in report.notes), report.notes
+
+
+def test_a_snapshot_folder_whose_name_is_not_utf8_converts(make_snapshot, tmp_path):
+    """Issue 10, item 5: the folder name went into the header and failed to encode."""
+    snapshot = make_snapshot()
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/snap\xff"))
+    snapshot.rename(odd)
+    report = cv.convert(str(odd), tmp_path / "m.engine")
+    with ef.EngineFile.open(report.output) as engine:
+        assert engine.provenance["source_path"].endswith("snap\\xff")
+    result = CliRunner().invoke(main, ["arch", str(odd)])
+    assert result.exit_code == 0 and "snap" in result.output
+
+
 # ── header contents ─────────────────────────────────────────────────────────────
 def test_header_carries_tokenizer_generation_defaults_and_provenance(tiny_snapshots, tmp_path):
     snapshot = tiny_snapshots("float32", 2)
