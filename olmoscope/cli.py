@@ -78,6 +78,8 @@ class _Group(click.Group):
             _interrupted()
         except BrokenPipeError:
             sys.exit(141)  # output piped into `head`: not an error worth a traceback
+        except MemoryError as exc:  # the last line of defence: sizes are meant to be checked before allocating
+            _fail(f"not enough memory ({str(exc) or 'MemoryError'})", 1)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)

@@ -104,13 +104,14 @@ def convert(
     notes = list(src.notes)
     base = header_base(src, checkpoint, dtype, notes)
     plan = ef.plan_tensors(src.config, dtype)
-    _, placed = ef.layout_file(base, plan)  # the writer lays out the same way; sizes are needed first
+    layout = ef.layout_file(base, plan)  # sizes are needed before writing; the writer takes this layout
+    placed = layout[1]
     file_bytes = max(off + size for t in placed for off, size, _ in t.regions())
     check_free_space(output, file_bytes)
 
     try:
         with atomic_output(output, overwrite=force) as f:
-            source_bytes = write_engine(f, base, plan, src.config, checkpoint, progress)
+            source_bytes = write_engine(f, base, plan, src.config, checkpoint, progress, layout)
     except OutputExists:
         raise UsageError(f"-o {output}: a file appeared there while converting and was left alone "
                          f"(pass --force to replace it); nothing was written") from None
@@ -224,9 +225,9 @@ def terminate_as_interrupt() -> Iterator[None]:
 
 
 def write_engine(f: BinaryIO, base: dict[str, Any], plan: list[ef.EngineTensor], config: ModelConfig,
-                 checkpoint: Checkpoint, progress: bool) -> int:
+                 checkpoint: Checkpoint, progress: bool, layout: tuple[int, list[ef.EngineTensor]] | None = None) -> int:
     """Stream every engine tensor, block by block, through the writer; returns the source bytes read."""
-    writer = ef.EngineWriter(f, base, plan)
+    writer = ef.EngineWriter(f, base, plan, layout)
     specs = engine_tensors(config)
     read_bytes = 0
     with _Shards(checkpoint.directory) as shards, tqdm(

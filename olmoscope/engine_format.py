@@ -246,10 +246,12 @@ class EngineWriter:
     >>> w.begin("embedding"); w.write(rows); w.end(); ...; w.finish()
     """
 
-    def __init__(self, file: BinaryIO, base_header: dict[str, Any], tensors: list[EngineTensor]):
+    def __init__(self, file: BinaryIO, base_header: dict[str, Any], tensors: list[EngineTensor],
+                 layout: tuple[int, list[EngineTensor]] | None = None):
+        """`layout`: layout_file(base_header, tensors), when the caller has it already (it is checked there)."""
         self._file = file
         self._base = base_header
-        self.data_start, self.tensors = layout_file(base_header, tensors)
+        self.data_start, self.tensors = layout or layout_file(base_header, tensors)
         self.total_bytes = self._end_of(self.tensors)
         self._index = 0  # the next tensor to begin
         self._current: EngineTensor | None = None

@@ -156,6 +156,7 @@ def _no_constant(name: str) -> Any:
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how a lone surrogate can get into decoded JSON
+_LONG_DIGITS = re.compile(r"\d{%d}" % (MAX_INT_DIGITS + 1))  # only then is the (slow) int hook needed
 
 
 def parse_json(data: bytes, shown: str, error: type[OlmoscopeError] = OlmoscopeError,
@@ -171,7 +172,8 @@ def parse_json(data: bytes, shown: str, error: type[OlmoscopeError] = OlmoscopeE
     """
     text = decode_utf8(data, shown, error)
     try:
-        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_int=_bounded_int,
+        value = json.loads(text, object_pairs_hook=_no_duplicates,
+                           parse_int=_bounded_int if _LONG_DIGITS.search(text) else None,
                            parse_constant=float if nonfinite else _no_constant)
     except _Refused as exc:
         raise error(f"{shown}: invalid JSON ({exc})") from None

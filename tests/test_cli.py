@@ -78,3 +78,20 @@ def test_a_source_name_that_is_not_utf8_prints_under_a_strict_locale(tmp_path):
     assert ok.returncode == 0 and b"model\\udcff" in ok.stdout, ok.stderr
     bad = subprocess.run([b"olmoscope", b"tensors", folder], capture_output=True, env=env)
     assert bad.returncode == 1 and bad.stderr.count(b"\n") == 1 and b"model\\udcff" in bad.stderr, bad.stderr
+
+
+def test_an_allocation_that_fails_is_one_line_not_a_traceback(monkeypatch):
+    """The last line of defence (sizes are checked before allocating where olmoscope can): numpy's MemoryError."""
+    import numpy as np
+    from click.testing import CliRunner
+
+    from cli_checks import assert_one_line_error
+    from olmoscope import arch
+    from olmoscope.cli import main
+
+    def allocate(*args, **kwargs):
+        return np.zeros(1 << 58, np.uint8)  # 256 PiB: no machine has it
+
+    monkeypatch.setattr(arch, "arch_report", allocate)
+    assert_one_line_error(CliRunner().invoke(main, ["arch", "olmo2-1b"]), "not enough memory (Unable to allocate",
+                          exit_code=1)

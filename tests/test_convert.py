@@ -432,6 +432,8 @@ def test_arch_of_engine_file_reports_the_stored_layout(tiny_snapshots, tmp_path)
     assert text.exit_code == 0, text.output
     assert "Engine file layout" in text.stdout and "layers.0.gate_up" in text.stdout
     assert "layers.1.qkv" not in text.stdout  # one layer shown, like the tensor table
+    stored = next(line for line in text.stdout.splitlines() if line.startswith("stored dtype"))
+    assert stored.split()[2] == "int8" and "the source was float32" in stored, stored  # not config's torch_dtype
     snapshot_report = json.loads(CliRunner().invoke(main, ["arch", str(tiny_snapshots("float32", 2)), "--json"]).stdout)
     assert "engine" not in snapshot_report
 

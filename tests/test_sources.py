@@ -177,6 +177,31 @@ def test_snapshot_without_config_json_is_named(tmp_path):
     assert_one_line_error(run("tensors", tmp_path), "no config.json in", str(tmp_path))
 
 
+def test_a_config_json_that_is_a_fifo_or_dangling_link_is_named_not_missing(tmp_path):
+    os.mkfifo(tmp_path / "config.json")
+    assert_one_line_error(run("arch", tmp_path), "config.json: not a regular file (a FIFO)")
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "config.json").symlink_to(tmp_path / "gone.json")
+    assert_one_line_error(run("arch", tmp_path), "config.json: no such file (a dangling symbolic link)")
+
+
+def test_a_safetensors_file_is_read_with_the_config_json_beside_it(make_snapshot, tmp_path):
+    """Issue 10: a single .safetensors SOURCE once said "invalid JSON"."""
+    snapshot = make_snapshot()
+    shard = snapshot / "model.safetensors"
+    source = resolve(str(shard))
+    assert source.kind == "snapshot" and source.directory == snapshot
+    assert any("reading its snapshot directory" in note for note in source.notes)
+    listing = run("tensors", shard)
+    assert listing.exit_code == 0 and "model.norm.weight" in listing.stdout, listing.output
+    cv.convert(str(shard), tmp_path / "m.engine")
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(shard, alone / "weights.safetensors")
+    assert_one_line_error(run("arch", alone / "weights.safetensors"),
+                          "a safetensors file is read with the config.json beside it")
+
+
 # ── config validation (every SOURCE goes through it) ───────────────────────────
 
 
