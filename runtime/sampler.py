@@ -82,14 +82,19 @@ def _finite(value: float, option: str) -> None:
 
 
 def penalized_logits(logits: np.ndarray, history: np.ndarray | None, penalty: float, vocab_limit: int) -> np.ndarray:
-    """Steps 1–2: a float32 copy of logits [V] with padding masked and seen ids penalized."""
+    """Steps 1–2: a float32 copy of logits [V] with padding masked and seen ids penalized.
+
+    Every path to a token goes through here, so the edge-value errors are raised here (check_logits).
+    """
     out = np.array(logits, dtype=np.float32)  # a copy: the caller's logits stay as they were
     out[vocab_limit:] = -np.inf
     if penalty != 1.0 and history is not None and len(history):
         seen = np.unique(np.asarray(history))
         seen = seen[(seen >= 0) & (seen < vocab_limit)]
         values = out[seen]
-        out[seen] = np.where(values > 0, values / np.float32(penalty), values * np.float32(penalty))
+        with np.errstate(over="ignore", under="ignore"):  # p < 1 may overflow to +inf: a rule covers it
+            out[seen] = np.where(values > 0, values / np.float32(penalty), values * np.float32(penalty))
+    check_logits(out, vocab_limit)
     return out
 
 
@@ -174,9 +179,7 @@ def sample(
     1
     """
     limit = logits.shape[-1] if vocab_limit is None else min(vocab_limit, logits.shape[-1])
-    with np.errstate(over="ignore"):  # a penalty < 1 may overflow a logit to +inf: a rule covers it
-        scores = penalized_logits(logits, history, params.repetition_penalty, limit)
-    check_logits(scores, limit)
+    scores = penalized_logits(logits, history, params.repetition_penalty, limit)  # NaN / all −inf: SamplingError
     if params.greedy:
         return int(np.argmax(scores[:limit]))  # +inf beats everything; the lowest id on ties
     chosen = draw(candidate_probabilities(scores, params), rng.random())

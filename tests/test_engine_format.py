@@ -335,6 +335,8 @@ HOSTILE = [
     ("header_lone_surrogate", lambda p: _reseal(p, json.dumps({**read_header(p)[0], "format": "\ud800"}).encode()),
      "lone surrogate (\\ud800)"),
     ("header_nested_deeply", lambda p: _reseal(p, b"[" * 1000 + b"]" * 1000), "nested deeper than 64"),
+    ("tokenizer_lone_surrogate", lambda p: _reseal(p, json.dumps({**read_header(p)[0], "tokenizer": {
+        "json": "{\"model\": \"\ud800\"}", "sha256": "0" * 64}}).encode()), "lone surrogate (\\ud800)"),
     ("header_fails_schema", _header(lambda h: h.pop("generation")), "fails the engine schema"),
     ("versions_disagree", _header(lambda h: h.update(format_version=1)), "fails the engine schema"),
     ("config_invalid", _header(lambda h: h["config"].update(num_attention_heads=3)), "not divisible"),

@@ -218,3 +218,13 @@ def test_nan_in_padding_rows_is_masked_not_an_error():
 def test_all_minus_inf_is_one_clear_error():
     with pytest.raises(SamplingError, match="every token's logit is -inf"):
         sample(np.full(4, -np.inf, np.float32), SamplingParams(temperature=1.0), np.random.default_rng(0))
+
+
+def test_every_path_through_penalized_logits_refuses_nan():
+    """Batched backends call penalized_logits → candidate_probabilities → draw directly, not sample()."""
+    logits = TIES.copy()
+    logits[0] = np.nan
+    with pytest.raises(SamplingError, match="NaN"):
+        penalized_logits(logits, None, 1.0, vocab_limit=5)
+    padded = np.concatenate([TIES, np.float32([np.nan])])  # NaN in a padding row is masked first: no error
+    assert np.isneginf(penalized_logits(padded, None, 1.0, vocab_limit=5)[5])
