@@ -121,10 +121,14 @@ def run_batch(engine_path: Path, input_path: Path, output: str, device: str, opt
     created = int(time.time())
     results = []
     for line in lines:
+        output = outputs.get(id(line))
         if line.error:
             results.append(output_line(line, line.error.body(), line.error.status))
+        elif output.finish_reason == "error":  # the model's numbers allowed no token (NaN logits, say)
+            error = ApiError(500, output.error, kind="server_error")
+            results.append(output_line(line, error.body(), error.status))
         else:
-            results.append(output_line(line, response(outputs[id(line)], model, line.prepared.chat, created), 200))
+            results.append(output_line(line, response(output, model, line.prepared.chat, created), 200))
     write_results(output_path, results)
     return len(outputs), len(lines) - len(outputs)
 

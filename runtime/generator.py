@@ -13,7 +13,7 @@ from olmoscope.runtime.devices import open_backend, resolve_device
 from olmoscope.runtime.engine import Engine, open_engine
 from olmoscope.runtime.loop import EngineLoop
 from olmoscope.runtime.output import RequestOutput
-from olmoscope.runtime.sampler import SamplingParams, make_rng
+from olmoscope.runtime.sampler import SamplingError, SamplingParams, make_rng
 from olmoscope.runtime.scheduler import Request
 from olmoscope.runtime.tokenizer import Tokenizer
 
@@ -116,6 +116,8 @@ def run_generation(
             if text and on_text is not None:
                 on_text(text)
     end = time.perf_counter()
+    if output.finish_reason == "error":
+        raise SamplingError(output.error)
     first = output.first_token_time or end
     return GenerationResult(
         prompt_token_ids=output.prompt_token_ids,

@@ -6,19 +6,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
+from olmoscope.runtime.sampler import TokenLogprob
 from olmoscope.runtime.tokenizer import TextStream
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """A generated token's log-probability under the model (the raw logits' log-softmax over the real vocabulary)
-    and the best alternatives at its position, best first."""
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob)
 
 
 class StopScanner:

@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from olmoscope.runtime.blocks import BLOCK_SIZE, BlockPool, BlockTable, OutOfBlocks
-from olmoscope.runtime.output import TokenLogprob
-from olmoscope.runtime.sampler import SamplingParams, make_rng
+from olmoscope.runtime.sampler import SamplingParams, TokenLogprob, make_rng
 from olmoscope.runtime.step import FED, SAMPLE_NAN, SAMPLE_NO_MASS, Sample, Step, StepResult, Work
 
 FINISH_REASONS = ("eos", "stop", "length", "context", "abort", "error")
