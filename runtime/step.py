@@ -89,7 +89,7 @@ class StepArrays:
     num_decode: int  # the first num_decode sequences have one row each
     logit_rows: np.ndarray  # int32 [R]: token rows whose logits are computed
     sample_rows: np.ndarray  # int32 [S]: indices into logit_rows of the rows that are sampled
-    temperature: np.ndarray  # float32 [S]
+    temperature: np.ndarray  # float64 [S] (a subnormal one must not round to 0 before the device sees it)
     top_k: np.ndarray  # int32 [S]
     top_p: np.ndarray  # float32 [S]
     repetition_penalty: np.ndarray  # float32 [S]
@@ -141,7 +141,7 @@ class StepArrays:
             first_row=first_row, rows=counts, context=np.array([w.context for w in works], np.int32),
             block_tables=tables, num_decode=num_decode,
             logit_rows=np.array(logit_rows, np.int32), sample_rows=np.array([r for r, _ in sampled], np.int32),
-            temperature=np.array([p.temperature for p in params], np.float32),
+            temperature=np.array([p.temperature for p in params], np.float64),
             top_k=np.array([p.top_k for p in params], np.int32),
             top_p=np.array([p.top_p for p in params], np.float32),
             repetition_penalty=np.array([p.repetition_penalty for p in params], np.float32),

@@ -26,6 +26,7 @@ import numpy as np
 from olmoscope.errors import DeviceError
 from olmoscope.runtime.cuda.build import arch_of, compile_kernel
 from olmoscope.runtime.cuda.driver import ITEMSIZE, DeviceBuffer
+from olmoscope.runtime.step import SAMPLE_NAN, SAMPLE_NO_MASS  # noqa: F401  (mirrored from sampling.cu)
 
 # ── constants mirrored from cuda/ (tests/test_kernel_mirror.py checks each against its constexpr) ──────────
 BLOCK_SIZE = 16  # KV positions per cache block (common.cuh KV_BLOCK)
@@ -53,7 +54,6 @@ ROPE_THREADS = 256  # rope.cu: one block per token
 ROPE_HEAD_THREADS = 128  # rope.cu: one block per (token, head)
 SAMPLE_THREADS = 1024  # sampling.cu
 TOP_LOGPROBS = 20  # sampling.cu: row_logprobs' alternatives per row, at most
-SAMPLE_NAN, SAMPLE_NO_MASS = -1, -2  # sampling.cu: sample_rows' token for a row that cannot be sampled
 COPY_THREADS = 256  # kv_cache.cu
 
 # Python name → (file, constexpr name): what the mirror test compares.
