@@ -25,7 +25,7 @@ import numpy as np
 
 from olmoscope.errors import DeviceError
 from olmoscope.runtime.cuda.build import arch_of, compile_kernel
-from olmoscope.runtime.cuda.driver import ITEMSIZE, DeviceBuffer
+from olmoscope.runtime.cuda.driver import DeviceBuffer
 from olmoscope.runtime.step import SAMPLE_NAN, SAMPLE_NO_MASS  # noqa: F401  (mirrored from sampling.cu)
 
 # ── constants mirrored from cuda/ (tests/test_kernel_mirror.py checks each against its constexpr) ──────────
@@ -656,5 +656,5 @@ class Kernels:
 
 
 __all__ = ["BLOCK_SIZE", "GEMV_MAX_ROWS", "HEAD_DIMS", "DECODE_GROUPS", "GEMM_TILES", "SIGNATURES", "MIRRORED",
-           "DeviceBuffer", "ITEMSIZE", "Kernels", "decode_group", "decode_smem", "decode_splits", "gemm_plan",
+           "DeviceBuffer", "Kernels", "decode_group", "decode_smem", "decode_splits", "gemm_plan",
            "gemm_splits", "gemm_tile", "gemm_ktiles_per_split", "gemv_split", "prefill_tiles"]
