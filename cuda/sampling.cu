@@ -436,7 +436,7 @@ OS_DEVICE int sample_row(const float* __restrict__ logits, int n, float temperat
         const float four[4] = {l.x, l.y, l.z, l.w};
 #pragma unroll
         for (int e = 0; e < 4; e++) {
-            nans += isnan(four[e]);
+            nans += four[e] != four[e];  // NaN (no fast math: the comparison stays)
             if (four[e] > best) {
                 best = four[e];
                 best_i = 4 * v + e;
@@ -444,7 +444,7 @@ OS_DEVICE int sample_row(const float* __restrict__ logits, int n, float temperat
         }
     }
     for (int i = vector ? vec_end + (int)threadIdx.x : (int)threadIdx.x; i < n; i += blockDim.x) {
-        nans += isnan(logits[i]);
+        nans += logits[i] != logits[i];
         if (logits[i] > best) {  // ascending ids per thread: its first maximum stays
             best = logits[i];
             best_i = i;

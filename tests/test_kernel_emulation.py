@@ -20,7 +20,8 @@ SUBSET = " or ".join([
     "gemv_silu_pairs", "gemm_every_tile_and_split_count", "gemm_silu_pairs_gate_and_up[5", "silu_mul_parts",
     "split_gemm_then", "paged_decode_matches_numpy[40-8-128", "paged_decode_sliding_window[1-", "paged_decode_sees",
     "padding_sequences", "paged_prefill_ragged_batch_matches_numpy[37-", "paged_prefill_windows", "paged_prefill_sees",
-    "copy_blocks", "sampling_rows_each", "repetition_penalty_rows", "sampled_tokens_feed",
+    "copy_blocks", "sampling_rows_each", "penalties_per_row", "sampled_tokens_feed", "counted_back", "row_logprobs",
+    "sampling_edge_values",
 ])
 
 
