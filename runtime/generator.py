@@ -188,6 +188,7 @@ def generate(
     stop: Sequence[str] = (),
     on_text: Callable[[str], None] | None = None,
     backend: Backend | None = None,
+    verify: bool = True,
 ) -> GenerationResult:
     """Generate from an engine file (or an open Engine) on `device`; stream text pieces to on_text.
 
@@ -200,7 +201,7 @@ def generate(
     check_generation_args(max_new_tokens, stop)
     make_rng(seed)  # a bad seed fails now, not after loading
     owned = not isinstance(engine, Engine)
-    engine = open_engine(engine) if owned else engine
+    engine = open_engine(engine, verify=verify) if owned else engine
     try:
         if backend is None:
             resolve_device(device)

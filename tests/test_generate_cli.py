@@ -398,3 +398,10 @@ def test_a_nan_weight_is_one_clear_error_when_sampling(tmp_path):
     for extra in ([], ["--temperature", "0.7"]):
         assert_one_line_error(run(str(tmp_path / "nan.olmo"), "--prompt", "x", *extra),
                               "logits hold NaN, so no token can be chosen", exit_code=1)
+
+
+def test_a_huge_max_new_tokens_allocates_nothing_by_it(engine_file):
+    """Issue 10: --max-new-tokens 10000000000 with --max-context 8 once asked for 37 GiB of history; now the context
+    ends it, in a moment."""
+    report = run_json(str(engine_file), "--prompt", PROMPT, "--max-new-tokens", "10000000000", "--max-context", "8")
+    assert report["finish_reason"] == "context" and len(report["token_ids"]) == 8 - 4 + 1, report
