@@ -71,3 +71,14 @@ extern "C" __global__ void mark_seen(const int* __restrict__ ids, const int* __r
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) mark_one(seen, seen_words, states[i], ids[i]);
 }
+
+// Grid: (ceil(n / 256)); block: 256 threads, one id each. ids [n], states [n] int32: counts[states[i]·V + ids[i]] += 1
+// in counts [states, V] int32 (the presence/frequency penalties' generated-token counts), for a sequence whose
+// generated tokens come back as history (recomputed after preemption) instead of being sampled again.
+extern "C" __global__ void count_tokens(const int* __restrict__ ids, const int* __restrict__ states,
+                                        int* __restrict__ counts, int V, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const int state = states[i], id = ids[i];
+    if (state >= 0 && id >= 0 && id < V) atomicAdd(&counts[(size_t)state * V + id], 1);
+}

@@ -16,6 +16,14 @@
 
 constexpr float LOG2E_F = 1.4426950408889634f;
 constexpr int SAMPLE_THREADS = 1024;
+constexpr int TOP_LOGPROBS = 20;  // row_logprobs: the most alternatives a row may ask for (OpenAI's limit)
+constexpr int SAMPLE_NAN = -1;    // sample_rows' token for a row whose real logits hold NaN (an error, not a token)
+constexpr int SAMPLE_NO_MASS = -2;  // … whose real logits are all −inf
+
+// exp((l − max)/temperature) as exp2((l − m)·inv_temp), exact at the maximum: 1 there even when m is +inf (a tiny
+// repetition penalty overflowed a seen logit) or inv_temp is +inf (a subnormal temperature), where the product
+// would be NaN; 0 for everything below the maximum in those cases (sampler.py's candidate_probabilities).
+OS_DEVICE float prob_weight(float l, float m, float inv_temp) { return l == m ? 1.f : exp2f((l - m) * inv_temp); }
 constexpr int CANDIDATES = 4096;  // the shared-memory list's capacity (a power of two, for the bitonic sort)
 
 // Float → uint32 whose unsigned order is the float order.
@@ -119,7 +127,7 @@ OS_DEVICE uint32_t select_threshold(const float* __restrict__ logits, int n, uin
                 const uint32_t key = order_key(l);
                 if (key >= floor && (key & high) == prefix) {
                     bin = (key >> shift) & 255u;
-                    weight = MASS ? exp2f((l - m) * inv_temp) : 1.f;
+                    weight = MASS ? prob_weight(l, m, inv_temp) : 1.f;
                 }
             }
             // Neighbouring logits often share a bin (the first pass sees sign and exponent only): one add per
@@ -183,7 +191,7 @@ OS_DEVICE uint32_t select_threshold(const float* __restrict__ logits, int n, uin
 
 // exp((l − max)/temperature) for a kept logit (key ≥ floor), else 0.
 OS_DEVICE float kept_probability(float l, uint32_t floor, float m, float inv_temp) {
-    return order_key(l) >= floor ? exp2f((l - m) * inv_temp) : 0.f;
+    return order_key(l) >= floor ? prob_weight(l, m, inv_temp) : 0.f;
 }
 
 // logits[i … i+3] (i % 4 == 0) with one 16-byte load when all four are below `end` and the row is 16-byte aligned
@@ -351,7 +359,7 @@ OS_DEVICE int sample_from_list(CandidateList& list, int count, bool use_k, int t
         // running sums in by_logit order; the first position reaching top_p·z sets the threshold
         const int lo = min(kept, 4 * (int)threadIdx.x), hi = min(kept, lo + 4);
         float local = 0.f;
-        for (int r = lo; r < hi; r++) local += exp2f((list.logit[list.by_logit[r]] - m) * inv_temp);
+        for (int r = lo; r < hi; r++) local += prob_weight(list.logit[list.by_logit[r]], m, inv_temp);
         const float incl = block_scan(local, scan);
         const float z = use_k ? scan[blockDim.x - 1] : z_all;
         const float target = top_p * z;
@@ -361,7 +369,7 @@ OS_DEVICE int sample_from_list(CandidateList& list, int count, bool use_k, int t
         if (lo < hi && running < target && incl >= target) {
             int at = hi - 1;
             for (int r = lo; r < hi; r++) {
-                running += exp2f((list.logit[list.by_logit[r]] - m) * inv_temp);
+                running += prob_weight(list.logit[list.by_logit[r]], m, inv_temp);
                 if (running >= target) {
                     at = r;
                     break;
@@ -376,26 +384,32 @@ OS_DEVICE int sample_from_list(CandidateList& list, int count, bool use_k, int t
     return draw(Candidates{list}, count, floor, m, inv_temp, u, scan, st);
 }
 
-// Grid: (R, ceil(seen_words / 256)); block: 256 threads, one 32-id word of the seen set each.
-// logits [R, V] f32 (a scratch copy, changed in place); penalty [R] f32 (1 = off); row_state [R] int32: the row's
-// sequence state (negative: none); seen [states, seen_words] uint32 bitsets (prepare_tokens, mark_seen). Each id the
-// row's state has seen (id < V) is penalised the Hugging Face way: l > 0 ? l / penalty : l · penalty.
-extern "C" __global__ void repetition_penalty_rows(float* __restrict__ logits, int V, const float* __restrict__ penalty,
-                                                   const int* __restrict__ row_state, const unsigned* __restrict__ seen,
-                                                   int seen_words) {
+// Grid: (R, ceil(seen_words / 256)); block: 256 threads, one 32-id word (32 ids) each.
+// logits [R, V] f32, changed in place; per row r (its own parameters, runtime/sampler.py's order): the repetition
+// penalty p = penalty[r] on every id its state has seen, prompt or generated (l > 0 ? l / p : l · p, the Hugging Face
+// way; seen [states, seen_words] uint32 bitsets), then OpenAI's presence and frequency penalties on the ids it has
+// generated, l −= presence[r]·(c > 0) + frequency[r]·c with c = counts[state·V + id] (int32 [states, V]).
+// row_state [R] int32 (negative: none). Rows whose three penalties are off return at once.
+extern "C" __global__ void penalize_rows(float* __restrict__ logits, int V, const float* __restrict__ penalty,
+                                         const float* __restrict__ presence, const float* __restrict__ frequency,
+                                         const int* __restrict__ row_state, const unsigned* __restrict__ seen,
+                                         int seen_words, const int* __restrict__ counts) {
     const int r = blockIdx.x, word = blockIdx.y * blockDim.x + threadIdx.x;
-    const float p = penalty[r];
+    const float p = penalty[r], pres = presence[r], freq = frequency[r];
     const int state = row_state[r];
-    if (p == 1.f || state < 0 || word >= seen_words) return;
-    unsigned bits = seen[(size_t)state * seen_words + word];
+    if ((p == 1.f && pres == 0.f && freq == 0.f) || state < 0 || word >= seen_words) return;
+    unsigned bits = seen[(size_t)state * seen_words + word];  // every generated id was fed back, so is seen too
     float* row = logits + (size_t)r * V;
+    const int* count = counts + (size_t)state * V;
     while (bits) {
         const int id = word * 32 + __ffs(bits) - 1;
         bits &= bits - 1;
-        if (id < V) {
-            const float l = row[id];
-            row[id] = l > 0.f ? l / p : l * p;
-        }
+        if (id >= V) break;
+        float l = row[id];
+        if (p != 1.f) l = l > 0.f ? l / p : l * p;
+        const int c = count[id];
+        if (c > 0) l -= pres + freq * (float)c;
+        row[id] = l;
     }
 }
 
@@ -411,7 +425,7 @@ OS_DEVICE int sample_row(const float* __restrict__ logits, int n, float temperat
 
     // Argmax with 16-byte loads where the row is aligned (n % 4 leftovers by thread 0); each thread sees its ids in
     // ascending order, so its first maximum wins, and block_argmax breaks ties by the lowest id.
-    float best = -INFINITY;
+    float best = -INFINITY, nans = 0.f;
     int best_i = 0x7fffffff;
     const bool vector = aligned16(logits);
     const int vec_end = vector ? n & ~3 : 0;
@@ -422,39 +436,32 @@ OS_DEVICE int sample_row(const float* __restrict__ logits, int n, float temperat
         const float four[4] = {l.x, l.y, l.z, l.w};
 #pragma unroll
         for (int e = 0; e < 4; e++) {
+            nans += four[e] != four[e];  // NaN (no fast math: the comparison stays)
             if (four[e] > best) {
                 best = four[e];
                 best_i = 4 * v + e;
             }
         }
     }
-    if (vector) {
-        if (threadIdx.x == 0) {
-            for (int i = vec_end; i < n; i++) {
-                if (logits[i] > best) {
-                    best = logits[i];
-                    best_i = i;
-                }
-            }
-        }
-    } else {
-        for (int i = threadIdx.x; i < n; i += blockDim.x) {
-            if (logits[i] > best) {
-                best = logits[i];
-                best_i = i;
-            }
+    for (int i = vector ? vec_end + (int)threadIdx.x : (int)threadIdx.x; i < n; i += blockDim.x) {
+        nans += logits[i] != logits[i];
+        if (logits[i] > best) {  // ascending ids per thread: its first maximum stays
+            best = logits[i];
+            best_i = i;
         }
     }
+    if (block_sum(nans, sv) > 0.f) return SAMPLE_NAN;  // counts ≤ 2^24: exact in f32
     const int argmax = block_argmax(best, best_i, sv, si);
+    if (argmax >= n) return SAMPLE_NO_MASS;  // nothing beat −inf: no token can be chosen
     if (temperature <= 0.f) return argmax;
     const float m = logits[argmax];
-    const float inv_temp = LOG2E_F / temperature;  // probabilities as exp2((l − max)·inv_temp)
+    const float inv_temp = LOG2E_F / temperature;  // probabilities as exp2((l − max)·inv_temp); may be +inf
     const bool use_k = top_k > 0 && top_k < n, use_p = top_p < 1.f;
     const Vocabulary vocabulary{logits};
     if (!use_k && !use_p) return draw(vocabulary, n, 0u, m, inv_temp, u, scan, st);
     float z_all = 0.f;
     if (!use_k) {
-        for (int i = threadIdx.x; i < n; i += blockDim.x) z_all += exp2f((logits[i] - m) * inv_temp);
+        for (int i = threadIdx.x; i < n; i += blockDim.x) z_all += prob_weight(logits[i], m, inv_temp);
         z_all = block_sum(z_all, sv);
     }
     // The first radix pass: the byte of the threshold, and so the logits that can be kept.
@@ -480,17 +487,65 @@ OS_DEVICE int sample_row(const float* __restrict__ logits, int n, float temperat
 
 // Grid: (R); block: 1024 threads, one row each. logits [R, V] f32 (V may be odd: rows are then not 16-byte aligned);
 // vocab_limit ≤ V: ids ≥ it are never chosen; temperature, top_p, u [R] f32 and top_k [R] int32: the row's own
-// parameters; row_state [R] int32. Writes tokens_out[r] and, for row_state[r] ≥ 0, last_sampled[row_state[r]]
-// (the next step's prepare_tokens feeds it back).
-extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS, 1)  // 1 block per SM: 46 registers, no spills
+// parameters; row_state [R] int32. Writes tokens_out[r] (SAMPLE_NAN / SAMPLE_NO_MASS when the row cannot be sampled:
+// the host turns those into that request's error) and, for a real token and row_state[r] ≥ 0, last_sampled[state]
+// (the next step's prepare_tokens feeds it back) and counts[state·V + token] += 1 (the presence/frequency counts).
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS, 1)  // 1 block per SM: no spills
     sample_rows(const float* __restrict__ logits, int V, int vocab_limit, const float* __restrict__ temperature,
                 const int* __restrict__ top_k, const float* __restrict__ top_p, const float* __restrict__ u,
-                const int* __restrict__ row_state, int* __restrict__ tokens_out, int* __restrict__ last_sampled) {
+                const int* __restrict__ row_state, int* __restrict__ tokens_out, int* __restrict__ last_sampled,
+                int* __restrict__ counts) {
     const int r = blockIdx.x;
     const int token = sample_row(logits + (size_t)r * V, vocab_limit, temperature[r], top_k[r], top_p[r], u[r]);
     if (threadIdx.x == 0) {
         tokens_out[r] = token;
         const int state = row_state[r];
-        if (state >= 0) last_sampled[state] = token;
+        if (state >= 0 && token >= 0) {
+            last_sampled[state] = token;
+            counts[(size_t)state * V + token] += 1;  // one row per state in a step: no race
+        }
+    }
+}
+
+// Grid: (R); block: 1024 threads, one row each. Log-probabilities of row r of raw logits [R, V] f32 (before any
+// penalty or temperature) under the softmax over the real vocabulary (ids < vocab_limit): logprob[r] of the
+// sampled tokens[r] (0 when the row has no token), and the k ≤ TOP_LOGPROBS best ids with their logprobs, best
+// first, the lower id first on ties, into top_ids / top_logprobs [R, TOP_LOGPROBS] (entries ≥ k untouched).
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+    row_logprobs(const float* __restrict__ logits, int V, int vocab_limit, const int* __restrict__ tokens, int k,
+                 float* __restrict__ logprob, int* __restrict__ top_ids, float* __restrict__ top_logprobs) {
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    const int r = blockIdx.x;
+    const float* row = logits + (size_t)r * V;
+    float m = -INFINITY;
+    for (int i = threadIdx.x; i < vocab_limit; i += blockDim.x) m = fmaxf(m, row[i]);
+    m = block_max(m, sv);
+    float z = 0.f;
+    for (int i = threadIdx.x; i < vocab_limit; i += blockDim.x) z += expf(row[i] - m);
+    const float lse = m + logf(block_sum(z, sv));
+    const int token = tokens[r];
+    if (threadIdx.x == 0) logprob[r] = token >= 0 && token < vocab_limit ? row[token] - lse : 0.f;
+    float prev = INFINITY;
+    int prev_id = -1;
+    for (int j = 0; j < k; j++) {  // k block argmaxes, each below the last in (logit descending, id ascending) order
+        float best = -INFINITY;
+        int best_i = 0x7fffffff;
+        for (int i = threadIdx.x; i < vocab_limit; i += blockDim.x) {
+            const float l = row[i];
+            const bool below = l < prev || (l == prev && i > prev_id);
+            if (below && (l > best || best_i == 0x7fffffff)) {
+                best = l;
+                best_i = i;
+            }
+        }
+        const int id = block_argmax(best, best_i, sv, si);
+        if (id >= vocab_limit) break;
+        prev = row[id];
+        prev_id = id;
+        if (threadIdx.x == 0) {
+            top_ids[(size_t)r * TOP_LOGPROBS + j] = id;
+            top_logprobs[(size_t)r * TOP_LOGPROBS + j] = prev - lse;
+        }
     }
 }

@@ -414,7 +414,7 @@ def render_text(report: dict[str, Any]) -> str:
     where = ", ".join(x for x in (s["kind"], s["repo_id"], s["path"]) if x)
     sections = [
         f"OLMo 2 architecture: {s['label']} ({where})",
-        _section("Overview", _render_overview(report["overview"])),
+        _section("Overview", _render_overview(report["overview"], report.get("engine"))),
         _section("Parameters by component", _render_parameters(report["parameters"], report["overview"])),
         _section("Memory", _render_memory(report["memory"])),
         _section("Compute", _render_compute(report["compute"])),
@@ -448,7 +448,7 @@ def _share(part: int, total: int) -> str:
     return f"{100 * part / total:.2f}%"
 
 
-def _render_overview(o: dict[str, Any]) -> str:
+def _render_overview(o: dict[str, Any], engine: dict[str, Any] | None = None) -> str:
     ids = ", ".join(f"{k} {o[k + '_token_id']}" for k in ("bos", "eos", "pad") if o[k + "_token_id"] is not None)
     kv_note = "one kv head per query head" if o["attention"] == "MHA" else "kv heads shared by query heads"
     head_note = "lm_head reads the embedding" if o["tie_word_embeddings"] else "separate lm_head"
@@ -472,9 +472,17 @@ def _render_overview(o: dict[str, Any]) -> str:
         ["vocab_size V", f"{o['vocab_size']:,}", "embedding rows (padded beyond the tokenizer's ids)"],
         ["max_position_embeddings", f"{o['max_position_embeddings']:,}", "trained context"],
         ["token ids", ids or "none", ""],
-        ["stored dtype", o["torch_dtype"] or "unknown", "torch_dtype in config.json"],
+        _stored_dtype_row(o, engine),
     ]
     return _table(rows, ["field", "value", "note"], "lll")
+
+
+def _stored_dtype_row(o: dict[str, Any], engine: dict[str, Any] | None) -> list[str]:
+    """An engine file stores its own --dtype (norms fp32); config.json's torch_dtype is the source's."""
+    if engine is None:
+        return ["stored dtype", o["torch_dtype"] or "unknown", "torch_dtype in config.json"]
+    source = f"; the source was {o['torch_dtype']}" if o["torch_dtype"] else ""
+    return ["stored dtype", engine["weight_dtype"], f"the engine file's --dtype (norms fp32){source}"]
 
 
 def _render_parameters(p: dict[str, Any], overview: dict[str, Any]) -> str:

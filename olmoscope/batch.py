@@ -9,8 +9,6 @@ requests go through one engine loop: continuous batching over the paged KV cache
 from __future__ import annotations
 
 import json
-import os
-import stat
 import sys
 import time
 import uuid
@@ -21,8 +19,9 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-from olmoscope.atomic import atomic_output
+from olmoscope.atomic import atomic_output, output_path
 from olmoscope.errors import UsageError
+from olmoscope.readers import decode_utf8, parse_json, read_capped
 from olmoscope.openai_api import ApiError, Prepared, parse_body, prepare
 from olmoscope.openai_shapes import response
 
@@ -41,33 +40,19 @@ class Line:
 
 def read_lines(path: Path) -> list[str]:
     """The input's non-blank lines; a missing, unreadable, non-regular or oversized file is one UsageError."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
-    except OSError as exc:
-        raise UsageError(f"-i {path}: cannot read ({exc.strerror})") from None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        raise UsageError(f"-i {path}: not a regular file")
-    with os.fdopen(fd, "rb") as f:
-        if info.st_size > MAX_INPUT_BYTES:
-            raise UsageError(f"-i {path}: {info.st_size:,} bytes, more than the {MAX_INPUT_BYTES:,} a batch may hold")
-        data = f.read(MAX_INPUT_BYTES + 1)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"-i {path}: not UTF-8 text (bad byte at offset {exc.start})") from None
-    return [line for line in text.splitlines() if line.strip()]
+    data = read_capped(path, MAX_INPUT_BYTES, f"-i {path}", UsageError)
+    return [line for line in decode_utf8(data, f"-i {path}", UsageError).splitlines() if line.strip()]
 
 
 def parse_line(text: str, url_body) -> Line:
     """A line's custom_id and body; ApiError for anything malformed."""
-    if len(text.encode("utf-8")) > MAX_LINE_BYTES:
+    data = text.encode("utf-8")
+    if len(data) > MAX_LINE_BYTES:
         return Line(None, error=ApiError(400, f"a line of more than {MAX_LINE_BYTES:,} bytes"))
     try:
-        raw = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        return Line(None, error=ApiError(400, f"not valid JSON ({exc})"))
+        raw = parse_json(data, "the line", UsageError)  # duplicate keys, huge integers, deep nesting refused
+    except UsageError as exc:
+        return Line(None, error=ApiError(400, str(exc)))
     if not isinstance(raw, dict):
         return Line(None, error=ApiError(400, "a line must be a JSON object"))
     custom_id = raw.get("custom_id")
@@ -92,7 +77,7 @@ def output_line(line: Line, body: dict[str, Any], status: int) -> dict[str, Any]
 
 
 def run_batch(engine_path: Path, input_path: Path, output: str, device: str, options,
-              progress: bool | None = None) -> tuple[int, int]:
+              progress: bool | None = None, verify: bool = True) -> tuple[int, int]:
     """Run every request of the input through one engine loop and write the results; (succeeded, failed)."""
     from olmoscope.runtime.devices import open_backend, resolve_device
     from olmoscope.runtime.engine import open_engine
@@ -103,7 +88,7 @@ def run_batch(engine_path: Path, input_path: Path, output: str, device: str, opt
     output_path = check_output(output)
     resolve_device(device)
     progress = sys.stderr.isatty() if progress is None else progress
-    with open_engine(engine_path) as engine:
+    with open_engine(engine_path, verify=verify) as engine:
         tokenizer = engine_tokenizer(engine)
         model = engine_path.stem
         with open_backend(engine, device, options) as backend:
@@ -125,13 +110,15 @@ def run_batch(engine_path: Path, input_path: Path, output: str, device: str, opt
     created = int(time.time())
     results = []
     for line in lines:
+        choices = outputs.get(id(line), [])
+        failed = next((o for o in choices if o.finish_reason == "error"), None)
         if line.error:
             results.append(output_line(line, line.error.body(), line.error.status))
-        elif failed := next((o for o in outputs[id(line)] if o.finish_reason == "error"), None):
+        elif failed is not None:  # the model's numbers allowed no token (NaN logits, say)
             error = ApiError(500, failed.error, kind="server_error")
             results.append(output_line(line, error.body(), error.status))
         else:
-            results.append(output_line(line, response(outputs[id(line)], line.prepared, model, tokenizer, created), 200))
+            results.append(output_line(line, response(choices, line.prepared, model, tokenizer, created), 200))
     write_results(output_path, results)
     return len(outputs), len(lines) - len(outputs)
 
@@ -150,9 +137,7 @@ def _run(loop, total: int, progress: bool) -> None:
 
 def check_output(output: str) -> Path:
     """The output path, refused before any work when it cannot be a file there."""
-    path = Path(output)
-    if output.endswith(os.sep) or path.is_dir():
-        raise UsageError(f"-o {output}: is a directory")
+    path = output_path(output, "-o")
     if not path.parent.is_dir():
         raise UsageError(f"-o {output}: no such directory {path.parent}")
     return path
@@ -184,9 +169,10 @@ def write_results(path: Path, results: list[dict[str, Any]]) -> None:
               help="KV cache size. [default: from free memory: --gpu-memory-utilization on a GPU]")
 @click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True,
               help="Share of the GPU's memory for weights, KV cache and buffers.")
+@click.option("--no-verify", is_flag=True, help="Skip checking each tensor's checksum as it is first read.")
 def batch_command(engine_file: Path, input_path: Path, output_path: str, device: str, max_num_seqs: int,
                   max_num_batched_tokens: int, max_context: int | None, kv_cache_gib: float | None,
-                  gpu_memory_utilization: float) -> None:
+                  gpu_memory_utilization: float, no_verify: bool) -> None:
     """Generate for every request of an OpenAI batch file (-i) into a results file (-o).
 
     Lines hold {"custom_id", "method": "POST", "url": "/v1/completions" or "/v1/chat/completions", "body"}; a
@@ -199,5 +185,5 @@ def batch_command(engine_file: Path, input_path: Path, output_path: str, device:
     options = RuntimeOptions(max_context=max_context, max_num_seqs=max_num_seqs,
                              max_num_batched_tokens=max_num_batched_tokens, kv_cache_gib=kv_cache_gib,
                              gpu_memory_utilization=gpu_memory_utilization)
-    done, failed = run_batch(engine_file, input_path, output_path, device, options)
+    done, failed = run_batch(engine_file, input_path, output_path, device, options, verify=not no_verify)
     click.echo(f"olmoscope: {done} requests done, {failed} refused: results in {output_path}", err=True)

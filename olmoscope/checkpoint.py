@@ -7,12 +7,9 @@ from a file before that number has been checked against the file's real size.
 
 from __future__ import annotations
 
-import json
 import math
 import mmap
 import os
-import stat
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Protocol
@@ -21,7 +18,10 @@ import ml_dtypes
 import numpy as np
 
 from olmoscope.config import ModelConfig
+from olmoscope.display import display_name, quoted  # noqa: F401  (re-exported: listings print names with them)
+from olmoscope.display import short as _short
 from olmoscope.errors import CheckpointError
+from olmoscope.readers import open_regular, parse_json, read_json
 from olmoscope.spec import checkpoint_tensors, natural_key
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -29,6 +29,7 @@ SINGLE_NAME = "model.safetensors"
 MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
 MAX_INDEX_BYTES = 64 << 20  # a 32B index is ~30 KB; this only stops absurd files
 MAX_RANK = 32  # numpy 1.x's limit; OLMo 2 tensors are at most 2-D
+MAX_TENSORS = 1 << 16  # per checkpoint; OLMo 2 32B has 707. Each costs a few µs and ~2 KB to validate.
 
 # safetensors dtype string → (bytes per element, numpy dtype that views them; little-endian, as stored)
 _DTYPES: dict[str, tuple[int, np.dtype]] = {
@@ -66,39 +67,6 @@ def numpy_dtype(dtype: str) -> np.dtype:
     """The numpy dtype that views a safetensors dtype's bytes (bf16 and fp8 through ml_dtypes)."""
     dtype_size(dtype)
     return _DTYPES[dtype][1]
-
-
-def display_name(name: str) -> str:
-    r"""A name safe to print: control, format and separator characters escaped, else unchanged.
-
-    >>> print(display_name("bad\x07name"))
-    bad\x07name
-    """
-    if not any(_needs_escape(c) for c in name):
-        return name
-    return "".join(_escape(c) for c in name)
-
-
-def quoted(name: str) -> str:
-    r"""display_name in single quotes, for messages: quoted("a\tb") → 'a\tb' (escaped, not a tab)."""
-    return f"'{display_name(name)}'"
-
-
-def _needs_escape(char: str) -> bool:
-    # Cc controls, Cf (bidi overrides, zero-width), Zl/Zp line breaks, Cs lone surrogates from JSON.
-    return unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp", "Cs")
-
-
-def _escape(char: str) -> str:
-    if char == "\\":
-        return "\\\\"
-    if not _needs_escape(char):
-        return char
-    code = ord(char)
-    named = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-    if char in named:
-        return named[char]
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 @dataclass(frozen=True)
@@ -223,14 +191,10 @@ class Checkpoint:
     def _map(self, shard: str) -> mmap.mmap:
         if shard not in self._maps:
             shown = display_name(shard)
+            fd, info = open_regular(self.directory / shard, shown, CheckpointError)
             try:
-                fd = os.open(self.directory / shard, os.O_RDONLY | os.O_NONBLOCK)
-            except OSError as exc:
-                raise CheckpointError(f"{shown}: cannot open ({exc.strerror})") from None
-            try:
-                info = os.fstat(fd)
                 # A shard that changed since it was validated could fault on access: refuse it.
-                if not stat.S_ISREG(info.st_mode) or info.st_size != self._sizes[shard]:
+                if info.st_size != self._sizes[shard]:
                     raise CheckpointError(f"{shown}: changed since it was opened ({info.st_size:,} bytes, "
                                           f"was {self._sizes[shard]:,})")
                 self._maps[shard] = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
@@ -245,9 +209,9 @@ class Checkpoint:
 def _read_index(directory: Path) -> dict[str, str] | None:
     """The index's weight_map (tensor → shard), validated; None when the snapshot has no index."""
     path = directory / INDEX_NAME
-    if not path.exists():
+    if not os.path.lexists(path):  # a dangling symbolic link is a broken index, not a missing one
         return None
-    raw = _read_json_file(path, MAX_INDEX_BYTES, INDEX_NAME)
+    raw = read_json(path, MAX_INDEX_BYTES, INDEX_NAME, CheckpointError, nonfinite=True)
     if not isinstance(raw, dict):
         raise CheckpointError(f"{INDEX_NAME}: expected a JSON object, found {_json_type(raw)}")
     if "metadata" in raw and not isinstance(raw["metadata"], (dict, type(None))):
@@ -291,60 +255,7 @@ def check_shard_name(shard: str, where: str) -> None:
         raise CheckpointError(f"{where}: shard name {shown} is not a file name")
 
 
-def _open_regular(path: Path, shown: str) -> tuple[int, os.stat_result]:
-    """Open a regular file for reading; anything else (a FIFO, a device) is refused without hanging."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO must not block
-    except OSError as exc:
-        raise CheckpointError(f"{shown}: cannot open ({exc.strerror})") from None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        raise CheckpointError(f"{shown}: not a regular file")
-    return fd, info
-
-
-def _read_json_file(path: Path, limit: int, shown: str) -> Any:
-    fd, info = _open_regular(path, shown)
-    try:
-        if info.st_size > limit:
-            raise CheckpointError(f"{shown}: {info.st_size:,} bytes is larger than the {limit:,}-byte limit")
-        text = _pread(fd, info.st_size, 0, shown)
-    finally:
-        os.close(fd)
-    return _parse_json(text, shown)
-
-
 # ── shard headers ──────────────────────────────────────────────────────────────
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
-    return out
-
-
-def _parse_json(text: bytes, shown: str) -> Any:
-    """UTF-8 JSON with duplicate keys refused at any depth."""
-    try:
-        decoded = text.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise CheckpointError(f"{shown}: not UTF-8 (byte {exc.start})") from None
-    try:
-        return json.loads(decoded, object_pairs_hook=_no_duplicates)
-    except _DuplicateKey as exc:
-        raise CheckpointError(f"{shown}: duplicate key {quoted(str(exc.args[0]))} in the JSON") from None
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{shown}: invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-    except (ValueError, RecursionError) as exc:  # numbers too long for int(), nesting too deep
-        raise CheckpointError(f"{shown}: invalid JSON ({type(exc).__name__}: {str(exc)[:80]})") from None
 
 
 def read_shard_header(directory: Path, shard: str) -> tuple[int, list[TensorEntry]]:
@@ -358,7 +269,7 @@ def read_shard_header(directory: Path, shard: str) -> tuple[int, list[TensorEntr
     shown = display_name(shard)
     if not os.path.lexists(path):
         raise CheckpointError(f"{shown}: shard is missing from {directory}")
-    fd, info = _open_regular(path, shown)
+    fd, info = open_regular(path, shown, CheckpointError)
     try:
         size = info.st_size
         if size < 8:
@@ -371,7 +282,10 @@ def read_shard_header(directory: Path, shard: str) -> tuple[int, list[TensorEntr
         text = _pread(fd, header_len, 8, shown)
     finally:
         os.close(fd)
-    header = _parse_json(text, f"{shown}: header")
+    # Every tensor entry spells this key: counting it bounds the work before a large header is parsed.
+    if text.count(b'"data_offsets"') > MAX_TENSORS:
+        raise CheckpointError(f"{shown}: header lists more than {MAX_TENSORS:,} tensors; refused")
+    header = parse_json(text, f"{shown}: header", CheckpointError)
     return size, _entries_of(header, shard, header_len, size)
 
 
@@ -389,6 +303,8 @@ def _entries_of(header: Any, shard: str, header_len: int, size: int) -> list[Ten
     shown = display_name(shard)
     if not isinstance(header, dict):
         raise CheckpointError(f"{shown}: header must be a JSON object, found {_json_type(header)}")
+    if len(header) > MAX_TENSORS + 1:  # the key count above can be dodged with \u escapes; this cannot
+        raise CheckpointError(f"{shown}: header lists more than {MAX_TENSORS:,} tensors; refused")
     _check_metadata(header.get("__metadata__"), shown)
     data_start, data_size = 8 + header_len, size - 8 - header_len
     spans: list[tuple[int, int, str]] = []
@@ -485,6 +401,9 @@ def _check_layout(spans: list[tuple[int, int, str]], data_size: int, shown: str)
 
 def _merge_shards(per_shard: dict[str, list[TensorEntry]], weight_map: dict[str, str] | None) -> list[TensorEntry]:
     """All entries in natural order; a name in two shards or a weight_map that disagrees is refused."""
+    total = sum(len(entries) for entries in per_shard.values())
+    if total > MAX_TENSORS:
+        raise CheckpointError(f"{total:,} tensors across {len(per_shard)} shards is more than the {MAX_TENSORS:,} supported")
     owner: dict[str, TensorEntry] = {}
     for shard, entries in per_shard.items():
         for e in entries:
@@ -527,12 +446,3 @@ def _is_int(value: Any) -> bool:
 def _json_type(value: Any) -> str:
     names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
     return names.get(type(value), "a number")
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    """A value from a file, shown in an error without flooding the line."""
-    try:
-        text = display_name(json.dumps(value, ensure_ascii=False) if not isinstance(value, float) else repr(value))
-    except (ValueError, RecursionError):
-        return f"({_json_type(value)})"
-    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from olmoscope.display import display_name, short_repr
 from olmoscope.errors import ConfigError
+from olmoscope.readers import read_json
 
 SUPPORTED_MODEL_TYPES = ("olmo2",)
 SUPPORTED_ARCHITECTURES = ("Olmo2ForCausalLM",)
@@ -98,16 +98,16 @@ class ModelConfig:
         eps = _positive_float(raw.get("rms_norm_eps", 1e-5), "rms_norm_eps", origin)
         if eps >= 1:
             raise ConfigError(f"{origin}: rms_norm_eps {eps} is absurd (must be < 1)")
-        if raw.get("attention_bias"):
+        if _boolean(raw, "attention_bias", False, origin):
             raise ConfigError(f"{origin}: attention_bias true is not OLMo 2 as released (no biases); unsupported")
         act = raw.get("hidden_act", "silu")
         if act != "silu":
-            raise ConfigError(f"{origin}: hidden_act {act!r} is unsupported (OLMo 2 uses 'silu')")
+            raise ConfigError(f"{origin}: hidden_act {short_repr(act)} is unsupported (OLMo 2 uses 'silu')")
         config = cls(
             **fields,
             rope_theta=rope_theta,
             rms_norm_eps=eps,
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            tie_word_embeddings=_boolean(raw, "tie_word_embeddings", False, origin),
             hidden_act=act,
             eos_token_id=_token_id(raw, "eos_token_id", origin),
             pad_token_id=_token_id(raw, "pad_token_id", origin),
@@ -115,11 +115,24 @@ class ModelConfig:
             torch_dtype=_dtype_name(raw),
         )
         config._check_consistent(origin)
+        config._check_head_dim(raw.get("head_dim"), origin)
         return config
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
         return cls.from_dict(read_config_json(path), origin=str(path))
+
+    def _check_head_dim(self, head_dim: Any, origin: str) -> None:
+        """An explicit head_dim must be the D / H every OLMo 2 has: the tensors are sized from it."""
+        if head_dim is None:
+            return
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int):
+            raise ConfigError(f"{origin}: head_dim must be an integer, found {short_repr(head_dim)}")
+        if head_dim != self.head_dim:
+            raise ConfigError(
+                f"{origin}: head_dim {head_dim} differs from hidden_size / num_attention_heads = "
+                f"{self.hidden_size} / {self.num_attention_heads} = {self.head_dim}; olmoscope supports only head_dim = D / H"
+            )
 
     def _check_consistent(self, origin: str) -> None:
         D, H, Hkv = self.hidden_size, self.num_attention_heads, self.num_key_value_heads
@@ -137,39 +150,21 @@ class ModelConfig:
             raise ConfigError(f"{origin}: {parameter_count(self):,} parameters is beyond any sane model")
 
 
-def read_config_json(path: str | Path) -> dict[str, Any]:
-    """Read and parse a config.json, turning every failure into a ConfigError."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > MAX_CONFIG_BYTES:  # checked before reading: a config.json is a few hundred bytes
-                raise ConfigError(f"{path}: {size:,} bytes is too large for a config.json")
-            text = f.read(MAX_CONFIG_BYTES + 1)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a config.json") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
-    if len(text) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: too large for a config.json")
-    try:
-        return json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: invalid JSON ({exc})") from None
+def read_config_json(path: str | Path) -> Any:
+    """Read and parse a config.json (readers' rules: regular file, size cap, strict JSON) or raise ConfigError."""
+    return read_json(path, MAX_CONFIG_BYTES, display_name(str(path)), ConfigError, nonfinite=True)
 
 
 def _check_model_type(raw: dict, origin: str) -> None:
     model_type = raw.get("model_type")
     architectures = raw.get("architectures") or []
     if model_type not in SUPPORTED_MODEL_TYPES:
-        found = f"model_type {model_type!r}" if model_type is not None else "no model_type"
+        found = f"model_type {short_repr(model_type)}" if model_type is not None else "no model_type"
         if architectures:
-            found += f" (architectures {architectures})"
+            found += f" (architectures {short_repr(architectures)})"
         raise ConfigError(f"{origin}: {found}; only OLMo 2 (model_type 'olmo2', Olmo2ForCausalLM) is supported")
     if not isinstance(architectures, list) or any(a not in SUPPORTED_ARCHITECTURES for a in architectures):
-        raise ConfigError(f"{origin}: architectures {architectures!r}; only Olmo2ForCausalLM is supported")
+        raise ConfigError(f"{origin}: architectures {short_repr(architectures)}; only Olmo2ForCausalLM is supported")
 
 
 def _positive_int(raw: dict, name: str, origin: str) -> int:
@@ -179,7 +174,7 @@ def _positive_int(raw: dict, name: str, origin: str) -> int:
         raise ConfigError(f"{origin}: required field {name!r} is missing")
     value = raw[name]
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{origin}: {name} must be an integer, found {value!r}")
+        raise ConfigError(f"{origin}: {name} must be an integer, found {short_repr(value)}")
     if value <= 0:
         raise ConfigError(f"{origin}: {name} must be positive, found {value}")
     if value > LIMITS[name]:
@@ -187,9 +182,19 @@ def _positive_int(raw: dict, name: str, origin: str) -> int:
     return value
 
 
+def _boolean(raw: dict, name: str, default: bool, origin: str) -> bool:
+    """A JSON true/false (null means the default): the string "false" is not false, so it is refused."""
+    value = raw.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ConfigError(f"{origin}: {name} must be true or false, found {short_repr(value)}")
+    return value
+
+
 def _positive_float(value: Any, name: str, origin: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{origin}: {name} must be a positive number, found {value!r}")
+        raise ConfigError(f"{origin}: {name} must be a positive number, found {short_repr(value)}")
     return float(value)
 
 
@@ -198,13 +203,13 @@ def _rope_theta(raw: dict, origin: str) -> float:
     params = raw.get("rope_parameters")
     if params is not None:
         if not isinstance(params, dict):
-            raise ConfigError(f"{origin}: rope_parameters must be an object, found {params!r}")
+            raise ConfigError(f"{origin}: rope_parameters must be an object, found {short_repr(params)}")
         if params.get("rope_type", "default") != "default":
-            raise ConfigError(f"{origin}: rope_type {params['rope_type']!r} is unsupported (only plain RoPE)")
+            raise ConfigError(f"{origin}: rope_type {short_repr(params['rope_type'])} is unsupported (only plain RoPE)")
         if "rope_theta" in params:
             return _positive_float(params["rope_theta"], "rope_theta", origin)
     if raw.get("rope_scaling") is not None:
-        raise ConfigError(f"{origin}: rope_scaling {raw['rope_scaling']!r} is unsupported (OLMo 2 has none)")
+        raise ConfigError(f"{origin}: rope_scaling {short_repr(raw['rope_scaling'])} is unsupported (OLMo 2 has none)")
     return _positive_float(raw.get("rope_theta", 10000.0), "rope_theta", origin)
 
 
@@ -215,7 +220,7 @@ def _token_id(raw: dict, name: str, origin: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{origin}: {name} must be a non-negative integer or null, found {value!r}")
+        raise ConfigError(f"{origin}: {name} must be a non-negative integer or null, found {short_repr(value)}")
     return value
 
 

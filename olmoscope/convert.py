@@ -8,17 +8,18 @@ into a temporary file beside the output that is fsynced and renamed only when co
 from __future__ import annotations
 
 import hashlib
-import json
+import os
 import re
 import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 import click
 import ml_dtypes
@@ -28,10 +29,12 @@ from tqdm import tqdm
 
 from olmoscope import __version__
 from olmoscope import engine_format as ef
-from olmoscope.atomic import atomic_output
+from olmoscope.atomic import OutputExists, atomic_output, output_path
 from olmoscope.checkpoint import INDEX_NAME, Checkpoint, TensorEntry, check_against_config, numpy_dtype
 from olmoscope.config import ModelConfig
+from olmoscope.display import display_name, path_text, short_repr
 from olmoscope.errors import CheckpointError, OlmoscopeError, SourceError, UsageError
+from olmoscope.readers import decode_utf8, open_file, parse_json, read_capped, read_optional
 from olmoscope.sources import Source, resolve
 from olmoscope.spec import engine_tensors
 
@@ -96,17 +99,22 @@ def convert(
         raise UsageError(f"--dtype {dtype!r}: choose from {', '.join(ef.WEIGHT_DTYPES)}")
     src = resolve(source) if isinstance(source, str) else source
     checkpoint = open_checkpoint(src)
-    output = check_output(Path(output), force)
+    output = check_output(output, force)
+    check_not_a_source_file(output, src, checkpoint)
     notes = list(src.notes)
     base = header_base(src, checkpoint, dtype, notes)
     plan = ef.plan_tensors(src.config, dtype)
-    _, placed = ef.layout_file(base, plan)  # the writer lays out the same way; sizes are needed first
+    layout = ef.layout_file(base, plan)  # sizes are needed before writing; the writer takes this layout
+    placed = layout[1]
     file_bytes = max(off + size for t in placed for off, size, _ in t.regions())
     check_free_space(output, file_bytes)
 
     try:
-        with atomic_output(output) as f:
-            source_bytes = write_engine(f, base, plan, src.config, checkpoint, progress)
+        with atomic_output(output, overwrite=force) as f:
+            source_bytes = write_engine(f, base, plan, src.config, checkpoint, progress, layout)
+    except OutputExists:
+        raise UsageError(f"-o {output}: a file appeared there while converting and was left alone "
+                         f"(pass --force to replace it); nothing was written") from None
     except OSError as exc:
         raise OlmoscopeError(f"{output}: conversion stopped ({exc.strerror or exc}); nothing was written") from None
     by_dtype: dict[str, int] = {}
@@ -156,14 +164,36 @@ def _findings(result) -> str:
     return "; ".join(parts)
 
 
-def check_output(output: Path, force: bool) -> Path:
-    if output.is_dir():
-        raise UsageError(f"-o {output}: is a directory; give a file name")
-    if not output.parent.is_dir():
-        raise UsageError(f"-o {output}: directory {output.parent} does not exist")
-    if output.exists() and not force:
+def check_output(output: str | Path, force: bool) -> Path:
+    path = output_path(output, "-o")
+    if not path.parent.is_dir():
+        raise UsageError(f"-o {output}: directory {path.parent} does not exist")
+    if os.path.lexists(path) and not force:
         raise UsageError(f"-o {output}: exists; pass --force to overwrite it")
-    return output
+    return path
+
+
+def source_files(src: Source, checkpoint: Checkpoint) -> list[Path]:
+    """Every file a conversion of `src` reads."""
+    directory = checkpoint.directory
+    side = [INDEX_NAME, "tokenizer.json", "generation_config.json", "tokenizer_config.json", "chat_template.jinja"]
+    files = [directory / shard for shard in checkpoint.shards] + [directory / name for name in side]
+    return files + ([src.config_path] if src.config_path is not None else [])
+
+
+def check_not_a_source_file(output: Path, src: Source, checkpoint: Checkpoint) -> None:
+    """Refuse an output that is one of the files being read: --force would destroy the source."""
+    try:
+        target = os.stat(output)
+    except OSError:
+        return  # nothing there (yet): it cannot be a source file
+    for path in source_files(src, checkpoint):
+        try:
+            info = os.stat(path)
+        except OSError:
+            continue
+        if (info.st_dev, info.st_ino) == (target.st_dev, target.st_ino):
+            raise UsageError(f"-o {output}: is the source's own {path.name}; refused (it would destroy the source)")
 
 
 def check_free_space(output: Path, needed: int) -> None:
@@ -177,22 +207,27 @@ def check_free_space(output: Path, needed: int) -> None:
 
 @contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (`kill`, `timeout`, a container stopping) unwinds like Ctrl-C, so the temporary file is removed."""
+    """SIGTERM (`kill`, `timeout`, a container stopping) and SIGHUP (the terminal closed) unwind like Ctrl-C.
+
+    The output has no name until it is complete (atomic.py), so nothing is left behind either way; this
+    only makes the exit the usual one-line "interrupted" with status 130.
+    """
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {number: signal.signal(number, interrupt) for number in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def write_engine(f: BinaryIO, base: dict[str, Any], plan: list[ef.EngineTensor], config: ModelConfig,
-                 checkpoint: Checkpoint, progress: bool) -> int:
+                 checkpoint: Checkpoint, progress: bool, layout: tuple[int, list[ef.EngineTensor]] | None = None) -> int:
     """Stream every engine tensor, block by block, through the writer; returns the source bytes read."""
-    writer = ef.EngineWriter(f, base, plan)
+    writer = ef.EngineWriter(f, base, plan, layout)
     specs = engine_tensors(config)
     read_bytes = 0
     with _Shards(checkpoint.directory) as shards, tqdm(
@@ -235,7 +270,8 @@ class _Shards:
         """[rows, cols] blocks of a matrix (a vector comes whole), each a fresh array in the source dtype."""
         f = self._files.get(entry.shard)
         if f is None:
-            f = self._files[entry.shard] = open(self._directory / entry.shard, "rb")
+            f = self._files[entry.shard] = open_file(self._directory / entry.shard, display_name(entry.shard),
+                                                     CheckpointError)
         dtype = numpy_dtype(entry.dtype)
         rows = entry.shape[0] if len(entry.shape) == 2 else 1
         row_bytes = entry.nbytes // rows
@@ -303,6 +339,10 @@ def quantize_rows(block: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]
         raise OlmoscopeError(f"tensor {name}: holds NaN or Inf, which int8 cannot represent; "
                              f"convert with --dtype bf16 instead; nothing was written")
     scale = absmax / np.float32(127)  # [rows]
+    # Subnormal rows (absmax below ~1.5e-36): the scale has few bits, and rounding it down — to 0 when
+    # absmax/127 underflows — would break |w − q·scale| ≤ scale/2. One float32 step up restores it.
+    short = scale.astype(np.float64) * 127 < absmax.astype(np.float64) * (1 - 2.0**-20)
+    scale[short] = np.nextafter(scale[short], np.float32(np.inf))
     safe = np.where(scale > 0, scale, np.float32(1))  # an all-zero row: q = 0, scale 0
     q = np.divide(w, safe[:, None])  # [rows, cols], |q| ≤ 127 up to float32 rounding
     np.rint(q, out=q)  # round half to even
@@ -328,46 +368,89 @@ def header_base(src: Source, checkpoint: Checkpoint, dtype: str, notes: list[str
 
 
 def _read_side_file(path: Path, limit: int) -> str | None:
-    """A small text file of the snapshot, None when absent; an unreadable or absurd one is an error."""
-    if not path.exists():
-        return None
-    try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-    except OSError as exc:
-        raise SourceError(f"{path}: cannot read ({exc.strerror})") from None
-    if len(data) > limit:
-        raise SourceError(f"{path}: larger than {limit:,} bytes; refused")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise SourceError(f"{path}: not UTF-8") from None
+    """A small text file of the snapshot, None when absent; an unreadable, absurd or non-regular one is an error."""
+    shown = display_name(str(path))
+    data = read_optional(path, limit, shown, SourceError)
+    return None if data is None else decode_utf8(data, shown, SourceError)
 
 
 def _read_side_json(path: Path, limit: int = MAX_SIDE_FILE_BYTES) -> Any:
-    text = _read_side_file(path, limit)
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise SourceError(f"{path}: invalid JSON ({str(exc)[:120]})") from None
+    shown = display_name(str(path))
+    data = read_optional(path, limit, shown, SourceError)
+    return None if data is None else parse_json(data, shown, SourceError, nonfinite=True)
+
+
+# Text the tokenizer must get through at convert time: letters, digits, accents, CJK, an emoji, specials.
+TOKENIZER_PROBE = "Hello, world! 123 héllo wörld 日本語 🙂\n\t<|endoftext|> end"
 
 
 def tokenizer_section(directory: Path) -> tuple[dict[str, Any] | None, int | None]:
     """({json, sha256} of tokenizer.json, its vocab size = max id + 1), or (None, None) when absent."""
     path = directory / "tokenizer.json"
-    text = _read_side_file(path, MAX_TOKENIZER_BYTES)
-    if text is None:
+    shown = display_name(str(path))
+    data = read_optional(path, MAX_TOKENIZER_BYTES, shown, SourceError)
+    if data is None:
         return None, None
-    from tokenizers import Tokenizer
+    text = decode_utf8(data, shown, SourceError)
+    vocab = ef.tokenizer_vocab_size(parse_json(data, shown, SourceError))
+    if vocab is not None and vocab - 1 > ef.MAX_TOKEN_ID:
+        raise SourceError(f"{shown}: token id {vocab - 1:,} is beyond the {ef.MAX_TOKEN_ID + 1:,} ids an engine "
+                          f"file holds; refused")
+    probe_tokenizer(text, shown)
+    return {"json": text, "sha256": hashlib.sha256(data).hexdigest()}, vocab
 
-    try:
-        Tokenizer.from_str(text)  # the runtime will load it this way: refuse a broken one now
-    except Exception as exc:  # tokenizers raises a bare Exception subclass for every parse failure
-        raise SourceError(f"{path}: the tokenizers library cannot load it ({str(exc)[:160]})") from None
-    vocab = ef.tokenizer_vocab_size(json.loads(text))
-    return {"json": text, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}, vocab
+
+def probe_tokenizer(text: str, shown: str) -> None:
+    """Load the tokenizer as the runtime will, and run it over TOKENIZER_PROBE: a broken one is refused now.
+
+    A Rust panic in the tokenizers library prints its own lines on stderr before Python sees it, so stderr
+    is held for the probe and let through only when nothing failed.
+    """
+    from tokenizers import Tokenizer
+    from tokenizers.decoders import DecodeStream
+
+    from olmoscope.runtime.tokenizer import guard_tokenizer
+
+    def run() -> None:
+        tokenizer = guard_tokenizer(lambda: Tokenizer.from_str(text), shown,
+                                    "the tokenizers library cannot load it", SourceError)
+        ids = guard_tokenizer(lambda: tokenizer.encode(TOKENIZER_PROBE).ids, shown, error=SourceError)
+        guard_tokenizer(lambda: tokenizer.decode(ids, skip_special_tokens=False), shown, error=SourceError)
+        stream = DecodeStream(skip_special_tokens=False)
+        for i in ids:
+            guard_tokenizer(lambda: stream.step(tokenizer, i), shown, error=SourceError)
+
+    with held_stderr() as release:
+        run()
+        release()
+
+
+@contextmanager
+def held_stderr() -> Iterator[Callable[[], None]]:
+    """fd 2 goes to a temporary file for the block; release() copies what it holds to the real stderr.
+
+    For one-shot CLI work on the main thread only (fd 2 is the process's): libraries that write to fd 2
+    themselves (Rust's panic hook) cannot otherwise be kept off the one line an error must be.
+    """
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+
+        def release() -> None:
+            held.seek(0)
+            data = held.read()
+            if data:
+                os.write(saved, data)
+            held.truncate(0)
+
+        try:
+            yield release
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def generation_section(directory: Path, src: Source, tokenizer_vocab: int | None, notes: list[str]) -> dict[str, Any]:
@@ -381,36 +464,53 @@ def generation_section(directory: Path, src: Source, tokenizer_vocab: int | None
         value = generation.get(key, fallback)
         values = value if isinstance(value, list) else [] if value is None else [value]
         for v in values:
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 1 << 22:
-                raise SourceError(f"{directory / 'generation_config.json'}: {key} {value!r} is not a token id")
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= ef.MAX_TOKEN_ID:
+                raise SourceError(f"{display_name(str(directory / 'generation_config.json'))}: {key} {short_repr(value)} "
+                                  f"is not a token id (0 to {ef.MAX_TOKEN_ID:,})")
         for v in values:
             if v >= config.vocab_size:
                 notes.append(f"{key} {v} is beyond the {config.vocab_size} embedding rows; it can never be generated")
         return values
 
-    eos = token_ids("eos_token_id", config.eos_token_id)
+    eos = list(dict.fromkeys(token_ids("eos_token_id", config.eos_token_id)))
+    if len(eos) > ef.MAX_EOS_IDS:
+        raise SourceError(f"{display_name(str(directory / 'generation_config.json'))}: eos_token_id lists {len(eos)} "
+                          f"ids; an engine file holds at most {ef.MAX_EOS_IDS}")
     pad = token_ids("pad_token_id", config.pad_token_id)
     bos = token_ids("bos_token_id", config.bos_token_id)
     return {
-        "eos_token_ids": list(dict.fromkeys(eos)),
+        "eos_token_ids": eos,
         "pad_token_id": pad[0] if pad else None,
         "bos_token_id": bos[0] if bos else None,
-        "chat_template": chat_template(directory),
+        "chat_template": chat_template(directory, notes),
         "tokenizer_vocab_size": tokenizer_vocab,
     }
 
 
-def chat_template(directory: Path) -> str | None:
-    """chat_template.jinja (transformers ≥ 4.47 saves it alone) or tokenizer_config.json's chat_template."""
-    jinja = _read_side_file(directory / "chat_template.jinja", MAX_SIDE_FILE_BYTES)
-    if jinja is not None:
-        return jinja
-    config = _read_side_json(directory / "tokenizer_config.json")
-    template = config.get("chat_template") if isinstance(config, dict) else None
-    if isinstance(template, list):  # named templates: [{"name": "default", "template": "..."}, ...]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    return template if isinstance(template, str) else None
+def chat_template(directory: Path, notes: list[str] | None = None) -> str | None:
+    """chat_template.jinja (transformers ≥ 4.47 saves it alone) or tokenizer_config.json's chat_template.
+
+    A template that does not compile is kept (base models never use theirs) with a note: `generate --chat`
+    will say why it fails.
+    """
+    template = _read_side_file(directory / "chat_template.jinja", MAX_SIDE_FILE_BYTES)
+    if template is None:
+        config = _read_side_json(directory / "tokenizer_config.json")
+        template = config.get("chat_template") if isinstance(config, dict) else None
+        if isinstance(template, list):  # named templates: [{"name": "default", "template": "..."}, ...]
+            named = {t["name"]: t.get("template") for t in template
+                     if isinstance(t, dict) and isinstance(t.get("name"), str)}  # a list as a name is no name
+            template = named.get("default")
+    if not isinstance(template, str):
+        return None
+    from olmoscope.chat_template import TemplateError, compile_template
+
+    try:
+        compile_template(template)
+    except TemplateError as exc:
+        if notes is not None:
+            notes.append(f"{exc} (kept; generate --chat will fail with this file)")
+    return template
 
 
 def provenance(src: Source, checkpoint: Checkpoint) -> dict[str, Any]:
@@ -418,14 +518,14 @@ def provenance(src: Source, checkpoint: Checkpoint) -> dict[str, Any]:
     index = directory / INDEX_NAME
     commit = directory.name if directory.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", directory.name) else None
     return {
-        "source": src.label,
+        "source": path_text(src.label),  # the header is UTF-8: bytes that are not become \xNN escapes
         "source_kind": src.kind,
-        "source_path": str(directory),
+        "source_path": path_text(directory),
         "repo_id": src.repo_id,
         "revision": src.revision,
         "commit": commit,
         "config_sha256": _sha256(src.config_path),
-        "index_sha256": _sha256(index) if index.is_file() else None,
+        "index_sha256": _sha256(index) if os.path.lexists(index) else None,
         "source_dtypes": sorted({e.dtype for e in checkpoint.entries}),
         "olmoscope_version": __version__,
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -433,10 +533,7 @@ def provenance(src: Source, checkpoint: Checkpoint) -> dict[str, Any]:
 
 
 def _sha256(path: Path) -> str:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError as exc:
-        raise SourceError(f"{path}: cannot read ({exc.strerror})") from None
+    return hashlib.sha256(read_capped(path, MAX_SIDE_FILE_BYTES, display_name(str(path)), SourceError)).hexdigest()
 
 
 # ── the command ─────────────────────────────────────────────────────────────────

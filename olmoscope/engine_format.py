@@ -1,12 +1,16 @@
 """The engine file format (docs/ENGINE_FORMAT.md): preamble, JSON header, 4 KiB-aligned tensor data.
 
-    offset 0   preamble   magic b"OLMOSCPE" | u32 format version | u64 header length   (little-endian)
-    offset 20  header     UTF-8 JSON, validated by schemas/engine-header.schema.json + semantic checks
+    offset 0   preamble   magic b"OLMOSCPE" | u32 format version | u64 header length | 16-byte xxh3-128
+                          of the version, the length, the header and its padding   (little-endian)
+    offset 36  header     UTF-8 JSON, validated by schemas/engine-header.schema.json + semantic checks
     aligned    tensors    in engine_tensors(config) order; each at a 4 KiB boundary; int8 scales follow
-                          their matrix, also aligned
+                          their matrix, also aligned; the file ends with the last one
 
-The writer (EngineWriter) streams tensors in plan order and writes the preamble and header last; the
-reader (EngineFile) maps the file read-only and checks everything before it hands out a view.
+Every byte is covered: the header (and the zeros after it) by the preamble's checksum, checked on every
+open; each tensor by its own checksum in the table, checked by verify() and when the runtime reads it;
+the zeros between tensors by verify(). The writer (EngineWriter) streams tensors in plan order and writes
+the preamble and header last; the reader (EngineFile) maps the file read-only and checks everything
+before it hands out a view.
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ import numpy as np
 import xxhash
 
 from olmoscope.config import ModelConfig
+from olmoscope.display import display_name
 from olmoscope.errors import ConfigError, EngineError
+from olmoscope.readers import open_regular, parse_json
 from olmoscope.spec import EngineTensorSpec, engine_tensors
 
 MAGIC = b"OLMOSCPE"  # 8 bytes at offset 0 of every engine file
-FORMAT_VERSION = 1  # bumped on any change a version-1 reader would misread
-PREAMBLE = struct.Struct("<8sIQ")  # magic, format version, header length in bytes
+FORMAT_VERSION = 2  # bumped on any change an older reader would misread (2: the header is checksummed)
+PREAMBLE = struct.Struct("<8sIQ16s")  # magic, format version, header length in bytes, header checksum
 ALIGNMENT = 4096  # every tensor (and scale vector) starts at a multiple of this
 MAX_HEADER_BYTES = 256 << 20  # a header is config + tokenizer (~3 MB) + table; anything larger is hostile
 FORMAT_NAME = "olmoscope-engine"
@@ -53,6 +59,9 @@ INT8_UNQUANTIZED_DTYPE = "BF16"
 QUANT_SCHEME = "int8-symmetric-per-row"  # w[r, c] ≈ q[r, c] · scale[r], scale = max|w[r, :]| / 127
 SCALES_SUFFIX = ".scales"  # how an int8 matrix's scale vector is named in listings and verify reports
 CHECKSUM_PLACEHOLDER = "0" * 32  # xxh3-128 hex is always 32 characters, so the header length is known early
+# The header's limits, also spelled in the schema (a test checks they agree); convert checks them first.
+MAX_EOS_IDS = 64
+MAX_TOKEN_ID = (1 << 22) - 1
 
 
 # ── the tensor table ────────────────────────────────────────────────────────────
@@ -191,19 +200,39 @@ def encode_header(header: dict[str, Any]) -> bytes:
     return json.dumps(header, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
+def header_checksum(version: int, header_length: int, header_and_padding: bytes | memoryview) -> bytes:
+    """The preamble's 16-byte xxh3-128: of the version and length fields, then the header and its zero padding."""
+    hasher = xxhash.xxh3_128(struct.pack("<IQ", version, header_length))
+    hasher.update(header_and_padding)
+    return hasher.digest()
+
+
+def sealed_header(body: bytes, data_start: int, version: int = FORMAT_VERSION) -> bytes:
+    """The file's first data_start bytes: preamble (checksum included), header, zero padding.
+
+    >>> len(sealed_header(encode_header(header), 4096))
+    4096
+    """
+    covered = body + bytes(data_start - PREAMBLE.size - len(body))
+    return PREAMBLE.pack(MAGIC, version, len(body), header_checksum(version, len(body), covered)) + covered
+
+
 def layout_file(base_header: dict[str, Any], tensors: list[EngineTensor]) -> tuple[int, list[EngineTensor]]:
     """Where the data starts and every tensor's final offset.
 
     The header holds the offsets, whose digits change its length, which moves the data start: iterate to
     the fixed point (two or three rounds; offsets only ever grow). Checksums are fixed-width placeholders,
-    so filling them in later leaves the length unchanged.
+    so filling them in later leaves the length unchanged. The planned header must pass the reader's checks
+    (schema, config, table, tokenizer digest): the writer never makes a file its reader refuses.
     """
     data_start = align(PREAMBLE.size + 2)
     for _ in range(16):
         placed = assign_offsets(tensors, data_start)
-        length = len(encode_header(full_header(base_header, placed)))
+        header = full_header(base_header, placed)
+        length = len(encode_header(header))
         needed = align(PREAMBLE.size + length)
         if needed <= data_start:
+            check_header("engine header", header)  # the reader's rules, before a byte is written
             return data_start, placed
         data_start = needed
     raise AssertionError("engine header layout did not converge")  # offsets only grow: unreachable
@@ -217,10 +246,12 @@ class EngineWriter:
     >>> w.begin("embedding"); w.write(rows); w.end(); ...; w.finish()
     """
 
-    def __init__(self, file: BinaryIO, base_header: dict[str, Any], tensors: list[EngineTensor]):
+    def __init__(self, file: BinaryIO, base_header: dict[str, Any], tensors: list[EngineTensor],
+                 layout: tuple[int, list[EngineTensor]] | None = None):
+        """`layout`: layout_file(base_header, tensors), when the caller has it already (it is checked there)."""
         self._file = file
         self._base = base_header
-        self.data_start, self.tensors = layout_file(base_header, tensors)
+        self.data_start, self.tensors = layout or layout_file(base_header, tensors)
         self.total_bytes = self._end_of(self.tensors)
         self._index = 0  # the next tensor to begin
         self._current: EngineTensor | None = None
@@ -294,8 +325,7 @@ class EngineWriter:
             raise AssertionError("engine header grew after layout")  # fixed-width checksums: unreachable
         self._pad_to(self.total_bytes)
         self._file.seek(0)
-        self._file.write(PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(body)))
-        self._file.write(body)
+        self._file.write(sealed_header(body, self.data_start))
         self._file.seek(0, os.SEEK_END)
         return header
 
@@ -328,10 +358,6 @@ def _validator():
     return jsonschema.validators.extend(base, type_checker=strict)(schema)
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 class EngineFile:
     """A memory-mapped engine file, validated before anything in it is trusted.
 
@@ -361,22 +387,24 @@ class EngineFile:
         self.provenance = header["provenance"]
         self.entries = entries
         self._by_name = {t.name: t for t in entries}
+        self._checked: set[str] = set()  # regions whose checksum checked_tensor/checked_scales have matched
 
     # ── opening ──────────────────────────────────────────────────────────────
     @classmethod
     def open(cls, path: str | Path) -> EngineFile:
         """Map and validate an engine file; every problem is an EngineError naming the file."""
         path = Path(path)
+        fd, info = open_regular(path, str(path), EngineError)
         try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size < PREAMBLE.size:
-                    raise EngineError(f"{path}: {size} bytes is too short to be an engine file")
-                mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            head = os.pread(fd, PREAMBLE.size, 0)
+            _check_preamble(path, head, info.st_size)
+            mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         except OSError as exc:
-            raise EngineError(f"{path}: cannot open ({exc.strerror or exc})") from None
+            raise EngineError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        finally:
+            os.close(fd)  # the map keeps its own reference
         try:
-            header, config, entries = _validate(path, mapping, size)
+            header, config, entries = _validate(path, mapping, info.st_size)
         except BaseException:
             mapping.close()
             raise
@@ -402,18 +430,49 @@ class EngineFile:
         q = t.quantization
         return self._view(q["scale_offset"], DTYPES[q["scale_dtype"]], tuple(q["scale_shape"]))
 
+    def checked_tensor(self, name: str) -> np.ndarray:
+        """tensor(name), its checksum recomputed the first time it is asked for: a mismatch is an EngineError."""
+        t = self.entry(name)
+        self._check_region(t.offset, t.nbytes, t.checksum, name)
+        return self.tensor(name)
+
+    def checked_scales(self, name: str) -> np.ndarray:
+        """scales(name), checked like checked_tensor."""
+        view = self.scales(name)
+        q = self.entry(name).quantization
+        self._check_region(q["scale_offset"], q["scale_size"], q["scale_checksum"], name + SCALES_SUFFIX)
+        return view
+
+    def _check_region(self, offset: int, size: int, checksum: str, label: str) -> None:
+        if label in self._checked:
+            return
+        with self._whole() as whole:
+            digest = _xxh3(whole, offset, size)
+        if digest != checksum:
+            raise EngineError(
+                f"{self.path}: tensor {label} fails its checksum, so the file is corrupt "
+                f"(`olmoscope verify {self.path}` checks every tensor; --no-verify skips this check)"
+            )
+        self._checked.add(label)
+
     def _view(self, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
         if self._map is None:
             raise EngineError(f"{self.path}: engine file is closed")
         count = int(np.prod(shape, dtype=np.int64))
         return np.frombuffer(self._map, dtype=dtype, count=count, offset=offset).reshape(shape)
 
-    def verify(self, progress: bool = False) -> list[str]:
-        """Recompute every xxh3-128 checksum; returns the names of tensors that fail ("NAME.scales" for scales)."""
-        from tqdm import tqdm
-
+    def _whole(self) -> memoryview:
         if self._map is None:
             raise EngineError(f"{self.path}: engine file is closed")
+        return memoryview(self._map)
+
+    def verify(self, progress: bool = False) -> list[str]:
+        """Recompute every xxh3-128 checksum and check the padding between tensors is zeros.
+
+        Returns the names of what fails: tensors, "NAME.scales" for scale vectors, "padding after NAME".
+        """
+        from tqdm import tqdm
+
         expected = {}
         for t in self.entries:
             expected[t.name] = t.checksum
@@ -421,18 +480,17 @@ class EngineFile:
                 expected[t.name + SCALES_SUFFIX] = t.quantization["scale_checksum"]
         regions = [r for t in self.entries for r in t.regions()]
         bad = []
-        with memoryview(self._map) as whole, tqdm(
+        with self._whole() as whole, tqdm(
             total=sum(size for _, size, _ in regions), unit="B", unit_scale=True, desc="verify",
             disable=not progress, leave=False,
         ) as bar:
-            for offset, size, label in regions:
-                hasher = xxhash.xxh3_128()
-                for start in range(offset, offset + size, 64 << 20):  # chunks keep the bar moving
-                    stop = min(start + (64 << 20), offset + size)
-                    hasher.update(whole[start:stop])
-                    bar.update(stop - start)
-                if hasher.hexdigest() != expected[label]:
+            for (offset, size, label), following in zip(regions, regions[1:] + [None]):
+                if _xxh3(whole, offset, size, bar.update) != expected[label]:
                     bad.append(label)
+                end = following[0] if following is not None else offset + size
+                gap = bytes(whole[offset + size:end])  # alignment padding: at most 4095 bytes
+                if gap.count(0) != len(gap):
+                    bad.append(f"padding after {label}")
         return bad
 
     def close(self) -> None:
@@ -451,61 +509,98 @@ class EngineFile:
         self.close()
 
 
+def _xxh3(whole: memoryview, offset: int, size: int, on_bytes=None) -> str:
+    """xxh3-128 hex of whole[offset:offset+size], in 64 MiB chunks (a progress bar can follow them)."""
+    hasher = xxhash.xxh3_128()
+    for start in range(offset, offset + size, 64 << 20):
+        stop = min(start + (64 << 20), offset + size)
+        hasher.update(whole[start:stop])
+        if on_bytes is not None:
+            on_bytes(stop - start)
+    return hasher.hexdigest()
+
+
 # ── validation: everything, before any offset or size is used ──────────────────
-def _validate(path: Path, mapping: mmap.mmap, size: int) -> tuple[dict, ModelConfig, list[EngineTensor]]:
-    magic, version, header_length = PREAMBLE.unpack_from(mapping, 0)
-    if magic != MAGIC:
-        raise EngineError(f"{path}: not an olmoscope engine file (bad magic {magic!r})")
+def not_an_engine(path: Path | str, head: bytes) -> str:
+    """The one message for a file that is not an engine file, whichever command met it."""
+    start = repr(head[:8]) if head else "nothing: the file is empty"
+    return f"{path}: not an olmoscope engine file (it starts with {start}; an engine file starts with {MAGIC!r})"
+
+
+def _check_preamble(path: Path, head: bytes, size: int) -> None:
+    """Magic, then version, then that the preamble is whole: the version decides what the rest means."""
+    if head[:len(MAGIC)] != MAGIC:
+        raise EngineError(not_an_engine(path, head))
+    if len(head) < 12:
+        raise EngineError(f"{path}: {size} bytes is too short to be an engine file")
+    (version,) = struct.unpack_from("<I", head, 8)
     if version > FORMAT_VERSION:
         raise EngineError(
             f"{path}: engine format version {version} is newer than this olmoscope reads "
-            f"(up to {FORMAT_VERSION}); upgrade olmoscope or convert the model again"
+            f"(version {FORMAT_VERSION}); upgrade olmoscope or convert the model again"
         )
-    if version < 1:
+    if version == 0:
         raise EngineError(f"{path}: engine format version {version} is invalid")
+    if version < FORMAT_VERSION:
+        raise EngineError(
+            f"{path}: engine format version {version} is older than this olmoscope reads (version "
+            f"{FORMAT_VERSION}, whose header is checksummed); convert the model again with this olmoscope"
+        )
+    if size < PREAMBLE.size:
+        raise EngineError(f"{path}: {size} bytes is too short to be an engine file")
+
+
+def _validate(path: Path, mapping: mmap.mmap, size: int) -> tuple[dict, ModelConfig, list[EngineTensor]]:
+    _, version, header_length, checksum = PREAMBLE.unpack_from(mapping, 0)
     if header_length > MAX_HEADER_BYTES or PREAMBLE.size + header_length > size:
         raise EngineError(
             f"{path}: header length {header_length:,} bytes does not fit the file ({size:,} bytes) "
             f"or the {MAX_HEADER_BYTES >> 20} MiB limit; the file is truncated or corrupt"
         )
-    header = _parse_header(path, mapping[PREAMBLE.size:PREAMBLE.size + header_length])
-    _check_schema(path, header)
+    data_start = align(PREAMBLE.size + header_length)
+    if data_start > size:
+        raise EngineError(f"{path}: the file ends inside the header's padding; the file is truncated")
+    with memoryview(mapping) as whole:
+        if header_checksum(version, header_length, whole[PREAMBLE.size:data_start]) != checksum:
+            raise EngineError(f"{path}: the header fails its checksum, so the file is corrupt (config, "
+                              f"tokenizer, chat template or tensor table changed since convert wrote it)")
+    header = parse_json(mapping[PREAMBLE.size:PREAMBLE.size + header_length], f"{path}: header", EngineError)
+    if not isinstance(header, dict):
+        raise EngineError(f"{path}: header is not a JSON object")
+    config, entries = check_header(str(path), header)
     if header["format_version"] != version:
         raise EngineError(f"{path}: header says format version {header['format_version']}, preamble {version}")
-    try:
-        config = ModelConfig.from_dict(header["config"], origin=f"{path}: header config")
-    except ConfigError as exc:
-        raise EngineError(str(exc)) from None
-    entries = [EngineTensor.from_json(row) for row in header["tensors"]]
-    _check_table(path, config, header["weight_dtype"], entries)
-    _check_regions(path, entries, data_start=PREAMBLE.size + header_length, size=size)
-    _check_tokenizer(path, header["tokenizer"])
+    _check_regions(path, entries, data_start=data_start, size=size)
     return header, config, entries
 
 
-def _parse_header(path: Path, raw: bytes) -> dict[str, Any]:
+def check_header(origin: str, header: dict[str, Any]) -> tuple[ModelConfig, list[EngineTensor]]:
+    """Everything about a header that does not need the file: schema, config, tensor table, tokenizer digest.
+
+    The reader runs it on every open and the writer on the header it plans, with the same limits.
+    """
+    _check_schema(origin, header)
     try:
-        header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise EngineError(f"{path}: header is not valid JSON ({str(exc)[:160]})") from None
-    if not isinstance(header, dict):
-        raise EngineError(f"{path}: header is not a JSON object")
-    return header
+        config = ModelConfig.from_dict(header["config"], origin=f"{origin}: header config")
+    except ConfigError as exc:
+        raise EngineError(str(exc)) from None
+    entries = [EngineTensor.from_json(row) for row in header["tensors"]]
+    _check_table(origin, config, header["weight_dtype"], entries)
+    _check_tokenizer(origin, header["tokenizer"])
+    return config, entries
 
 
-def _check_schema(path: Path, header: dict[str, Any]) -> None:
+def _check_schema(origin: str, header: dict[str, Any]) -> None:
     import jsonschema
 
-    try:
-        error = jsonschema.exceptions.best_match(_validator().iter_errors(header))
-    except RecursionError:
-        raise EngineError(f"{path}: header is nested too deeply") from None
+    error = jsonschema.exceptions.best_match(_validator().iter_errors(header))
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
-        raise EngineError(f"{path}: header fails the engine schema at {where}: {error.message[:200]}")
+        raise EngineError(f"{origin}: header fails the engine schema at {display_name(where)[:120]}: "
+                          f"{display_name(error.message)[:200]}")
 
 
-def _check_table(path: Path, config: ModelConfig, weight_dtype: str, entries: list[EngineTensor]) -> None:
+def _check_table(path: str, config: ModelConfig, weight_dtype: str, entries: list[EngineTensor]) -> None:
     """The table is exactly the tensors the config implies, in order, with the dtypes --dtype implies."""
     expected = plan_tensors(config, weight_dtype)
     if len(entries) != len(expected):
@@ -514,7 +609,7 @@ def _check_table(path: Path, config: ModelConfig, weight_dtype: str, entries: li
         for what in ("name", "role", "layer", "shape", "dtype"):
             if getattr(got, what) != getattr(want, what):
                 raise EngineError(
-                    f"{path}: tensor {got.name!r}: {what} {getattr(got, what)!r}, expected "
+                    f"{path}: tensor {display_name(got.name)!r}: {what} {getattr(got, what)!r}, expected "
                     f"{getattr(want, what)!r} ({want.name})"
                 )
         if got.nbytes != want.nbytes:
@@ -531,7 +626,8 @@ def _check_table(path: Path, config: ModelConfig, weight_dtype: str, entries: li
 
 
 def _check_regions(path: Path, entries: list[EngineTensor], data_start: int, size: int) -> None:
-    """Every byte range is aligned, after the header, inside the file, and overlaps no other."""
+    """Every byte range is aligned, after the header, inside the file, overlaps no other, and lies where the
+    writer puts it; the file ends with the last one (nothing hides after it)."""
     regions = sorted(r for t in entries for r in t.regions())
     previous_end, previous = data_start, "the header"
     for offset, length, label in regions:
@@ -545,9 +641,16 @@ def _check_regions(path: Path, entries: list[EngineTensor], data_start: int, siz
         if offset < previous_end:
             raise EngineError(f"{path}: {label} at offset {offset:,} overlaps {previous}")
         previous_end, previous = offset + length, label
+    canonical = [r for t in assign_offsets(entries, data_start) for r in t.regions()]
+    for (offset, _, label), (want, _, _) in zip([r for t in entries for r in t.regions()], canonical):
+        if offset != want:
+            raise EngineError(f"{path}: {label} at offset {offset:,}, not at {want:,} where the layout puts it")
+    if previous_end != size:
+        raise EngineError(f"{path}: {size - previous_end:,} bytes follow the last tensor ({previous}); "
+                          f"an engine file ends with its last tensor")
 
 
-def _check_tokenizer(path: Path, tokenizer: dict[str, Any] | None) -> None:
+def _check_tokenizer(path: str, tokenizer: dict[str, Any] | None) -> None:
     if tokenizer is None:
         return
     digest = hashlib.sha256(tokenizer["json"].encode("utf-8")).hexdigest()
@@ -556,13 +659,23 @@ def _check_tokenizer(path: Path, tokenizer: dict[str, Any] | None) -> None:
 
 
 # ── engine files as sources and in reports ──────────────────────────────────────
-def looks_like_engine(path: Path) -> bool:
-    """True when the file starts with the engine magic (cheap: reads 8 bytes)."""
+def file_start(path: Path, length: int = 16) -> bytes:
+    """The first bytes of a regular file (b"" when it cannot be read); never blocks on a FIFO."""
     try:
-        with open(path, "rb") as f:
-            return f.read(len(MAGIC)) == MAGIC
+        fd, _ = open_regular(path, str(path), EngineError)
+    except EngineError:
+        return b""
+    try:
+        return os.pread(fd, length, 0)
     except OSError:
-        return False
+        return b""
+    finally:
+        os.close(fd)
+
+
+def looks_like_engine(path: Path) -> bool:
+    """True when the file starts with the engine magic (cheap: reads 16 bytes)."""
+    return file_start(path).startswith(MAGIC)
 
 
 def source_from_engine(path: Path, label: str):

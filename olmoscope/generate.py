@@ -8,7 +8,11 @@ from pathlib import Path
 
 import click
 
+from olmoscope.display import display_name
 from olmoscope.errors import UsageError
+from olmoscope.readers import decode_utf8, read_capped, read_stream
+
+MAX_PROMPT_BYTES = 64 << 20  # 16 M tokens of text: past any context window; /dev/zero stops here
 
 
 def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
@@ -28,21 +32,32 @@ def _drop_final_newline(text: str) -> str:
 
 
 def _read_prompt_text(prompt_file: Path | None) -> str:
+    """A regular file (a FIFO or a device is refused: use - and a pipe), or stdin; at most MAX_PROMPT_BYTES."""
     if prompt_file is not None and str(prompt_file) != "-":
-        try:
-            return prompt_file.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise UsageError(f"--prompt-file {prompt_file}: no such file") from None
-        except UnicodeDecodeError:
-            raise UsageError(f"--prompt-file {prompt_file}: not UTF-8 text") from None
-        except OSError as exc:
-            raise UsageError(f"--prompt-file {prompt_file}: cannot read ({exc.strerror})") from None
+        shown = f"--prompt-file {display_name(str(prompt_file))}"
+        return decode_utf8(read_capped(prompt_file, MAX_PROMPT_BYTES, shown, UsageError), shown, UsageError)
     if prompt_file is None and sys.stdin.isatty():
         raise UsageError("no prompt: give --prompt TEXT, --prompt-file FILE, or pipe text on stdin")
+    stdin = getattr(sys.stdin, "buffer", None)
+    if stdin is None:  # a text stream without bytes underneath (an embedding application's)
+        return sys.stdin.read(MAX_PROMPT_BYTES)
+    data = read_stream(stdin, MAX_PROMPT_BYTES, "stdin: the prompt", UsageError)
     try:
-        return sys.stdin.read()
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         raise UsageError("stdin: the prompt is not UTF-8 text") from None
+
+
+def sampling_notes(temperature: float, top_k: int, top_p: float, seed: int | None) -> list[str]:
+    """What a greedy run ignores, said once: options given with --temperature 0 that cannot apply."""
+    if temperature != 0:
+        return []
+    ignored = [name for name, given in (("--top-k", top_k != 0), ("--top-p", top_p != 1.0), ("--seed", seed is not None))
+               if given]
+    if not ignored:
+        return []
+    return [f"note: {', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored with --temperature 0 "
+            f"(greedy: the most likely token every time)"]
 
 
 def _write(piece: str) -> None:
@@ -72,13 +87,17 @@ def _write(piece: str) -> None:
 @click.option("--max-context", type=int,
               help="KV-cache size in tokens (default: the model's context length, on a GPU capped by free memory).")
 @click.option("--json", "as_json", is_flag=True, help="Print prompt, token ids, text, finish reason, timings as JSON.")
+@click.option("--no-verify", is_flag=True,
+              help="Skip the tensor checksums (each weight is checked as it is first read; the header always is).")
 def generate_command(engine_file: Path, prompt: str | None, prompt_file: Path | None, chat: bool, device: str,
                      max_new_tokens: int, temperature: float, top_k: int, top_p: float, repetition_penalty: float,
-                     seed: int | None, stop: tuple[str, ...], max_context: int | None, as_json: bool) -> None:
+                     seed: int | None, stop: tuple[str, ...], max_context: int | None, as_json: bool,
+                     no_verify: bool) -> None:
     """Generate text from an engine FILE made by `olmoscope convert`.
 
     The text streams to stdout as it is made; a last line of statistics goes to stderr.
     """
+    from olmoscope.runtime.engine import open_engine
     from olmoscope.runtime.generator import check_generation_args, generate
     from olmoscope.runtime.sampler import SamplingParams, make_rng
 
@@ -87,12 +106,13 @@ def generate_command(engine_file: Path, prompt: str | None, prompt_file: Path | 
     make_rng(seed)
     text = read_prompt(prompt, prompt_file)
     on_text = None if as_json else _write
-    result = generate(engine_file, text, chat=chat, device=device, max_context=max_context,
-                      max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, stop=stop, on_text=on_text)
+    with open_engine(engine_file, verify=not no_verify) as engine:  # generate() leaves an open Engine open
+        result = generate(engine, text, chat=chat, device=device, max_context=max_context,
+                          max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, stop=stop, on_text=on_text)
     if as_json:
         click.echo(json.dumps(result.to_json(), ensure_ascii=False, indent=2))
     elif result.text and not result.text.endswith("\n"):
         click.echo()
-    for note in result.notes:
+    for note in [*sampling_notes(temperature, top_k, top_p, seed), *result.notes]:  # after the work: an error stays one line
         click.echo(f"olmoscope: {note}", err=True)
     click.echo(result.statistics(), err=True)

@@ -105,10 +105,9 @@ class _Body(StrictModel):
         return None
 
     def sampling(self) -> SamplingParams:
-        penalties = {name: getattr(self, name) for name in ("presence_penalty", "frequency_penalty")
-                     if getattr(self, name) is not None} if _RUNTIME_HAS_CHOICES else {}
         return SamplingParams(_default(self.temperature, 1.0), _default(self.top_k, 0), _default(self.top_p, 1.0),
-                              _default(self.repetition_penalty, 1.0), **penalties)
+                              _default(self.repetition_penalty, 1.0), _default(self.presence_penalty, 0.0),
+                              _default(self.frequency_penalty, 0.0))
 
 
 def _default(value, default):
@@ -187,7 +186,6 @@ def validate_body(kind: type[CompletionBody] | type[ChatBody], body: dict[str, A
     except ValidationError as exc:
         raise validation_error(exc) from None
     validated.check()
-    refuse_what_the_runtime_lacks(validated)
     return validated
 
 
@@ -201,22 +199,6 @@ def validation_error(exc: ValidationError) -> ApiError:
         return ApiError(400, f"missing required parameter {param!r}", param)
     message = first["msg"].removeprefix("Value error, ")
     return ApiError(400, f"invalid value for {param!r}: {message}" if param else message, param)
-
-
-# ── what waits for the runtime (issue 9): the lead adds n, logprobs and presence/frequency penalties on main.
-# Until that lands these parameters are refused by name; this is the one place to delete once it has.
-_RUNTIME_HAS_CHOICES = "presence_penalty" in getattr(SamplingParams, "__dataclass_fields__", {})
-
-
-def refuse_what_the_runtime_lacks(body: CompletionBody | ChatBody) -> None:
-    if _RUNTIME_HAS_CHOICES:
-        return
-    waiting = {"n": (body.n or 1) > 1, "presence_penalty": body.presence_penalty not in (None, 0),
-               "frequency_penalty": body.frequency_penalty not in (None, 0),
-               "logprobs": body.top_logprobs_wanted is not None}
-    for param, given in waiting.items():
-        if given:
-            raise ApiError(400, f"{param!r} is not supported by this runtime yet", param)
 
 
 @dataclass
@@ -261,9 +243,8 @@ def prepare(body: CompletionBody | ChatBody, tokenizer: Tokenizer, model: str, m
         raise ApiError(400, f"the prompt has {len(prompt)} tokens and {param} is {limit}: "
                             f"{len(prompt) + limit} tokens, beyond the context of {max_context}", param)
     n, logprobs = body.n or 1, body.top_logprobs_wanted
-    extra = {"n": n, "logprobs": logprobs} if _RUNTIME_HAS_CHOICES else {}
     request = Request(request_id, prompt, body.sampling(), limit if limit is not None else room, body.seed, eos_ids,
-                      **extra)
+                      n, logprobs)
     echo = None
     if not chat and body.echo:
         echo = body.prompt if isinstance(body.prompt, str) else tokenizer.decode(prompt)

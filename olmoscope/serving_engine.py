@@ -106,7 +106,7 @@ class ServingEngine:
         self._lock = threading.Lock()
         self._pending = 0  # submitted, not yet taken in by the thread
         self._stopping = False
-        self._owner: dict[str, tuple[Submission, int]] = {}  # output request id → (submission, choice)
+        self._owner: dict[int, tuple[Submission, int]] = {}  # id(output) → (submission, choice); choices share ids
         self._submissions: set[Submission] = set()
         self._prompt_tokens = 0
         self._thread = threading.Thread(target=self._run, name="olmoscope-engine", daemon=True)
@@ -196,19 +196,18 @@ class ServingEngine:
         self._submissions.add(submission)
         self._prompt_tokens += len(prepared.request.prompt_ids)
         for index, output in enumerate(submission.outputs):
-            self._owner[output.request_id] = (submission, index)
+            self._owner[id(output)] = (submission, index)
 
     def _abort(self, submission: Submission) -> None:
-        for output in submission.outputs:
-            if not output.finished:
-                self.loop.abort(output.request_id)
-        self._forward([o for o in submission.outputs if o.request_id in self._owner])
+        if any(not output.finished for output in submission.outputs):
+            self.loop.abort(submission.prepared.request.request_id)  # every choice at once
+        self._forward([o for o in submission.outputs if id(o) in self._owner])
 
     def _forward(self, changed: list[RequestOutput]) -> None:
         """Each changed output's news as a delta to its request's queue."""
         now = time.perf_counter()
         for output in changed:
-            owner = self._owner.get(output.request_id)
+            owner = self._owner.get(id(output))
             if owner is None:
                 continue
             submission, index = owner
@@ -233,7 +232,7 @@ class ServingEngine:
         submission.last_token[index] = now
 
     def _close_choice(self, submission: Submission, output: RequestOutput, now: float) -> None:
-        del self._owner[output.request_id]
+        del self._owner[id(output)]
         submission.open_choices -= 1
         if submission.open_choices == 0:
             self._submissions.discard(submission)
@@ -244,12 +243,12 @@ class ServingEngine:
     def _fail_all(self, error: str | None) -> None:
         """End every request still held: aborted (shutting down) or failed (the thread died)."""
         for submission in list(self._submissions):
+            try:
+                self.loop.abort(submission.prepared.request.request_id)
+            except Exception:  # the loop is broken: tell the client all the same
+                pass
             for index, output in enumerate(submission.outputs):
-                if not output.finished:
-                    try:
-                        self.loop.abort(output.request_id)
-                    except Exception:  # the loop is broken: tell the client all the same
-                        pass
+                if id(output) in self._owner:
                     submission.push(Delta(index, "", (), finish_reason="error" if error else "abort", error=error))
         self._submissions.clear()
         self._owner.clear()
@@ -263,8 +262,7 @@ class ServingEngine:
 
     def _publish(self) -> None:
         scheduler, pool = self.loop.scheduler, self.loop.pool
-        waiting_ids = {s.request_id for s in scheduler.waiting}
-        waiting_requests = len({id(self._owner[r][0]) for r in waiting_ids if r in self._owner})
+        waiting_requests = len({s.request_id for s in scheduler.waiting})  # choices of one request share its id
         self.stats = EngineStats(
             running=len(scheduler.running), waiting=len(scheduler.waiting), waiting_requests=waiting_requests,
             blocks_total=pool.capacity, blocks_used=pool.num_used, blocks_free=pool.num_free,

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from olmoscope.config import ModelConfig, read_config_json
-from olmoscope.errors import SourceError
+from olmoscope.errors import ConfigError, SourceError
+from olmoscope.readers import parse_json
 
 PRESETS = {
     "olmo2-1b": "allenai/OLMo-2-0425-1B",
@@ -55,11 +56,9 @@ def resolve(label: str) -> Source:
     if path.is_dir():
         return _from_config(path / "config.json", label, kind="snapshot")
     if path.is_file():
-        from olmoscope import engine_format  # imported late: only engine files need it
-
-        if engine_format.looks_like_engine(path):
-            return engine_format.source_from_engine(path, label)
-        return _from_config(path, label, kind="config")
+        return _from_file(path, label)
+    if os.path.islink(path):
+        raise SourceError(f"{label}: no such file (a dangling symbolic link)")
     if path.exists():  # a FIFO or a device: never opened, it could block or stream forever
         raise SourceError(f"{label}: not a regular file or a directory. {SOURCE_HELP}")
     match = _REPO_ID.match(label)
@@ -68,8 +67,33 @@ def resolve(label: str) -> Source:
     raise SourceError(f"{label}: no such file or directory, and not a preset or a repo id. {SOURCE_HELP}")
 
 
+def _from_file(path: Path, label: str) -> Source:
+    """A file SOURCE, told apart by its first bytes: an engine file, a safetensors file, or a config.json."""
+    from olmoscope import engine_format  # imported late: only files need it
+
+    head = engine_format.file_start(path)
+    if head.startswith(engine_format.MAGIC):
+        return engine_format.source_from_engine(path, label)
+    if _looks_like_safetensors(head):
+        config_path = path.parent / "config.json"
+        if not os.path.lexists(config_path):
+            raise SourceError(f"{label}: a safetensors file is read with the config.json beside it, and "
+                              f"{path.parent} has none")
+        source = _from_config(config_path, label, kind="snapshot")
+        source.notes.append(f"{label}: a safetensors file; reading its snapshot directory {path.parent}")
+        return source
+    if path.suffix == ".json" or not head or head.lstrip()[:1] in (b"{", b"["):
+        return _from_config(path, label, kind="config")
+    raise SourceError(engine_format.not_an_engine(path, head))
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    """8 bytes of little-endian header length, then the header's opening brace."""
+    return len(head) > 8 and 2 <= int.from_bytes(head[:8], "little") <= 100_000_000 and head[8:9] == b"{"
+
+
 def _from_config(config_path: Path, label: str, kind: str) -> Source:
-    if not config_path.is_file():
+    if not os.path.lexists(config_path):  # present but a FIFO or a dangling link: the reader names it
         raise SourceError(f"{label}: no config.json in {config_path.parent}")
     raw = read_config_json(config_path)
     config = ModelConfig.from_dict(raw, origin=str(config_path))
@@ -80,10 +104,8 @@ def _from_config(config_path: Path, label: str, kind: str) -> Source:
 
 
 def _preset(name: str) -> Source:
-    text = resources.files("olmoscope").joinpath("data", "presets", f"{name}.json").read_text()
-    import json
-
-    raw = json.loads(text)
+    data = resources.files("olmoscope").joinpath("data", "presets", f"{name}.json").read_bytes()
+    raw = parse_json(data, f"preset {name}", ConfigError)
     config = ModelConfig.from_dict(raw, origin=f"preset {name}")
     return Source("preset", name, config, raw, repo_id=PRESETS[name])
 

@@ -74,6 +74,18 @@ def compare_with_source(engine: ef.EngineFile, source: Source, progress: bool = 
     return out
 
 
+def config_differences(engine: ef.EngineFile, source: Source) -> list[str]:
+    """Every config field where the engine's header and the source's config.json disagree, as "name: a ≠ b".
+
+    Tensors can match while the config does not (an rms_norm_eps, a rope_theta): both change generation.
+
+    >>> config_differences(engine, resolve("snapshot"))
+    []
+    """
+    ours, theirs = engine.config.to_dict(), source.config.to_dict()
+    return [f"{name} {ours[name]!r} ≠ {theirs[name]!r}" for name in ours if ours[name] != theirs[name]]
+
+
 def _checkpoint_for(engine: ef.EngineFile, source: Source) -> Checkpoint:
     if source.directory is None:
         raise SourceError(f"--against {source.label}: a {source.kind} has no tensors to compare with")
@@ -172,8 +184,9 @@ def comparison_table(comparisons: list[Comparison]) -> str:
 
 # ── the command ─────────────────────────────────────────────────────────────────
 @click.command("verify", help="Recompute every checksum of the engine FILE and report bad tensors by name; "
-               "with --against SOURCE, also compare each tensor with the checkpoint it was converted from.\n\n"
-               "Exit status 1 when a checksum fails or a tensor is outside its conversion's bound.")
+               "with --against SOURCE, also compare the config and each tensor with the checkpoint it was "
+               "converted from.\n\n"
+               "Exit status 1 when a checksum fails, the config differs, or a tensor is outside its conversion's bound.")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--against", "against", metavar="SOURCE",
               help="The checkpoint FILE was converted from: a snapshot directory, a config.json beside its "
@@ -190,16 +203,23 @@ def verify_command(file: Path, against: str | None) -> None:
                 click.echo(f"  {name}")
         else:
             click.echo(f"checksums: all {regions} match ({size / 1e9:.3f} GB, xxh3-128)")
-        failed = []
+        failed, differences = [], []
         if against is not None:
             source = resolve(against)
             for note in source.notes:
                 click.echo(f"olmoscope: note: {note}", err=True)
+            differences = config_differences(engine, source)
             comparisons = compare_with_source(engine, source, progress)
+            if differences:
+                click.echo(f"config: {len(differences)} fields differ from {against}: {'; '.join(differences)}")
+            else:
+                click.echo(f"config: every field matches {against}")
             click.echo("")
             click.echo(comparison_table(comparisons))
             failed = [c.name for c in comparisons if not c.ok]
     problems = []
+    if against is not None and differences:
+        problems.append(f"the config differs from {against} ({'; '.join(differences)[:200]})")
     if bad:
         problems.append(f"{len(bad)} checksum failures ({', '.join(bad[:5])}{', …' if len(bad) > 5 else ''})")
     if failed:

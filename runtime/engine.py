@@ -186,26 +186,36 @@ class Engine:
 
 
 class _EngineTensors(Mapping):
-    """Engine-file tensors looked up lazily by name (each a read-only view of the memory map)."""
+    """Engine-file tensors looked up lazily by name (each a read-only view of the memory map).
 
-    def __init__(self, engine_file, names: list[str]):
+    With `verify`, a tensor's checksum is recomputed the first time it is looked up, so a backend that
+    reads every weight to upload or upcast it has checked every weight (and reads no corrupt one).
+    """
+
+    def __init__(self, engine_file, names: list[str], verify: bool):
         self._file = engine_file
-        self._names = names
+        self._names = set(names)
+        self._order = names
+        self._get = engine_file.checked_tensor if verify else engine_file.tensor
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._names:
             raise KeyError(name)
-        return self._file.tensor(name)
+        return self._get(name)
 
     def __iter__(self):
-        return iter(self._names)
+        return iter(self._order)
 
     def __len__(self) -> int:
         return len(self._names)
 
 
-def open_engine(path: str | Path) -> Engine:
+def open_engine(path: str | Path, verify: bool = True) -> Engine:
     """Open an engine file for generation (header validated by the reader; tensors stay memory-mapped).
+
+    With `verify` (the default) every tensor's checksum is checked as the backend first reads it, and a
+    mismatch is an EngineError naming the tensor; `verify=False` (`--no-verify`) skips those checks. The
+    header is checked on every open either way.
 
     >>> open_engine("olmo2-1b.olmo").weights.dtype
     'bf16'
@@ -215,15 +225,14 @@ def open_engine(path: str | Path) -> Engine:
     path = Path(path)
     if path.is_dir():
         raise EngineError(f"{path}: a directory, not an engine file (`olmoscope convert {path} -o FILE` makes one)")
-    if not path.is_file():
-        raise EngineError(f"{path}: no such file")
-    engine_file = EngineFile.open(path)
+    engine_file = EngineFile.open(path)  # a missing file, a FIFO or a device: one EngineError, never a hang
     try:
         config = engine_file.config
         names = [spec.name for spec in engine_tensors(config)]
-        tensors = _EngineTensors(engine_file, names)
+        tensors = _EngineTensors(engine_file, names, verify)
         quantized = {entry.name for entry in engine_file.entries if entry.quantization is not None}
-        scales = {name: engine_file.scales(name) for name in names if name in quantized}
+        read_scales = engine_file.checked_scales if verify else engine_file.scales  # small: checked at open
+        scales = {name: read_scales(name) for name in names if name in quantized}
         weights = Weights(config, tensors, scales, origin=str(path), dtype=engine_file.weight_dtype)
         generation = GenerationInfo.from_dict(engine_file.generation, config)
         return Engine(config, weights, generation, engine_file.tokenizer_json, path, engine_file)

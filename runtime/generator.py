@@ -13,7 +13,7 @@ from olmoscope.runtime.devices import open_backend, resolve_device
 from olmoscope.runtime.engine import Engine, open_engine
 from olmoscope.runtime.loop import EngineLoop
 from olmoscope.runtime.output import RequestOutput
-from olmoscope.runtime.sampler import SamplingParams, make_rng
+from olmoscope.runtime.sampler import SamplingError, SamplingParams, make_rng
 from olmoscope.runtime.scheduler import Request
 from olmoscope.runtime.tokenizer import Tokenizer
 
@@ -116,6 +116,8 @@ def run_generation(
             if text and on_text is not None:
                 on_text(text)
     end = time.perf_counter()
+    if output.finish_reason == "error":
+        raise SamplingError(output.error)
     first = output.first_token_time or end
     return GenerationResult(
         prompt_token_ids=output.prompt_token_ids,
@@ -186,6 +188,7 @@ def generate(
     stop: Sequence[str] = (),
     on_text: Callable[[str], None] | None = None,
     backend: Backend | None = None,
+    verify: bool = True,
 ) -> GenerationResult:
     """Generate from an engine file (or an open Engine) on `device`; stream text pieces to on_text.
 
@@ -198,7 +201,7 @@ def generate(
     check_generation_args(max_new_tokens, stop)
     make_rng(seed)  # a bad seed fails now, not after loading
     owned = not isinstance(engine, Engine)
-    engine = open_engine(engine) if owned else engine
+    engine = open_engine(engine, verify=verify) if owned else engine
     try:
         if backend is None:
             resolve_device(device)

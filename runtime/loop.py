@@ -20,6 +20,7 @@ from olmoscope.runtime.backend import Backend, PendingStep
 from olmoscope.runtime.blocks import BlockPool
 from olmoscope.runtime.output import RequestOutput
 from olmoscope.runtime.scheduler import Request, Scheduled, Scheduler, Sequence
+from olmoscope.runtime.step import StepResult
 from olmoscope.runtime.tokenizer import Tokenizer
 
 
@@ -33,32 +34,45 @@ class EngineLoop:
         self.pool = BlockPool(backend.num_blocks, prefix_caching=prefix_caching)
         self.scheduler = Scheduler(self.pool, backend.limits)
         self.pipelined = getattr(backend, "asynchronous", False) if pipelined is None else pipelined
-        self._outputs: dict[str, tuple[Sequence, RequestOutput]] = {}
+        self._outputs: dict[Sequence, RequestOutput] = {}  # every running choice
+        self._requests: dict[str, list[Sequence]] = {}  # request id → its choices
         self._in_flight: tuple[Scheduled, PendingStep] | None = None
         self.steps = 0  # forward passes run
         self.generated_tokens = 0  # tokens handed to outputs
 
     # ── requests ──────────────────────────────────────────────────────────────────────────────────────
     def add(self, request: Request, stop: Seq[str] = ()) -> RequestOutput:
-        """Queue a request; its output fills in as steps run."""
-        if request.request_id in self._outputs:
+        """Queue a request of one choice; its output fills in as steps run."""
+        if request.n != 1:
+            raise ValueError("a request of several choices goes through add_choices")
+        return self.add_choices(request, stop)[0]
+
+    def add_choices(self, request: Request, stop: Seq[str] = ()) -> list[RequestOutput]:
+        """Queue a request's n choices (its prompt's full blocks computed once and shared); their outputs."""
+        if request.request_id in self._requests:
             raise ValueError(f"request id {request.request_id!r} is already running")
         if stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer to see text")
-        sequence = Sequence(request)
-        self.scheduler.add(sequence)
-        stream = self.tokenizer.stream() if self.tokenizer else None
-        output = RequestOutput(request.request_id, request.prompt_ids, sequence.seed, stream, stop)
-        self._outputs[request.request_id] = (sequence, output)
-        return output
+        if request.n < 1:
+            raise ValueError(f"n = {request.n}: a request has at least one choice")
+        first = Sequence(request)
+        choices = [first] + [Sequence(request, i, first) for i in range(1, request.n)]
+        outputs = []
+        for sequence in choices:
+            self.scheduler.add(sequence)
+            stream = self.tokenizer.stream() if self.tokenizer else None
+            outputs.append(RequestOutput(request.request_id, request.prompt_ids, sequence.seed, stream, stop))
+            self._outputs[sequence] = outputs[-1]
+        self._requests[request.request_id] = choices
+        return outputs
 
     def abort(self, request_id: str) -> None:
         """Stop a request now (a client went away); its blocks are free for the next step."""
-        held = self._outputs.pop(request_id, None)
-        if held:
-            sequence, output = held
+        for sequence in self._requests.pop(request_id, []):
             self.scheduler.abort(sequence)
-            output.finish("abort")
+            output = self._outputs.pop(sequence, None)
+            if output is not None:
+                output.finish("abort")
 
     @property
     def has_work(self) -> bool:
@@ -72,7 +86,7 @@ class EngineLoop:
     def step(self) -> list[RequestOutput]:
         """One forward pass (pipelined: launch the next, then read the previous); the outputs that changed.
 
-        A step the backend fails finishes its requests with "error" (the others go on); see `_fail`.
+        A step the backend fails (raises on) finishes its requests with "error" and the others go on; see `_fail`.
         """
         if not self.pipelined:
             scheduled = self.scheduler.schedule()
@@ -80,10 +94,10 @@ class EngineLoop:
                 return self._stalled()
             self.steps += 1
             try:
-                tokens = self.backend.run(scheduled.step).tokens
+                result = self.backend.run(scheduled.step)
             except Exception as exc:
                 return self._fail([scheduled], exc)
-            return self._take(scheduled, tokens)
+            return self._take(scheduled, result)
         scheduled = self.scheduler.schedule()
         try:
             launched = (scheduled, self.backend.launch(scheduled.step)) if scheduled else None
@@ -94,10 +108,10 @@ class EngineLoop:
         if previous is None:
             return [] if launched else self._stalled()
         try:
-            tokens = previous[1].result().tokens
+            result = previous[1].result()
         except Exception as exc:
             return self._fail([s for s in (previous[0], self._take_in_flight()) if s], exc)
-        return self._take(previous[0], tokens)
+        return self._take(previous[0], result)
 
     def _take_in_flight(self) -> Scheduled | None:
         scheduled = self._in_flight[0] if self._in_flight else None
@@ -105,21 +119,21 @@ class EngineLoop:
         return scheduled
 
     def _fail(self, steps: list[Scheduled], exc: Exception) -> list[RequestOutput]:
-        """Finish every request of failed steps with "error"; their cache positions from those steps are disowned
-        first, so that no block the steps should have written is offered to the prefix cache."""
+        """Finish every request of failed steps with "error". Their positions from those steps are disowned first,
+        so that no block the steps should have written is offered to the prefix cache."""
         message = f"the backend failed a step holding this request ({type(exc).__name__}: {exc})"
         for scheduled in steps:
             for sequence, work in zip(scheduled.sequences, scheduled.step.works):
                 sequence.computed = min(sequence.computed, work.position)
-        return [self._drop(sequence, message) for scheduled in steps for sequence in scheduled.sequences
-                if sequence.request_id in self._outputs]
-
-    def _drop(self, sequence: Sequence, message: str) -> RequestOutput:
-        """End one request with an error; its blocks are free for the next step."""
-        _, output = self._outputs.pop(sequence.request_id)
-        self.scheduler.abort(sequence, "error")
-        output.finish("error", message)
-        return output
+        failed = []
+        for sequence in dict.fromkeys(s for scheduled in steps for s in scheduled.sequences):
+            for choice in self._requests.pop(sequence.request_id, []):  # a request's choices fail together
+                self.scheduler.abort(choice, "error")
+                output = self._outputs.pop(choice, None)
+                if output is not None:
+                    output.finish("error", message)
+                    failed.append(output)
+        return failed
 
     def run(self) -> None:
         """Step until every request has finished."""
@@ -131,27 +145,27 @@ class EngineLoop:
             raise RuntimeError("the scheduler has work but scheduled nothing (the KV pool is too small?)")
         return []
 
-    def _take(self, scheduled: Scheduled, tokens) -> list[RequestOutput]:
-        """Hand a step's samples to their outputs; finish those that stopped, and those given an impossible id."""
+    def _take(self, scheduled: Scheduled, result: StepResult) -> list[RequestOutput]:
+        """Hand a step's samples to their outputs; finish those that stopped."""
         changed = []
-        limit = self.backend.vocab_limit
-        for sequence, token in zip(scheduled.sampled, tokens):
-            if not 0 <= int(token) < limit and sequence.request_id in self._outputs and not sequence.finished:
-                # a sampler fed non-finite scores (an edge-value temperature or penalty) can answer past the
-                # vocabulary: that request fails alone, before the id reaches its tokens or the device
-                changed.append(self._drop(sequence, f"the sampler chose token id {int(token)}, outside the "
-                                                    f"vocabulary of {limit} (non-finite scores?)"))
-        for sequence in self.scheduler.complete(scheduled, tokens):
-            held = self._outputs.get(sequence.request_id)
-            if held is None:
+        for sequence, token in self.scheduler.complete(scheduled, result):
+            output = self._outputs.get(sequence)
+            if output is None:
                 continue
-            output = held[1]
             changed.append(output)
-            self.generated_tokens += 1
-            visible = sequence.finish_reason != "eos"
-            if output.add_token(sequence.tokens[-1], visible) and not sequence.finished:
-                self.scheduler.abort(sequence, "stop")
+            if token is not None:
+                self.generated_tokens += 1
+                visible = sequence.finish_reason != "eos"
+                if output.add_token(token, visible, sequence.logprob) and not sequence.finished:
+                    self.scheduler.abort(sequence, "stop")
             if sequence.finished:
-                output.finish("stop" if output.stopped else sequence.finish_reason)
-                del self._outputs[sequence.request_id]
+                output.finish("stop" if output.stopped else sequence.finish_reason, sequence.error)
+                self._release(sequence)
         return changed
+
+    def _release(self, sequence: Sequence) -> None:
+        """Forget a finished choice; its request once every choice has finished."""
+        del self._outputs[sequence]
+        choices = self._requests.get(sequence.request_id, [])
+        if all(choice.finished for choice in choices):
+            self._requests.pop(sequence.request_id, None)

@@ -11,8 +11,9 @@ import numpy as np
 from olmoscope.runtime import reference
 from olmoscope.runtime.backend import Backend, DoneStep, PendingStep, RuntimeOptions, plan_blocks
 from olmoscope.runtime.engine import Engine, Weights
-from olmoscope.runtime.sampler import candidate_probabilities, draw, penalized_logits
-from olmoscope.runtime.step import FED, Step, StepArrays, StepResult
+from olmoscope.runtime.sampler import (SamplingError, candidate_probabilities, draw, generated_penalties,
+                                       penalized_logits, token_logprobs)
+from olmoscope.runtime.step import FED, SAMPLE_NAN, SAMPLE_NO_MASS, Step, StepArrays, StepResult
 from olmoscope.runtime.weights import model_weights
 
 WEIGHT_SHARE = 0.4  # upcast every weight to float32 at load only when that fits this share of free memory
@@ -74,6 +75,7 @@ class NumpyBackend(Backend):
         self.notes += notes
         self.kv = reference.PagedKV(cfg.num_hidden_layers, self.num_blocks, cfg.num_key_value_heads, cfg.head_dim)
         self.seen = np.zeros((self.max_seqs, cfg.vocab_size), bool)  # [slots, V]: ids each sequence has seen
+        self.counts = np.zeros((self.max_seqs, cfg.vocab_size), np.int32)  # [slots, V]: times each id was generated
         self.last_sampled = np.zeros(self.max_seqs, np.int32)  # [slots]: what a FED token becomes
 
     def _loader(self, weights: Weights):
@@ -94,28 +96,55 @@ class NumpyBackend(Backend):
         self.seen[arrays.token_state, ids] = True
         logits = reference.forward(self.config, self.weights, arrays, ids, self.kv, step.window)
         tokens = self._sample(logits, arrays)
-        self.last_sampled[arrays.sample_state] = tokens
-        return DoneStep(StepResult(tokens, logits if return_logits else None))
+        sampled = tokens >= 0
+        self.last_sampled[arrays.sample_state[sampled]] = tokens[sampled]
+        np.add.at(self.counts, (arrays.sample_state[sampled], tokens[sampled]), 1)
+        result = StepResult(tokens, logits if return_logits else None)
+        if np.any(arrays.logprobs >= 0):
+            self._logprobs(result, logits, arrays)
+        return DoneStep(result)
 
     def _keep_state(self, step: Step) -> None:
         """The cache and slot upkeep a step asks for before it runs."""
         for source, destination in step.copies:
             self.kv.copy_block(source, destination)
         self.seen[step.fresh_slots] = False
+        self.counts[step.fresh_slots] = 0
         for slot, ids in step.seen:
             self.seen[slot, np.asarray(ids, np.int64)] = True
+        for slot, ids in step.counted:
+            np.add.at(self.counts[slot], np.asarray(ids, np.int64), 1)
 
     def _sample(self, logits: np.ndarray, arrays: StepArrays) -> np.ndarray:
-        """Each sampled row by sampler.py's rules, with its own parameters, history and uniform draw."""
+        """Each sampled row by sampler.py's rules, with its own parameters, history and uniform draw; a row that
+        cannot be sampled gets SAMPLE_NAN or SAMPLE_NO_MASS (the loop makes it that request's error)."""
         tokens = np.empty(len(arrays.sample_rows), np.int32)
         for i, (row, params) in enumerate(zip(arrays.sample_rows, arrays.params)):
-            history = np.flatnonzero(self.seen[arrays.sample_state[i]])
-            scores = penalized_logits(logits[row], history, params.repetition_penalty, self.vocab_limit)
+            state = arrays.sample_state[i]
+            try:
+                scores = penalized_logits(logits[row], np.flatnonzero(self.seen[state]), params.repetition_penalty,
+                                          self.vocab_limit)
+            except SamplingError:
+                tokens[i] = SAMPLE_NAN if np.isnan(logits[row, : self.vocab_limit]).any() else SAMPLE_NO_MASS
+                continue
+            scores = generated_penalties(scores, self.counts[state], params.presence_penalty, params.frequency_penalty)
             if params.greedy:
                 tokens[i] = int(np.argmax(scores))
             else:
                 tokens[i] = draw(candidate_probabilities(scores, params), float(arrays.u[i]))
         return tokens
+
+    def _logprobs(self, result: StepResult, logits: np.ndarray, arrays: StepArrays) -> None:
+        """The sampled tokens' logprobs and their best alternatives, for the rows that asked."""
+        S, K = len(arrays.sample_rows), max(0, int(arrays.logprobs.max()))
+        result.logprobs = np.zeros(S, np.float32)
+        result.top_ids, result.top_logprobs = np.full((S, K), -1, np.int32), np.zeros((S, K), np.float32)
+        for i, (row, k) in enumerate(zip(arrays.sample_rows, arrays.logprobs)):
+            if k >= 0:
+                found = token_logprobs(logits[row], int(result.tokens[i]), int(k), self.vocab_limit)
+                result.logprobs[i] = found.logprob
+                for j, (token, logprob) in enumerate(found.top):
+                    result.top_ids[i, j], result.top_logprobs[i, j] = token, logprob
 
     def close(self) -> None:
         # drop the float32 weights (views of the engine's memory map for fp32 files) so the file can close

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+from olmoscope.runtime.sampler import TokenLogprob
 from olmoscope.runtime.tokenizer import TextStream
 
 
@@ -64,7 +65,8 @@ class RequestOutput:
         self.seed = seed  # the sampler's seed: pass it again to repeat a sampled run
         self.token_ids: list[int] = []  # generated, the EOS or the token completing a stop string included
         self.finish_reason: str | None = None  # eos | stop | length | context | abort | error, once finished
-        self.error: str | None = None  # what went wrong, when finish_reason is "error"
+        self.error: str | None = None  # what went wrong, for finish reason "error"
+        self.logprobs: list[TokenLogprob] = []  # aligned with token_ids, when the request asked for logprobs
         self.arrival = time.perf_counter()
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
@@ -88,9 +90,11 @@ class RequestOutput:
         """A stop string was found in the text."""
         return self._scanner.stopped
 
-    def add_token(self, token: int, visible: bool = True) -> bool:
+    def add_token(self, token: int, visible: bool = True, logprob: TokenLogprob | None = None) -> bool:
         """Take one generated token (an EOS is not `visible`: it adds no text); True when it completes a stop string."""
         now = time.perf_counter()
+        if logprob is not None:
+            self.logprobs.append(logprob)
         self.first_token_time = self.first_token_time or now
         self.last_token_time = now
         self.token_ids.append(int(token))

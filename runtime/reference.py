@@ -158,7 +158,15 @@ def mlp(h: np.ndarray, w: LayerWeights) -> np.ndarray:
 
 def forward(cfg: ModelConfig, w: ModelWeights, step: StepArrays, token_ids: np.ndarray, kv: PagedKV,
             window: int = 0) -> np.ndarray:
-    """Run a step's T tokens (ids resolved: none FED) at their positions; logits [R, V] of step.logit_rows."""
+    """Run a step's T tokens (ids resolved: none FED) at their positions; logits [R, V] of step.logit_rows.
+
+    Extreme weights may overflow to ±inf or NaN: the sampler's rules handle those, so numpy stays quiet."""
+    with np.errstate(all="ignore"):
+        return _forward(cfg, w, step, token_ids, kv, window)
+
+
+def _forward(cfg: ModelConfig, w: ModelWeights, step: StepArrays, token_ids: np.ndarray, kv: PagedKV,
+             window: int) -> np.ndarray:
     h = np.asarray(w.embedding[token_ids], np.float32)  # [T, D]
     cos, sin = rope_tables(step.positions, cfg.head_dim, cfg.rope_theta)
     eps = cfg.rms_norm_eps

@@ -20,14 +20,20 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from olmoscope.runtime.blocks import BLOCK_SIZE, BlockPool, BlockTable, OutOfBlocks
-from olmoscope.runtime.sampler import SamplingParams, make_rng
-from olmoscope.runtime.step import FED, Sample, Step, Work
+from olmoscope.runtime.sampler import SamplingParams, TokenLogprob, make_rng
+from olmoscope.runtime.step import FED, SAMPLE_NAN, SAMPLE_NO_MASS, Sample, Step, StepResult, Work
 
 FINISH_REASONS = ("eos", "stop", "length", "context", "abort", "error")
+SAMPLING_ERRORS = {
+    SAMPLE_NAN: "the model's logits hold NaN, so no token can be chosen (corrupt or overflowing weights? "
+                "`olmoscope verify` checks the file)",
+    SAMPLE_NO_MASS: "every token's logit is -inf, so no token can be chosen",
+}
 
 
 @dataclass(frozen=True)
@@ -59,14 +65,26 @@ class Request:
     max_new_tokens: int = 128
     seed: int | None = None  # None: a fresh one (reported, so the run can be repeated)
     eos_ids: frozenset[int] = frozenset()
+    n: int = 1  # choices: n sequences from one prompt, its full blocks computed once (the prefix cache)
+    logprobs: int | None = None  # return each token's logprob and this many best alternatives (0 … 20)
 
 
 class Sequence:
-    """A request being generated: its tokens, its blocks, and where it stands."""
+    """One choice of a request being generated: its tokens, its blocks, and where it stands.
 
-    def __init__(self, request: Request):
+    Choice i > 0 of a seeded request draws from the seed sequence [seed, i] (choice 0 from the seed itself, so
+    n = 1 repeats what `generate --seed` gives); it waits to be admitted until the first choice's prompt blocks
+    are in the prefix cache, so that the prompt is computed once.
+    """
+
+    def __init__(self, request: Request, choice: int = 0, first: Sequence | None = None):
         self.request = request
-        self.rng, self.seed = make_rng(request.seed)
+        self.choice = choice  # index among the request's n choices
+        self.first = first  # choice 0, whose prompt blocks this one shares
+        if choice and request.seed is not None:
+            self.rng, self.seed = np.random.default_rng([request.seed, choice]), request.seed
+        else:
+            self.rng, self.seed = make_rng(request.seed)
         self.tokens: list[int] = [int(t) for t in request.prompt_ids]  # prompt then generated, as known on the host
         self.prompt_len = len(self.tokens)
         self.in_flight = 0  # samples launched but not yet read
@@ -75,6 +93,8 @@ class Sequence:
         self.slot: int | None = None  # state slot while running
         self.status = "waiting"  # waiting | running | finished
         self.finish_reason: str | None = None
+        self.error: str | None = None  # why, when finish_reason is "error"
+        self.logprob = None  # the last token's TokenLogprob, when the request asked for logprobs
         self.preemptions = 0
         self.arrival = time.perf_counter()
 
@@ -174,7 +194,7 @@ class Scheduler:
         """Waiting sequences, oldest first, while budget, slots and free blocks last (they never preempt)."""
         while self.waiting and plan.budget and self._free_slots:
             sequence = self.waiting[0]
-            if sequence.in_flight:  # preempted with a sample still in flight: wait for it
+            if sequence.in_flight or self._awaits_first(sequence):  # a sample still in flight, or a shared prompt
                 return
             sequence.table = BlockTable(self.pool)
             adopted = sequence.computed = sequence.table.adopt_prefix(sequence.tokens)
@@ -188,6 +208,15 @@ class Scheduler:
             plan.fresh_slots.append(sequence.slot)
             if adopted:  # history taken from the prefix cache, never fed: mark it seen all the same
                 plan.seen.append((sequence.slot, sequence.tokens[:adopted]))
+            if sequence.generated:  # recomputed after preemption: its generated tokens count again
+                plan.counted.append((sequence.slot, sequence.generated))
+
+    def _awaits_first(self, sequence: Sequence) -> bool:
+        """A later choice waits while the first is running and its prompt's full blocks are not yet cached."""
+        first = sequence.first
+        if first is None or first.status != "running" or not self.pool.prefix_caching:
+            return False
+        return first.table.registered < (first.prompt_len - 1) // self.pool.block_size
 
     def _reserve(self, sequence: Sequence, count: int, plan: _Plan, may_preempt: bool = True) -> bool:
         """Blocks for `count` more positions. When the pool is dry, running sequences newer than this one are
@@ -231,19 +260,27 @@ class Scheduler:
     @staticmethod
     def _sample(sequence: Sequence) -> Sample:
         params = sequence.request.params
-        return Sample(params, 0.0 if params.greedy else float(sequence.rng.random()))
+        return Sample(params, 0.0 if params.greedy else float(sequence.rng.random()), sequence.request.logprobs)
 
     # ── taking a step's samples ──────────────────────────────────────────────────────────────────────
-    def complete(self, scheduled: Scheduled, tokens: Iterable[int]) -> list[Sequence]:
-        """Append each sample to its sequence (unless it finished meanwhile); the sequences that took a token."""
-        updated = []
-        for sequence, token in zip(scheduled.sampled, tokens):
+    def complete(self, scheduled: Scheduled, result: StepResult) -> list[tuple[Sequence, int | None]]:
+        """Append each sample to its sequence (unless it finished meanwhile): (sequence, the token it took), or
+        (sequence, None) for one that ends without a token — a row that could not be sampled ends its sequence with
+        finish reason "error" (sequence.error says why)."""
+        updated: list[tuple[Sequence, int | None]] = []
+        for i, (sequence, token) in enumerate(zip(scheduled.sampled, result.tokens.tolist())):
             sequence.in_flight -= 1
             if sequence.finished:
                 continue  # a wasted row: the sequence ended at the step before
-            sequence.tokens.append(int(token))
-            updated.append(sequence)
-            reason = self._finish_reason(sequence, int(token))
+            if token < 0:
+                sequence.error = SAMPLING_ERRORS.get(token, f"sampling failed ({token})")
+                self._finish(sequence, "error")
+                updated.append((sequence, None))
+                continue
+            sequence.tokens.append(token)
+            sequence.logprob = token_logprob(result, i, token, sequence.request.logprobs)
+            updated.append((sequence, token))
+            reason = self._finish_reason(sequence, token)
             if reason:
                 self._finish(sequence, reason)
         for sequence in scheduled.sequences:
@@ -282,6 +319,7 @@ class _Plan:
         self.copies: list[tuple[int, int]] = []
         self.fresh_slots: list[int] = []
         self.seen: list[tuple[int, list[int]]] = []
+        self.counted: list[tuple[int, list[int]]] = []
 
     def add(self, sequence: Sequence, work: Work) -> None:
         self.works.append(work)
@@ -293,6 +331,14 @@ class _Plan:
         order = single + [i for i, w in enumerate(self.works) if w.count != 1]
         works = [self.works[i] for i in order]
         sequences = [self.sequences[i] for i in order]
-        step = Step(works, copies=self.copies, fresh_slots=self.fresh_slots, seen=self.seen)
+        step = Step(works, copies=self.copies, fresh_slots=self.fresh_slots, seen=self.seen, counted=self.counted)
         return Scheduled(step, [s for s, w in zip(sequences, works) if w.sample], sequences)
 
+
+
+def token_logprob(result: StepResult, row: int, token: int, alternatives: int | None) -> TokenLogprob | None:
+    """Row `row`'s TokenLogprob with its best `alternatives` (None when the request asked for no logprobs)."""
+    if alternatives is None or result.logprobs is None:
+        return None
+    pairs = zip(result.top_ids[row, :alternatives], result.top_logprobs[row, :alternatives])
+    return TokenLogprob(token, float(result.logprobs[row]), [(int(t), float(lp)) for t, lp in pairs if t >= 0])

@@ -28,6 +28,7 @@ class Sample:
 
     params: SamplingParams
     u: float = 0.0  # in [0, 1): the run's one random number for this token (unused when greedy)
+    logprobs: int | None = None  # also return the token's logprob and this many best alternatives (0 … 20)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Step:
     copies: list[tuple[int, int]] = field(default_factory=list)  # (source, destination) blocks, copy-on-write
     fresh_slots: list[int] = field(default_factory=list)  # state slots starting a sequence: seen-set cleared
     seen: list[tuple[int, Sequence[int]]] = field(default_factory=list)  # (slot, ids) of history not computed here
+    counted: list[tuple[int, Sequence[int]]] = field(default_factory=list)  # (slot, generated ids) returning as history
     window: int = 0  # attention window for every layer: 0 is full (OLMo 2); a per-layer list goes here later
 
     @classmethod
@@ -87,10 +89,13 @@ class StepArrays:
     num_decode: int  # the first num_decode sequences have one row each
     logit_rows: np.ndarray  # int32 [R]: token rows whose logits are computed
     sample_rows: np.ndarray  # int32 [S]: indices into logit_rows of the rows that are sampled
-    temperature: np.ndarray  # float32 [S]
+    temperature: np.ndarray  # float64 [S] (a subnormal one must not round to 0 before the device sees it)
     top_k: np.ndarray  # int32 [S]
     top_p: np.ndarray  # float32 [S]
     repetition_penalty: np.ndarray  # float32 [S]
+    presence_penalty: np.ndarray  # float32 [S]
+    frequency_penalty: np.ndarray  # float32 [S]
+    logprobs: np.ndarray  # int32 [S]: alternatives each sampled row asks for, −1 for no logprobs at all
     u: np.ndarray  # float64 [S]: the uniform draws (the GPU takes them as float32)
     sample_state: np.ndarray  # int32 [S]: the state slot of each sampled row
     params: list[SamplingParams]  # [S], for the NumPy sampler
@@ -136,10 +141,13 @@ class StepArrays:
             first_row=first_row, rows=counts, context=np.array([w.context for w in works], np.int32),
             block_tables=tables, num_decode=num_decode,
             logit_rows=np.array(logit_rows, np.int32), sample_rows=np.array([r for r, _ in sampled], np.int32),
-            temperature=np.array([p.temperature for p in params], np.float32),
+            temperature=np.array([p.temperature for p in params], np.float64),
             top_k=np.array([p.top_k for p in params], np.int32),
             top_p=np.array([p.top_p for p in params], np.float32),
             repetition_penalty=np.array([p.repetition_penalty for p in params], np.float32),
+            presence_penalty=np.array([p.presence_penalty for p in params], np.float32),
+            frequency_penalty=np.array([p.frequency_penalty for p in params], np.float32),
+            logprobs=np.array([-1 if w.sample.logprobs is None else w.sample.logprobs for _, w in sampled], np.int32),
             u=np.array([w.sample.u for _, w in sampled], np.float64),
             sample_state=np.array([w.slot for _, w in sampled], np.int32),
             params=params,
@@ -148,7 +156,17 @@ class StepArrays:
 
 @dataclass
 class StepResult:
-    """What a step gives back: the sampled ids, one per sampled work in step order, and logits when asked."""
+    """What a step gives back: the sampled ids, one per sampled work in step order, and logits when asked.
+
+    A token below 0 marks a row that could not be sampled (its logits hold NaN, or nothing above −inf): the loop
+    ends that request with an error. Logprobs come for the rows that asked (Sample.logprobs), else None.
+    """
 
     tokens: np.ndarray  # int32 [S]
     logits: np.ndarray | None = None  # float32 [R, V]: rows in logit_rows order (raw: before any penalty)
+    logprobs: np.ndarray | None = None  # float32 [S]: each sampled token's logprob (raw logits' log-softmax)
+    top_ids: np.ndarray | None = None  # int32 [S, K]: the K best alternatives (K = the step's largest request)
+    top_logprobs: np.ndarray | None = None  # float32 [S, K]
+
+
+SAMPLE_NAN, SAMPLE_NO_MASS = -1, -2  # a row's token when its logits hold NaN / nothing above −inf

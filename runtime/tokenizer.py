@@ -1,17 +1,26 @@
-"""Text ↔ token ids with `tokenizers`, streaming decode, and chat templates in jinja2's sandbox."""
+"""Text ↔ token ids with `tokenizers`, streaming decode, and chat templates in a limited jinja2 sandbox.
+
+Both inputs come from a checkpoint, so both are untrusted: the chat template renders under
+olmoscope.chat_template's budget (time, size, recursion; safe in any thread), and every call into the
+tokenizers library goes through `guard_tokenizer`, which turns its Rust panics (pyo3's PanicException derives
+from BaseException, not Exception) into one EngineError line.
+"""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
+from typing import TypeVar
 
-import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.decoders import DecodeStream
 
-from olmoscope.errors import EngineError
+from olmoscope.chat_template import TemplateError, compile_template, render
+from olmoscope.display import one_line
+from olmoscope.errors import EngineError, OlmoscopeError
+
+T = TypeVar("T")
 
 # OLMo 2 Instruct's chat format (OLMO2.md, "Tokenizer"): <|endoftext|> first, then per message
 # "<|role|>\ncontent\n", an assistant turn closed by <|endoftext|>\n, and "<|assistant|>\n" to generate.
@@ -47,12 +56,25 @@ def _byte_level_alphabet() -> dict[str, int]:
 _BYTE_OF_CHAR = _byte_level_alphabet()
 
 
-class TemplateError(EngineError):
-    """A chat template failed to compile or render."""
+def _raise_exception(message: object):
+    raise TemplateError(f"chat template: {one_line(str(message))[:300]}")
 
 
-def _raise_exception(message: str):
-    raise TemplateError(f"chat template: {message}")
+def guard_tokenizer(call: Callable[[], T], what: str, failure: str = "the tokenizer failed",
+                    error: type[OlmoscopeError] = EngineError) -> T:
+    """call(), with anything the tokenizers library raises — a Rust panic included — as one `error` line.
+
+    >>> guard_tokenizer(lambda: tokenizer.encode(text).ids, "model.olmo")
+    """
+    try:
+        return call()
+    except (KeyboardInterrupt, SystemExit, GeneratorExit, OlmoscopeError):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - pyo3_runtime.PanicException is a BaseException
+        kind = "the tokenizer panicked" if type(exc).__name__ == "PanicException" else failure
+        first = str(exc).strip().splitlines()
+        detail = one_line(first[0][:160]) if first else type(exc).__name__
+        raise error(f"{what}: {kind} ({detail})") from None
 
 
 class Tokenizer:
@@ -69,20 +91,21 @@ class Tokenizer:
         self.chat_template = chat_template or OLMO2_CHAT_TEMPLATE  # jinja2 source
         self.eos_token = eos_token or "<|endoftext|>"  # as the template sees it
         self.bos_token = bos_token or self.eos_token  # OLMo 2 Instruct's template opens with <|endoftext|>
+        self.origin = "tokenizer"  # named in errors
+        self._compiled = None  # the chat template's code, compiled on first use (then shared by renders)
 
     @classmethod
     def from_json(cls, text: str, chat_template: str | None = None, bos_token_id: int | None = None,
                   eos_token_id: int | None = None, origin: str = "tokenizer.json") -> Tokenizer:
         """Parse tokenizer.json text; special ids name the bos/eos strings the chat template sees."""
-        try:
-            tokenizer = HFTokenizer.from_str(text)
-        except Exception as exc:  # tokenizers raises bare Exceptions on bad JSON
-            raise EngineError(f"{origin}: unreadable tokenizer ({str(exc).splitlines()[0]})") from None
+        tokenizer = guard_tokenizer(lambda: HFTokenizer.from_str(text), origin, "unreadable tokenizer")
 
         def token(i: int | None) -> str | None:
-            return tokenizer.id_to_token(i) if i is not None else None
+            return guard_tokenizer(lambda: tokenizer.id_to_token(i), origin) if i is not None else None
 
-        return cls(tokenizer, chat_template, token(bos_token_id), token(eos_token_id))
+        made = cls(tokenizer, chat_template, token(bos_token_id), token(eos_token_id))
+        made.origin = origin
+        return made
 
     @classmethod
     def bundled(cls) -> Tokenizer:
@@ -97,10 +120,10 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text` (special tokens written in the text, like <|endoftext|>, are matched)."""
-        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        return guard_tokenizer(lambda: self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids, self.origin)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+        return guard_tokenizer(lambda: self._tokenizer.decode(list(ids), skip_special_tokens=False), self.origin)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The UTF-8 bytes one token stands for (part of a character, maybe), as OpenAI's logprobs report them.
@@ -108,10 +131,10 @@ class Tokenizer:
         >>> Tokenizer.bundled().token_bytes(1917)
         b' world'
         """
-        piece = self._tokenizer.id_to_token(int(token_id))
+        piece = guard_tokenizer(lambda: self._tokenizer.id_to_token(int(token_id)), self.origin)
         if piece is None:
             return b""
-        if self._tokenizer.token_to_id(piece) in self._added_ids:
+        if int(token_id) in self._added_ids:
             return piece.encode("utf-8")
         try:
             return bytes(_BYTE_OF_CHAR[c] for c in piece)
@@ -124,22 +147,20 @@ class Tokenizer:
 
     def stream(self) -> TextStream:
         """An incremental decoder for generated ids."""
-        return TextStream(self._tokenizer)
+        return TextStream(self._tokenizer, self.origin)
 
     def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The chat template applied to messages ([{"role": "user", "content": "Hi"}]) in jinja2's sandbox.
+        """The chat template applied to messages ([{"role": "user", "content": "Hi"}]) in a limited sandbox.
+
+        Safe to call from any thread; every failure or limit is one TemplateError (chat_template.py).
 
         >>> Tokenizer.bundled().render_chat([{"role": "user", "content": "Hi"}])
         '<|endoftext|><|user|>\\nHi\\n<|assistant|>\\n'
         """
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise_exception
-        try:
-            template = env.from_string(self.chat_template)
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                   bos_token=self.bos_token, eos_token=self.eos_token)
-        except jinja2.TemplateError as exc:  # syntax errors and sandbox violations alike
-            raise TemplateError(f"chat template: {exc}") from None
+        if self._compiled is None:
+            self._compiled = compile_template(self.chat_template)
+        return render(self._compiled, {"raise_exception": _raise_exception}, messages=messages,
+                      add_generation_prompt=add_generation_prompt, bos_token=self.bos_token, eos_token=self.eos_token)
 
     def encode_chat(self, user_message: str) -> list[int]:
         """Token ids of a one-message chat ready for the assistant's reply."""
@@ -154,10 +175,11 @@ class TextStream:
     ['Hello', ' world']
     """
 
-    def __init__(self, tokenizer: HFTokenizer):
+    def __init__(self, tokenizer: HFTokenizer, origin: str = "tokenizer"):
         self._tokenizer = tokenizer
         self._stream = DecodeStream(skip_special_tokens=False)
+        self._origin = origin
 
     def step(self, token_id: int) -> str:
         """The text this id completes ('' while a character is still partial)."""
-        return self._stream.step(self._tokenizer, token_id) or ""
+        return guard_tokenizer(lambda: self._stream.step(self._tokenizer, token_id), self._origin) or ""

@@ -335,3 +335,17 @@ def test_largest_allowed_options_are_accepted():
     report = arch_report("olmo2-7b", context=1 << 24, batch=1 << 16, prefill=1 << 24, bandwidth=100_000)
     assert report["memory"]["kv_cache"]["bytes"]["bf16"] == 524_288 * (1 << 24) * (1 << 16)
     assert any("--context 16,777,216 is beyond the trained context" in n for n in report["notes"])
+
+
+@pytest.mark.parametrize("command", ["arch", "tensors"])
+def test_a_report_path_with_a_trailing_slash_is_refused_not_written_as_a_file(tmp_path, monkeypatch, command):
+    """Issue 10, item 11: `-o dir/` once wrote a file named `dir`; the same writer serves --csv."""
+    monkeypatch.chdir(tmp_path)
+    source = "olmo2-1b" if command == "arch" else None
+    if source is None:
+        from olmoscope.tiny import make_tiny
+
+        source = str(make_tiny(tmp_path / "snap", hidden_size=32, num_layers=1, num_heads=2, vocab_size=256))
+    result = CliRunner().invoke(main, [command, source, "--csv", "report/"])
+    assert_one_line_error(result, "--csv report/: names a directory (trailing slash)")
+    assert not (tmp_path / "report").exists()

@@ -90,7 +90,8 @@ def test_seeded_sampling_and_stop_strings_equal_generate_alone(engine_file, tmp_
 
 
 @pytest.mark.parametrize("bad, status, fragment", [
-    ("{not json", 400, "not valid JSON"),
+    ("{not json", 400, "invalid JSON"),
+    ("{\"custom_id\": \"d\", \"custom_id\": \"e\"}", 400, "duplicate key"),
     (json.dumps([1, 2]), 400, "JSON object"),
     (json.dumps({"method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}), 400, "custom_id"),
     (line("b", {"prompt": "x", "best_of": 2}), 400, "unsupported parameter 'best_of'"),

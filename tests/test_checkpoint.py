@@ -168,3 +168,40 @@ def test_check_against_config_of_tied_config_expects_no_lm_head(make_snapshot, t
     result = check_against_config(Checkpoint.open(directory).entries, ModelConfig.from_dict(tiny_config))
     assert result.missing == ["lm_head.weight"] and result.unexpected == []
     assert check_against_config(Checkpoint.open(directory).entries, ModelConfig.from_dict(tied)).ok
+
+
+# ── issue 10 ───────────────────────────────────────────────────────────────────
+def test_a_dangling_index_symlink_is_an_error_not_a_missing_index(make_snapshot, tmp_path):
+    snapshot = make_snapshot()
+    (snapshot / "model.safetensors.index.json").symlink_to(tmp_path / "gone.json")
+    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json: no such file \(a dangling symbolic link\)"):
+        Checkpoint.open(snapshot)
+
+
+def test_a_shard_listing_too_many_tensors_is_refused_before_parsing(tmp_path):
+    import time
+
+    from conftest import raw_shard
+
+    from olmoscope.checkpoint import MAX_TENSORS
+
+    entries = b",".join(b'"t%d": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}' % i
+                        for i in range(MAX_TENSORS + 1))
+    (tmp_path / "model.safetensors").write_bytes(raw_shard(b"{" + entries + b"}"))
+    started = time.perf_counter()
+    with pytest.raises(CheckpointError, match=f"header lists more than {MAX_TENSORS:,} tensors"):
+        Checkpoint.open(tmp_path)
+    assert time.perf_counter() - started < 1.0  # 10^6 tensors once took 143 s and 2 GB
+
+
+def test_shards_together_are_bounded_too(tmp_path, monkeypatch):
+    from conftest import raw_shard
+
+    from olmoscope import checkpoint
+
+    monkeypatch.setattr(checkpoint, "MAX_TENSORS", 3)
+    for name in ("a", "b"):
+        header = {f"{name}{i}": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]} for i in range(2)}
+        (tmp_path / f"{name}.safetensors").write_bytes(raw_shard(header))
+    with pytest.raises(CheckpointError, match="4 tensors across 2 shards is more than the 3 supported"):
+        Checkpoint.open(tmp_path)

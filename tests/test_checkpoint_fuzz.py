@@ -232,3 +232,48 @@ def test_random_indexes_give_only_checkpoint_errors(workdir, weight_map, wrap):
     index = {"weight_map": weight_map} if wrap else weight_map
     (directory / "model.safetensors.index.json").write_text(json.dumps(index))
     open_only_checkpoint_errors(directory)
+
+
+# ── the one JSON loader and the config behind every SOURCE (issue 10, items 5 and 11) ──────────
+from olmoscope.config import ModelConfig  # noqa: E402
+from olmoscope.errors import ConfigError  # noqa: E402
+from olmoscope.readers import parse_json  # noqa: E402
+
+json_pieces = st.one_of(
+    st.sampled_from([b"{", b"}", b"[", b"]", b",", b":", b'"a"', b'"\\ud800"', b'"\\ud83d\\ude42"', b"NaN", b"1e999",
+                     b"9" * 60, b"-0", b"true", b"null", b"\xff", b" "]),
+    st.binary(max_size=4),
+)
+
+
+@FUZZ
+@given(pieces=st.lists(json_pieces, max_size=40), nest=st.integers(0, 200))
+def test_the_json_loader_gives_only_its_error_class(pieces, nest):
+    text = b"[" * nest + b"".join(pieces) + b"]" * nest
+    try:
+        value = parse_json(text, "f.json", ConfigError)
+    except ConfigError as exc:
+        assert str(exc).startswith("f.json: ") and "\n" not in str(exc)
+        event(f"refused: {_reason(str(exc))}")
+        return
+    json.dumps(value, ensure_ascii=False).encode("utf-8")  # what it accepts is text, shallow enough to print
+
+
+TINY = {"model_type": "olmo2", "architectures": ["Olmo2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128,
+        "max_position_embeddings": 256, "rope_theta": 500000, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+config_keys = st.sampled_from(sorted(TINY) + ["head_dim", "attention_bias", "rope_scaling", "rope_parameters",
+                                              "hidden_act", "eos_token_id", "torch_dtype"])
+
+
+@FUZZ
+@given(changes=st.dictionaries(config_keys, json_junk | st.sampled_from(["false", "true", 0, 16, 2**40]), max_size=3))
+def test_any_config_values_give_only_config_errors(changes):
+    raw = {**TINY, **changes}
+    try:
+        config = ModelConfig.from_dict(raw, origin="config.json")
+    except ConfigError as exc:
+        assert str(exc).startswith("config.json: ") and "\n" not in str(exc) and len(str(exc)) < 500
+        return
+    assert isinstance(config.tie_word_embeddings, bool) and config.hidden_size % config.num_attention_heads == 0
+    assert raw.get("head_dim") in (None, config.head_dim)

@@ -250,6 +250,110 @@ def test_int8_quantizes_each_row_to_absmax_over_127():
     assert (err <= scale[:, None] / 2 * (1 + 1e-5)).all(), f"max err {err.max():.3e}"
 
 
+def test_int8_of_a_subnormal_row_keeps_its_bound_and_verifies(make_snapshot, tmp_path):
+    """Issue 10, item 10: a row whose largest value is 1e-45 once got scale 0 (absmax / 127 underflows)."""
+    from olmoscope.verify import compare_with_source
+
+    rows = np.zeros((128, 64), np.float32)
+    rows[0, :3] = [1e-45, -1e-45, 0]  # the smallest subnormal, both signs
+    rows[1, :2] = [190 * 2.0**-149, 3 * 2.0**-149]  # scale rounds down a whole unit without the fix
+    rows[2:] = np.random.default_rng(2).standard_normal((126, 64)) * np.float32(1e-39)
+    snapshot = make_snapshot(drop=("lm_head.weight",), extra={"lm_head.weight": rows})
+    cv.convert(str(snapshot), tmp_path / "m.engine", dtype="int8")
+    with ef.EngineFile.open(tmp_path / "m.engine") as engine:
+        assert engine.scales("lm_head")[0] > 0
+        lm_head = next(c for c in compare_with_source(engine, resolve(str(snapshot))) if c.name == "lm_head")
+    assert lm_head.ok and lm_head.worst <= 1.0, lm_head
+
+
+# ── what the snapshot's side files may hold ─────────────────────────────────────
+def _snapshot_with(make_snapshot, **files) -> Path:
+    snapshot = make_snapshot()
+    for name, content in files.items():
+        path = snapshot / name.replace("__", ".")
+        if content == "fifo":
+            os.mkfifo(path)
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return snapshot
+
+
+def _broken_tokenizer() -> str:
+    """The dolma2 tokenizer with a normalizer whose empty regex makes tokenizers panic on any text."""
+    from importlib import resources
+
+    tokenizer = json.loads(resources.files("olmoscope").joinpath("data", "dolma2-tokenizer.json").read_text("utf-8"))
+    tokenizer["normalizer"] = {"type": "Replace", "pattern": {"Regex": ""}, "content": "x"}
+    return json.dumps(tokenizer)
+
+
+@pytest.mark.parametrize("files,fragments", [
+    ({"generation_config__json": {"eos_token_id": list(range(100))}},
+     ["eos_token_id lists 100 ids; an engine file holds at most 64"]),
+    ({"tokenizer__json": {"model": {"vocab": {"a": 0, "b": 5_000_000}}}},
+     ["token id 5,000,000 is beyond the 4,194,304 ids an engine file holds"]),
+    ({"tokenizer_config__json": {"chat_template": [{"name": ["default"], "template": "x"}]}}, None),  # no name: none
+    ({"tokenizer_config__json": '{"chat_template": "a", "chat_template": "b"}'}, ["duplicate key 'chat_template'"]),
+    ({"generation_config__json": '{"eos_token_id": ' + "9" * 5000 + "}"}, ["an integer of 5,000 digits"]),
+    ({"tokenizer__json": "fifo"}, ["tokenizer.json", "not a regular file (a FIFO)"]),
+    ({"generation_config__json": "fifo"}, ["generation_config.json", "not a regular file (a FIFO)"]),
+    ({"tokenizer_config__json": "fifo"}, ["tokenizer_config.json", "not a regular file (a FIFO)"]),
+    ({"chat_template__jinja": "fifo"}, ["chat_template.jinja", "not a regular file (a FIFO)"]),
+    ({"tokenizer__json": '{"model": {"vocab": {"\\ud800": 0}}}'}, ["tokenizer.json", "lone surrogate (\\ud800)"]),
+])
+def test_side_files_are_refused_before_writing_or_read_as_documented(make_snapshot, tmp_path, files, fragments):
+    snapshot = _snapshot_with(make_snapshot, **files)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    if fragments is None:
+        report = cv.convert(str(snapshot), out_dir / "m.engine")
+        with ef.EngineFile.open(report.output) as engine:
+            assert engine.generation["chat_template"] is None
+        return
+    result = CliRunner().invoke(main, ["convert", str(snapshot), "-o", str(out_dir / "m.engine")])
+    from cli_checks import assert_one_line_error
+
+    assert_one_line_error(result, *fragments)
+    assert _leftovers(out_dir) == []
+
+
+def test_a_tokenizer_that_panics_is_refused_in_one_line(make_snapshot, tmp_path, capfd):
+    from cli_checks import assert_one_line_error
+
+    snapshot = _snapshot_with(make_snapshot, tokenizer__json=_broken_tokenizer())
+    result = CliRunner().invoke(main, ["convert", str(snapshot), "-o", str(tmp_path / "m.engine")])
+    assert_one_line_error(result, "tokenizer.json: the tokenizer panicked (index out of bounds")
+    assert "panicked at" not in capfd.readouterr().err, "Rust's own panic lines are held back"
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_dangling_side_file_symlink_is_an_error_not_absence(make_snapshot, tmp_path):
+    snapshot = make_snapshot()
+    (snapshot / "tokenizer.json").symlink_to(tmp_path / "gone.json")
+    with pytest.raises(SourceError, match=r"tokenizer.json: no such file \(a dangling symbolic link\)"):
+        cv.convert(str(snapshot), tmp_path / "m.engine")
+
+
+def test_a_template_that_does_not_compile_is_kept_with_a_note(make_snapshot, tmp_path):
+    snapshot = _snapshot_with(make_snapshot, chat_template__jinja="{% include 'other.jinja' %}")
+    report = cv.convert(str(snapshot), tmp_path / "m.engine")
+    assert any("{% include %} is not allowed" in note for note in report.notes), report.notes
+
+
+def test_a_snapshot_folder_whose_name_is_not_utf8_converts(make_snapshot, tmp_path):
+    """Issue 10, item 5: the folder name went into the header and failed to encode."""
+    snapshot = make_snapshot()
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/snap\xff"))
+    snapshot.rename(odd)
+    report = cv.convert(str(odd), tmp_path / "m.engine")
+    with ef.EngineFile.open(report.output) as engine:
+        assert engine.provenance["source_path"].endswith("snap\\xff")
+    result = CliRunner().invoke(main, ["arch", str(odd)])
+    assert result.exit_code == 0 and "snap" in result.output
+
+
 # ── header contents ─────────────────────────────────────────────────────────────
 def test_header_carries_tokenizer_generation_defaults_and_provenance(tiny_snapshots, tmp_path):
     snapshot = tiny_snapshots("float32", 2)
@@ -328,6 +432,8 @@ def test_arch_of_engine_file_reports_the_stored_layout(tiny_snapshots, tmp_path)
     assert text.exit_code == 0, text.output
     assert "Engine file layout" in text.stdout and "layers.0.gate_up" in text.stdout
     assert "layers.1.qkv" not in text.stdout  # one layer shown, like the tensor table
+    stored = next(line for line in text.stdout.splitlines() if line.startswith("stored dtype"))
+    assert stored.split()[2] == "int8" and "the source was float32" in stored, stored  # not config's torch_dtype
     snapshot_report = json.loads(CliRunner().invoke(main, ["arch", str(tiny_snapshots("float32", 2)), "--json"]).stdout)
     assert "engine" not in snapshot_report
 
@@ -419,29 +525,134 @@ def test_interrupted_forced_conversion_keeps_the_old_file(tiny_snapshots, tmp_pa
     assert _leftovers(tmp_path) == ["m.engine"]
 
 
-@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
-def test_killed_cli_conversion_leaves_neither_output_nor_temp_file(tiny_snapshots, tmp_path, signum):
-    import signal
+def _slow_convert(snapshot: Path, out_dir: Path, marker: Path, force_named_partial: bool = False):
+    """A real `olmoscope convert` process, slowed down so that a signal lands while it writes; it touches
+    `marker` when the first block is being encoded."""
     import subprocess
     import sys
+
+    script = ("import time, pathlib, olmoscope.convert as cv, olmoscope.atomic as at\n"
+              "real = cv.encode_block\n"
+              f"marker = pathlib.Path({str(marker)!r})\n"
+              "cv.encode_block = lambda *a, **k: (marker.touch(), time.sleep(0.2), real(*a, **k))[2]\n"
+              + ("at._Nameless.create = classmethod(lambda cls, folder: None)\n" if force_named_partial else "")
+              + "from olmoscope.cli import main\n"
+              f"main(['convert', {str(snapshot)!r}, '-o', 'm.engine'])\n")
+    return subprocess.Popen([sys.executable, "-c", script], cwd=out_dir, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(marker: Path) -> None:
     import time
 
-    snapshot = tiny_snapshots("float32", 2)
-    # A real process, slowed down so the signal lands while the temporary file is being written.
-    script = ("import time, olmoscope.convert as cv\n"
-              "real = cv.encode_block\n"
-              "cv.encode_block = lambda *a, **k: (time.sleep(0.2), real(*a, **k))[1]\n"
-              "from olmoscope.cli import main\n"
-              f"main(['convert', {str(snapshot)!r}, '-o', 'm.engine'])\n")
-    process = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
-    while not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(getattr(signal, signum))
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert marker.exists(), "the conversion never started writing"
+
+
+@pytest.mark.parametrize("signals,code", [
+    (["SIGINT"], 130), (["SIGTERM"], 130), (["SIGHUP"], 130),
+    (["SIGINT", "SIGINT"], 130),  # two Ctrl-C 20 ms apart: the second lands during the unwinding
+    (["SIGUSR1"], -10), (["SIGKILL"], -9),  # no handler at all: only a nameless file survives these
+])
+def test_killed_cli_conversion_leaves_neither_output_nor_temp_file(tiny_snapshots, tmp_path, signals, code):
+    import signal
+    import time
+
+    out_dir, marker = tmp_path / "out", tmp_path / "started"
+    out_dir.mkdir()
+    process = _slow_convert(tiny_snapshots("float32", 2), out_dir, marker)
+    _wait_for(marker)
+    for number, name in enumerate(signals):
+        if number:
+            time.sleep(0.02)
+        process.send_signal(getattr(signal, name))
     _, stderr = process.communicate(timeout=30)
-    assert process.returncode == 130, stderr
-    assert stderr.strip() == "olmoscope: interrupted"
-    assert _leftovers(tmp_path) == []
+    assert process.returncode == code, stderr
+    assert "Traceback" not in stderr
+    if code == 130:
+        assert stderr.strip().splitlines()[-1] == "olmoscope: interrupted"
+    assert list(out_dir.iterdir()) == [], "no output, no partial, no hidden file"
+
+
+def test_without_o_tmpfile_the_next_convert_removes_a_killed_writers_partial(tiny_snapshots, tmp_path):
+    import fcntl
+    import signal
+
+    from olmoscope import atomic
+
+    out_dir, marker = tmp_path / "out", tmp_path / "started"
+    out_dir.mkdir()
+    process = _slow_convert(tiny_snapshots("float32", 2), out_dir, marker, force_named_partial=True)
+    _wait_for(marker)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=30)
+    left = [p.name for p in out_dir.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".m.engine.") and left[0].endswith(atomic.PARTIAL_SUFFIX)
+    # A partial whose writer is alive (it holds the lock) is left alone.
+    alive = out_dir / f".other.engine.1234{atomic.PARTIAL_SUFFIX}"
+    with open(alive, "wb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        cv.convert(str(tiny_snapshots("float32", 2)), out_dir / "m.engine")
+        assert sorted(p.name for p in out_dir.iterdir()) == [alive.name, "m.engine"]
+
+
+def test_a_file_that_appears_at_the_output_while_converting_is_not_replaced(tiny_snapshots, tmp_path, monkeypatch):
+    out = tmp_path / "m.engine"
+    real = ef.EngineWriter.finish
+
+    def finish(self):
+        out.write_bytes(b"made by someone else meanwhile")
+        return real(self)
+
+    monkeypatch.setattr(ef.EngineWriter, "finish", finish)
+    with pytest.raises(UsageError, match="a file appeared there while converting and was left alone"):
+        cv.convert(str(tiny_snapshots("float32", 2)), out)
+    assert out.read_bytes() == b"made by someone else meanwhile"
+    assert _leftovers(tmp_path) == ["m.engine"]
+
+
+def test_two_converts_to_one_output_do_not_both_succeed(tiny_snapshots, tmp_path, monkeypatch):
+    """The second conversion runs while the first is inside finish(): only the first one's file remains."""
+    out = tmp_path / "m.engine"
+    snapshot = str(tiny_snapshots("float32", 2))
+    real, outcomes = ef.EngineWriter.finish, []
+
+    def finish(self):
+        if not outcomes:
+            outcomes.append("inner")
+            monkeypatch.setattr(ef.EngineWriter, "finish", real)
+            cv.convert(snapshot, out)  # the other convert completes first
+        return real(self)
+
+    monkeypatch.setattr(ef.EngineWriter, "finish", finish)
+    with pytest.raises(UsageError, match="appeared there while converting"):
+        cv.convert(snapshot, out)
+    with ef.EngineFile.open(out) as engine:
+        assert engine.verify() == []
+
+
+def test_output_that_is_a_source_file_is_refused_even_with_force(tiny_snapshots, tmp_path):
+    snapshot = tiny_snapshots("float32", 2)
+    shard = sorted(snapshot.glob("*.safetensors"))[0]
+    before = shard.read_bytes()
+    for target in (shard, snapshot / "config.json", snapshot / "tokenizer.json"):
+        with pytest.raises(UsageError, match=f"is the source's own {target.name}; refused"):
+            cv.convert(str(snapshot), target, force=True)
+    link = tmp_path / "alias.safetensors"
+    os.link(shard, link)  # a hard link is the same file under another name
+    with pytest.raises(UsageError, match="is the source's own"):
+        cv.convert(str(snapshot), link, force=True)
+    assert shard.read_bytes() == before
+
+
+@pytest.mark.parametrize("name", ["out/", "existing_dir", "."])
+def test_output_naming_a_directory_is_refused(tiny_snapshots, tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "existing_dir").mkdir()
+    with pytest.raises(UsageError, match="directory"):
+        cv.convert(str(tiny_snapshots("float32", 2)), name)
+    assert not (tmp_path / "out").exists(), "-o out/ must not write a file named out"
 
 
 def test_full_disk_is_one_error_and_leaves_nothing(tiny_snapshots, tmp_path, monkeypatch):

@@ -318,3 +318,27 @@ def test_engine_file_from_the_converter_runs_on_the_gpu(tmp_path):
     assert result.exit_code == 0, result.output
     out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [o["response"]["status_code"] for o in out] == [200] * 20
+
+
+def test_logprobs_penalties_and_choices_on_the_gpu(tiny):
+    """A request with logprobs, presence/frequency penalties and n = 3 through the pipelined GPU loop: every choice
+    finishes; each token's logprob and alternatives agree with the NumPy reference on the same history (bf16
+    logits: 5e-2 absolute on logprobs)."""
+    from stepping import teacher_forced_logits as forced
+
+    from olmoscope.runtime.sampler import token_logprobs
+
+    _, _, engine, gpu = tiny
+    params = SamplingParams(temperature=0.8, repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.4)
+    prompt = np.random.default_rng(9).integers(0, engine.config.vocab_size, 37).tolist()
+    loop = EngineLoop(gpu)
+    outputs = loop.add_choices(Request("lp", prompt, params, max_new_tokens=12, seed=5, n=3, logprobs=4))
+    loop.run()
+    assert [len(o.token_ids) for o in outputs] == [12] * 3 and loop.pool.num_used == 0
+    with NumpyBackend(engine, OPTIONS) as cpu:
+        for output in outputs:
+            rows = forced(cpu, prompt + output.token_ids, len(prompt))
+            for row, got in zip([rows[0][-1]] + rows[1:-1], output.logprobs):
+                want = token_logprobs(row, got.token_id, 4, engine.vocab_limit)
+                assert abs(got.logprob - want.logprob) <= 5e-2, (got, want)
+                assert len(got.top) == 4 and abs(got.top[0][1] - want.top[0][1]) <= 5e-2, (got, want)

@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 
 from olmoscope.runtime import reference
-from olmoscope.runtime.sampler import SamplingParams, candidate_probabilities, draw, penalized_logits
+from olmoscope.runtime.sampler import (SamplingParams, candidate_probabilities, draw, generated_penalties,
+                                       penalized_logits, token_logprobs)
 
 pytestmark = pytest.mark.cuda
 driver = pytest.importorskip("olmoscope.runtime.cuda.driver")
@@ -275,7 +276,7 @@ def test_gemv_matches_numpy(dev, rng, M, N, Kdim, kind):
 @pytest.mark.parametrize("split", [1, 2, 4, 8])
 @pytest.mark.parametrize("kind", ["bf16", "int8"])
 def test_gemv_every_k_split_gives_the_same_result(dev, rng, split, kind):
-    M, N, Kdim = 3, 517, 1024 + 48  # K not a multiple of the unrolled stride: the tail loop runs too
+    M, N, Kdim = 3, 517, 8 * 1224  # every one of 8 slices streams; K not a multiple of the unrolled stride (tail loop)
     wb, sb, w = weights(dev, rng, N, Kdim, kind)
     x = bf16(rng.standard_normal((M, Kdim)))
     y = dev.poisoned((M, N), "f32")
@@ -678,10 +679,16 @@ def gpu_sample_rows(dev, logits: np.ndarray, limit: int, params: list[SamplingPa
     states = np.arange(R) if states is None else np.asarray(states)
     n_states = max(n_states, int(states.max()) + 1)
     tokens, last = dev.poisoned((R,), "i32"), dev.poisoned((n_states,), "i32")
+    counts = dev.put(np.zeros((n_states, logits.shape[1])), "i32")
     dev.kernels.sample_rows(dev.put(logits, "f32"), limit, dev.put([p.temperature for p in params], "f32"),
                             dev.put([p.top_k for p in params], "i32"), dev.put([p.top_p for p in params], "f32"),
-                            dev.put(us, "f32"), dev.put(states, "i32"), tokens, last, R)
-    return dev.get(tokens), dev.get(last)
+                            dev.put(us, "f32"), dev.put(states, "i32"), tokens, last, counts, R)
+    got, counted = dev.get(tokens), dev.get(counts)
+    for r, state in enumerate(states):  # each sampled token is counted once, at its row's state
+        if state >= 0 and got[r] >= 0:
+            assert counted[state, got[r]] == 1, f"row {r}: its token was not counted at state {state}"
+    assert counted.sum() == sum(1 for r, st in enumerate(states) if st >= 0 and got[r] >= 0)
+    return got, dev.get(last)
 
 
 @pytest.mark.parametrize("V", [100352, 100353])  # an odd V: rows are not 16-byte aligned
@@ -747,20 +754,95 @@ def test_sampling_rows_from_flat_logits_follow_the_numpy_sampler(dev, rng, V, sc
     assert agree >= 4 * R - 2, f"{4 * R - agree} of {4 * R} draws differ from the NumPy sampler"
 
 
-def test_repetition_penalty_rows_match_numpy(dev, rng):
-    R, V, states = 5, 5001, 7
-    logits = rng.standard_normal((R, V)).astype(np.float32)
-    penalty = np.array([1.3, 1.0, 0.7, 2.0, 1.3], np.float32)
-    row_state = np.array([2, 0, 5, 6, -1])  # row 4: no state, untouched
-    history = {s: list(np.unique(rng.integers(0, V, 300))) for s in range(states)}
+def test_penalties_per_row_match_numpy(dev, rng):
+    """Repetition penalty over the seen ids, then presence and frequency over the generated counts, per row."""
+    R, V, states = 6, 5001, 7
+    logits = (3 * rng.standard_normal((R, V))).astype(np.float32)
+    penalty = np.array([1.3, 1.0, 0.7, 2.0, 1.3, 1.0], np.float32)
+    presence = np.array([0.0, 0.5, -0.4, 1.5, 0.7, 0.0], np.float32)
+    frequency = np.array([0.0, 0.3, 0.2, -0.6, 1.1, 0.0], np.float32)
+    row_state = np.array([2, 0, 5, 6, -1, 3])  # row 4: no state, untouched; row 5: every penalty off
+    counts = np.zeros((states, V), np.int32)
+    history = {}
+    for s in range(states):
+        generated = rng.integers(0, V, 200)
+        np.add.at(counts[s], generated, 1)
+        history[s] = list(np.unique(np.concatenate([rng.integers(0, V, 150), generated])))
     buffer = dev.put(logits, "f32")
-    dev.kernels.repetition_penalty_rows(buffer, dev.put(penalty, "f32"), dev.put(row_state, "i32"),
-                                        dev.put(as_i32(seen_bits(V, history, states)), "i32"), R)
+    dev.kernels.penalize_rows(buffer, dev.put(penalty, "f32"), dev.put(presence, "f32"), dev.put(frequency, "f32"),
+                              dev.put(row_state, "i32"), dev.put(as_i32(seen_bits(V, history, states)), "i32"),
+                              dev.put(counts, "i32"), R)
     got = dev.get(buffer).astype(np.float32)
     for r in range(R):
-        seen = np.array(history[row_state[r]]) if row_state[r] >= 0 else None
-        want = penalized_logits(logits[r], seen, float(penalty[r]), V)
-        assert np.array_equal(got[r], want), f"row {r} (penalty {penalty[r]}, state {row_state[r]})"
+        if row_state[r] < 0:
+            assert np.array_equal(got[r], logits[r]), f"row {r} has no state but was changed"
+            continue
+        state = row_state[r]
+        want = penalized_logits(logits[r], np.array(history[state]), float(penalty[r]), V)
+        want = generated_penalties(want, counts[state], float(presence[r]), float(frequency[r]))
+        assert np.array_equal(got[r], want), f"row {r} (penalty {penalty[r]}, presence {presence[r]}, " \
+                                             f"frequency {frequency[r]}, state {state})"
+
+
+def test_generated_tokens_are_counted_back_as_history(dev, rng):
+    V, states = 777, 3
+    ids = rng.integers(0, V, 500).astype(np.int32)
+    owners = rng.integers(-1, states, 500).astype(np.int32)  # −1: no state, not counted
+    counts = dev.put(np.zeros((states, V)), "i32")
+    dev.kernels.count_tokens(dev.put(ids, "i32"), dev.put(owners, "i32"), counts, len(ids))
+    want = np.zeros((states, V), np.int32)
+    for i, s in zip(ids, owners):
+        if s >= 0:
+            want[s, i] += 1
+    assert np.array_equal(dev.get(counts), want)
+
+
+@pytest.mark.parametrize("V,limit,k", [(1001, 1001, 5), (100353, 100278, 20), (4096, 4000, 0)])
+def test_row_logprobs_are_the_log_softmax_of_the_raw_logits(dev, rng, V, limit, k):
+    R = 5
+    logits = (4 * rng.standard_normal((R, V))).astype(np.float32)
+    logits[1, 7] = logits[1, 9] = logits[1].max() + 1  # a tie at the top: the lower id first
+    tokens = rng.integers(0, limit, R).astype(np.int32)
+    tokens[4] = -1  # no token (a row that could not be sampled)
+    lp, ids, top = dev.poisoned((R,), "f32"), dev.poisoned((R, K.TOP_LOGPROBS), "i32"), dev.poisoned(
+        (R, K.TOP_LOGPROBS), "f32")
+    dev.kernels.row_logprobs(dev.put(logits, "f32"), limit, dev.put(tokens, "i32"), k, lp, ids, top, R)
+    got_lp, got_ids, got_top = dev.get(lp), dev.get(ids), dev.get(top)
+    for r in range(R):
+        want = token_logprobs(logits[r], int(tokens[r]), k, limit)
+        assert abs(got_lp[r] - want.logprob) <= 1e-4 * max(1.0, abs(want.logprob)), f"row {r}: logprob"
+        assert list(got_ids[r, :k]) == [t for t, _ in want.top], f"row {r}: top ids"
+        assert np.allclose(got_top[r, :k], [lp for _, lp in want.top], rtol=1e-5, atol=1e-4), f"row {r}: top logprobs"
+        assert np.all(got_ids[r, k:] == -1), "entries past k were written"
+
+
+@pytest.mark.parametrize("case", ["nan", "all-minus-inf", "inf", "subnormal-temperature"])
+def test_sampling_edge_values_follow_the_numpy_rules(dev, rng, case):
+    """NaN among the real logits or nothing above −inf: the row cannot be sampled (the host makes it an error);
+    +inf logits share all the mass; a subnormal temperature samples only among the maximum ids."""
+    R, V = 4, 3001
+    logits = rng.standard_normal((R, V)).astype(np.float32)
+    params = [SamplingParams(), SamplingParams(temperature=0.7), SamplingParams(temperature=1.0, top_k=10),
+              SamplingParams(temperature=0.9, top_p=0.5)]
+    if case == "nan":
+        logits[:, 1234] = np.nan
+    elif case == "all-minus-inf":
+        logits[:] = -np.inf
+    elif case == "inf":
+        logits[:, [17, 400, 2999]] = np.inf
+    else:
+        logits[:, [55, 66]] = logits.max() + 1.0
+        params = [SamplingParams(temperature=1e-40)] * R
+    us = rng.random(R)
+    tokens, _ = gpu_sample_rows(dev, logits, V, params, us)
+    if case == "nan":
+        assert list(tokens) == [K.SAMPLE_NAN] * R
+    elif case == "all-minus-inf":
+        assert list(tokens) == [K.SAMPLE_NO_MASS] * R
+    elif case == "inf":
+        assert tokens[0] == 17 and all(t in (17, 400, 2999) for t in tokens), tokens
+    else:
+        assert all(t in (55, 66) for t in tokens), tokens
 
 
 def test_sampled_tokens_feed_the_next_step_on_the_device(dev, rng):
@@ -771,7 +853,7 @@ def test_sampled_tokens_feed_the_next_step_on_the_device(dev, rng):
     last = dev.put(np.full(4, -1), "i32")
     dev.kernels.sample_rows(dev.put(logits, "f32"), V, dev.put(np.zeros(R), "f32"), dev.put(np.zeros(R), "i32"),
                             dev.put(np.ones(R), "f32"), dev.put(np.zeros(R), "f32"), dev.put([3, 0, 2, 1], "i32"),
-                            dev.poisoned((R,), "i32"), last, R)
+                            dev.poisoned((R,), "i32"), last, dev.put(np.zeros((4, V)), "i32"), R)
     ids = dev.put([-1, -1, -1, -1, 17], "i32")
     seen = dev.put(np.zeros((4, math.ceil(V / 32))), "i32")
     dev.kernels.prepare_tokens(ids, last, dev.put([0, 1, 2, 3, 0], "i32"), seen, 5)

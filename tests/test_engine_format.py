@@ -71,18 +71,18 @@ def write_synthetic(path: Path, weight_dtype: str = "bf16", raw_config: dict | N
 def read_header(path: Path) -> tuple[dict, int, bytes]:
     """(header, data start, the file's bytes)."""
     data = path.read_bytes()
-    _, _, length = ef.PREAMBLE.unpack_from(data, 0)
-    return json.loads(data[20:20 + length]), ef.align(20 + length), data
+    _, _, length, _ = ef.PREAMBLE.unpack_from(data, 0)
+    start = ef.PREAMBLE.size
+    return json.loads(data[start:start + length]), ef.align(start + length), data
 
 
 def rewrite_header(path: Path, mutate) -> None:
-    """Apply mutate(header) and write the header back in place (it must still fit before the data)."""
+    """Apply mutate(header) and write the header back in place, checksum resealed (it must still fit)."""
     header, data_start, data = read_header(path)
     mutate(header)
     body = ef.encode_header(header)
-    assert 20 + len(body) <= data_start, "test mutation made the header too long to fit"
-    head = ef.PREAMBLE.pack(ef.MAGIC, ef.FORMAT_VERSION, len(body)) + body
-    path.write_bytes(head + bytes(data_start - len(head)) + data[data_start:])
+    assert ef.PREAMBLE.size + len(body) <= data_start, "test mutation made the header too long to fit"
+    path.write_bytes(ef.sealed_header(body, data_start) + data[data_start:])
 
 
 @pytest.fixture
@@ -124,14 +124,19 @@ def test_dtype_rules_norms_float32_int8_keeps_embedding_bf16(tmp_path):
         assert engine.tensor("embedding").dtype == np.dtype(ml_dtypes.bfloat16)
 
 
-def test_preamble_is_magic_u32_version_u64_length_little_endian(engine_path):
+def test_preamble_is_magic_version_length_and_header_checksum_little_endian(engine_path):
+    import xxhash
+
     data = engine_path.read_bytes()
     assert data[:8] == b"OLMOSCPE"
-    assert struct.unpack_from("<I", data, 8)[0] == ef.FORMAT_VERSION
+    assert struct.unpack_from("<I", data, 8)[0] == ef.FORMAT_VERSION == 2
     length = struct.unpack_from("<Q", data, 12)[0]
-    header = json.loads(data[20:20 + length].decode("utf-8"))
+    header = json.loads(data[36:36 + length].decode("utf-8"))
     assert header["format"] == "olmoscope-engine"
-    assert set(data[20 + length:ef.align(20 + length)]) <= {0}, "padding after the header is zeros"
+    data_start = ef.align(36 + length)
+    assert set(data[36 + length:data_start]) <= {0}, "padding after the header is zeros"
+    # The checksum covers the version and length fields, the header and its padding (ENGINE_FORMAT.md).
+    assert data[20:36] == xxhash.xxh3_128(data[8:20] + data[36:data_start]).digest()
 
 
 def test_header_validates_against_the_shipped_schema(engine_path):
@@ -297,19 +302,43 @@ def _header_length(value: int):
     return patch
 
 
+def _reseal(path: Path, body: bytes):
+    """Replace the header by `body`, with a valid checksum: what the parser sees past the checksum."""
+    _, data_start, data = read_header(path)
+    body = body.ljust(data_start - ef.PREAMBLE.size - 1, b" ")  # trailing spaces keep the data where it was
+    path.write_bytes(ef.sealed_header(body, data_start) + data[data_start:])
+
+
+def _moved_last_tensor(path: Path):
+    """The last tensor one page later, the file grown to hold it: aligned, disjoint, in the file, yet not the layout."""
+    def move(header):
+        header["tensors"][-1]["offset"] += 4096
+    rewrite_header(path, move)
+    path.write_bytes(path.read_bytes() + bytes(4096))
+
+
 def _second_offset(header):
     return header["tensors"][1]["offset"]
 
 
 HOSTILE = [
-    ("bad_magic", lambda p: p.write_bytes(b"NOTANENG" + p.read_bytes()[8:]), "bad magic"),
+    ("bad_magic", lambda p: p.write_bytes(b"NOTANENG" + p.read_bytes()[8:]),
+     "not an olmoscope engine file (it starts with b'NOTANENG'; an engine file starts with b'OLMOSCPE')"),
     ("too_short", lambda p: p.write_bytes(b"OLMOSCPE\x01"), "too short"),
     ("version_zero", _set_version(0), "version 0 is invalid"),
     ("header_length_beyond_file", _header_length(1 << 40), "does not fit the file"),
     ("header_length_past_limit", _header_length(ef.MAX_HEADER_BYTES + 1), "256 MiB limit"),
-    ("header_not_json", _header_length(3), "not valid JSON"),
+    ("header_length_changed", _header_length(3), "the header fails its checksum"),
+    ("header_not_json", lambda p: _reseal(p, b'{"format": '), "header: invalid JSON"),
+    ("header_not_object", lambda p: _reseal(p, b"[1, 2]"), "header is not a JSON object"),
+    ("header_duplicate_key", lambda p: _reseal(p, b'{"format": 1, "format": 2}'), "duplicate key 'format'"),
+    ("header_lone_surrogate", lambda p: _reseal(p, json.dumps({**read_header(p)[0], "format": "\ud800"}).encode()),
+     "lone surrogate (\\ud800)"),
+    ("header_nested_deeply", lambda p: _reseal(p, b"[" * 1000 + b"]" * 1000), "nested deeper than 64"),
+    ("tokenizer_lone_surrogate", lambda p: _reseal(p, json.dumps({**read_header(p)[0], "tokenizer": {
+        "json": "{\"model\": \"\ud800\"}", "sha256": "0" * 64}}).encode()), "lone surrogate (\\ud800)"),
     ("header_fails_schema", _header(lambda h: h.pop("generation")), "fails the engine schema"),
-    ("versions_disagree", _header(lambda h: h.update(format_version=2)), "fails the engine schema"),
+    ("versions_disagree", _header(lambda h: h.update(format_version=1)), "fails the engine schema"),
     ("config_invalid", _header(lambda h: h["config"].update(num_attention_heads=3)), "not divisible"),
     ("tensor_misaligned", _tensor_field(1, "offset", 4096 * 3 + 8), "not 4096-byte aligned"),
     ("tensor_beyond_file", _tensor_field(-1, "offset", 4096 * 10_000), "beyond the end of the file"),
@@ -329,6 +358,8 @@ HOSTILE = [
     ("offset_a_float", _tensor_field(1, "offset", 4096.0 * 3), "fails the engine schema"),
     ("eos_id_a_float", _header(lambda h: h["generation"].update(eos_token_ids=[5.0])), "fails the engine schema"),
     ("truncated_data", _truncate, "beyond the end of the file"),
+    ("bytes_after_the_last_tensor", lambda p: p.write_bytes(p.read_bytes() + b"\0" * 10), "10 bytes follow the last tensor"),
+    ("tensor_moved_one_page_on", _moved_last_tensor, "where the layout puts it"),
 ]
 
 
@@ -344,8 +375,86 @@ def test_reader_refuses_inconsistent_files_with_one_engine_error(engine_path, da
 
 def test_newer_version_is_a_clear_error_saying_upgrade(engine_path):
     _set_version(ef.FORMAT_VERSION + 1)(engine_path)
-    with pytest.raises(EngineError, match=r"engine format version 2 is newer than this olmoscope reads \(up to 1\); upgrade"):
+    with pytest.raises(EngineError, match=r"engine format version 3 is newer than this olmoscope reads \(version 2\); upgrade"):
         ef.EngineFile.open(engine_path)
+
+
+def test_version_1_file_is_a_clear_error_naming_both_versions(tmp_path):
+    """A version-1 file (20-byte preamble, header not checksummed) as convert wrote it before version 2."""
+    path = tmp_path / "old.engine"
+    body = json.dumps({"format": "olmoscope-engine", "format_version": 1}).encode()
+    path.write_bytes(struct.pack("<8sIQ", b"OLMOSCPE", 1, len(body)) + body + bytes(8192))
+    with pytest.raises(EngineError, match=r"engine format version 1 is older than this olmoscope reads \(version 2, "
+                                          r"whose header is checksummed\); convert the model again"):
+        ef.EngineFile.open(path)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda h: h["config"].update(rms_norm_eps=2e-6),  # the issue's example: one digit
+    lambda h: h["generation"].update(chat_template="{{ 'x' }}"),
+    lambda h: h["generation"].update(eos_token_ids=[254]),
+    lambda h: h["tensors"][1].update(layout="row-major, trust me"),
+    lambda h: h["provenance"].update(source="elsewhere"),
+])
+def test_any_change_to_the_header_fails_its_checksum(engine_path, edit):
+    header, data_start, data = read_header(engine_path)
+    edit(header)
+    body = ef.encode_header(header)
+    sealed = ef.sealed_header(body, data_start)
+    engine_path.write_bytes(data[:ef.PREAMBLE.size] + sealed[ef.PREAMBLE.size:] + data[data_start:])  # old checksum
+    with pytest.raises(EngineError, match="the header fails its checksum"):
+        ef.EngineFile.open(engine_path)
+
+
+def test_a_byte_in_the_header_padding_fails_the_checksum(engine_path):
+    _, data_start, data = read_header(engine_path)
+    damaged = bytearray(data)
+    damaged[data_start - 1] = 1
+    engine_path.write_bytes(bytes(damaged))
+    with pytest.raises(EngineError, match="the header fails its checksum"):
+        ef.EngineFile.open(engine_path)
+
+
+def test_nonzero_padding_between_tensors_is_named_by_verify(engine_path):
+    header, _, data = read_header(engine_path)
+    rows = header["tensors"]
+    row, nxt = next((a, b) for a, b in zip(rows, rows[1:]) if b["offset"] > a["offset"] + a["size"])
+    damaged = bytearray(data)
+    damaged[nxt["offset"] - 1] = 0x5A
+    engine_path.write_bytes(bytes(damaged))
+    with ef.EngineFile.open(engine_path) as engine:
+        assert engine.verify() == [f"padding after {row['name']}"]
+
+
+def test_checked_tensor_names_a_corrupt_tensor_and_passes_good_ones(engine_path):
+    header, _, data = read_header(engine_path)
+    row = header["tensors"][3]
+    damaged = bytearray(data)
+    damaged[row["offset"]] ^= 0x01
+    engine_path.write_bytes(bytes(damaged))
+    with ef.EngineFile.open(engine_path) as engine:
+        assert engine.checked_tensor("embedding").shape == (256, 64)
+        with pytest.raises(EngineError, match=f"tensor {row['name']} fails its checksum.*--no-verify skips"):
+            engine.checked_tensor(row["name"])
+        assert np.array_equal(engine.tensor(row["name"]).view(np.uint8).reshape(-1)[:1],
+                              np.frombuffer(bytes(damaged[row["offset"]:row["offset"] + 1]), np.uint8))
+
+
+def test_header_limits_are_the_schemas():
+    schema = ef.header_schema()
+    generation = schema["properties"]["generation"]["properties"]
+    assert generation["eos_token_ids"]["maxItems"] == ef.MAX_EOS_IDS
+    assert schema["$defs"]["token_id"]["maximum"] == ef.MAX_TOKEN_ID
+    assert generation["tokenizer_vocab_size"]["oneOf"][1]["maximum"] == ef.MAX_TOKEN_ID + 1
+
+
+def test_writer_refuses_a_header_its_reader_would_refuse(tmp_path):
+    config = ModelConfig.from_dict(CONFIG)
+    base = base_header(config, "bf16")
+    base["generation"]["eos_token_ids"] = list(range(100))
+    with open(tmp_path / "w.engine", "wb") as f, pytest.raises(EngineError, match="eos_token_ids"):
+        ef.EngineWriter(f, base, ef.plan_tensors(config, "bf16"))
+    assert (tmp_path / "w.engine").stat().st_size == 0, "nothing was written"
 
 
 def test_int8_scale_regions_are_checked_too(tmp_path):
@@ -368,11 +477,16 @@ def test_corrupt_embedded_tokenizer_is_refused(tmp_path):
         ef.EngineFile.open(path)
 
 
-def test_missing_file_and_directory_are_engine_errors(tmp_path):
-    with pytest.raises(EngineError, match="cannot open"):
+def test_missing_file_directory_and_fifo_are_engine_errors(tmp_path):
+    import os
+
+    with pytest.raises(EngineError, match="no such file"):
         ef.EngineFile.open(tmp_path / "missing.engine")
-    with pytest.raises(EngineError, match="cannot open"):
+    with pytest.raises(EngineError, match="is a directory"):
         ef.EngineFile.open(tmp_path)
+    os.mkfifo(tmp_path / "fifo")  # opened without blocking, then refused
+    with pytest.raises(EngineError, match=r"not a regular file \(a FIFO\)"):
+        ef.EngineFile.open(tmp_path / "fifo")
 
 
 def test_flipped_data_byte_is_named_by_verify(engine_path):

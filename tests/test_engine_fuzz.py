@@ -55,11 +55,13 @@ def open_and_use(path: Path) -> list[str] | None:
 
 
 def with_header(data: bytes, data_start: int, text: bytes) -> bytes:
-    """The file with its header replaced by `text` (which may spill over the data if it is too long)."""
-    head = ef.PREAMBLE.pack(ef.MAGIC, ef.FORMAT_VERSION, len(text)) + text
-    if len(head) <= data_start:
-        return head + bytes(data_start - len(head)) + data[data_start:]
-    return head + data[len(head):]
+    """The file with its header replaced by `text` and the checksum resealed, so that the mutation reaches the
+    parser and the validators. A short text is padded with spaces (the data stays where it was); a long one
+    spills over the data."""
+    if ef.PREAMBLE.size + len(text) < data_start:
+        text = text.ljust(data_start - ef.PREAMBLE.size - 1, b" ")
+    start = ef.align(ef.PREAMBLE.size + len(text))
+    return ef.sealed_header(text, start) + data[start:]
 
 
 # ── strategies ─────────────────────────────────────────────────────────────────
@@ -98,13 +100,23 @@ def set_path(header, path, value):
 # ── the properties ─────────────────────────────────────────────────────────────
 @FUZZ
 @given(mutations=st.lists(st.tuples(st.integers(0, 1 << 30), st.integers(0, 255)), min_size=1, max_size=8))
-def test_mutated_header_bytes_give_only_engine_errors(original, scratch, mutations):
+def test_any_changed_byte_before_the_data_is_refused(original, scratch, mutations):
+    """Preamble, header and padding are all covered: no change there is accepted (issue 10, item 2)."""
     data, _, data_start = original
     damaged = bytearray(data)
     for position, value in mutations:
         damaged[position % data_start] = value
+    assume(bytes(damaged) != data)
     scratch.write_bytes(bytes(damaged))
-    open_and_use(scratch)
+    assert open_and_use(scratch) is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(tail=st.binary(min_size=1, max_size=5000))
+def test_bytes_after_the_last_tensor_are_refused(original, scratch, tail):
+    data, _, _ = original
+    scratch.write_bytes(data + tail)
+    assert open_and_use(scratch) is None
 
 
 @FUZZ
@@ -164,9 +176,10 @@ def test_flipped_data_bit_is_caught_by_verify_and_named(original, scratch, regio
 
 
 @settings(max_examples=100, deadline=None)
-@given(blob=st.binary(max_size=4096), version=st.integers(0, 2**32 - 1), length=st.integers(0, 2**64 - 1))
-def test_random_bytes_after_the_magic_are_refused(scratch, blob, version, length):
-    scratch.write_bytes(ef.PREAMBLE.pack(ef.MAGIC, version, length) + blob)
+@given(blob=st.binary(max_size=4096), version=st.integers(0, 2**32 - 1), length=st.integers(0, 2**64 - 1),
+       checksum=st.binary(min_size=16, max_size=16))
+def test_random_bytes_after_the_magic_are_refused(scratch, blob, version, length, checksum):
+    scratch.write_bytes(ef.PREAMBLE.pack(ef.MAGIC, version, length, checksum) + blob)
     assert open_and_use(scratch) is None
 
 

@@ -299,3 +299,109 @@ def test_engine_file_marks_rows_beyond_the_tokenizer_as_padding(engine_file):
     with open_engine(engine_file) as engine, NumpyBackend(engine, RuntimeOptions(max_context=8)) as backend:
         assert engine.config.vocab_size == 100352
         assert backend.vocab_limit == engine.vocab_limit == Tokenizer.bundled().vocab_size == 100278
+
+
+# ── issue 10: corrupt files, odd files, edge values ────────────────────────────────
+from cli_checks import assert_one_line_error  # noqa: E402
+
+
+def _damaged(engine_file: Path, tmp_path: Path, tensor: str) -> Path:
+    from olmoscope.engine_format import EngineFile
+
+    with EngineFile.open(engine_file) as engine:
+        entry = engine.entry(tensor)
+    data = bytearray(engine_file.read_bytes())
+    data[entry.offset + entry.nbytes // 2] ^= 0x10
+    out = tmp_path / "damaged.olmo"
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_a_corrupt_tensor_is_an_error_naming_it_and_no_verify_skips_the_check(engine_file, tmp_path):
+    damaged = _damaged(engine_file, tmp_path, "layers.1.down_proj")
+    assert_one_line_error(run(str(damaged), "--prompt", PROMPT, "--max-new-tokens", "2"),
+                          "tensor layers.1.down_proj fails its checksum", "--no-verify skips", exit_code=1)
+    result = run(str(damaged), "--prompt", PROMPT, "--max-new-tokens", "2", "--no-verify")
+    assert result.exit_code == 0, result.output
+
+
+def test_open_engine_checks_each_tensor_once_as_it_is_read(engine_file, tmp_path):
+    from olmoscope.errors import EngineError
+
+    damaged = _damaged(engine_file, tmp_path, "final_norm")
+    with open_engine(damaged) as engine:
+        engine.weights.tensor("embedding")  # a good tensor reads fine
+        with pytest.raises(EngineError, match="tensor final_norm fails its checksum"):
+            engine.weights.float32("final_norm")
+    with open_engine(damaged, verify=False) as engine:
+        assert engine.weights.tensor("final_norm").shape == (64,)
+
+
+def test_an_engine_file_that_is_a_fifo_is_refused_without_hanging(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "fifo.olmo")
+    assert_one_line_error(run(str(tmp_path / "fifo.olmo"), "--prompt", "x"), "not a regular file (a FIFO)", exit_code=1)
+
+
+@pytest.mark.parametrize("make", ["fifo", "/dev/zero", "directory"])
+def test_a_prompt_file_that_is_not_a_regular_file_is_refused(engine_file, tmp_path, make):
+    import os
+
+    path = {"fifo": tmp_path / "p.fifo", "/dev/zero": Path("/dev/zero"), "directory": tmp_path}[make]
+    if make == "fifo":
+        os.mkfifo(path)
+    result = run(str(engine_file), "--prompt-file", str(path))
+    assert_one_line_error(result, f"--prompt-file {path}", exit_code=2)
+
+
+def test_a_prompt_on_stdin_is_capped(engine_file, monkeypatch):
+    from olmoscope import generate as generate_module
+
+    monkeypatch.setattr(generate_module, "MAX_PROMPT_BYTES", 1000)
+    assert_one_line_error(run(str(engine_file), input="x" * 1001), "stdin: the prompt: more than 1,000 bytes", exit_code=2)
+    assert run(str(engine_file), "--max-new-tokens", "1", input="x" * 1000).exit_code == 0
+
+
+def test_sampling_options_ignored_by_greedy_are_noted_in_one_line(engine_file):
+    result = run(str(engine_file), "--prompt", PROMPT, "--max-new-tokens", "1", "--top-k", "5", "--top-p", "0.5")
+    assert result.exit_code == 0
+    notes = [line for line in result.stderr.splitlines() if "ignored" in line]
+    assert notes == ["olmoscope: note: --top-k, --top-p are ignored with --temperature 0 (greedy: the most likely "
+                     "token every time)"]
+    quiet = run(str(engine_file), "--prompt", PROMPT, "--max-new-tokens", "1", "--temperature", "0.5", "--top-k", "5")
+    assert "ignored" not in quiet.stderr
+
+
+def test_edge_sampling_values_generate_valid_tokens(engine_file):
+    greedy = run_json(str(engine_file), "--prompt", PROMPT, "--max-new-tokens", "4")["token_ids"]
+    tiny = run_json(str(engine_file), "--prompt", PROMPT, "--max-new-tokens", "4", "--temperature", "1e-310")
+    assert tiny["token_ids"] == greedy  # T → 0 is greedy when the maximum is unique
+    penalized = run_json(str(engine_file), "--prompt", PROMPT, "--max-new-tokens", "4", "--temperature", "0.7",
+                         "--repetition-penalty", "1e-40", "--seed", "3")
+    assert all(0 <= t < 100278 for t in penalized["token_ids"])
+
+
+def test_a_nan_weight_is_one_clear_error_when_sampling(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from olmoscope.convert import convert
+    from olmoscope.tiny import make_tiny
+
+    snapshot = make_tiny(tmp_path / "snapshot", hidden_size=32, num_layers=1, num_heads=2, vocab_size=256)
+    index = json.loads((snapshot / "model.safetensors.index.json").read_text())
+    shard = snapshot / index["weight_map"]["model.norm.weight"]
+    tensors = load_file(shard)
+    tensors["model.norm.weight"][0] = float("nan")
+    save_file(tensors, shard)
+    convert(str(snapshot), tmp_path / "nan.olmo", dtype="fp32")
+    for extra in ([], ["--temperature", "0.7"]):
+        assert_one_line_error(run(str(tmp_path / "nan.olmo"), "--prompt", "x", *extra),
+                              "logits hold NaN, so no token can be chosen", exit_code=1)
+
+
+def test_a_huge_max_new_tokens_allocates_nothing_by_it(engine_file):
+    """Issue 10: --max-new-tokens 10000000000 with --max-context 8 once asked for 37 GiB of history; now the context
+    ends it, in a moment."""
+    report = run_json(str(engine_file), "--prompt", PROMPT, "--max-new-tokens", "10000000000", "--max-context", "8")
+    assert report["finish_reason"] == "context" and len(report["token_ids"]) == 8 - 4 + 1, report

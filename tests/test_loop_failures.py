@@ -1,5 +1,5 @@
-"""A failure inside the engine loop is the failing request's error, never the loop's end: a sample outside the
-vocabulary fails only its own request; a step the backend raises on fails the requests of that step, frees their
+"""A failure inside the engine loop is the failing request's error, never the loop's end: a row the backend could
+not sample fails only its own request; a step the backend raises on fails the requests of that step, frees their
 blocks, and offers no block it should have written to the prefix cache (a later request with the same prompt
 equals the same request run alone)."""
 
@@ -12,6 +12,7 @@ from olmoscope.runtime.backend import RuntimeOptions
 from olmoscope.runtime.loop import EngineLoop
 from olmoscope.runtime.numpy_backend import NumpyBackend
 from olmoscope.runtime.sampler import SamplingParams
+from olmoscope.runtime.step import SAMPLE_NAN
 from test_batched_reference import ENGINE
 from test_scheduler import alone, requests
 
@@ -19,8 +20,8 @@ MARK = 13  # top_k of a marked request: the wrapped backend misbehaves on its ro
 
 
 class Misbehaving:
-    """A NumPy backend whose steps go wrong for marked requests: "raise" fails the whole step, "wild" answers an
-    id beyond the vocabulary for the marked rows only."""
+    """A NumPy backend whose steps go wrong for marked requests: "raise" fails the whole step, "nan" reports the
+    marked rows as unsampleable (SAMPLE_NAN), as a backend does for NaN logits."""
 
     def __init__(self, backend: NumpyBackend, how: str):
         self._backend, self._how = backend, how
@@ -33,8 +34,8 @@ class Misbehaving:
         if self._how == "raise" and any(marked):
             raise FloatingPointError("non-finite logits in a marked row")
         result = self._backend.run(step, return_logits)
-        if self._how == "wild":
-            result.tokens[np.array(marked, bool)] = self._backend.vocab_limit + 3
+        if self._how == "nan":
+            result.tokens[np.array(marked, bool)] = SAMPLE_NAN
         return result
 
 
@@ -46,14 +47,14 @@ def loop_over(how: str, **options) -> EngineLoop:
 MARKED = SamplingParams(temperature=0.5, top_k=MARK)
 
 
-def test_a_sample_outside_the_vocabulary_fails_only_its_request():
+def test_a_row_that_cannot_be_sampled_fails_only_its_request():
     reqs = requests(6)
     reqs[2].params = MARKED
-    loop = loop_over("wild", max_num_seqs=8)
+    loop = loop_over("nan", max_num_seqs=8)
     outputs = [loop.add(r) for r in reqs]
     loop.run()
-    assert outputs[2].finish_reason == "error" and "outside the vocabulary" in outputs[2].error
-    assert outputs[2].token_ids == []  # the impossible id never reached the request
+    assert outputs[2].finish_reason == "error" and "NaN" in outputs[2].error
+    assert outputs[2].token_ids == []  # the failed row gave the request no token
     for request, output in zip(reqs, outputs):
         if request is not reqs[2]:
             assert (output.token_ids, output.finish_reason) == alone(request), request.request_id
@@ -81,7 +82,7 @@ def test_a_step_the_backend_fails_ends_its_requests_and_the_loop_serves_on():
     assert loop.pool.num_used == 0
 
 
-@pytest.mark.parametrize("how", ["raise", "wild"])
+@pytest.mark.parametrize("how", ["raise", "nan"])
 def test_a_marked_request_alone_in_its_steps_leaves_earlier_requests_untouched(how):
     reqs = requests(4)
     loop = loop_over(how, max_num_seqs=8)

@@ -163,3 +163,68 @@ def test_invalid_sampling_values_are_clear_errors(kwargs, message):
 def test_a_negative_seed_is_refused():
     with pytest.raises(UsageError, match="--seed"):
         make_rng(-1)
+
+
+# ── edge values (issue 10, item 3; the rules are in sampler.py's docstring) ───────────────
+from olmoscope.runtime.sampler import SamplingError  # noqa: E402
+
+TIES = np.array([0.1, 2.0, -1.0, 2.0, 1.9999], np.float32)
+
+
+def test_a_subnormal_temperature_samples_only_among_the_maximum_ids():
+    drawn = set(draw_many(TIES, SamplingParams(temperature=1e-310), seed=0, count=200))
+    assert drawn == {1, 3}, drawn  # the T → 0 limit: the two tied maxima, never 1.9999, never out of range
+
+
+@given(logits=finite_logits, exponent=st.integers(-323, 2), seed=st.integers(0, 2**32 - 1))
+@settings(max_examples=150, deadline=None)
+def test_any_positive_temperature_gives_an_id_in_range_with_positive_probability(logits, exponent, seed):
+    params = SamplingParams(temperature=float(f"1e{exponent}"))
+    probs = candidate_probabilities(logits, params)
+    assert np.isfinite(probs).all() and abs(probs.sum() - 1) < 1e-9
+    for token in draw_many(logits, params, seed, count=8):
+        assert 0 <= token < logits.size and probs[token] > 0
+
+
+def test_a_tiny_repetition_penalty_overflows_seen_positive_logits_to_inf_and_they_win():
+    params = SamplingParams(temperature=0.7, repetition_penalty=1e-40)
+    history = np.array([0, 2])  # 0.1 / 1e-40 overflows float32 to +inf; -1.0 · 1e-40 is tiny
+    rng = np.random.default_rng(1)
+    assert {sample(TIES, params, rng, history) for _ in range(100)} == {0}
+    assert sample(TIES, SamplingParams(repetition_penalty=1e-40), rng, history) == 0  # greedy agrees
+
+
+def test_inf_logits_share_all_the_mass_and_greedy_takes_the_lowest():
+    logits = np.array([1.0, np.inf, 5.0, np.inf, -np.inf], np.float32)
+    assert sample(logits, SamplingParams(), np.random.default_rng(0)) == 1
+    probs = candidate_probabilities(logits, SamplingParams(temperature=1.0))
+    assert probs.tolist() == [0.0, 0.5, 0.0, 0.5, 0.0]
+    assert set(draw_many(logits, SamplingParams(temperature=1.0), seed=2, count=100)) == {1, 3}
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.7, top_k=5, top_p=0.9)])
+def test_nan_logits_are_one_clear_error_greedy_or_not(params):
+    logits = TIES.copy()
+    logits[2] = np.nan
+    with pytest.raises(SamplingError, match="logits hold NaN for 1 of 5 tokens"):
+        sample(logits, params, np.random.default_rng(0))
+
+
+def test_nan_in_padding_rows_is_masked_not_an_error():
+    logits = np.concatenate([TIES, np.float32([np.nan, np.nan])])
+    assert sample(logits, SamplingParams(), np.random.default_rng(0), vocab_limit=5) == 1
+
+
+def test_all_minus_inf_is_one_clear_error():
+    with pytest.raises(SamplingError, match="every token's logit is -inf"):
+        sample(np.full(4, -np.inf, np.float32), SamplingParams(temperature=1.0), np.random.default_rng(0))
+
+
+def test_every_path_through_penalized_logits_refuses_nan():
+    """Batched backends call penalized_logits → candidate_probabilities → draw directly, not sample()."""
+    logits = TIES.copy()
+    logits[0] = np.nan
+    with pytest.raises(SamplingError, match="NaN"):
+        penalized_logits(logits, None, 1.0, vocab_limit=5)
+    padded = np.concatenate([TIES, np.float32([np.nan])])  # NaN in a padding row is masked first: no error
+    assert np.isneginf(penalized_logits(padded, None, 1.0, vocab_limit=5)[5])

@@ -17,7 +17,8 @@ from olmoscope.runtime.scheduler import Request
 from test_batched_reference import ENGINE, VOCAB
 
 GREEDY = SamplingParams()
-SAMPLED = SamplingParams(temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.2)
+SAMPLED = SamplingParams(temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.2, presence_penalty=0.5,
+                         frequency_penalty=0.3)
 
 
 def requests(count: int, seed: int = 0, params: SamplingParams = GREEDY, max_new: int = 12) -> list[Request]:
@@ -36,7 +37,8 @@ def alone(request: Request) -> tuple[list[int], str]:
 
 def together(reqs: list[Request], **options) -> tuple[dict[str, tuple[list[int], str]], EngineLoop]:
     pipelined = options.pop("pipelined", False)
-    backend = NumpyBackend(ENGINE, RuntimeOptions(max_context=128, **options))
+    options.setdefault("max_context", 128)
+    backend = NumpyBackend(ENGINE, RuntimeOptions(**options))
     loop = EngineLoop(backend, pipelined=pipelined)
     outputs = [loop.add(r) for r in reqs]
     loop.run()
@@ -111,3 +113,57 @@ def test_a_request_id_may_not_run_twice():
     loop.add(Request("x", [1, 2]))
     with pytest.raises(ValueError, match="already running"):
         loop.add(Request("x", [3]))
+
+
+def test_choices_share_the_prompt_and_the_first_repeats_the_seeded_run():
+    prompt = np.random.default_rng(8).integers(0, VOCAB, 3 * BLOCK_SIZE + 2).tolist()
+    request = Request("n", prompt, SAMPLED, max_new_tokens=10, seed=42, n=4)
+    backend = NumpyBackend(ENGINE, RuntimeOptions(max_context=128, max_num_seqs=4))
+    loop = EngineLoop(backend)
+    outputs = loop.add_choices(request)
+    loop.run()
+    assert [len(o.token_ids) for o in outputs] == [10] * 4
+    assert outputs[0].token_ids == alone(Request("one", prompt, SAMPLED, 10, seed=42))[0]
+    assert len({tuple(o.token_ids) for o in outputs}) > 1, "four sampled choices came out identical"
+    assert loop.pool.hits == 3 * 3, "each later choice should find the prompt's three full blocks cached"
+    again = EngineLoop(NumpyBackend(ENGINE, RuntimeOptions(max_context=128, max_num_seqs=4))).add_choices(request)
+    assert again, "a request id may run again once it has finished"
+
+
+def test_logprobs_are_the_log_softmax_of_the_raw_logits_at_each_position():
+    from stepping import teacher_forced_logits
+
+    from olmoscope.runtime.sampler import token_logprobs
+
+    prompt = [5, 9, 2, 77, 31]
+    backend = NumpyBackend(ENGINE, RuntimeOptions(max_context=64, max_num_seqs=2))
+    loop = EngineLoop(backend)
+    output = loop.add(Request("lp", prompt, SamplingParams(repetition_penalty=1.5, frequency_penalty=1.0),
+                              max_new_tokens=6, logprobs=3))
+    loop.run()
+    logits = teacher_forced_logits(backend, prompt + output.token_ids, len(prompt))
+    rows = [logits[0][-1]] + logits[1:-1]  # the logits each generated token was drawn from
+    assert [lp.token_id for lp in output.logprobs] == output.token_ids
+    for row, got in zip(rows, output.logprobs):  # float32 in the step's result: 1e-6 relative
+        want = token_logprobs(row, got.token_id, 3, VOCAB)
+        assert [t for t, _ in got.top] == [t for t, _ in want.top], f"{got} != {want}"
+        assert np.allclose([got.logprob] + [lp for _, lp in got.top], [want.logprob] + [lp for _, lp in want.top],
+                           rtol=1e-6, atol=1e-7), f"{got} != {want}"
+        assert len(got.top) == 3 and got.top[0][1] >= got.top[1][1] >= got.top[2][1]
+
+
+def test_frequency_and_presence_penalties_keep_generated_tokens_out():
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    plain = alone(Request("p", prompt, GREEDY, 40))[0]
+    strict = alone(Request("q", prompt, SamplingParams(presence_penalty=2.0, frequency_penalty=2.0), 40))[0]
+    assert len(set(strict)) > len(set(plain)), "the penalties made generated tokens no rarer"
+
+
+def test_a_preempted_sequence_keeps_its_penalty_history():
+    """Recomputed after preemption, a sequence's generated tokens still count for the frequency and presence
+    penalties (they come back as history, not as samples)."""
+    params = SamplingParams(frequency_penalty=2.0, presence_penalty=1.0, repetition_penalty=1.3)
+    reqs = [Request(f"p{i}", [7 + i, 3, 11, 2, 9], params, max_new_tokens=40) for i in range(2)]
+    got, loop = together(reqs, max_num_seqs=2, kv_cache_gib=4 * 8192 / 2**30, max_context=64)
+    assert loop.scheduler.preemptions > 0, "the 4-block pool was meant to force a preemption"
+    assert got == {r.request_id: alone(r) for r in reqs}

@@ -19,7 +19,6 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from olmoscope.openai_api import _RUNTIME_HAS_CHOICES
 from olmoscope.runtime.backend import RuntimeOptions
 from olmoscope.runtime.engine import open_engine
 from olmoscope.runtime.generator import engine_tokenizer, run_generation
@@ -33,9 +32,6 @@ PROMPTS = ["Language modeling is ", "Hello world", "The capital of France", "a",
            "1 2 3 4", "¿Qué tal?", "def f(x):", "Tokyo 東京", "The quick brown fox jumps over", "x" * 40, "Why?",
            "Numbers: 3.14159", "<|user|>", "Dear Sir or Madam,", "SELECT * FROM"]
 
-# n > 1, logprobs and presence/frequency penalties wait for the runtime (issue 9): the one mark of those tests
-needs_runtime_choices = pytest.mark.skipif(not _RUNTIME_HAS_CHOICES,
-                                           reason="the runtime's n / logprobs / penalties have not landed on main")
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +168,6 @@ def test_echo_puts_the_prompt_first(client):
     assert got.choices[0].text == "Hello world" + plain.choices[0].text
 
 
-@needs_runtime_choices
 def test_n_choices_each_equal_a_seeded_run(client):
     got = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=8, temperature=1.0, n=3,
                                     seed=7)
@@ -185,7 +180,6 @@ def test_n_choices_each_equal_a_seeded_run(client):
     assert greedy.choices[0].text == greedy.choices[1].text
 
 
-@needs_runtime_choices
 def test_logprobs_in_the_completion_shape(client):
     got = client.completions.create(model="tiny", prompt="Hello world", max_tokens=5, temperature=0, logprobs=3)
     lp = got.choices[0].logprobs
@@ -197,7 +191,6 @@ def test_logprobs_in_the_completion_shape(client):
         assert logprob == pytest.approx(max(top.values()))  # greedy: the chosen token is the most likely
 
 
-@needs_runtime_choices
 def test_logprobs_in_the_chat_shape_streamed_and_whole(client):
     args = dict(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0,
                 logprobs=True, top_logprobs=2)
@@ -212,7 +205,6 @@ def test_logprobs_in_the_chat_shape_streamed_and_whole(client):
     assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in whole]
 
 
-@needs_runtime_choices
 def test_presence_and_frequency_penalties_change_a_greedy_run(client):
     args = dict(model="tiny", prompt="Language modeling is ", max_tokens=16, temperature=0)
     plain = client.completions.create(**args).choices[0].text

@@ -177,6 +177,31 @@ def test_snapshot_without_config_json_is_named(tmp_path):
     assert_one_line_error(run("tensors", tmp_path), "no config.json in", str(tmp_path))
 
 
+def test_a_config_json_that_is_a_fifo_or_dangling_link_is_named_not_missing(tmp_path):
+    os.mkfifo(tmp_path / "config.json")
+    assert_one_line_error(run("arch", tmp_path), "config.json: not a regular file (a FIFO)")
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "config.json").symlink_to(tmp_path / "gone.json")
+    assert_one_line_error(run("arch", tmp_path), "config.json: no such file (a dangling symbolic link)")
+
+
+def test_a_safetensors_file_is_read_with_the_config_json_beside_it(make_snapshot, tmp_path):
+    """Issue 10: a single .safetensors SOURCE once said "invalid JSON"."""
+    snapshot = make_snapshot()
+    shard = snapshot / "model.safetensors"
+    source = resolve(str(shard))
+    assert source.kind == "snapshot" and source.directory == snapshot
+    assert any("reading its snapshot directory" in note for note in source.notes)
+    listing = run("tensors", shard)
+    assert listing.exit_code == 0 and "model.norm.weight" in listing.stdout, listing.output
+    cv.convert(str(shard), tmp_path / "m.engine")
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(shard, alone / "weights.safetensors")
+    assert_one_line_error(run("arch", alone / "weights.safetensors"),
+                          "a safetensors file is read with the config.json beside it")
+
+
 # ── config validation (every SOURCE goes through it) ───────────────────────────
 
 
@@ -197,6 +222,11 @@ def test_snapshot_without_config_json_is_named(tmp_path):
     ({"rope_scaling": {"type": "linear", "factor": 2}}, "rope_scaling"),
     ({"attention_bias": True}, "attention_bias"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, found 'false'"),
+    ({"attention_bias": "no"}, "attention_bias must be true or false"),
+    ({"head_dim": 32}, "head_dim 32 differs from hidden_size / num_attention_heads = 64 / 4 = 16"),
+    ({"head_dim": "16"}, "head_dim must be an integer"),
+    ({"model_type": "x" * 10_000}, "model_type 'xxxxxxxx"),  # a huge value is cut, not printed whole
 ])
 def test_bad_config_values_are_one_line_naming_the_field(tmp_path, tiny_config, change, fragment):
     raw = {**tiny_config, **change}
@@ -204,7 +234,13 @@ def test_bad_config_values_are_one_line_naming_the_field(tmp_path, tiny_config, 
     with pytest.raises(ConfigError, match="config.json") as caught:
         resolve(str(tmp_path))
     assert fragment in str(caught.value), str(caught.value)
+    assert len(str(caught.value)) < 400, "a value from the file must be cut, not printed whole"
     assert_one_line_error(run("arch", tmp_path), fragment)
+
+
+def test_an_explicit_head_dim_of_d_over_h_is_accepted(tmp_path, tiny_config):
+    (tmp_path / "config.json").write_text(json.dumps({**tiny_config, "head_dim": 16, "tie_word_embeddings": None}))
+    assert resolve(str(tmp_path)).config.head_dim == 16
 
 
 def test_missing_required_field_is_named(tmp_path, tiny_config):
@@ -216,8 +252,12 @@ def test_missing_required_field_is_named(tmp_path, tiny_config):
 @pytest.mark.parametrize("text,fragment", [
     ("{", "invalid JSON"),
     ("[1, 2]", "expected a JSON object"),
-    ('{"model_type": "olmo2\xff"}', "invalid JSON"),  # written as latin-1: not UTF-8
-    (" " * (1 << 20) + "{}", "too large for a config.json"),
+    ('{"model_type": "olmo2\xff"}', "not UTF-8 text"),  # written as latin-1: not UTF-8
+    (" " * (1 << 20) + "{}", "1,048,578 bytes is over the 1,048,576-byte limit"),
+    ('{"model_type": "olmo2", "model_type": "olmo2"}', "duplicate key 'model_type'"),
+    ('{"hidden_size": ' + "9" * 5000 + "}", "an integer of 5,000 digits"),
+    ("[" * 100_000 + "]" * 100_000, "nested deeper than 64 levels"),
+    ('{"model_type": "olmo2", "torch_dtype": "\\ud800"}', "lone surrogate (\\ud800)"),
 ])
 def test_unreadable_config_json_is_one_line(tmp_path, text, fragment):
     (tmp_path / "config.json").write_text(text, encoding="latin-1")

@@ -140,12 +140,15 @@ def test_against_a_different_model_is_a_clear_error(converted, tmp_path):
     assert "its tensors do not match --against" in result.output
 
 
-def test_not_an_engine_file_is_one_line(tmp_path):
+@pytest.mark.parametrize("command", [["verify"], ["arch"], ["tensors"], ["generate", "-p", "hi"]])
+def test_not_an_engine_file_is_the_same_one_line_everywhere(tmp_path, command):
     path = tmp_path / "x.engine"
     path.write_bytes(b"hello world, not an engine file")
-    result = run(path)
-    assert result.exit_code == 1
-    assert result.output.strip().splitlines() == [f"olmoscope: error: {path}: not an olmoscope engine file (bad magic b'hello wo')"]
+    result = CliRunner().invoke(main, [*command[:1], str(path), *command[1:]])
+    assert result.exit_code != 0
+    assert result.output.strip().splitlines() == [
+        f"olmoscope: error: {path}: not an olmoscope engine file (it starts with b'hello wo'; "
+        f"an engine file starts with b'OLMOSCPE')"]
 
 
 # ── the bounds themselves are tight ─────────────────────────────────────────────
@@ -186,4 +189,49 @@ def test_verify_of_missing_file_is_an_engine_error(tmp_path):
     with pytest.raises(EngineError):
         ef.EngineFile.open(tmp_path / "none.engine")
     result = run(tmp_path / "none.engine")
-    assert result.exit_code == 1 and "cannot open" in result.output
+    assert result.exit_code == 1 and "none.engine: no such file" in result.output
+
+
+# ── the header is covered too (issue 10, item 2) ─────────────────────────────────
+def _edited_copy(engine: Path, tmp_path: Path, edit, reseal: bool) -> Path:
+    """A copy whose header JSON is changed by edit(text) in place, its checksum resealed or left stale."""
+    data = bytearray(engine.read_bytes())
+    _, _, length, _ = ef.PREAMBLE.unpack_from(data, 0)
+    start = ef.PREAMBLE.size
+    body = edit(bytes(data[start:start + length]))
+    assert len(body) == length, "edit must keep the header's length"
+    data_start = ef.align(start + length)
+    head = ef.sealed_header(body, data_start) if reseal else bytes(data[:start]) + body + bytes(data[start + length:data_start])
+    out = tmp_path / "edited.engine"
+    out.write_bytes(head + bytes(data[data_start:]))
+    return out
+
+
+def test_one_changed_digit_of_rms_norm_eps_fails_verify(converted, tmp_path):
+    from cli_checks import assert_one_line_error
+
+    _, engine = converted("bf16")
+    edited = _edited_copy(engine, tmp_path, lambda b: b.replace(b'"rms_norm_eps":1e-06', b'"rms_norm_eps":2e-06'), reseal=False)
+    assert_one_line_error(run(edited), "the header fails its checksum", exit_code=1)
+
+
+def test_against_compares_the_config_with_the_source(converted, tmp_path):
+    """A header whose checksum is right but whose config is not the source's: the tensors match, the config does not."""
+    from cli_checks import assert_one_line_error
+
+    snapshot, engine = converted("bf16")
+    edited = _edited_copy(engine, tmp_path, lambda b: b.replace(b'"rms_norm_eps":1e-06', b'"rms_norm_eps":2e-06'), reseal=True)
+    result = run(edited, "--against", snapshot)
+    assert "config: 1 fields differ" in result.stdout and "rms_norm_eps 2e-06 ≠ 1e-06" in result.stdout
+    assert_one_line_error(result, "the config differs from", "rms_norm_eps", exit_code=1)
+    good = run(engine, "--against", snapshot)
+    assert good.exit_code == 0 and f"config: every field matches {snapshot}" in good.stdout
+
+
+def test_verify_of_a_fifo_is_refused_without_hanging(tmp_path):
+    import os
+
+    from cli_checks import assert_one_line_error
+
+    os.mkfifo(tmp_path / "fifo")
+    assert_one_line_error(run(tmp_path / "fifo"), "not a regular file (a FIFO)", exit_code=1)

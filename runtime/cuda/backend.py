@@ -21,8 +21,8 @@ from olmoscope.runtime.backend import Backend, PendingStep, RuntimeOptions, plan
 from olmoscope.runtime.blocks import BLOCK_SIZE
 from olmoscope.runtime.cuda.driver import (ITEMSIZE, CudaGraph, DeviceBuffer, available, cuda, cuda_errors,
                                            free_pinned, gib)
-from olmoscope.runtime.cuda.kernels import (FA_QUERIES, GEMV_MAX_ROWS, HEAD_DIMS, Kernels, decode_splits, gemm_plan,
-                                            prefill_tiles)
+from olmoscope.runtime.cuda.kernels import (FA_QUERIES, GEMV_MAX_ROWS, HEAD_DIMS, TOP_LOGPROBS, Kernels,
+                                            decode_splits, gemm_plan, prefill_tiles)
 from olmoscope.runtime.cuda.weights import DeviceWeight, decode_weight_bytes, device_bytes, upload
 from olmoscope.runtime.cuda.workspace import MetaSizes, StepMeta
 from olmoscope.runtime.engine import Engine
@@ -51,6 +51,7 @@ class Plan:
     tiles: int  # prefill attention tiles
     splits: int  # flash-decoding splits
     window: int = 0  # attention window (0: full)
+    logprobs: int = -1  # alternatives the step's rows ask for, at most; −1: no logprobs (graphs have none)
 
     @classmethod
     def decode_graph(cls, size: int, splits: int) -> Plan:
@@ -62,11 +63,15 @@ class CudaPending(PendingStep):
 
     def __init__(self, tokens: np.ndarray, count: int, event, logits: np.ndarray | None):
         self._tokens, self._count, self._event, self._logits = tokens, count, event, logits
+        self.logprobs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (logprob, top ids, top logprobs)
 
     def result(self) -> StepResult:
         with cuda_errors("a step"):
             self._event.synchronize()
-        return StepResult(self._tokens[: self._count].copy(), self._logits)
+        result = StepResult(self._tokens[: self._count].copy(), self._logits)
+        if self.logprobs is not None:
+            result.logprobs, result.top_ids, result.top_logprobs = self.logprobs
+        return result
 
 
 class CudaBackend(Backend):
@@ -180,7 +185,7 @@ class CudaBackend(Backend):
         if self._int8:
             widened = 2 * max(s.elements for s in engine.weights.specs.values() if s.kind == "matrix")
         meta = 4 * (13 * T + sizes.seqs * sizes.table_width)
-        state = (self.max_seqs + 1) * (4 * -(-V // 32) + 4)
+        state = (self.max_seqs + 1) * (4 * -(-V // 32) + 4 * V + 4)
         return (T * per_token + 4 * self._proj_elements() + R * (4 * V + 2 * D) + widened + meta + state
                 + 4 * self._decode_partials() * (cfg.head_dim + 2))
 
@@ -216,6 +221,8 @@ class CudaBackend(Backend):
         self.seen_words = -(-V // 32)
         self.seen = self._alloc((self.max_seqs + 1, self.seen_words), "i32")
         cuda.memset_d32_async(self.seen.ptr, 0, self.seen.nbytes // 4, self.stream)
+        self.counts = self._alloc((self.max_seqs + 1, V), "i32")  # generated ids per state (presence/frequency)
+        cuda.memset_d32_async(self.counts.ptr, 0, self.counts.nbytes // 4, self.stream)
         self.last_sampled = self._alloc((self.max_seqs + 1,), "i32")
         cuda.memset_d32_async(self.last_sampled.ptr, 0, self.max_seqs + 1, self.stream)
         exponents = np.arange(0, d, 2, dtype=np.float32) / np.float32(d)  # as reference.rope_tables
@@ -237,6 +244,7 @@ class CudaBackend(Backend):
         self.counters = self._alloc((self.max_seqs * Hkv,), "i32")
         cuda.memset_d32_async(self.counters.ptr, 0, self.max_seqs * Hkv, self.stream)  # merge tickets: zero between steps
         self.tokens_out = self._alloc((R,), "i32")
+        self.raw_logits = None  # made at the first step that asks for logprobs (_keep_raw)
         self.upkeep = self._alloc((2, UPKEEP_IDS), "i32")
         self.widened = None
         if self._int8:
@@ -262,7 +270,10 @@ class CudaBackend(Backend):
                 tile_seq, tile_row = prefill_tiles(arrays.first_row, arrays.rows, arrays.num_decode)
                 self._upload(arrays, arrays.num_seqs, [tile_seq, tile_row])
                 logits = self._forward(self._plan(arrays, len(tile_seq), step.window), arrays, return_logits)
-            return self._collect(len(arrays.sample_rows), logits)
+            pending = self._collect(len(arrays.sample_rows), logits)
+            if np.any(arrays.logprobs >= 0):
+                pending.logprobs = self._fetch_logprobs(len(arrays.sample_rows), int(arrays.logprobs.max()))
+            return pending
 
     def synchronize(self) -> None:
         """Wait for the GPU to finish everything queued (benchmarks time with this)."""
@@ -293,7 +304,7 @@ class CudaBackend(Backend):
         """The captured batch size this step replays, or None when it runs eagerly (prefill, logits, no graphs)."""
         B = arrays.num_seqs
         plain = (arrays.num_decode == B and len(arrays.logit_rows) == B == len(arrays.sample_rows)
-                 and np.array_equal(arrays.sample_rows, np.arange(B)))
+                 and np.array_equal(arrays.sample_rows, np.arange(B)) and not np.any(arrays.logprobs >= 0))
         if not (self.use_graphs and plain and not return_logits and B <= self.graph_sizes[-1]):
             return None
         return next(size for size in self.graph_sizes if size >= B)
@@ -302,15 +313,17 @@ class CudaBackend(Backend):
         cfg = self.config
         splits = decode_splits(max(arrays.num_decode, 1), cfg.num_key_value_heads, self.sm_count,
                                self.meta.sizes.table_width)
+        logprobs = int(arrays.logprobs.max()) if len(arrays.logprobs) else -1
         return Plan(arrays.num_tokens, arrays.num_seqs, arrays.num_decode, len(arrays.logit_rows),
-                    len(arrays.sample_rows), tiles, splits, window)
+                    len(arrays.sample_rows), tiles, splits, window, logprobs)
 
     def _upload(self, arrays: StepArrays, seqs: int, tiles: list[np.ndarray]) -> None:
         values = {"ids": arrays.token_ids, "positions": arrays.positions, "slots": arrays.slots,
                   "token_state": arrays.token_state, "first_row": arrays.first_row, "rows": arrays.rows,
                   "context": arrays.context, "logit_rows": arrays.logit_rows, "sample_state": arrays.sample_state,
-                  "top_k": arrays.top_k, "temperature": arrays.temperature, "top_p": arrays.top_p,
-                  "u": arrays.u.astype(np.float32), "penalty": arrays.repetition_penalty,
+                  "top_k": arrays.top_k, "temperature": device_temperatures(arrays.temperature), "top_p": arrays.top_p,
+                  "u": device_uniforms(arrays), "penalty": arrays.repetition_penalty,
+                  "presence": arrays.presence_penalty, "frequency": arrays.frequency_penalty,
                   "block_tables": arrays.block_tables}
         if tiles:
             values["tile_seq"], values["tile_first_row"] = tiles
@@ -324,19 +337,27 @@ class CudaBackend(Backend):
             chunk = pairs[start:start + UPKEEP_IDS // 2]
             cuda.memcpy_htod_async(self.upkeep.ptr, np.ascontiguousarray(chunk), self.stream)
             k.copy_blocks(self.kv, DeviceBuffer(self.upkeep.ptr, (len(chunk), 2), "i32"), len(chunk))
+        V = self.config.vocab_size
         for slot in step.fresh_slots:
             cuda.memset_d32_async(self.seen.ptr + 4 * slot * self.seen_words, 0, self.seen_words, self.stream)
-        marks = [(slot, np.asarray(ids, np.int32)) for slot, ids in step.seen]
-        if marks:
-            ids = np.concatenate([m[1] for m in marks])
-            states = np.concatenate([np.full(len(m[1]), m[0], np.int32) for m in marks])
-            for start in range(0, len(ids), UPKEEP_IDS):
-                chunk = np.stack([ids[start:start + UPKEEP_IDS], states[start:start + UPKEEP_IDS]])
-                n = chunk.shape[1]
-                cuda.memcpy_htod_async(self.upkeep.ptr, np.ascontiguousarray(chunk[0]), self.stream)
-                cuda.memcpy_htod_async(self.upkeep.ptr + 4 * UPKEEP_IDS, np.ascontiguousarray(chunk[1]), self.stream)
-                k.mark_seen(DeviceBuffer(self.upkeep.ptr, (n,), "i32"),
-                            DeviceBuffer(self.upkeep.ptr + 4 * UPKEEP_IDS, (n,), "i32"), self.seen, n)
+            cuda.memset_d32_async(self.counts.ptr + 4 * slot * V, 0, V, self.stream)
+        for ids, states in self._upkeep_ids(step.seen):
+            k.mark_seen(ids, states, self.seen, ids.shape[0])
+        for ids, states in self._upkeep_ids(step.counted):
+            k.count_tokens(ids, states, self.counts, ids.shape[0])
+
+    def _upkeep_ids(self, marks: list[tuple[int, list[int]]]):
+        """(ids, states) device buffers of at most UPKEEP_IDS entries each, from (slot, ids) pairs."""
+        if not marks:
+            return
+        ids = np.concatenate([np.asarray(m, np.int32) for _, m in marks])
+        states = np.concatenate([np.full(len(m), slot, np.int32) for slot, m in marks])
+        for start in range(0, len(ids), UPKEEP_IDS):
+            n = len(ids[start:start + UPKEEP_IDS])
+            cuda.memcpy_htod_async(self.upkeep.ptr, np.ascontiguousarray(ids[start:start + n]), self.stream)
+            cuda.memcpy_htod_async(self.upkeep.ptr + 4 * UPKEEP_IDS, np.ascontiguousarray(states[start:start + n]),
+                                   self.stream)
+            yield DeviceBuffer(self.upkeep.ptr, (n,), "i32"), DeviceBuffer(self.upkeep.ptr + 4 * UPKEEP_IDS, (n,), "i32")
 
     def _collect(self, samples: int, logits: np.ndarray | None) -> CudaPending:
         """Queue the sampled ids' copy to the host; the pending step that waits for it."""
@@ -405,15 +426,40 @@ class CudaBackend(Backend):
                     temporary.free()
         if plan.samples:
             S = plan.samples
-            k.repetition_penalty_rows(self._rows(self.logits, S), m.field("penalty", S), m.field("sample_state", S),
-                                      self.seen, S)
+            raw = self._keep_raw(S) if plan.logprobs >= 0 else None
+            k.penalize_rows(self._rows(self.logits, S), m.field("penalty", S), m.field("presence", S),
+                            m.field("frequency", S), m.field("sample_state", S), self.seen, self.counts, S)
             k.sample_rows(self._rows(self.logits, S), self.vocab_limit, m.field("temperature", S), m.field("top_k", S),
                           m.field("top_p", S), m.field("u", S), m.field("sample_state", S), self.tokens_out,
-                          self.last_sampled, S)
+                          self.last_sampled, self.counts, S)
+            if raw is not None:
+                k.row_logprobs(raw, self.vocab_limit, self.tokens_out, plan.logprobs, self.logprob, self.top_ids,
+                               self.top_logprobs, S)
         return logits
+
+    def _keep_raw(self, rows: int) -> DeviceBuffer:
+        """A copy of the sampled rows' raw logits (the penalties change them in place), for their logprobs."""
+        if self.raw_logits is None:  # only steps that ask for logprobs pay for this buffer
+            V = self.config.vocab_size
+            self.raw_logits = self._alloc((self.max_seqs, V), "f32")
+            self.logprob = self._alloc((self.max_seqs,), "f32")
+            self.top_ids = self._alloc((self.max_seqs, TOP_LOGPROBS), "i32")
+            self.top_logprobs = self._alloc((self.max_seqs, TOP_LOGPROBS), "f32")
+        cuda.memcpy_dtod_async(self.raw_logits.ptr, self.logits.ptr, rows * self.config.vocab_size * 4, self.stream)
+        return self.raw_logits.rows(0, rows)
 
     def _rows(self, buffer: DeviceBuffer, rows: int) -> DeviceBuffer:
         return buffer.rows(0, rows)
+
+    def _fetch_logprobs(self, rows: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The logprobs of a step that asked for them (copied after its sampling: these steps are not pipelined)."""
+        logprob = np.empty(rows, np.float32)
+        ids, top = np.empty((rows, TOP_LOGPROBS), np.int32), np.empty((rows, TOP_LOGPROBS), np.float32)
+        cuda.memcpy_dtoh_async(logprob, self.logprob.ptr, self.stream)
+        cuda.memcpy_dtoh_async(ids, self.top_ids.ptr, self.stream)
+        cuda.memcpy_dtoh_async(top, self.top_logprobs.ptr, self.stream)
+        self.stream.synchronize()
+        return logprob, ids[:, :k], top[:, :k]
 
     def _fetch(self, logits: DeviceBuffer, rows: int) -> np.ndarray:
         out = np.empty((rows, self.config.vocab_size), np.float32)
@@ -490,6 +536,18 @@ class CudaBackend(Backend):
                             plan.tiles, plan.window)
 
 
+def device_temperatures(temperature: np.ndarray) -> np.ndarray:
+    """float32 temperatures for the kernels: a positive one that float32 rounds to 0 (1e-310) stays positive (the
+    smallest subnormal), so the row still samples among its maximum ids instead of turning greedy."""
+    out = temperature.astype(np.float32)
+    return np.where((temperature > 0) & (out == 0), np.float32(1e-45), out)
+
+
+def device_uniforms(arrays: StepArrays) -> np.ndarray:
+    """float32 uniforms, kept below 1 (a float64 u just below 1 rounds up to 1.0 in float32)."""
+    return np.minimum(arrays.u.astype(np.float32), np.float32(1) - np.float32(2**-24))
+
+
 def pad_decode(arrays: StepArrays, size: int, pad_state: int) -> StepArrays:
     """A decode step's arrays padded to a graph's `size` rows: padded rows read and write the null block only,
     keep their state in the pad slot, and are sampled greedily into ids nobody reads."""
@@ -507,5 +565,6 @@ def pad_decode(arrays: StepArrays, size: int, pad_state: int) -> StepArrays:
         rows=grow(arrays.rows, 1), context=grow(arrays.context, 1), block_tables=tables, num_decode=size,
         logit_rows=np.arange(size, dtype=np.int32), sample_rows=np.arange(size, dtype=np.int32),
         temperature=grow(arrays.temperature, 0.0), top_k=grow(arrays.top_k, 0), top_p=grow(arrays.top_p, 1.0),
-        repetition_penalty=grow(arrays.repetition_penalty, 1.0), u=grow(arrays.u, 0.0),
+        repetition_penalty=grow(arrays.repetition_penalty, 1.0), presence_penalty=grow(arrays.presence_penalty, 0.0),
+        frequency_penalty=grow(arrays.frequency_penalty, 0.0), logprobs=grow(arrays.logprobs, -1), u=grow(arrays.u, 0.0),
         sample_state=grow(arrays.sample_state, pad_state), params=arrays.params)

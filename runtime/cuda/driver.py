@@ -29,10 +29,10 @@ def available() -> tuple[bool, str]:
     """(True, "") when PyCUDA, a GPU and nvcc are all present, else (False, why not).
 
     >>> available()
-    (False, 'PyCUDA is not installed (pip install olmoscope[cuda])')
+    (False, "PyCUDA is not installed: install the CUDA toolkit (nvcc), then pip install 'olmoscope[cuda]' (README, \"On a GPU\")")
     """
     if cuda is None:
-        return False, "PyCUDA is not installed (pip install olmoscope[cuda])"
+        return False, "PyCUDA is not installed: install the CUDA toolkit (nvcc), then pip install 'olmoscope[cuda]' (README, \"On a GPU\")"
     try:
         cuda.init()
         if cuda.Device.count() < 1:

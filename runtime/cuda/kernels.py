@@ -25,7 +25,8 @@ import numpy as np
 
 from olmoscope.errors import DeviceError
 from olmoscope.runtime.cuda.build import arch_of, compile_kernel
-from olmoscope.runtime.cuda.driver import ITEMSIZE, DeviceBuffer
+from olmoscope.runtime.cuda.driver import DeviceBuffer
+from olmoscope.runtime.step import SAMPLE_NAN, SAMPLE_NO_MASS  # noqa: F401  (mirrored from sampling.cu)
 
 # ── constants mirrored from cuda/ (tests/test_kernel_mirror.py checks each against its constexpr) ──────────
 BLOCK_SIZE = 16  # KV positions per cache block (common.cuh KV_BLOCK)
@@ -52,6 +53,7 @@ NORM_THREADS = 256  # norms.cu
 ROPE_THREADS = 256  # rope.cu: one block per token
 ROPE_HEAD_THREADS = 128  # rope.cu: one block per (token, head)
 SAMPLE_THREADS = 1024  # sampling.cu
+TOP_LOGPROBS = 20  # sampling.cu: row_logprobs' alternatives per row, at most
 COPY_THREADS = 256  # kv_cache.cu
 
 # Python name → (file, constexpr name): what the mirror test compares.
@@ -77,6 +79,9 @@ MIRRORED = {
     "ROPE_THREADS": ("rope.cu", "ROPE_THREADS"),
     "ROPE_HEAD_THREADS": ("rope.cu", "ROPE_HEAD_THREADS"),
     "SAMPLE_THREADS": ("sampling.cu", "SAMPLE_THREADS"),
+    "TOP_LOGPROBS": ("sampling.cu", "TOP_LOGPROBS"),
+    "SAMPLE_NAN": ("sampling.cu", "SAMPLE_NAN"),
+    "SAMPLE_NO_MASS": ("sampling.cu", "SAMPLE_NO_MASS"),
     "COPY_THREADS": ("kv_cache.cu", "COPY_THREADS"),
 }
 
@@ -133,8 +138,10 @@ SIGNATURES = {
     "widen_int8": ("gemm.cu", "PPq"),
     **{f"paged_prefill_d{d}": ("attention.cu", "PPPPPPPPPPiiii") for d in HEAD_DIMS},
     **{f"paged_decode_d{d}_g{g}": ("attention.cu", "PPPPPPPPPiiiii") for d in HEAD_DIMS for g in DECODE_GROUPS},
-    "repetition_penalty_rows": ("sampling.cu", "PiPPPi"),
-    "sample_rows": ("sampling.cu", "PiiPPPPPPP"),
+    "penalize_rows": ("sampling.cu", "PiPPPPPiP"),
+    "sample_rows": ("sampling.cu", "PiiPPPPPPPP"),
+    "row_logprobs": ("sampling.cu", "PiiPiPPP"),
+    "count_tokens": ("embedding.cu", "PPPii"),
     "copy_blocks": ("kv_cache.cu", "PPiqii"),
 }
 
@@ -586,24 +593,53 @@ class Kernels:
                     num_blocks * block_elems, 2 * L, block_elems)
 
     # ── sampling ──────────────────────────────────────────────────────────────────────────────────────
-    def repetition_penalty_rows(self, logits: DeviceBuffer, penalty: DeviceBuffer, row_state: DeviceBuffer,
-                                seen: DeviceBuffer, rows: int) -> None:
-        """logits [≥R, V] in place: each id seen by row_state[r]'s sequence penalised by penalty[r] (1 = off)."""
-        _check_count("repetition_penalty_rows", rows)
+    def penalize_rows(self, logits: DeviceBuffer, penalty: DeviceBuffer, presence: DeviceBuffer,
+                      frequency: DeviceBuffer, row_state: DeviceBuffer, seen: DeviceBuffer, counts: DeviceBuffer,
+                      rows: int) -> None:
+        """logits [≥R, V] in place: per row, the repetition penalty on its state's seen ids, then presence and
+        frequency penalties from its generated-token counts [states, V] (each [≥R]; 1, 0, 0 = off)."""
+        _check_count("penalize_rows", rows)
         V = logits.shape[-1]
         _expect(logits, "logits", "f32", (rows, V), min_rows=rows)
-        _expect(penalty, "penalties", "f32", (rows,), min_rows=rows)
+        for buffer, what in ((penalty, "penalties"), (presence, "presence penalties"), (frequency, "frequency penalties")):
+            _expect(buffer, what, "f32", (rows,), min_rows=rows)
         _expect(row_state, "row states", "i32", (rows,), min_rows=rows)
         _expect(seen, "seen-token bitsets", "i32", (seen.shape[0], seen.shape[-1]))
+        _expect(counts, "generated-token counts", "i32", (seen.shape[0], V))
         words = seen.shape[1]
-        self.launch("repetition_penalty_rows", (rows, math.ceil(words / 256)), (256, 1, 1), logits.ptr, V,
-                    penalty.ptr, row_state.ptr, seen.ptr, words)
+        self.launch("penalize_rows", (rows, math.ceil(words / 256)), (256, 1, 1), logits.ptr, V, penalty.ptr,
+                    presence.ptr, frequency.ptr, row_state.ptr, seen.ptr, words, counts.ptr)
+
+    def count_tokens(self, ids: DeviceBuffer, states: DeviceBuffer, counts: DeviceBuffer, count: int) -> None:
+        """counts[states[i], ids[i]] += 1 for i < count (generated tokens returning as history)."""
+        _check_count("count_tokens", count)
+        _expect(ids, "counted ids", "i32", (count,), min_rows=count)
+        _expect(states, "counted id states", "i32", (count,), min_rows=count)
+        self.launch("count_tokens", (math.ceil(count / 256),), (256, 1, 1), ids.ptr, states.ptr, counts.ptr,
+                    counts.shape[-1], count)
+
+    def row_logprobs(self, logits: DeviceBuffer, vocab_limit: int, tokens: DeviceBuffer, k: int,
+                     logprob: DeviceBuffer, top_ids: DeviceBuffer, top_logprobs: DeviceBuffer, rows: int) -> None:
+        """Log-softmax over the real vocabulary of raw logits [≥R, V]: logprob [≥R] of tokens [≥R], and the k best
+        (top_ids i32, top_logprobs f32 [≥R, TOP_LOGPROBS])."""
+        _check_count("row_logprobs", rows)
+        V = logits.shape[-1]
+        if not 0 <= k <= TOP_LOGPROBS or not 1 <= vocab_limit <= V:
+            raise DeviceError(f"row_logprobs: k {k} (at most {TOP_LOGPROBS}), vocabulary {vocab_limit} of {V}")
+        _expect(logits, "raw logits", "f32", (rows, V), min_rows=rows)
+        _expect(tokens, "sampled tokens", "i32", (rows,), min_rows=rows)
+        _expect(logprob, "logprobs", "f32", (rows,), min_rows=rows)
+        _expect(top_ids, "top ids", "i32", (rows, TOP_LOGPROBS), min_rows=rows)
+        _expect(top_logprobs, "top logprobs", "f32", (rows, TOP_LOGPROBS), min_rows=rows)
+        self.launch("row_logprobs", (rows,), (SAMPLE_THREADS, 1, 1), logits.ptr, V, vocab_limit, tokens.ptr, k,
+                    logprob.ptr, top_ids.ptr, top_logprobs.ptr)
 
     def sample_rows(self, logits: DeviceBuffer, vocab_limit: int, temperature: DeviceBuffer, top_k: DeviceBuffer,
                     top_p: DeviceBuffer, u: DeviceBuffer, row_state: DeviceBuffer, tokens_out: DeviceBuffer,
-                    last_sampled: DeviceBuffer, rows: int) -> None:
+                    last_sampled: DeviceBuffer, counts: DeviceBuffer, rows: int) -> None:
         """tokens_out[r] and last_sampled[row_state[r]] = row r's next token of logits [≥R, V], by sampler.py's rules,
-        each row with its own temperature, top_k, top_p and uniform u ([≥R] each)."""
+        each row with its own temperature, top_k, top_p and uniform u ([≥R] each); the token's count in
+        counts [states, V] goes up by one. A row that cannot be sampled gets SAMPLE_NAN or SAMPLE_NO_MASS."""
         _check_count("sample_rows", rows)
         V = logits.shape[-1]
         if not 1 <= vocab_limit <= V:
@@ -614,10 +650,11 @@ class Kernels:
                                     (tokens_out, "sampled tokens", "i32")):
             _expect(buffer, what, dtype, (rows,), min_rows=rows)
         _expect(last_sampled, "last sampled tokens", "i32", last_sampled.shape[:1])
+        _expect(counts, "generated-token counts", "i32", (last_sampled.shape[0], V))
         self.launch("sample_rows", (rows,), (SAMPLE_THREADS, 1, 1), logits.ptr, V, vocab_limit, temperature.ptr,
-                    top_k.ptr, top_p.ptr, u.ptr, row_state.ptr, tokens_out.ptr, last_sampled.ptr)
+                    top_k.ptr, top_p.ptr, u.ptr, row_state.ptr, tokens_out.ptr, last_sampled.ptr, counts.ptr)
 
 
 __all__ = ["BLOCK_SIZE", "GEMV_MAX_ROWS", "HEAD_DIMS", "DECODE_GROUPS", "GEMM_TILES", "SIGNATURES", "MIRRORED",
-           "DeviceBuffer", "ITEMSIZE", "Kernels", "decode_group", "decode_smem", "decode_splits", "gemm_plan",
+           "DeviceBuffer", "Kernels", "decode_group", "decode_smem", "decode_splits", "gemm_plan",
            "gemm_splits", "gemm_tile", "gemm_ktiles_per_split", "gemv_split", "prefill_tiles"]

@@ -17,7 +17,7 @@ META_FIELDS = {
     "logit_rows": ("i32", "logits"),
     "sample_state": ("i32", "samples"), "top_k": ("i32", "samples"),
     "temperature": ("f32", "samples"), "top_p": ("f32", "samples"), "u": ("f32", "samples"),
-    "penalty": ("f32", "samples"),
+    "penalty": ("f32", "samples"), "presence": ("f32", "samples"), "frequency": ("f32", "samples"),
     "tile_seq": ("i32", "tiles"), "tile_first_row": ("i32", "tiles"),
 }
 NUMPY = {"i32": np.int32, "f32": np.float32}
