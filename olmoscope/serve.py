@@ -48,7 +48,8 @@ def check_options(max_queue: int | None, shutdown_timeout: float, max_body_bytes
 
 
 def run_server(engine_path: Path, device: str, options, host: str, port: int, api_key: str | None,
-               max_queue: int | None, shutdown_timeout: float, max_body_bytes: int, access_log: bool) -> None:
+               max_queue: int | None, shutdown_timeout: float, max_body_bytes: int, access_log: bool,
+               verify: bool = True) -> None:
     """Serve until a signal; everything a user can get wrong is refused before the socket listens."""
     import uvicorn
 
@@ -61,7 +62,7 @@ def run_server(engine_path: Path, device: str, options, host: str, port: int, ap
 
     check_options(max_queue, shutdown_timeout, max_body_bytes)
     resolve_device(device)
-    with open_engine(engine_path) as engine:
+    with open_engine(engine_path, verify=verify) as engine:
         tokenizer = engine_tokenizer(engine)
         with open_backend(engine, device, options) as backend:
             sock = listen(host, port)
@@ -154,10 +155,11 @@ def _noted(signum, frame) -> None:
 @click.option("--max-body-bytes", type=int, default=16 << 20, show_default=True,
               help="Largest request body; a larger one gets 413.")
 @click.option("--access-log/--no-access-log", default=False, show_default=True, help="Log every request.")
+@click.option("--no-verify", is_flag=True, help="Skip checking each tensor's checksum as it is first read.")
 def serve_command(engine_file: Path, host: str, port: int, api_key: str | None, max_queue: int, device: str,
                   max_num_seqs: int, max_num_batched_tokens: int, max_context: int | None,
                   kv_cache_gib: float | None, gpu_memory_utilization: float, shutdown_timeout: float,
-                  max_body_bytes: int, access_log: bool) -> None:
+                  max_body_bytes: int, access_log: bool, no_verify: bool) -> None:
     """Serve an engine file over OpenAI's HTTP API.
 
     Endpoints: GET /v1/models, POST /v1/completions and /v1/chat/completions (stream: true for server-sent
@@ -171,5 +173,5 @@ def serve_command(engine_file: Path, host: str, port: int, api_key: str | None, 
                              max_num_batched_tokens=max_num_batched_tokens, kv_cache_gib=kv_cache_gib,
                              gpu_memory_utilization=gpu_memory_utilization)
     run_server(engine_file, device, options, host, port, api_key or None, max_queue, shutdown_timeout,
-               max_body_bytes, access_log)
+               max_body_bytes, access_log, verify=not no_verify)
 
