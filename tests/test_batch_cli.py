@@ -148,3 +148,25 @@ def test_a_failing_engine_leaves_no_output(tmp_path):
     result = CliRunner().invoke(main, ["batch", str(tmp_path / "missing.olmo"), "-i", str(source), "-o", str(target)])
     assert_one_line_error(result, "missing.olmo")
     assert not target.exists()
+
+
+def test_n_choices_and_logprobs_in_a_batch(engine_file, tmp_path):
+    """n seeded choices come back in order (choice 0 equal to the request alone with n = 1), each with its tokens'
+    logprobs in the completion shape; chat gets the chat shape."""
+    lines = [line("n", {"prompt": "Hello world", "max_tokens": 5, "n": 3, "seed": 11, "logprobs": 2}),
+             line("one", {"prompt": "Hello world", "max_tokens": 5, "seed": 11}),
+             line("chat", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0,
+                           "logprobs": True, "top_logprobs": 1}, url="/v1/chat/completions")]
+    result, out = run_batch(engine_file, tmp_path, lines)
+    assert result.exit_code == 0, result.output
+    choices = out[0]["response"]["body"]["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2]
+    assert choices[0]["text"] == out[1]["response"]["body"]["choices"][0]["text"]
+    assert out[0]["response"]["body"]["usage"]["completion_tokens"] == 15
+    for choice in choices:
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 5
+        assert all(len(top) <= 3 and token in top for token, top in zip(lp["tokens"], lp["top_logprobs"]))
+    content = out[2]["response"]["body"]["choices"][0]["logprobs"]["content"]
+    assert len(content) == 3 and all(len(e["top_logprobs"]) == 1 for e in content)
+    assert all(e["logprob"] == e["top_logprobs"][0]["logprob"] for e in content)  # greedy: the best one
