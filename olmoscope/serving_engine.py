@@ -14,6 +14,7 @@ every waiting request gets the error.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -24,6 +25,8 @@ from olmoscope.openai_api import Prepared
 from olmoscope.runtime.loop import EngineLoop
 from olmoscope.runtime.output import RequestOutput
 from olmoscope.runtime.tokenizer import Tokenizer
+
+log = logging.getLogger("olmoscope.serve")
 
 
 class QueueFull(Exception):
@@ -158,10 +161,10 @@ class ServingEngine:
                 if self.loop.has_work:
                     self._forward(self.loop.step())
                     self._publish()
-        except BaseException as exc:  # a bug in the loop: say so on /health and to everyone waiting
+        except BaseException as exc:  # a bug in the loop: say so on /health, to everyone waiting, and in the log
             self.failure = f"the engine loop stopped: {type(exc).__name__}: {exc}"
+            log.exception(self.failure)
             self._fail_all(self.failure)
-            raise
         finally:
             self._stopping = True
 

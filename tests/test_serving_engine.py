@@ -1,0 +1,42 @@
+"""The engine thread of `serve`, in process (the app over httpx's ASGI transport, no socket): when the thread dies
+of a bug, /health says 503 with the reason, the requests it held get an error object, and new ones a 503."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx2 as httpx
+
+from olmoscope.runtime.backend import RuntimeOptions
+from olmoscope.runtime.numpy_backend import NumpyBackend
+from olmoscope.runtime.tokenizer import Tokenizer
+from olmoscope.serve_app import Served, create_app
+from olmoscope.serve_metrics import Metrics
+from olmoscope.serving_engine import ServingEngine
+from test_batched_reference import ENGINE, VOCAB
+
+
+def test_a_dead_engine_thread_turns_health_to_503_and_fails_its_requests():
+    backend = NumpyBackend(ENGINE, RuntimeOptions(max_context=128, max_num_seqs=4))
+    engine = ServingEngine(backend, Tokenizer.bundled())
+    metrics = Metrics(lambda: engine.stats)
+    app = create_app(engine, metrics, Served("tiny", Tokenizer.bundled(), 128, VOCAB, frozenset()))
+
+    def broken_step():
+        raise RuntimeError("a scheduler bug")
+
+    engine.loop.step = broken_step
+    engine.start()
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://serve") as client:
+            assert (await client.get("/health")).status_code == 200
+            held = await client.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 4})
+            health = await client.get("/health")
+            after = await client.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 4})
+            return held, health, after
+
+    held, health, after = asyncio.run(asyncio.wait_for(run(), 30))
+    assert held.status_code == 500 and "a scheduler bug" in held.json()["error"]["message"]
+    assert health.status_code == 503 and "engine loop stopped" in health.json()["error"]["message"]
+    assert after.status_code == 503 and after.json()["error"]["type"] == "server_error"
