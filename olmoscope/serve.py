@@ -29,8 +29,6 @@ HANDLER_GRACE_S = 2.0  # after the engine aborts the last requests, time for the
 
 def listen(host: str, port: int) -> socket.socket:
     """A listening socket (port 0: one the system picks); a one-line UsageError when that address is not to be had."""
-    if not 0 <= port <= 65535:
-        raise UsageError(f"--port {port}: must be in 0 … 65535")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         return socket.create_server((host, port), family=family, backlog=2048)
@@ -38,7 +36,10 @@ def listen(host: str, port: int) -> socket.socket:
         raise UsageError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") from None
 
 
-def check_options(max_queue: int | None, shutdown_timeout: float, max_body_bytes: int) -> None:
+def check_options(port: int, max_queue: int | None, shutdown_timeout: float, max_body_bytes: int) -> None:
+    """What can be refused before the weights are loaded."""
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port {port}: must be in 0 … 65535")
     if max_queue is not None and max_queue < 0:
         raise UsageError(f"--max-queue {max_queue}: must be ≥ 0")
     if not 0 <= shutdown_timeout < float("inf"):
@@ -60,7 +61,7 @@ def run_server(engine_path: Path, device: str, options, host: str, port: int, ap
     from olmoscope.serve_metrics import Metrics
     from olmoscope.serving_engine import ServingEngine
 
-    check_options(max_queue, shutdown_timeout, max_body_bytes)
+    check_options(port, max_queue, shutdown_timeout, max_body_bytes)
     resolve_device(device)
     with open_engine(engine_path, verify=verify) as engine:
         tokenizer = engine_tokenizer(engine)

@@ -429,3 +429,18 @@ def test_sigterm_while_requests_run_exits_cleanly(engines, tmp_path):
         assert streamed.status_code == 200 and events[-1] == "data: [DONE]"
         assert "shutting down" in json.loads(events[-2][6:])["error"]["message"]
     assert "Traceback" not in server.text()
+
+
+def test_what_a_user_gets_wrong_on_the_command_line_is_one_line(engines, server):
+    from click.testing import CliRunner
+
+    from cli_checks import assert_one_line_error
+    from olmoscope.cli import main
+
+    port = server.url.rsplit(":", 1)[1]  # taken by the running server
+    for args, fragment in ((["missing.olmo"], "missing.olmo"), ([str(engines["tiny"]), "--port", port], port),
+                           ([str(engines["tiny"]), "--port", "70000"], "--port 70000"),
+                           ([str(engines["tiny"]), "--max-queue", "-1"], "--max-queue"),
+                           ([str(engines["tiny"]), "--max-num-seqs", "0"], "--max-num-seqs")):
+        result = CliRunner().invoke(main, ["serve", *args, "--device", "cpu"])
+        assert_one_line_error(result, fragment)
