@@ -137,11 +137,13 @@ class _Refused(Exception):
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _Refused(f"duplicate key '{display_name(key)[:80]}'")
-        out[key] = value
+    out = dict(pairs)  # built in C; only a size mismatch needs the slow search for the culprit
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Refused(f"duplicate key '{display_name(key)[:80]}'")
+            seen.add(key)
     return out
 
 
