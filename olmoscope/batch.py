@@ -20,6 +20,7 @@ import click
 from tqdm import tqdm
 
 from olmoscope.atomic import atomic_output, output_path
+from olmoscope.engine_options import engine_options
 from olmoscope.errors import UsageError
 from olmoscope.readers import decode_utf8, parse_json, read_capped
 from olmoscope.openai_api import ApiError, Prepared, parse_body, prepare
@@ -158,21 +159,8 @@ def write_results(path: Path, results: list[dict[str, Any]]) -> None:
               help="Requests, one JSON object a line (OpenAI's batch input format).")
 @click.option("-o", "--output", "output_path", required=True, type=click.Path(),
               help="Results, one JSON object a line in input order; written whole or not at all.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="auto: the CUDA backend when a GPU and PyCUDA are present, else the NumPy reference.")
-@click.option("--max-num-seqs", type=int, default=256, show_default=True, help="Sequences running at once.")
-@click.option("--max-num-batched-tokens", type=int, default=4096, show_default=True,
-              help="Token rows in one step (prompts are prefilled in chunks of at most this).")
-@click.option("--max-context", type=int,
-              help="Positions one sequence may hold (prompt + completion). [default: the model's context length]")
-@click.option("--kv-cache-gib", type=float,
-              help="KV cache size. [default: from free memory: --gpu-memory-utilization on a GPU]")
-@click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True,
-              help="Share of the GPU's memory for weights, KV cache and buffers.")
-@click.option("--no-verify", is_flag=True, help="Skip checking each tensor's checksum as it is first read.")
-def batch_command(engine_file: Path, input_path: Path, output_path: str, device: str, max_num_seqs: int,
-                  max_num_batched_tokens: int, max_context: int | None, kv_cache_gib: float | None,
-                  gpu_memory_utilization: float, no_verify: bool) -> None:
+@engine_options
+def batch_command(engine_file: Path, input_path: Path, output_path: str, device: str, options, verify: bool) -> None:
     """Generate for every request of an OpenAI batch file (-i) into a results file (-o).
 
     Lines hold {"custom_id", "method": "POST", "url": "/v1/completions" or "/v1/chat/completions", "body"}; a
@@ -180,10 +168,5 @@ def batch_command(engine_file: Path, input_path: Path, output_path: str, device:
     temperature, top_p, top_k, seed, stop, repetition_penalty, presence_penalty, frequency_penalty, n, logprobs
     (chat: logprobs and top_logprobs) and echo. A bad line gets a 400 result; the rest run.
     """
-    from olmoscope.runtime.backend import RuntimeOptions
-
-    options = RuntimeOptions(max_context=max_context, max_num_seqs=max_num_seqs,
-                             max_num_batched_tokens=max_num_batched_tokens, kv_cache_gib=kv_cache_gib,
-                             gpu_memory_utilization=gpu_memory_utilization)
-    done, failed = run_batch(engine_file, input_path, output_path, device, options, verify=not no_verify)
+    done, failed = run_batch(engine_file, input_path, output_path, device, options, verify=verify)
     click.echo(f"olmoscope: {done} requests done, {failed} refused: results in {output_path}", err=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import click
 
+from olmoscope.engine_options import engine_options
 from olmoscope.errors import UsageError
 
 API_KEY_ENV = "OLMOSCOPE_API_KEY"
@@ -140,39 +141,22 @@ def _noted(signum, frame) -> None:
               help="Require \"Authorization: Bearer KEY\" on /v1, /tokenize and /detokenize.")
 @click.option("--max-queue", type=int, default=1024, show_default=True,
               help="Requests that may wait to be scheduled; past it a request gets 429 with Retry-After.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="auto: the CUDA backend when a GPU and PyCUDA are present, else the NumPy reference.")
-@click.option("--max-num-seqs", type=int, default=256, show_default=True, help="Sequences running at once.")
-@click.option("--max-num-batched-tokens", type=int, default=4096, show_default=True,
-              help="Token rows in one step (prompts are prefilled in chunks of at most this).")
-@click.option("--max-context", type=int,
-              help="Positions one sequence may hold (prompt + completion). [default: the model's context length]")
-@click.option("--kv-cache-gib", type=float,
-              help="KV cache size. [default: from free memory: --gpu-memory-utilization on a GPU]")
-@click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True,
-              help="Share of the GPU's memory for weights, KV cache and buffers.")
 @click.option("--shutdown-timeout", type=float, default=30.0, show_default=True,
               help="On SIGTERM/SIGINT, seconds running requests get to finish before they are aborted.")
 @click.option("--max-body-bytes", type=int, default=16 << 20, show_default=True,
               help="Largest request body; a larger one gets 413.")
 @click.option("--access-log/--no-access-log", default=False, show_default=True, help="Log every request.")
-@click.option("--no-verify", is_flag=True, help="Skip checking each tensor's checksum as it is first read.")
-def serve_command(engine_file: Path, host: str, port: int, api_key: str | None, max_queue: int, device: str,
-                  max_num_seqs: int, max_num_batched_tokens: int, max_context: int | None,
-                  kv_cache_gib: float | None, gpu_memory_utilization: float, shutdown_timeout: float,
-                  max_body_bytes: int, access_log: bool, no_verify: bool) -> None:
+@engine_options
+def serve_command(engine_file: Path, host: str, port: int, api_key: str | None, max_queue: int,
+                  shutdown_timeout: float, max_body_bytes: int, access_log: bool, device: str, options,
+                  verify: bool) -> None:
     """Serve an engine file over OpenAI's HTTP API.
 
     Endpoints: GET /v1/models, POST /v1/completions and /v1/chat/completions (stream: true for server-sent
     events), GET /health, GET /metrics (Prometheus), POST /tokenize and /detokenize. The model's id is the
     engine file's stem.
     """
-    from olmoscope.runtime.backend import RuntimeOptions
-
     logging.basicConfig(format="olmoscope: %(message)s", stream=sys.stderr)
-    options = RuntimeOptions(max_context=max_context, max_num_seqs=max_num_seqs,
-                             max_num_batched_tokens=max_num_batched_tokens, kv_cache_gib=kv_cache_gib,
-                             gpu_memory_utilization=gpu_memory_utilization)
     run_server(engine_file, device, options, host, port, api_key or None, max_queue, shutdown_timeout,
-               max_body_bytes, access_log, verify=not no_verify)
+               max_body_bytes, access_log, verify=verify)
 
