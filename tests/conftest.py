@@ -169,3 +169,23 @@ def malformed_snapshot(request, tmp_path) -> tuple[Path, list[str]]:
         else:
             (directory / name).write_bytes(content)
     return directory, fragments
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_file(tmp_path_factory) -> Path:
+    """A tiny random OLMo 2 engine file (D=64, 2 layers, the real dolma2 tokenizer and 100,352 rows), bf16."""
+    from olmoscope.convert import convert
+    from olmoscope.tiny import make_tiny
+
+    directory = tmp_path_factory.mktemp("tiny")
+    make_tiny(directory / "snapshot", seed=0)
+    convert(str(directory / "snapshot"), directory / "tiny.olmo", dtype="bf16")
+    return directory / "tiny.olmo"
+
+
+@pytest.fixture
+def cpu_only(monkeypatch):
+    """--device auto resolves to the NumPy backend even where a GPU is present."""
+    from olmoscope.runtime import devices
+
+    monkeypatch.setattr(devices, "cuda_availability", lambda: (False, "no GPU in this test"))

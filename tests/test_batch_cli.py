@@ -13,26 +13,19 @@ from click.testing import CliRunner
 
 from cli_checks import assert_one_line_error
 from olmoscope.cli import main
-from olmoscope.runtime import devices
 from olmoscope.runtime.engine import open_engine
 from olmoscope.runtime.generator import generate
 from olmoscope.runtime.sampler import SamplingParams
 
 
-@pytest.fixture(scope="module")
-def engine_file(tmp_path_factory) -> Path:
-    from olmoscope.convert import convert
-    from olmoscope.tiny import make_tiny
-
-    directory = tmp_path_factory.mktemp("tiny")
-    make_tiny(directory / "snapshot", seed=1)
-    convert(str(directory / "snapshot"), directory / "tiny.olmo", dtype="bf16")
-    return directory / "tiny.olmo"
+@pytest.fixture
+def engine_file(tiny_engine_file) -> Path:
+    return tiny_engine_file
 
 
 @pytest.fixture(autouse=True)
-def no_gpu(monkeypatch):
-    monkeypatch.setattr(devices, "cuda_availability", lambda: (False, "no GPU in this test"))
+def no_gpu(cpu_only):
+    """Tests run the NumPy backend."""
 
 
 def line(custom_id, body, url="/v1/completions") -> str:

@@ -15,7 +15,6 @@ from olmoscope.config import ModelConfig
 from olmoscope.runtime.backend import Backend, DoneStep, RuntimeOptions
 from olmoscope.runtime.step import StepResult
 from olmoscope.tiny import tiny_config
-from olmoscope.runtime import devices as backend_module
 from olmoscope.runtime.engine import open_engine
 from olmoscope.runtime.generator import generate
 from olmoscope.runtime.output import StopScanner
@@ -25,22 +24,14 @@ from olmoscope.runtime.tokenizer import Tokenizer
 PROMPT = "Language modeling is "  # [14126, 34579, 374, 220]
 
 
-@pytest.fixture(scope="module")
-def engine_file(tmp_path_factory) -> Path:
-    """A tiny random OLMo 2 (D=64, 2 layers, the real dolma2 tokenizer and 100,352 rows), bf16."""
-    from olmoscope.convert import convert
-    from olmoscope.tiny import make_tiny
-
-    directory = tmp_path_factory.mktemp("tiny")
-    make_tiny(directory / "snapshot", seed=0)
-    convert(str(directory / "snapshot"), directory / "tiny.olmo", dtype="bf16")
-    return directory / "tiny.olmo"
+@pytest.fixture
+def engine_file(tiny_engine_file) -> Path:
+    return tiny_engine_file
 
 
 @pytest.fixture(autouse=True)
-def no_gpu(monkeypatch):
-    """Tests run the NumPy backend: --device auto must resolve to cpu even where a GPU is present."""
-    monkeypatch.setattr(backend_module, "cuda_availability", lambda: (False, "no GPU in this test"))
+def no_gpu(cpu_only):
+    """Tests run the NumPy backend."""
 
 
 def run(*args: str, input: str | None = None):
