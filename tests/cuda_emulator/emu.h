@@ -1,0 +1,313 @@
+// A CPU emulation of the CUDA subset olmoscope's kernels use: one OS thread per CUDA thread, blocks run one at a
+// time (so `static` stands in for __shared__), barriers for __syncthreads/__syncwarp, warp collectives through a
+// per-warp exchange buffer, cp.async deferred until its wait_group (an adversarial but legal schedule), ldmatrix and
+// mma.sync m16n8k16 with the PTX fragment layouts.
+#pragma once
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <thread>
+#include <vector>
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+inline dim3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+#define __shared__ static
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+
+using std::max;
+using std::min;
+
+// ── vector types ──
+struct uint4 { uint32_t x, y, z, w; };
+struct uint2 { uint32_t x, y; };
+struct float4 { float x, y, z, w; };
+struct float2 { float x, y; };
+struct char4 { int8_t x, y, z, w; };
+inline uint4 make_uint4(uint32_t a, uint32_t b, uint32_t c, uint32_t d) { return {a, b, c, d}; }
+inline uint2 make_uint2(uint32_t a, uint32_t b) { return {a, b}; }
+inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+inline float2 make_float2(float a, float b) { return {a, b}; }
+
+// ── bf16 ──
+struct __nv_bfloat16 { uint16_t bits; };
+struct __nv_bfloat162 { __nv_bfloat16 x, y; };
+inline uint16_t emu_f2bf(float f) {
+    uint32_t u; std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // NaN stays NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+inline __nv_bfloat16 __float2bfloat16(float f) { return {emu_f2bf(f)}; }
+inline float __bfloat162float(__nv_bfloat16 b) { uint32_t u = (uint32_t)b.bits << 16; float f; std::memcpy(&f, &u, 4); return f; }
+inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) { return {{emu_f2bf(lo)}, {emu_f2bf(hi)}}; }
+
+inline float __uint_as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t __float_as_uint(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline float __expf(float x) { return std::exp(x); }
+inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+inline void sincosf(float a, float* s, float* c) { *s = std::sin(a); *c = std::cos(a); }
+inline uint32_t __byte_perm(uint32_t x, uint32_t y, uint32_t s) {
+    uint64_t v = ((uint64_t)y << 32) | x;
+    uint32_t r = 0;
+    for (int i = 0; i < 4; i++) r |= (uint32_t)((v >> (8 * ((s >> (4 * i)) & 7))) & 0xff) << (8 * i);
+    return r;
+}
+inline int __ffs(unsigned x) { return x ? __builtin_ctz(x) + 1 : 0; }
+template <class T> inline T __ldg(const T* p) { return *p; }
+template <class T> inline T __ldcg(const T* p) { return *(const volatile T*)p; }
+
+// ── atomics ──
+template <class T> inline T atomicAdd(T* p, T v) { return std::atomic_ref<T>(*p).fetch_add(v); }
+inline unsigned atomicOr(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_or(v); }
+template <class T> inline T atomicMax(T* p, T v) {
+    std::atomic_ref<T> a(*p); T old = a.load();
+    while (old < v && !a.compare_exchange_weak(old, v)) {}
+    return old;
+}
+template <class T> inline T atomicMin(T* p, T v) {
+    std::atomic_ref<T> a(*p); T old = a.load();
+    while (old > v && !a.compare_exchange_weak(old, v)) {}
+    return old;
+}
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+
+// ── fibers: every CUDA thread of a block is a fiber on one OS thread; barriers yield to the scheduler ──
+inline int emu_lane, emu_warp;
+void emu_yield();
+struct EmuBarrier {
+    int expected = 0, count = 0;
+    long generation = 0;
+    void arrive_and_wait() {
+        const long gen = generation;
+        if (++count == expected) { count = 0; generation++; return; }
+        while (generation == gen) emu_yield();
+    }
+    void arrive_and_drop() {
+        expected--;
+        if (count > 0 && count == expected) { count = 0; generation++; }
+    }
+};
+struct EmuWarp {
+    EmuBarrier bar;
+    uint64_t slot[32][8];  // exchange: up to 8 words per lane
+};
+struct EmuBlock {
+    EmuBarrier bar;
+    std::vector<EmuWarp> warps;
+};
+inline EmuBlock* emu_block = nullptr;
+
+inline void __syncthreads() { emu_block->bar.arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu_block->warps[emu_warp].bar.arrive_and_wait(); }
+
+template <class T>
+inline uint64_t emu_bits(T v) { uint64_t u = 0; std::memcpy(&u, &v, sizeof(T)); return u; }
+template <class T>
+inline T emu_from(uint64_t u) { T v; std::memcpy(&v, &u, sizeof(T)); return v; }
+
+// All 32 lanes publish n words, then each reads what it needs.
+inline void emu_publish(const uint64_t* words, int n) {
+    EmuWarp& w = emu_block->warps[emu_warp];
+    w.bar.arrive_and_wait();  // everyone is done reading the previous exchange
+    for (int i = 0; i < n; i++) w.slot[emu_lane][i] = words[i];
+    w.bar.arrive_and_wait();
+}
+inline uint64_t emu_read(int lane, int i) { return emu_block->warps[emu_warp].slot[lane][i]; }
+
+template <class T> inline T __shfl_xor_sync(unsigned, T v, int o) {
+    uint64_t b = emu_bits(v); emu_publish(&b, 1); return emu_from<T>(emu_read(emu_lane ^ o, 0));
+}
+template <class T> inline T __shfl_sync(unsigned, T v, int src) {
+    uint64_t b = emu_bits(v); emu_publish(&b, 1); return emu_from<T>(emu_read(src & 31, 0));
+}
+template <class T> inline T __shfl_up_sync(unsigned, T v, int d) {
+    uint64_t b = emu_bits(v); emu_publish(&b, 1); return emu_lane >= d ? emu_from<T>(emu_read(emu_lane - d, 0)) : v;
+}
+inline unsigned __ballot_sync(unsigned, int pred) {
+    uint64_t b = pred != 0; emu_publish(&b, 1);
+    unsigned r = 0; for (int l = 0; l < 32; l++) r |= (unsigned)emu_read(l, 0) << l; return r;
+}
+inline bool __all_sync(unsigned m, int pred) { return __ballot_sync(m, pred) == 0xffffffffu; }
+
+// ── cp.async: queued per thread, performed at the wait that retires its group ──
+struct EmuCopy { void* dst; const void* src; int bytes; };
+struct EmuQueues { std::vector<std::vector<EmuCopy>> groups; std::vector<EmuCopy> open; };
+inline EmuQueues* emu_q = nullptr;  // the running fiber's cp.async queues
+#define emu_groups (emu_q->groups)
+#define emu_open (emu_q->open)
+inline void emu_do(const EmuCopy& c) {
+    std::memset(c.dst, 0, 16);
+    if (c.bytes) std::memcpy(c.dst, c.src, c.bytes);
+}
+
+#define OS_EMU_HELPERS                                                                                         \
+    OS_DEVICE uint4 load_stream16(const void* p) { return *reinterpret_cast<const uint4*>(p); }                \
+    OS_DEVICE void cp_async16(void* smem, const void* gmem, int src_bytes) {                                   \
+        emu_open.push_back({smem, gmem, src_bytes});                                                            \
+    }                                                                                                          \
+    OS_DEVICE void cp_async_commit() { emu_groups.push_back(std::move(emu_open)); emu_open.clear(); }           \
+    template <int N>                                                                                           \
+    OS_DEVICE void cp_async_wait() {                                                                           \
+        while ((int)emu_groups.size() > N) {                                                                    \
+            for (auto& c : emu_groups.front()) emu_do(c);                                                       \
+            emu_groups.erase(emu_groups.begin());                                                               \
+        }                                                                                                      \
+    }                                                                                                          \
+    OS_DEVICE void emu_ldmatrix(uint32_t (&r)[4], const void* smem, bool trans) {                               \
+        uint64_t a = (uint64_t)(uintptr_t)smem;                                                                 \
+        emu_publish(&a, 1);                                                                                     \
+        const int l = emu_lane;                                                                                 \
+        for (int i = 0; i < 4; i++) {                                                                           \
+            if (!trans) {                                                                                       \
+                const uint16_t* row = (const uint16_t*)(uintptr_t)emu_read(8 * i + l / 4, 0);                  \
+                r[i] = row[2 * (l % 4)] | ((uint32_t)row[2 * (l % 4) + 1] << 16);                               \
+            } else {                                                                                            \
+                const uint16_t* r0 = (const uint16_t*)(uintptr_t)emu_read(8 * i + 2 * (l % 4), 0);             \
+                const uint16_t* r1 = (const uint16_t*)(uintptr_t)emu_read(8 * i + 2 * (l % 4) + 1, 0);         \
+                r[i] = r0[l / 4] | ((uint32_t)r1[l / 4] << 16);                                                 \
+            }                                                                                                   \
+        }                                                                                                       \
+    }                                                                                                          \
+    OS_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const void* smem) { emu_ldmatrix(r, smem, false); }          \
+    OS_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) { emu_ldmatrix(r, smem, true); }     \
+    OS_DEVICE float emu_bf(uint32_t w, int hi) { return __uint_as_float(hi ? (w & 0xffff0000u) : (w << 16)); } \
+    OS_DEVICE void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {           \
+        uint64_t mine[7] = {a[0], a[1], a[2], a[3], b0, b1, 0};                                                 \
+        emu_publish(mine, 6);                                                                                   \
+        float A[16][16], B[16][8];                                                                              \
+        for (int l = 0; l < 32; l++) {                                                                          \
+            const int g = l / 4, c = l % 4;                                                                     \
+            uint32_t r[6];                                                                                      \
+            for (int i = 0; i < 6; i++) r[i] = (uint32_t)emu_read(l, i);                                        \
+            A[g][2 * c] = emu_bf(r[0], 0); A[g][2 * c + 1] = emu_bf(r[0], 1);                                   \
+            A[g + 8][2 * c] = emu_bf(r[1], 0); A[g + 8][2 * c + 1] = emu_bf(r[1], 1);                           \
+            A[g][2 * c + 8] = emu_bf(r[2], 0); A[g][2 * c + 9] = emu_bf(r[2], 1);                               \
+            A[g + 8][2 * c + 8] = emu_bf(r[3], 0); A[g + 8][2 * c + 9] = emu_bf(r[3], 1);                       \
+            B[2 * c][g] = emu_bf(r[4], 0); B[2 * c + 1][g] = emu_bf(r[4], 1);                                   \
+            B[2 * c + 8][g] = emu_bf(r[5], 0); B[2 * c + 9][g] = emu_bf(r[5], 1);                               \
+        }                                                                                                       \
+        const int g = emu_lane / 4, c = emu_lane % 4;                                                           \
+        for (int e = 0; e < 4; e++) {                                                                           \
+            const int row = g + (e >> 1) * 8, col = 2 * c + (e & 1);                                            \
+            float s = d[e];                                                                                     \
+            for (int k = 0; k < 16; k++) s += A[row][k] * B[k][col];                                            \
+            d[e] = s;                                                                                           \
+        }                                                                                                       \
+    }
+
+// ── the launcher the Python side calls through ctypes ──
+inline std::vector<unsigned char> emu_dynamic(256 * 1024);
+inline unsigned char* emu_dynamic_smem = emu_dynamic.data();
+
+extern "C" void emu_switch(void** save_sp, void* new_sp);
+asm(R"(
+.text
+.globl emu_switch
+.hidden emu_switch
+.type emu_switch,@function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+)");
+
+struct EmuFiber {
+    void* sp = nullptr;
+    std::vector<char> stack;
+    bool done = false;
+    dim3 tid;
+    int lane = 0, warp = 0;
+    EmuQueues q;
+};
+inline void* emu_sched_sp = nullptr;
+inline EmuFiber* emu_current = nullptr;
+inline std::function<void()>* emu_body = nullptr;
+
+inline void emu_yield() { emu_switch(&emu_current->sp, emu_sched_sp); }
+
+inline void emu_fiber_entry() {
+    (*emu_body)();
+    emu_groups.clear();
+    emu_open.clear();
+    emu_current->done = true;
+    emu_block->warps[emu_warp].bar.arrive_and_drop();
+    emu_block->bar.arrive_and_drop();
+    emu_switch(&emu_current->sp, emu_sched_sp);
+    std::abort();  // never resumed
+}
+
+inline void emu_launch(std::function<void()> body, dim3 grid, dim3 block) {
+    gridDim = grid;
+    blockDim = block;
+    const int threads = block.x * block.y * block.z, nwarps = (threads + 31) / 32;
+    constexpr size_t STACK = 128 * 1024;
+    std::vector<EmuFiber> fibers(threads);
+    for (auto& f : fibers) f.stack.resize(STACK);
+    emu_body = &body;
+    const long total = (long)grid.x * grid.y * grid.z;
+    for (long i = 0; i < total; i++) {
+        blockIdx = {(unsigned)(i % grid.x), (unsigned)((i / grid.x) % grid.y), (unsigned)(i / ((long)grid.x * grid.y))};
+        EmuBlock blk;
+        blk.bar.expected = threads;
+        blk.warps.assign(nwarps, EmuWarp{});
+        for (int w = 0; w < nwarps; w++) blk.warps[w].bar.expected = std::min(32, threads - 32 * w);
+        std::memset(emu_dynamic_smem, 0xff, 256 * 1024);  // uninitialised shared memory: NaN-ish garbage
+        emu_block = &blk;
+        for (int t = 0; t < threads; t++) {
+            EmuFiber& f = fibers[t];
+            f.done = false;
+            f.tid = {(unsigned)(t % block.x), (unsigned)((t / block.x) % block.y), (unsigned)(t / (block.x * block.y))};
+            f.lane = t % 32;
+            f.warp = t / 32;
+            f.q.groups.clear();
+            f.q.open.clear();
+            uintptr_t top = ((uintptr_t)f.stack.data() + STACK) & ~(uintptr_t)15;
+            void** sp = (void**)top;
+            *--sp = nullptr;  // a fake return address: the entry sees rsp % 16 == 8, as after a call
+            *--sp = (void*)&emu_fiber_entry;
+            for (int r = 0; r < 6; r++) *--sp = nullptr;  // rbp rbx r12 r13 r14 r15
+            f.sp = sp;
+        }
+        int alive = threads;
+        long idle_rounds = 0;
+        while (alive) {
+            for (auto& f : fibers) {
+                if (f.done) continue;
+                emu_current = &f;
+                threadIdx = f.tid;
+                emu_lane = f.lane;
+                emu_warp = f.warp;
+                emu_q = &f.q;
+                emu_switch(&emu_sched_sp, f.sp);
+                if (f.done) alive--;
+            }
+            if (++idle_rounds > 100000000) { std::fprintf(stderr, "emulator: deadlock?\n"); std::abort(); }
+        }
+    }
+}

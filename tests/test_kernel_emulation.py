@@ -1,0 +1,36 @@
+"""The CUDA kernels' GPU tests on the CPU emulator (tests/cuda_emulator): where CI has no GPU, a representative
+subset of tests/test_cuda_kernels.py still runs every kernel family against its NumPy reference. Skipped, and said
+so, without g++ (C++20) on x86-64 Linux; the whole file runs with `python tests/cuda_emulator/run.py`."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBSET = " or ".join([
+    "embedding_gathers", "prepare_tokens", "mark_seen", "residual_rmsnorm_add_sums_partials_then_norms[64-3-5]",
+    "rmsnorm_rows", "qk_norm_rope_append_writes_q_and_the_paged_slots[8-2-128", "gemv_every_k_split",
+    "gemv_silu_pairs", "gemm_every_tile_and_split_count", "gemm_silu_pairs_gate_and_up[5", "silu_mul_parts",
+    "split_gemm_then", "paged_decode_matches_numpy[40-8-128", "paged_decode_sliding_window[1-", "paged_decode_sees",
+    "padding_sequences", "paged_prefill_ragged_batch_matches_numpy[37-", "paged_prefill_windows", "paged_prefill_sees",
+    "copy_blocks", "sampling_rows_each", "repetition_penalty_rows", "sampled_tokens_feed",
+])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None or platform.machine() != "x86_64" or sys.platform != "linux",
+                    reason="the CUDA emulator needs g++ on x86-64 Linux: the kernels did NOT run on the CPU")
+def test_kernels_pass_their_gpu_tests_on_the_cpu_emulator(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "cuda_emulator" / "run.py"), "-q", "-k", SUBSET,
+                             "-p", "no:cacheprovider"], capture_output=True, text=True, cwd=ROOT, timeout=1800,
+                            env={**os.environ, "OLMOSCOPE_EMU_BUILD": str(tmp_path)})
+    tail = "\n".join((result.stdout + result.stderr).splitlines()[-25:])
+    assert result.returncode == 0, f"emulated kernel tests failed:\n{tail}"
+    assert " passed" in result.stdout and "no tests ran" not in result.stdout, tail
