@@ -1,19 +1,19 @@
-// A CPU emulation of the CUDA subset olmoscope's kernels use: one OS thread per CUDA thread, blocks run one at a
-// time (so `static` stands in for __shared__), barriers for __syncthreads/__syncwarp, warp collectives through a
-// per-warp exchange buffer, cp.async deferred until its wait_group (an adversarial but legal schedule), ldmatrix and
-// mma.sync m16n8k16 with the PTX fragment layouts.
+// A CPU emulation of the CUDA subset olmoscope's kernels use (x86-64, g++ -std=c++20): every CUDA thread of a block
+// is a fiber on one OS thread, scheduled round-robin; blocks run one at a time, so `static` stands in for __shared__;
+// __syncthreads/__syncwarp are barriers that yield; warp collectives (shuffles, ballots, ldmatrix, mma) go through a
+// per-warp exchange buffer; cp.async copies land only at the wait_group that retires them (a legal, adversarial
+// schedule: a missing wait shows); ldmatrix and mma.sync m16n8k16 follow the PTX fragment layouts (checked by
+// running main's hardware-verified flash_prefill on it). Shared memory starts as 0xff bytes (NaN) in every block.
 #pragma once
+#include <algorithm>
 #include <atomic>
-#include <barrier>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
-#include <functional>
-#include <thread>
-#include <vector>
-#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <vector>
 
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
 inline dim3 threadIdx, blockIdx;
