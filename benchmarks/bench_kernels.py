@@ -33,9 +33,10 @@ from tabulate import tabulate
 from olmoscope.runtime.cuda import kernels as K
 from olmoscope.runtime.cuda.driver import CudaGraph, DeviceBuffer
 
-MODELS = {  # D, H, Hkv, d, I (docs: OLMO2.md)
+MODELS = {  # D, H, Hkv, d, I (docs: OLMO2.md); "tiny" is a smoke run of the script itself
     "1b": dict(D=2048, H=16, Hkv=16, d=128, I=8192),
     "7b": dict(D=4096, H=32, Hkv=32, d=128, I=11008),
+    "tiny": dict(D=256, H=4, Hkv=2, d=64, I=512),
 }
 GEMM_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DECODE_BATCHES = (1, 8, 16, 32, 64, 128)
@@ -160,33 +161,34 @@ def bench_projections(b: Bench, model: str, cfg: dict, bandwidth: float, rows_li
             plan_bm, plan_splits = K.gemm_plan(M, N, Kdim, b.sm)
             variants = []
             if M <= K.GEMV_MAX_ROWS:
-                variants.append(("gemv", lambda w, M=M: k.gemv(w, None, x, y, M, silu=silu), True))
+                variants.append(("gemv", lambda w, M=M: k.gemv(w, None, x, y, M, silu=silu), True, "gemv", 1))
             for bm in (16, 32, 64, 128):
                 if bm == 128 and M < 128:
                     continue
                 planned = M > K.GEMV_MAX_ROWS and bm == plan_bm
                 if silu:
                     variants.append((f"gemm bm{bm} silu", lambda w, M=M, bm=bm: k.gemm(x, w, None, y, M, silu=True, bm=bm),
-                                     planned and plan_splits == 1))
+                                     planned, f"bm{bm}", 1))
                     splits = K.gemm_splits(bm, M, N, Kdim, b.sm)
                     if splits > 1:
                         variants.append((f"gemm bm{bm} ×{splits} + silu_mul_parts",
                                          lambda w, M=M, bm=bm, splits=splits: (
                                              k.gemm(x, w, None, parts, M, splits=splits, bm=bm),
-                                             k.silu_mul_parts(parts, splits, M * N, y, M)), planned))
+                                             k.silu_mul_parts(parts, splits, M * N, y, M)), False,
+                                         f"bm{bm} split + silu_mul", splits))
                 else:
                     splits = K.gemm_splits(bm, M, N, Kdim, b.sm)
                     target = y if splits == 1 else parts
                     variants.append((f"gemm bm{bm} ×{splits}",
                                      lambda w, M=M, bm=bm, splits=splits, target=target: k.gemm(x, w, None, target, M,
                                                                                                  splits=splits, bm=bm),
-                                     planned))
-            for label, launch, planned in variants:
+                                     planned, f"bm{bm}", splits))
+            for label, launch, planned, column, splits in variants:
                 launches = [lambda w=w, launch=launch: launch(w) for w in weights]
                 launches = launches * max(1, 8 // len(launches))
                 us = b.time_us(launches)
                 results.append(dict(kind="projection", model=model, name=name, N=N, K=Kdim, M=M, variant=label,
-                                    planned=planned, us=us, gbps=moved / us / 1e3,
+                                    column=column, splits=splits, planned=planned, us=us, gbps=moved / us / 1e3,
                                     pct_copy=moved / us / 1e3 / (bandwidth / 1e9)))
         b.free()
     return results
@@ -204,7 +206,7 @@ def bench_int8_gemv(b: Bench, model: str, cfg: dict, bandwidth: float) -> list[d
         moved = weight_bytes + M * Kdim * 2 + M * N
         us = b.time_us([lambda w=w, s=s, M=M: k.gemv(w, s, x, y, M, silu=True) for w, s in ws] * max(1, 8 // len(ws)))
         results.append(dict(kind="projection", model=model, name="gate_up int8", N=N, K=Kdim, M=M,
-                            variant="gemv int8 silu", planned=True, us=us, gbps=moved / us / 1e3,
+                            variant="gemv int8 silu", column="gemv", splits=1, planned=True, us=us, gbps=moved / us / 1e3,
                             pct_copy=moved / us / 1e3 / (bandwidth / 1e9)))
     b.free()
     return results
@@ -324,33 +326,63 @@ def bench_sampling(b: Bench) -> list[dict]:
     return results
 
 
-def report(results: list[dict], bandwidth: float) -> str:
-    lines = []
+def _cell(r: dict, with_pct: bool = True) -> str:
+    """µs, % of copy bandwidth, the split count when > 1, and * for what the planner picks."""
+    text = f"{r['us']:.1f}"
+    if with_pct and "pct_copy" in r:
+        text += f" {r['pct_copy']:.0%}"
+    if r.get("splits", 1) > 1:
+        text += f" ×{r['splits']}"
+    return text + (" *" if r.get("planned") else "")
+
+
+def report(results: list[dict]) -> str:
+    """Pivoted tables: one row per shape, one column per kernel variant; cells are "µs % of copy [×splits] [*]"."""
+    sections = []
     proj = [r for r in results if r["kind"] == "projection"]
     if proj:
-        table = [[r["model"], r["name"], r["M"], r["variant"] + (" *" if r["planned"] else ""), f"{r['us']:.1f}",
-                  f"{r['gbps']:,.0f}", f"{r['pct_copy']:.0%}"] for r in proj]
-        lines.append(tabulate(table, headers=["model", "projection", "M", "kernel (* plan)", "µs", "GB/s", "% copy"],
-                              tablefmt="github"))
+        columns = ["gemv", "bm16", "bm32", "bm64", "bm128"]
+        columns += sorted({r["column"] for r in proj} - set(columns))
+        rows = {}
+        for r in proj:
+            rows.setdefault((r["model"], r["name"], f"{r['N']}×{r['K']}", r["M"]), {})[r["column"]] = _cell(r)
+        table = [[*key, *(cells.get(c, "") for c in columns)] for key, cells in rows.items()]
+        sections.append("projections: µs, % of copy bandwidth (weights + x + y bytes), ×splits, * = plan\n" + tabulate(
+            table, headers=["model", "proj", "N×K", "M", *columns], tablefmt="github"))
     dec = [r for r in results if r["kind"] == "decode"]
     if dec:
-        table = [[r["model"], r["B"], r["context"], r["splits"], "*" if r["planned"] else "", f"{r['us']:.1f}",
-                  f"{r['gbps']:,.0f}", f"{r['pct_copy']:.0%}"] for r in dec]
-        lines.append(tabulate(table, headers=["model", "B", "contexts", "splits", "plan", "µs", "KV GB/s", "% copy"],
-                              tablefmt="github"))
+        rows = {}
+        for r in dec:
+            cells = rows.setdefault((r["model"], r["B"], r["context"]), {})
+            cells["1" if r["splits"] == 1 else "split"] = _cell(r)
+            if r["planned"]:
+                cells["plan"] = f"{r['splits']}"
+        table = [[*key, cells.get("1", ""), cells.get("split", ""), cells.get("plan", "")] for key, cells in rows.items()]
+        sections.append("paged decode: µs, % of copy bandwidth (KV bytes)\n" + tabulate(
+            table, headers=["model", "B", "contexts", "1 split", "planned splits", "plan"], tablefmt="github"))
     pre = [r for r in results if r["kind"] == "prefill"]
     if pre:
         table = [[r["model"], r["batch"], r["tokens"], f"{r['us']:.1f}", f"{r['tflops']:.0f}"] for r in pre]
-        lines.append(tabulate(table, headers=["model", "prefill", "tokens", "µs", "TFLOP/s"], tablefmt="github"))
+        sections.append(tabulate(table, headers=["model", "paged prefill", "tokens", "µs", "TFLOP/s"],
+                                 tablefmt="github"))
     rope = [r for r in results if r["kind"] == "rope"]
     if rope:
-        table = [[r["model"], r["T"], r["variant"] + (" *" if r["planned"] else ""), f"{r['us']:.1f}"] for r in rope]
-        lines.append(tabulate(table, headers=["model", "rows", "qk_norm_rope_append", "µs"], tablefmt="github"))
+        rows = {}
+        for r in rope:
+            rows.setdefault((r["model"], r["T"]), {})[r["variant"]] = _cell(r, False)
+        table = [[*key, cells.get("per token", ""), cells.get("per head", "")] for key, cells in rows.items()]
+        sections.append("qk_norm_rope_append: µs, * = plan\n" + tabulate(
+            table, headers=["model", "rows", "per token", "per head"], tablefmt="github"))
     samp = [r for r in results if r["kind"] == "sampling"]
     if samp:
-        table = [[r["variant"], r["rows"], f"{r['us']:.1f}"] for r in samp]
-        lines.append(tabulate(table, headers=["sampling", "rows", "µs"], tablefmt="github"))
-    return "\n\n".join(lines)
+        rows = {}
+        for r in samp:
+            rows.setdefault(r["variant"], {})[r["rows"]] = f"{r['us']:.1f}"
+        counts = sorted({r["rows"] for r in samp})
+        table = [[variant, *(cells.get(n, "") for n in counts)] for variant, cells in rows.items()]
+        sections.append(f"sample_rows over {VOCAB_LIMIT:,} ids: µs\n" + tabulate(
+            table, headers=["parameters", *(f"{n} rows" for n in counts)], tablefmt="github"))
+    return "\n\n".join(sections)
 
 
 def main() -> int:
@@ -381,7 +413,7 @@ def main() -> int:
         results += bench_sampling(b)
     finally:
         b.close()
-    text = report(results, bandwidth)
+    text = report(results)
     print(f"\n{name}, copy bandwidth {bandwidth / 1e9:,.0f} GB/s (read + write), {time.perf_counter() - started:.0f} s\n")
     print(text)
     if args.out:
