@@ -86,6 +86,17 @@ OS_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
 }
 
+// The same two copies on 32-bit shared-window addresses, for kernels that keep per-thread offsets into dynamic shared
+// memory instead of 64-bit pointers (smem_u32 of a pointer into it; the swizzle of a step is then one XOR).
+OS_DEVICE uint32_t smem_u32(const void* smem) { return static_cast<uint32_t>(__cvta_generic_to_shared(smem)); }
+OS_DEVICE void cp_async16_s(uint32_t s, const void* gmem, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(src_bytes));
+}
+OS_DEVICE void ldmatrix_x4_s(uint32_t (&r)[4], uint32_t s) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+
 // D = A·B + D for one 16×8×16 tile: A row-major 16×16 bf16 (4 regs), B column-major 16×8 (2 regs), f32 accumulators.
 // Fragment layout (g = lane/4, c = lane%4): A {(g,2c),(g+8,2c),(g,2c+8),(g+8,2c+8)}, B {(k=2c,n=g),(k=2c+8,n=g)},
 // D {(g,2c..2c+1),(g+8,2c..2c+1)}.

@@ -68,7 +68,7 @@ inline uint32_t __byte_perm(uint32_t x, uint32_t y, uint32_t s) {
 }
 inline int __ffs(unsigned x) { return x ? __builtin_ctz(x) + 1 : 0; }
 template <class T> inline T __ldg(const T* p) { return *p; }
-template <class T> inline T __ldcg(const T* p) { return *(const volatile T*)p; }
+template <class T> inline T __ldcg(const T* p) { T v; std::memcpy(&v, (const void*)p, sizeof(T)); return v; }  // vectors too
 
 // ── atomics ──
 template <class T> inline T atomicAdd(T* p, T v) { return std::atomic_ref<T>(*p).fetch_add(v); }
@@ -143,6 +143,22 @@ inline unsigned __ballot_sync(unsigned, int pred) {
 }
 inline bool __all_sync(unsigned m, int pred) { return __ballot_sync(m, pred) == 0xffffffffu; }
 
+// ── dynamic shared memory: the emulator's buffer, and the bytes the current launch asked for ──
+inline std::vector<unsigned char> emu_dynamic(256 * 1024);
+inline unsigned char* emu_dynamic_smem = emu_dynamic.data();
+inline size_t emu_dynamic_bytes = 256 * 1024;  // set per launch (emu_set_dynamic_smem); accesses past it abort
+extern "C" __attribute__((used)) void emu_set_dynamic_smem(unsigned bytes) { emu_dynamic_bytes = bytes; }
+// A 16-byte access of dynamic shared memory at p (pointers elsewhere, static __shared__ or global, are not checked).
+inline void emu_check_dynamic(const void* p, const char* what) {
+    const unsigned char* c = (const unsigned char*)p;
+    if (c >= emu_dynamic_smem && c < emu_dynamic_smem + emu_dynamic.size() &&
+        (size_t)(c - emu_dynamic_smem) + 16 > emu_dynamic_bytes) {
+        std::fprintf(stderr, "emulator: %s at dynamic shared memory offset %zu, past the launch's %zu bytes\n", what,
+                     (size_t)(c - emu_dynamic_smem), emu_dynamic_bytes);
+        std::abort();
+    }
+}
+
 // ── cp.async: queued per thread, performed at the wait that retires its group ──
 struct EmuCopy { void* dst; const void* src; int bytes; };
 struct EmuQueues { std::vector<std::vector<EmuCopy>> groups; std::vector<EmuCopy> open; };
@@ -157,7 +173,19 @@ inline void emu_do(const EmuCopy& c) {
 #define OS_EMU_HELPERS                                                                                         \
     OS_DEVICE uint4 load_stream16(const void* p) { return *reinterpret_cast<const uint4*>(p); }                \
     OS_DEVICE void cp_async16(void* smem, const void* gmem, int src_bytes) {                                   \
+        emu_check_dynamic(smem, "cp.async");                                                                    \
         emu_open.push_back({smem, gmem, src_bytes});                                                            \
+    }                                                                                                          \
+    OS_DEVICE uint32_t smem_u32(const void* smem) { /* offsets into the dynamic buffer */                     \
+        const unsigned char* c = (const unsigned char*)smem;                                                    \
+        if (c < emu_dynamic_smem || c >= emu_dynamic_smem + emu_dynamic.size()) {                               \
+            std::fprintf(stderr, "emulator: smem_u32 of a pointer outside dynamic shared memory\n");            \
+            std::abort();                                                                                       \
+        }                                                                                                       \
+        return (uint32_t)(c - emu_dynamic_smem);                                                                \
+    }                                                                                                          \
+    OS_DEVICE void cp_async16_s(uint32_t s, const void* gmem, int src_bytes) {                                 \
+        cp_async16(emu_dynamic_smem + s, gmem, src_bytes);                                                      \
     }                                                                                                          \
     OS_DEVICE void cp_async_commit() { emu_groups.push_back(std::move(emu_open)); emu_open.clear(); }           \
     template <int N>                                                                                           \
@@ -168,6 +196,7 @@ inline void emu_do(const EmuCopy& c) {
         }                                                                                                      \
     }                                                                                                          \
     OS_DEVICE void emu_ldmatrix(uint32_t (&r)[4], const void* smem, bool trans) {                               \
+        emu_check_dynamic(smem, "ldmatrix");                                                                    \
         uint64_t a = (uint64_t)(uintptr_t)smem;                                                                 \
         emu_publish(&a, 1);                                                                                     \
         const int l = emu_lane;                                                                                 \
@@ -184,6 +213,7 @@ inline void emu_do(const EmuCopy& c) {
     }                                                                                                          \
     OS_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const void* smem) { emu_ldmatrix(r, smem, false); }          \
     OS_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) { emu_ldmatrix(r, smem, true); }     \
+    OS_DEVICE void ldmatrix_x4_s(uint32_t (&r)[4], uint32_t s) { emu_ldmatrix(r, emu_dynamic_smem + s, false); } \
     OS_DEVICE float emu_bf(uint32_t w, int hi) { return __uint_as_float(hi ? (w & 0xffff0000u) : (w << 16)); } \
     OS_DEVICE void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {           \
         uint64_t mine[7] = {a[0], a[1], a[2], a[3], b0, b1, 0};                                                 \
@@ -210,8 +240,6 @@ inline void emu_do(const EmuCopy& c) {
     }
 
 // ── the launcher the Python side calls through ctypes ──
-inline std::vector<unsigned char> emu_dynamic(256 * 1024);
-inline unsigned char* emu_dynamic_smem = emu_dynamic.data();
 
 extern "C" void emu_switch(void** save_sp, void* new_sp);
 asm(R"(
