@@ -18,6 +18,7 @@ SUBSET = " or ".join([
     "embedding_gathers", "prepare_tokens", "mark_seen", "residual_rmsnorm_add_sums_partials_then_norms[64-3-5]",
     "rmsnorm_rows", "qk_norm_rope_append_writes_q_and_the_paged_slots[8-2-128", "gemv_every_k_split",
     "gemv_silu_pairs", "gemm_every_tile_and_split_count", "gemm_silu_pairs_gate_and_up[5", "silu_mul_parts",
+    "gemm_stream_k_with_any_number_of_ctas", "gemm_stream_k_leaves", "gemm_stream_k_fused_silu", "gemm_v1_kernels",
     "split_gemm_then", "paged_decode_matches_numpy[40-8-128", "paged_decode_sliding_window[1-", "paged_decode_sees",
     "padding_sequences", "paged_prefill_ragged_batch_matches_numpy[37-", "paged_prefill_windows", "paged_prefill_sees",
     "copy_blocks", "sampling_rows_each", "repetition_penalty_rows", "sampled_tokens_feed",

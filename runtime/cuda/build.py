@@ -19,8 +19,8 @@ from pathlib import Path
 from olmoscope.errors import DeviceError
 
 # One file per kernel family; common.cuh is included by all of them.
-KERNEL_FILES = ("embedding.cu", "norms.cu", "rope.cu", "gemv.cu", "gemm.cu", "attention.cu", "sampling.cu",
-                "kv_cache.cu")
+KERNEL_FILES = ("embedding.cu", "norms.cu", "rope.cu", "gemv.cu", "gemm.cu", "gemm_v1.cu", "attention.cu",
+                "sampling.cu", "kv_cache.cu")
 NVCC_FLAGS = ("-O3", "-std=c++17", "-lineinfo", "-Xptxas=-warn-spills")  # no fast math: RoPE needs exact sincosf
 _NVCC_DIAGNOSTIC = re.compile(r"^(?P<file>[^\s(]+)\((?P<line>\d+)\): (?P<kind>error|catastrophic error)\b:?\s*(?P<text>.*)$")
 
