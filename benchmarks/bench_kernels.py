@@ -3,12 +3,12 @@ replays (no host launch cost), inputs rotated over enough copies that together t
 cache (so weights come from DRAM, as in a real step), median of several replays.
 
 - projections (qkv N = 3·H·d, o_proj, gate_up with SiLU, down_proj): GEMV at M = 1 … 4 against the tensor-core
-  GEMM at M = 1, 2, 4, 8, 16, 32, 64, 128, 256: gemm.cu's stream-K kernels with each tile bm16/32/64 (and bm128
-  from M = 64), the planned tile also with grid split-K (column "split": gemm_splits' count, partials summed by
+  GEMM at M = 1, 2, 4, 8, 16, 32, 64, 128, 256: gemm.cu's stream-K kernels with each tile bm16/32/64/128/256 up to
+  twice the rows, the planned tile also with grid split-K (column "split": gemm_splits' count, partials summed by
   the consumer, SiLU through silu_mul_parts), and the previous kernels (gemm_v1.cu) as the old plan ran them
   (column "v1": its tile and split count); µs, GB/s of the bytes a projection must move (weights + x + y) and
   % of the measured device copy bandwidth (read + write); "plan" marks what gemv/gemm_plan would choose;
-- prefill projections at M = 512 and 2048: gemm.cu bm128 (stream-K) against gemm_v1.cu bm128, TFLOP/s;
+- prefill projections at M = 512 and 2048: gemm.cu bm256 and bm128 (stream-K) against gemm_v1.cu bm128, TFLOP/s;
 - paged decode attention at B = 1, 8, 16, 32, 64, 128 with contexts uniform in [128, 512]: µs and KV GB/s;
 - paged prefill of 2048 tokens (one prompt, and 4 × 512): µs and TFLOP/s (causal: the visible keys only);
 - QK-norm + RoPE + append, both variants, at T = 1 … 256; sampling rows (greedy, top-k/top-p) at R = 1, 8, 64.
@@ -43,6 +43,7 @@ MODELS = {  # D, H, Hkv, d, I (docs: OLMO2.md); "tiny" is a smoke run of the scr
 }
 GEMM_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PREFILL_GEMM_ROWS = (512, 2048)
+PREFILL_VARIANTS = (("stream", 256), ("stream", 128), ("v1", 128))  # (Kernels.gemm variant, bm)
 DECODE_BATCHES = (1, 8, 16, 32, 64, 128)
 ROPE_ROWS = (1, 4, 8, 16, 32, 64, 256)
 SAMPLE_ROWS = (1, 8, 64)
@@ -167,8 +168,8 @@ def bench_projections(b: Bench, model: str, cfg: dict, bandwidth: float, rows_li
             variants = []  # (label, launch(w), planned, column, splits)
             if M <= K.GEMV_MAX_ROWS:
                 variants.append(("gemv", lambda w, M=M: k.gemv(w, None, x, y, M, silu=silu), True, "gemv", 1))
-            for bm in (16, 32, 64, 128):
-                if bm == 128 and M < 64:
+            for bm in K.GEMM_TILES:
+                if bm > 2 * max(M, 32):  # a tile more than twice the rows: wasted work, not worth timing
                     continue
                 planned = M > K.GEMV_MAX_ROWS and bm == plan_bm
                 variants.append((f"gemm bm{bm} stream-K" + (" silu" if silu else ""),
@@ -212,11 +213,12 @@ def bench_prefill_gemm(b: Bench, model: str, cfg: dict, rows_list=PREFILL_GEMM_R
         x = b.alloc((M_max, Kdim), "bf16")
         y = b.alloc((M_max, N // 2), "bf16") if silu else b.alloc((M_max, N), "f32")
         for M in rows_list:
-            for variant in K.GEMM_VARIANTS:
-                us = b.time_us([lambda w=w, M=M, variant=variant: k.gemm(x, w, None, y, M, silu=silu, bm=128,
-                                                                         variant=variant) for w in weights] * 2)
+            for variant, bm in PREFILL_VARIANTS:
+                us = b.time_us([lambda w=w, M=M, variant=variant, bm=bm: k.gemm(x, w, None, y, M, silu=silu, bm=bm,
+                                                                                variant=variant) for w in weights] * 2)
                 results.append(dict(kind="gemm_prefill", model=model, name=name, N=N, K=Kdim, M=M,
-                                    variant=f"bm128 {variant}", us=us, tflops=2 * M * N * Kdim / us / 1e6))
+                                    variant=f"{variant} bm{bm}", planned=variant == "stream" and bm == K.gemm_tile(M),
+                                    us=us, tflops=2 * M * N * Kdim / us / 1e6))
         b.free()
     return results
 
@@ -368,7 +370,7 @@ def report(results: list[dict]) -> str:
     sections = []
     proj = [r for r in results if r["kind"] == "projection"]
     if proj:
-        columns = ["gemv", "bm16", "bm32", "bm64", "bm128", "split", "v1"]
+        columns = ["gemv", *(f"bm{bm}" for bm in K.GEMM_TILES), "split", "v1"]
         columns += sorted({r["column"] for r in proj} - set(columns))
         rows = {}
         for r in proj:
@@ -382,10 +384,10 @@ def report(results: list[dict]) -> str:
         rows = {}
         for r in pg:
             rows.setdefault((r["model"], r["name"], f"{r['N']}×{r['K']}", r["M"]), {})[r["variant"]] = (
-                f"{r['us']:.1f} µs {r['tflops']:.0f}")
-        variants = [f"bm128 {v}" for v in K.GEMM_VARIANTS]
+                f"{r['us']:.1f} µs {r['tflops']:.0f}" + (" *" if r["planned"] else ""))
+        variants = [f"{v} bm{bm}" for v, bm in PREFILL_VARIANTS]
         table = [[*key, *(cells.get(v, "") for v in variants)] for key, cells in rows.items()]
-        sections.append("prefill projections: µs, TFLOP/s\n" + tabulate(
+        sections.append("prefill projections: µs, TFLOP/s, * = plan\n" + tabulate(
             table, headers=["model", "proj", "N×K", "M", *variants], tablefmt="github"))
     dec = [r for r in results if r["kind"] == "decode"]
     if dec:

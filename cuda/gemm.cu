@@ -5,7 +5,9 @@
 //   bm16/32/64:  decode batches, BM × 128 tiles, k-tiles of 128 (each stage reads 256 contiguous bytes of every one
 //                of its 128 weight rows: long runs keep DRAM pages open), 4 or 3 stages: ~100 KB of weights in
 //                flight per multiprocessor, so the weight stream alone sets the pace up to M ≈ 64.
-//   bm128:       prefill, 128 × 256 tiles, k-tiles of 64, 3 stages, 2 × 4 warps of 64 × 64 (the largest warp tile
+//   bm128:       large decode batches and short chunks (M 65 … 256), 128 × 128 tiles, k-tiles of 64, 4 stages,
+//                2 × 4 warps of 64 × 32 (a 64 KB partial tile: stream-K's cut tiles stay cheap).
+//   bm256:       prefill, 256 × 128 tiles, k-tiles of 64, 3 stages, 4 × 2 warps of 64 × 64 (the largest warp tile
 //                the register file holds: 8 ldmatrix feed 32 mma per k16 step).
 // Shared memory holds 128-byte rows (64 bf16) with the XOR swizzle (no padding: ldmatrix and cp.async are free of
 // bank conflicts); fragments are double-buffered in registers, so the ldmatrix of k16 step s + 1 is in flight while
@@ -28,7 +30,8 @@ constexpr int GEMM_SMALL_BN = 128;    // bm16/32/64: weight rows (output columns
 constexpr int GEMM_SMALL_BK = 128;    // bm16/32/64: k-tile (two 64-column k-blocks per stage)
 constexpr int GEMM_SMALL_STAGES = 4;  // bm16, bm32
 constexpr int GEMM_BM64_STAGES = 3;   // bm64
-constexpr int GEMM_LARGE_BN = 256, GEMM_LARGE_BK = 64, GEMM_LARGE_STAGES = 3;  // bm128
+constexpr int GEMM_MID_BN = 128, GEMM_MID_BK = 64, GEMM_MID_STAGES = 4;        // bm128
+constexpr int GEMM_LARGE_BN = 128, GEMM_LARGE_BK = 64, GEMM_LARGE_STAGES = 3;  // bm256
 
 template <int BM_, int BN_, int BK_, int STAGES_, int WARPS_M_>
 struct GemmConfig {
@@ -48,7 +51,8 @@ struct GemmConfig {
 using GemmBM16 = GemmConfig<16, GEMM_SMALL_BN, GEMM_SMALL_BK, GEMM_SMALL_STAGES, 1>;   // 1 × 8 warps of 16 × 16
 using GemmBM32 = GemmConfig<32, GEMM_SMALL_BN, GEMM_SMALL_BK, GEMM_SMALL_STAGES, 2>;   // 2 × 4 warps of 16 × 32
 using GemmBM64 = GemmConfig<64, GEMM_SMALL_BN, GEMM_SMALL_BK, GEMM_BM64_STAGES, 2>;    // 2 × 4 warps of 32 × 32
-using GemmBM128 = GemmConfig<128, GEMM_LARGE_BN, GEMM_LARGE_BK, GEMM_LARGE_STAGES, 2>; // 2 × 4 warps of 64 × 64
+using GemmBM128 = GemmConfig<128, GEMM_MID_BN, GEMM_MID_BK, GEMM_MID_STAGES, 2>;       // 2 × 4 warps of 64 × 32
+using GemmBM256 = GemmConfig<256, GEMM_LARGE_BN, GEMM_LARGE_BK, GEMM_LARGE_STAGES, 4>; // 4 × 2 warps of 64 × 64
 
 // A k-tile of R rows × BK columns in shared memory: BK/64 k-blocks of R rows of 128 bytes each (k-block major); the
 // 16-byte chunk c of row r (c = 0 … BK/8 − 1) sits at chunk (c mod 8) XOR (r mod 8) of its k-block row, so the 8
@@ -412,7 +416,7 @@ OS_DEVICE void gemm_body(const bf16* __restrict__ A, const bf16* __restrict__ W,
     cp_async_wait<0>();
 }
 
-// Grid: (ctas, splits); block: 256 threads; dynamic shared memory GemmBM<BM>::SMEM_BYTES (144 KB; bm32: 160 KB).
+// Grid: (ctas, splits); block: 256 threads; dynamic shared memory GemmBM<BM>::SMEM_BYTES (128 … 160 KB).
 // A [M, K] bf16, W [N, K] bf16 (K % 8 == 0), scales [N] f32 or null. Tiles: BM rows × BN columns, M-tile fastest
 // (tile t = (m = t mod ceil(M/BM), n = t div ceil(M/BM))).
 //   splits == 1: stream-K over `ctas` persistent CTAs (ctas ≤ sk_tiles·kt when sk_tiles > 0), C [M, N] f32;
@@ -436,6 +440,7 @@ GEMM_KERNEL(16)
 GEMM_KERNEL(32)
 GEMM_KERNEL(64)
 GEMM_KERNEL(128)
+GEMM_KERNEL(256)
 
 // The SwiGLU product from the plain GEMM's split-K partials of [gate; up] (when the fused silu epilogue cannot be
 // used because K is split): out[m, i] = bf16(SiLU(Σ_p parts[p][m][i])·Σ_p parts[p][m][I + i]), parts summed in

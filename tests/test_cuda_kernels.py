@@ -320,7 +320,7 @@ def test_gemm_with_the_planned_tile_and_splits_matches_numpy(dev, rng, M, N, Kdi
     assert err <= 1e-5, f"bm {bm}, {splits} splits: rel err {err:.2e}"
 
 
-@pytest.mark.parametrize("bm", [16, 32, 64, 128])
+@pytest.mark.parametrize("bm", [16, 32, 64, 128, 256])
 @pytest.mark.parametrize("splits", [1, 2, 3, 7, 16])
 def test_gemm_every_tile_and_split_count(dev, rng, bm, splits):
     M, N, Kdim = 37, 1001, 64 * 9 + 8  # a partial last k-tile; 16 splits of 10 k-tiles leave some empty
@@ -340,7 +340,7 @@ def test_gemm_rows_beyond_m_are_left_alone(dev, rng):
         assert rel(got[:M], a @ w.T) <= 1e-5
 
 
-@pytest.mark.parametrize("bm", [16, 32, 64, 128])
+@pytest.mark.parametrize("bm", [16, 32, 64, 128, 256])
 @pytest.mark.parametrize("M", [5, 130])
 def test_gemm_silu_pairs_gate_and_up(dev, rng, bm, M):
     I, Kdim = 352, 256
@@ -378,7 +378,7 @@ def test_split_gemm_then_silu_mul_parts_is_the_fused_silu_gemm(dev, rng):
 # The stream-K schedule (splits = 1): `ctas` persistent CTAs share the tiles' k-tiles; tiles cut by chunk boundaries
 # are summed by the last of their CTAs from the others' partial slots. Few CTAs make whole tiles plus cut ones (the
 # data-parallel waves and the stream-K remainder); many make tiles of many parts, down to one k-tile each.
-@pytest.mark.parametrize("bm", [16, 32, 64, 128])
+@pytest.mark.parametrize("bm", [16, 32, 64, 128, 256])
 @pytest.mark.parametrize("ctas", [1, 3, 7, 40, 132])
 def test_gemm_stream_k_with_any_number_of_ctas(dev, rng, bm, ctas):
     M, N, Kdim = 37 if bm != 16 else 13, 1001, 128 * 9 + 8  # a partial last k-tile, an odd N
@@ -405,7 +405,7 @@ def test_gemm_stream_k_leaves_its_tickets_zero_and_repeats_bit_for_bit(dev, rng)
     assert rel(runs[2], runs[0]) <= 1e-6
 
 
-@pytest.mark.parametrize("bm", [16, 64, 128])
+@pytest.mark.parametrize("bm", [16, 64, 128, 256])
 @pytest.mark.parametrize("ctas", [3, 50])
 def test_gemm_stream_k_fused_silu_and_int8_scales_through_cut_tiles(dev, rng, bm, ctas):
     M, I, Kdim = 21, 328, 136 * 8

@@ -183,7 +183,7 @@ def test_gemm_split_planner_keeps_its_promises_for_explicit_splits():
     for M in (5, 16, 33, 64, 100, 256):
         for N, K in SHAPES:
             for tiles in (kernels.GEMM_TILES, kernels.GEMM_V1_TILES):
-                bm = kernels.gemm_tile(M)
+                bm = kernels.gemm_tile(M, tiles)
                 splits = kernels.gemm_splits(bm, M, N, K, 132, tiles)
                 ktiles = math.ceil(K / tiles[bm].bk)
                 per_split = kernels.gemm_ktiles_per_split(bm, K, splits, tiles)
@@ -197,6 +197,7 @@ def test_gemm_split_planner_keeps_its_promises_for_explicit_splits():
 def test_gemm_v1_plan_is_the_old_plan():
     assert kernels.gemm_v1_plan(16, 4096, 4096, 132) == (16, 8)  # 32 column tiles alone would leave 100 SMs idle
     assert kernels.gemm_v1_plan(64, 12288, 4096, 132) == (64, 2)
+    assert kernels.gemm_v1_plan(128, 4096, 4096, 132) == (64, 4) and kernels.gemm_v1_plan(256, 4096, 4096, 132)[0] == 128
 
 
 @pytest.mark.parametrize("B", [1, 8, 16, 32, 64, 128])

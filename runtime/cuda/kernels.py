@@ -39,7 +39,10 @@ GEMM_SMALL_BN = 128  # bm16/32/64 (decode batches): weight rows per tile, k-tile
 GEMM_SMALL_BK = 128
 GEMM_SMALL_STAGES = 4  # bm16, bm32
 GEMM_BM64_STAGES = 3
-GEMM_LARGE_BN = 256  # bm128 (prefill): weight rows per tile, k-tile, stages
+GEMM_MID_BN = 128  # bm128 (M 65 … 256): weight rows per tile, k-tile, stages
+GEMM_MID_BK = 64
+GEMM_MID_STAGES = 4
+GEMM_LARGE_BN = 128  # bm256 (prefill): weight rows per tile, k-tile, stages
 GEMM_LARGE_BK = 64
 GEMM_LARGE_STAGES = 3
 GEMM_V1_BN = 128  # the previous GEMM (gemm_v1.cu, timed next to gemm.cu's): columns per CTA, smem row padding
@@ -72,6 +75,9 @@ MIRRORED = {
     "GEMM_SMALL_BK": ("gemm.cu", "GEMM_SMALL_BK"),
     "GEMM_SMALL_STAGES": ("gemm.cu", "GEMM_SMALL_STAGES"),
     "GEMM_BM64_STAGES": ("gemm.cu", "GEMM_BM64_STAGES"),
+    "GEMM_MID_BN": ("gemm.cu", "GEMM_MID_BN"),
+    "GEMM_MID_BK": ("gemm.cu", "GEMM_MID_BK"),
+    "GEMM_MID_STAGES": ("gemm.cu", "GEMM_MID_STAGES"),
     "GEMM_LARGE_BN": ("gemm.cu", "GEMM_LARGE_BN"),
     "GEMM_LARGE_BK": ("gemm.cu", "GEMM_LARGE_BK"),
     "GEMM_LARGE_STAGES": ("gemm.cu", "GEMM_LARGE_STAGES"),
@@ -123,7 +129,8 @@ GEMM_TILES = {
     16: GemmTile(16, GEMM_SMALL_BN, GEMM_SMALL_BK, GEMM_SMALL_STAGES),
     32: GemmTile(32, GEMM_SMALL_BN, GEMM_SMALL_BK, GEMM_SMALL_STAGES),
     64: GemmTile(64, GEMM_SMALL_BN, GEMM_SMALL_BK, GEMM_BM64_STAGES),
-    128: GemmTile(128, GEMM_LARGE_BN, GEMM_LARGE_BK, GEMM_LARGE_STAGES),
+    128: GemmTile(128, GEMM_MID_BN, GEMM_MID_BK, GEMM_MID_STAGES),
+    256: GemmTile(256, GEMM_LARGE_BN, GEMM_LARGE_BK, GEMM_LARGE_STAGES),
 }
 
 
@@ -183,15 +190,19 @@ SIGNATURES = {
 
 
 # ── host-side planning (pure functions: the backend and the tests use the same ones) ──────────────────────
-def gemm_tile(M: int) -> int:
-    """The GEMM variant (BM) for M rows: 16, 32, 64 for decode batches, 128 for prefill."""
+def gemm_tile(M: int, tiles: dict | None = None) -> int:
+    """The GEMM variant (BM) for M rows: 16, 32, 64 for decode batches, 128 up to 256 rows (two 128-row tiles keep
+    stream-K's partial tiles half the size of one 256-row tile), 256 for prefill; the v1 kernels (tiles=
+    GEMM_V1_TILES) stop at 128."""
     if M <= 16:
         return 16
     if M <= 32:
         return 32
-    if M <= 128:  # two bm64 tiles beat one half-empty bm128 tile
+    if tiles is GEMM_V1_TILES:
+        return 64 if M <= 128 else 128  # v1: two bm64 tiles beat one half-empty bm128 tile
+    if M <= 64:
         return 64
-    return 128
+    return 128 if M <= 256 else 256
 
 
 def gemm_plan(M: int, N: int, K: int, sm_count: int, silu: bool = False) -> tuple[int, int]:
@@ -257,7 +268,7 @@ def gemm_splits(bm: int, M: int, N: int, K: int, sm_count: int, tiles: dict | No
 
 def gemm_v1_plan(M: int, N: int, K: int, sm_count: int, silu: bool = False) -> tuple[int, int]:
     """(bm, splits) the previous GEMM (gemm_v1.cu) was run with: its tile for M and its grid split-K count."""
-    bm = gemm_tile(M)
+    bm = gemm_tile(M, GEMM_V1_TILES)
     return bm, 1 if silu else gemm_splits(bm, M, N, K, sm_count, GEMM_V1_TILES)
 
 
