@@ -205,15 +205,56 @@ def gemm_tile(M: int, tiles: dict | None = None) -> int:
     return 128 if M <= 256 else 256
 
 
-def gemm_plan(M: int, N: int, K: int, sm_count: int, silu: bool = False) -> tuple[int, int]:
-    """(bm, splits) for C = A·Wᵀ with A [M, K], W [N, K]: the tile for M (gemm_tile), and 1 split: the stream-K
-    schedule (gemm_stream_plan) already spreads the k-tiles of every shape over the whole chip, with no partial
-    sums for the consumers to add and the SiLU epilogue always fused.
+# A rough time model of gemm.cu on an H100/H200-class chip (bytes/s, FMA per clock per multiprocessor, clock), for
+# gemm_plan to avoid the tiles that lose clearly: estimates, to be calibrated against bench_kernels.py, not measured.
+GEMM_MODEL_DRAM = 3.9e12  # weight streaming, all multiprocessors
+GEMM_MODEL_SM_LOAD = 85e9  # one multiprocessor's tile loads: ~110 KB in flight over ~1.3 µs
+GEMM_MODEL_SM_L2 = 90e9  # one multiprocessor's share of L2 bandwidth: a stream-K tile's partials
+GEMM_MODEL_FMA = {16: 285, 32: 415, 64: 650, 128: 900, 256: 1100}  # mma.sync FMA/clock/SM each tile sustains
+GEMM_MODEL_CLOCK = 1.75e9
+GEMM_MODEL_MARGIN = 0.85  # another tile replaces gemm_tile's only when the model finds it this much cheaper
 
-    >>> gemm_plan(16, 4096, 4096, 132)
-    (16, 1)
+
+def gemm_cost(bm: int, M: int, N: int, K: int, sm_count: int) -> float:
+    """Modelled seconds of gemm.cu with tile bm on the stream-K schedule: the slowest of the weight stream (DRAM),
+    one CTA's tile loads and one CTA's mma work, plus the partial sums of its cut tiles (the last CTA of a tile
+    reads every part: many parts when there are far fewer tiles than CTAs, at the end of the kernel; overlapped
+    with whole tiles when there are more)."""
+    tile = GEMM_TILES[bm]
+    tiles, kt = math.ceil(M / bm) * math.ceil(N / tile.bn), math.ceil(K / tile.bk)
+    ctas, sk_tiles = gemm_stream_plan(tiles, kt, sm_count)
+    per_cta = tiles * kt / ctas  # k-tiles
+    stream = 2 * N * K / GEMM_MODEL_DRAM
+    loads = per_cta * (bm + tile.bn) * tile.bk * 2 / GEMM_MODEL_SM_LOAD
+    math_s = per_cta * bm * tile.bn * tile.bk / (GEMM_MODEL_FMA[bm] * GEMM_MODEL_CLOCK)
+    slot = tile.slot_floats * 4
+    if sk_tiles == 0:
+        fixup = 0.0
+    elif tiles <= ctas:
+        fixup = (math.ceil(ctas / tiles) + 2) * slot / GEMM_MODEL_SM_L2
+    else:
+        fixup = 1.5 * slot / GEMM_MODEL_SM_L2
+    return max(stream, loads, math_s) + fixup
+
+
+def gemm_plan(M: int, N: int, K: int, sm_count: int, silu: bool = False) -> tuple[int, int]:
+    """(bm, splits) for C = A·Wᵀ with A [M, K], W [N, K]: the tile for M (gemm_tile) unless the time model
+    (gemm_cost) finds a tile of at most twice the rows clearly cheaper (small matrices, whose few tiles stream-K
+    would cut into many parts), and 1 split: the stream-K schedule (gemm_stream_plan) already spreads the k-tiles
+    of every shape over the whole chip, with no partial sums for the consumers to add and the SiLU epilogue always
+    fused.
+
+    >>> gemm_plan(16, 4096, 4096, 132), gemm_plan(64, 4096, 4096, 132), gemm_plan(64, 2048, 2048, 132)
+    ((16, 1), (64, 1), (16, 1))
     """
-    return gemm_tile(M), 1
+    natural = gemm_tile(M)
+    best, best_cost = natural, gemm_cost(natural, M, N, K, sm_count)
+    for bm in GEMM_TILES:
+        if bm != natural and bm <= 2 * max(M, 16):
+            cost = gemm_cost(bm, M, N, K, sm_count)
+            if cost < GEMM_MODEL_MARGIN * best_cost:
+                best, best_cost = bm, cost
+    return best, 1
 
 
 def gemm_stream_plan(tiles: int, kt: int, ctas: int) -> tuple[int, int]:
@@ -572,7 +613,7 @@ class Kernels:
              silu: bool = False, splits: int = 1, bm: int | None = None, variant: str = "stream",
              ctas: int | None = None) -> None:
         """C = A·Wᵀ on the tensor cores, A [≥rows, K] bf16, W [N, K] bf16: C holds splits × [rows, N] f32 partials
-        (part stride rows·N), or with silu C [≥rows, N/2] bf16 = SiLU(gate)·up. bm: the tile (default gemm_tile).
+        (part stride rows·N), or with silu C [≥rows, N/2] bf16 = SiLU(gate)·up. bm: the tile (default gemm_plan's).
         splits = 1 runs the stream-K schedule on `ctas` persistent CTAs (default: one per multiprocessor); more
         splits the grid over K into partial sums. variant "v1": the previous kernels (gemm_v1.cu), for comparison."""
         N, K = weight.shape
@@ -584,7 +625,7 @@ class Kernels:
         if variant not in GEMM_VARIANTS:
             raise DeviceError(f"gemm: variant {variant!r} (one of {GEMM_VARIANTS})")
         tiles_of = GEMM_V1_TILES if variant == "v1" else GEMM_TILES
-        bm = bm or gemm_tile(rows)
+        bm = bm or (gemm_tile(rows, GEMM_V1_TILES) if variant == "v1" else gemm_plan(rows, N, K, self.sm_count)[0])
         if bm not in tiles_of:
             raise DeviceError(f"gemm: tile {bm} (one of {sorted(tiles_of)})")
         if max(rows, N) * K >= 2**31:
@@ -762,5 +803,5 @@ class Kernels:
 
 __all__ = ["BLOCK_SIZE", "GEMV_MAX_ROWS", "HEAD_DIMS", "DECODE_GROUPS", "GEMM_TILES", "GEMM_V1_TILES", "GEMM_VARIANTS",
            "SIGNATURES", "MIRRORED", "DeviceBuffer", "ITEMSIZE", "Kernels", "decode_group", "decode_smem",
-           "decode_splits", "gemm_plan", "gemm_splits", "gemm_stream_chunks", "gemm_stream_plan", "gemm_tile",
+           "decode_splits", "gemm_cost", "gemm_plan", "gemm_splits", "gemm_stream_chunks", "gemm_stream_plan", "gemm_tile",
            "gemm_ktiles_per_split", "gemm_v1_plan", "gemv_split", "kernel_smem", "prefill_tiles"]
