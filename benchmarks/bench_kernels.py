@@ -8,7 +8,8 @@ cache (so weights come from DRAM, as in a real step), median of several replays.
   the consumer, SiLU through silu_mul_parts), and the previous kernels (gemm_v1.cu) as the old plan ran them
   (column "v1": its tile and split count); µs, GB/s of the bytes a projection must move (weights + x + y) and
   % of the measured device copy bandwidth (read + write); "plan" marks what gemv/gemm_plan would choose;
-- prefill projections at M = 512 and 2048: gemm.cu bm256 and bm128 (stream-K) against gemm_v1.cu bm128, TFLOP/s;
+- prefill projections at M = 512 and 2048: gemm.cu bm256 and bm128 (stream-K) against gemm_v1.cu bm128 and,
+  on sm_90, gemm_sm90.cu (wgmma; off in the runtime unless GEMM_HOPPER), TFLOP/s;
 - paged decode attention at B = 1, 8, 16, 32, 64, 128 with contexts uniform in [128, 512]: µs and KV GB/s;
 - paged prefill of 2048 tokens (one prompt, and 4 × 512): µs and TFLOP/s (causal: the visible keys only);
 - QK-norm + RoPE + append, both variants, at T = 1 … 256; sampling rows (greedy, top-k/top-p) at R = 1, 8, 64.
@@ -203,6 +204,11 @@ def bench_projections(b: Bench, model: str, cfg: dict, bandwidth: float, rows_li
     return results
 
 
+def prefill_variants(b: Bench) -> tuple[tuple[str, int], ...]:
+    """PREFILL_VARIANTS, and the Hopper wgmma kernel (gemm_sm90.cu, its 128 × 256 tile) on an sm_90 GPU."""
+    return PREFILL_VARIANTS + ((("sm90", K.GEMM90_BM),) if b.kernels.hopper else ())
+
+
 def bench_prefill_gemm(b: Bench, model: str, cfg: dict, rows_list=PREFILL_GEMM_ROWS) -> list[dict]:
     """The projections at prefill sizes: compute-bound, TFLOP/s (2·M·N·K per launch)."""
     k = b.kernels
@@ -213,11 +219,13 @@ def bench_prefill_gemm(b: Bench, model: str, cfg: dict, rows_list=PREFILL_GEMM_R
         x = b.alloc((M_max, Kdim), "bf16")
         y = b.alloc((M_max, N // 2), "bf16") if silu else b.alloc((M_max, N), "f32")
         for M in rows_list:
-            for variant, bm in PREFILL_VARIANTS:
+            hopper = K.GEMM_HOPPER and b.kernels.hopper and M > K.GEMM_HOPPER_MIN_ROWS
+            planned = ("sm90", K.GEMM90_BM) if hopper else ("stream", K.gemm_plan(M, N, Kdim, b.sm)[0])
+            for variant, bm in prefill_variants(b):
                 us = b.time_us([lambda w=w, M=M, variant=variant, bm=bm: k.gemm(x, w, None, y, M, silu=silu, bm=bm,
                                                                                 variant=variant) for w in weights] * 2)
                 results.append(dict(kind="gemm_prefill", model=model, name=name, N=N, K=Kdim, M=M,
-                                    variant=f"{variant} bm{bm}", planned=variant == "stream" and bm == K.gemm_tile(M),
+                                    variant=f"{variant} bm{bm}", planned=(variant, bm) == planned,
                                     us=us, tflops=2 * M * N * Kdim / us / 1e6))
         b.free()
     return results
@@ -385,7 +393,7 @@ def report(results: list[dict]) -> str:
         for r in pg:
             rows.setdefault((r["model"], r["name"], f"{r['N']}×{r['K']}", r["M"]), {})[r["variant"]] = (
                 f"{r['us']:.1f} µs {r['tflops']:.0f}" + (" *" if r["planned"] else ""))
-        variants = [f"{v} bm{bm}" for v, bm in PREFILL_VARIANTS]
+        variants = list(dict.fromkeys(r["variant"] for r in pg))
         table = [[*key, *(cells.get(v, "") for v in variants)] for key, cells in rows.items()]
         sections.append("prefill projections: µs, TFLOP/s, * = plan\n" + tabulate(
             table, headers=["model", "proj", "N×K", "M", *variants], tablefmt="github"))

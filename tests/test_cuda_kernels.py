@@ -435,6 +435,43 @@ def test_gemm_v1_kernels_still_match_numpy(dev, rng, bm):
     assert rel(dev.get(out), silu(gate) * up) <= 1e-2
 
 
+# The Hopper GEMM (gemm_sm90.cu: wgmma from swizzled shared memory; off by default, K.GEMM_HOPPER): checked here
+# only, on an sm_90 GPU (the CPU emulator does not model wgmma). Partial tiles in M, N and K, odd N, rows past M.
+@pytest.mark.parametrize("M,N,Kdim", [(1, 256, 64), (130, 1001, 776), (300, 512, 2048), (2048, 768, 1024),
+                                      (77, 12288, 4096)])
+def test_gemm_hopper_wgmma_matches_numpy(dev, rng, M, N, Kdim):
+    if not dev.kernels.hopper:
+        pytest.skip("the wgmma GEMM needs an sm_90 GPU (not emulated)")
+    a, w = bf16(rng.standard_normal((M, Kdim))), bf16(rng.standard_normal((N, Kdim)))
+    c = dev.poisoned((M + 5, N), "f32")
+    dev.kernels.gemm(dev.put(a, "bf16"), dev.put(w, "bf16"), None, c, M, variant="sm90")
+    got = dev.get(c)
+    assert np.all(np.isnan(got[M:])), "the wgmma GEMM wrote rows past M"
+    err = rel(got[:M], a @ w.T)
+    assert err <= 1e-5, f"rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("M", [5, 520])
+def test_gemm_hopper_wgmma_fused_silu_and_int8_scales(dev, rng, M):
+    if not dev.kernels.hopper:
+        pytest.skip("the wgmma GEMM needs an sm_90 GPU (not emulated)")
+    I, Kdim = 328, 1088
+    a = bf16(rng.standard_normal((M, Kdim)))
+    q, s = quantize_rows(rng.standard_normal((2 * I, Kdim)) / 8)
+    c = dev.poisoned((M, I), "bf16")
+    dev.kernels.gemm(dev.put(a, "bf16"), dev.put(q.astype(np.float64), "bf16"), dev.put(s, "f32"), c, M, silu=True,
+                     variant="sm90")
+    gate, up = np.split(a @ (q * s[:, None].astype(np.float64)).T, 2, axis=-1)
+    err = rel(dev.get(c), silu(gate) * up)
+    assert err <= 1e-2, f"rel err {err:.2e}"
+
+
+def test_gemm_hopper_wgmma_refuses_splits_and_other_gpus(dev, rng):
+    a, w, c = dev.poisoned((8, 64), "bf16"), dev.poisoned((64, 64), "bf16"), dev.poisoned((2, 8, 64), "f32")
+    with pytest.raises(DeviceError, match="sm90|sm_90"):
+        dev.kernels.gemm(a, w, None, c, 8, splits=2, variant="sm90")
+
+
 def test_gemm_refuses_a_grid_beyond_its_scratch_and_unknown_variants(dev, rng):
     a, w, c = dev.poisoned((8, 64), "bf16"), dev.poisoned((64, 64), "bf16"), dev.poisoned((8, 64), "f32")
     with pytest.raises(DeviceError, match="CTAs"):

@@ -244,6 +244,7 @@ def test_shared_memory_fits_every_supported_gpu():
     limit = 163 * 1024  # sm_80's per-block maximum (sm_90: 227 KB)
     assert max(tile.smem for tile in kernels.GEMM_TILES.values()) <= limit
     assert max(tile.smem for tile in kernels.GEMM_V1_TILES.values()) <= limit
+    assert kernels.GEMM90_SMEM <= 227 * 1024  # the Hopper GEMM: sm_90 only
     # one GEMM CTA per multiprocessor: the stream-K grid (one CTA each) is all resident, none waits for a slot
     assert min(tile.smem for tile in kernels.GEMM_TILES.values()) > 227 * 1024 // 2
     assert max(kernels.decode_smem(d) for d in kernels.HEAD_DIMS) <= limit

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from olmoscope.errors import DeviceError
-from olmoscope.runtime.cuda.build import arch_of, compile_kernel
+from olmoscope.runtime.cuda.build import arch_of, build_arch, compile_kernel
 from olmoscope.runtime.cuda.driver import ITEMSIZE, DeviceBuffer
 
 # ── constants mirrored from cuda/ (tests/test_kernel_mirror.py checks each against its constexpr) ──────────
@@ -45,6 +45,11 @@ GEMM_MID_STAGES = 4
 GEMM_LARGE_BN = 128  # bm256 (prefill): weight rows per tile, k-tile, stages
 GEMM_LARGE_BK = 64
 GEMM_LARGE_STAGES = 3
+GEMM90_BM = 128  # gemm_sm90.cu (Hopper wgmma, prefill): tile, k-tile, stages, threads
+GEMM90_BN = 256
+GEMM90_BK = 64
+GEMM90_STAGES = 4
+GEMM90_THREADS = 256
 GEMM_V1_BN = 128  # the previous GEMM (gemm_v1.cu, timed next to gemm.cu's): columns per CTA, smem row padding
 GEMM_V1_PAD = 8
 GEMM_V1_LARGE_BK = 32  # v1 bm128: k-tile, stages, threads
@@ -81,6 +86,8 @@ MIRRORED = {
     "GEMM_LARGE_BN": ("gemm.cu", "GEMM_LARGE_BN"),
     "GEMM_LARGE_BK": ("gemm.cu", "GEMM_LARGE_BK"),
     "GEMM_LARGE_STAGES": ("gemm.cu", "GEMM_LARGE_STAGES"),
+    **{name: ("gemm_sm90.cu", name) for name in ("GEMM90_BM", "GEMM90_BN", "GEMM90_BK", "GEMM90_STAGES",
+                                                 "GEMM90_THREADS")},
     **{name: ("gemm_v1.cu", name) for name in ("GEMM_V1_BN", "GEMM_V1_PAD", "GEMM_V1_LARGE_BK", "GEMM_V1_LARGE_STAGES",
                                                "GEMM_V1_LARGE_THREADS", "GEMM_V1_SMALL_BK", "GEMM_V1_SMALL_STAGES",
                                                "GEMM_V1_SMALL_THREADS")},
@@ -96,6 +103,12 @@ MIRRORED = {
     "SAMPLE_THREADS": ("sampling.cu", "SAMPLE_THREADS"),
     "COPY_THREADS": ("kv_cache.cu", "COPY_THREADS"),
 }
+
+# The one switch of the Hopper GEMM (gemm_sm90.cu, wgmma): off until measured on an H200. On, Kernels.gemm runs it for
+# M > GEMM_HOPPER_MIN_ROWS rows (prefill) on sm_90 GPUs, one split; gemm.cu's stream-K mma.sync family otherwise.
+GEMM_HOPPER = False
+GEMM_HOPPER_MIN_ROWS = 256
+GEMM90_SMEM = GEMM90_STAGES * (GEMM90_BM + GEMM90_BN) * GEMM90_BK * 2 + 1024  # + 1024: aligned to 1 KB in the kernel
 
 # Host-side planning knobs (not in any .cu file).
 GEMM_MIN_KTILES_PER_SPLIT = 4  # a split-K share streams at least this many k-tiles
@@ -155,7 +168,8 @@ GEMM_V1_TILES = {
     64: GemmV1Tile(64, GEMM_V1_SMALL_BK, GEMM_V1_SMALL_STAGES, GEMM_V1_SMALL_THREADS),
     128: GemmV1Tile(128, GEMM_V1_LARGE_BK, GEMM_V1_LARGE_STAGES, GEMM_V1_LARGE_THREADS),
 }
-GEMM_VARIANTS = ("stream", "v1")  # gemm.cu's stream-K family (the default), gemm_v1.cu's grid split-K family
+# gemm.cu's stream-K family (the default), gemm_v1.cu's grid split-K family, gemm_sm90.cu's wgmma (sm_90 only)
+GEMM_VARIANTS = ("stream", "v1", "sm90")
 
 
 def decode_smem(d: int) -> int:
@@ -177,6 +191,8 @@ SIGNATURES = {
        for kind in ("bf16", "int8") for silu in ("", "_silu") for m in range(1, GEMV_MAX_ROWS + 1)},
     **{f"gemm_bf16_bm{bm}": ("gemm.cu", "PPPPiiiiiPP") for bm in GEMM_TILES},
     **{f"gemm_bf16_silu_bm{bm}": ("gemm.cu", "PPPPiiiiPP") for bm in GEMM_TILES},
+    "gemm90_bf16": ("gemm_sm90.cu", "PPPPiii"),
+    "gemm90_bf16_silu": ("gemm_sm90.cu", "PPPPiii"),
     **{f"gemm_v1_bf16_bm{bm}": ("gemm_v1.cu", "PPPPiiii") for bm in GEMM_V1_TILES},
     **{f"gemm_v1_bf16_silu_bm{bm}": ("gemm_v1.cu", "PPPPiii") for bm in GEMM_V1_TILES},
     "silu_mul_parts": ("gemm.cu", "PiqPii"),
@@ -318,9 +334,10 @@ def gemm_ktiles_per_split(bm: int, K: int, splits: int, tiles: dict | None = Non
     return math.ceil(math.ceil(K / (tiles or GEMM_TILES)[bm].bk) / splits)
 
 
-def kernel_smem() -> dict[str, int]:
-    """Dynamic shared memory of every kernel that takes some (the limit its launches raise), by kernel name."""
-    smem = {}
+def kernel_smem(hopper: bool = False) -> dict[str, int]:
+    """Dynamic shared memory of every kernel that takes some (the limit its launches raise), by kernel name; the
+    Hopper GEMM's (193 KB, over sm_80's limit) only with hopper."""
+    smem = {"gemm90_bf16": GEMM90_SMEM, "gemm90_bf16_silu": GEMM90_SMEM} if hopper else {}
     for bm, tile in GEMM_TILES.items():
         smem[f"gemm_bf16_bm{bm}"] = smem[f"gemm_bf16_silu_bm{bm}"] = tile.smem
     for bm, tile in GEMM_V1_TILES.items():
@@ -432,10 +449,12 @@ class Kernels:
         self.cuda = driver  # the pycuda.driver module
         self.stream = stream
         self.arch = arch_of(device.compute_capability())
+        self.hopper = self.arch == "sm_90"  # gemm_sm90.cu runs here (built for sm_90a)
         self.sm_count = device.get_attribute(driver.device_attribute.MULTIPROCESSOR_COUNT)
         sources = sorted({source for source, _ in SIGNATURES.values()})
         with ThreadPoolExecutor() as pool:  # nvcc runs, one per file, in parallel at first use
-            cubins = dict(zip(sources, pool.map(lambda source: compile_kernel(source, self.arch), sources)))
+            cubins = dict(zip(sources, pool.map(
+                lambda source: compile_kernel(source, build_arch(source, self.arch)), sources)))
         modules = {}
         for source, cubin in cubins.items():
             try:
@@ -453,7 +472,7 @@ class Kernels:
     def _configure(self) -> None:
         """Raise the dynamic shared memory limits, and make the stream-K GEMM's scratch: a ticket per CTA (zero
         between launches: each launch leaves them zero) and two partial-tile slots per CTA of the largest tile."""
-        self.smem = kernel_smem()  # kernel name → dynamic shared memory bytes
+        self.smem = kernel_smem(self.hopper)  # kernel name → dynamic shared memory bytes
         for name, nbytes in self.smem.items():
             self.functions[name].set_attribute(self.cuda.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
         self.gemm_ctas = self.sm_count  # the persistent grid: one CTA per multiprocessor
@@ -615,8 +634,12 @@ class Kernels:
         """C = A·Wᵀ on the tensor cores, A [≥rows, K] bf16, W [N, K] bf16: C holds splits × [rows, N] f32 partials
         (part stride rows·N), or with silu C [≥rows, N/2] bf16 = SiLU(gate)·up. bm: the tile (default gemm_plan's).
         splits = 1 runs the stream-K schedule on `ctas` persistent CTAs (default: one per multiprocessor); more
-        splits the grid over K into partial sums. variant "v1": the previous kernels (gemm_v1.cu), for comparison."""
+        splits the grid over K into partial sums. variant "v1": the previous kernels (gemm_v1.cu), for comparison;
+        "sm90": the Hopper wgmma kernel (sm_90 GPUs, one split, its own 128 × 256 tile), which GEMM_HOPPER makes the
+        default above GEMM_HOPPER_MIN_ROWS rows."""
         N, K = weight.shape
+        if GEMM_HOPPER and self.hopper and variant == "stream" and rows > GEMM_HOPPER_MIN_ROWS and splits == 1:
+            variant = "sm90"
         _check_count("gemm", rows)
         if weight.dtype != "bf16":
             raise DeviceError(f"gemm: weights must be bf16 (widen int8 first), found {weight.dtype}")
@@ -624,9 +647,15 @@ class Kernels:
             raise DeviceError(f"gemm: K = {K} is not a multiple of 8")
         if variant not in GEMM_VARIANTS:
             raise DeviceError(f"gemm: variant {variant!r} (one of {GEMM_VARIANTS})")
+        if variant == "sm90":
+            if not self.hopper:
+                raise DeviceError(f"gemm: the sm90 (wgmma) kernels need an sm_90 GPU, this is {self.arch}")
+            if bm not in (None, GEMM90_BM) or splits != 1:
+                raise DeviceError(f"gemm sm90: tile {bm}, {splits} splits (its own {GEMM90_BM}-row tile, one split)")
+            bm = GEMM90_BM
         tiles_of = GEMM_V1_TILES if variant == "v1" else GEMM_TILES
         bm = bm or (gemm_tile(rows, GEMM_V1_TILES) if variant == "v1" else gemm_plan(rows, N, K, self.sm_count)[0])
-        if bm not in tiles_of:
+        if variant != "sm90" and bm not in tiles_of:
             raise DeviceError(f"gemm: tile {bm} (one of {sorted(tiles_of)})")
         if max(rows, N) * K >= 2**31:
             raise DeviceError(f"gemm: {max(rows, N)} × {K} elements (the kernels index below 2^31)")
@@ -641,6 +670,12 @@ class Kernels:
             if not 1 <= splits <= 64:
                 raise DeviceError(f"gemm: {splits} splits")
             _expect_elements(c, "gemm output" if splits == 1 else "gemm partials", "f32", splits * rows * N, last_dim=N)
+        if variant == "sm90":
+            grid = (math.ceil(rows / GEMM90_BM) * math.ceil(N / GEMM90_BN),)
+            name = "gemm90_bf16_silu" if silu else "gemm90_bf16"
+            self.launch(name, grid, (GEMM90_THREADS, 1, 1), a.ptr, weight.ptr, _ptr(scales), c.ptr, rows, N, K,
+                        smem=GEMM90_SMEM)
+            return
         tile = tiles_of[bm]
         if variant == "v1":
             grid = (math.ceil(N / tile.bn), math.ceil(rows / bm))
@@ -802,6 +837,7 @@ class Kernels:
 
 
 __all__ = ["BLOCK_SIZE", "GEMV_MAX_ROWS", "HEAD_DIMS", "DECODE_GROUPS", "GEMM_TILES", "GEMM_V1_TILES", "GEMM_VARIANTS",
-           "SIGNATURES", "MIRRORED", "DeviceBuffer", "ITEMSIZE", "Kernels", "decode_group", "decode_smem",
-           "decode_splits", "gemm_cost", "gemm_plan", "gemm_splits", "gemm_stream_chunks", "gemm_stream_plan", "gemm_tile",
-           "gemm_ktiles_per_split", "gemm_v1_plan", "gemv_split", "kernel_smem", "prefill_tiles"]
+           "GEMM_HOPPER", "SIGNATURES", "MIRRORED", "DeviceBuffer", "ITEMSIZE", "Kernels", "decode_group",
+           "decode_smem", "decode_splits", "gemm_cost", "gemm_plan", "gemm_splits", "gemm_stream_chunks",
+           "gemm_stream_plan", "gemm_tile", "gemm_ktiles_per_split", "gemm_v1_plan", "gemv_split", "kernel_smem",
+           "prefill_tiles"]
