@@ -18,6 +18,7 @@ Conventions of a step (the backend's contract with these launchers):
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -104,9 +105,10 @@ MIRRORED = {
     "COPY_THREADS": ("kv_cache.cu", "COPY_THREADS"),
 }
 
-# The one switch of the Hopper GEMM (gemm_sm90.cu, wgmma): off until measured on an H200. On, Kernels.gemm runs it for
-# M > GEMM_HOPPER_MIN_ROWS rows (prefill) on sm_90 GPUs, one split; gemm.cu's stream-K mma.sync family otherwise.
-GEMM_HOPPER = False
+# The one switch of the Hopper GEMM (gemm_sm90.cu, wgmma): off until measured on an H200 (OLMOSCOPE_GEMM_HOPPER=1 turns
+# it on for a run). On, Kernels.gemm runs it for M > GEMM_HOPPER_MIN_ROWS rows (prefill) on sm_90 GPUs, one split;
+# gemm.cu's stream-K mma.sync family otherwise.
+GEMM_HOPPER = os.environ.get("OLMOSCOPE_GEMM_HOPPER", "0") == "1"
 GEMM_HOPPER_MIN_ROWS = 256
 GEMM90_SMEM = GEMM90_STAGES * (GEMM90_BM + GEMM90_BN) * GEMM90_BK * 2 + 1024  # + 1024: aligned to 1 KB in the kernel
 
