@@ -659,7 +659,7 @@ class Kernels:
         bm = bm or (gemm_tile(rows, GEMM_V1_TILES) if variant == "v1" else gemm_plan(rows, N, K, self.sm_count)[0])
         if variant != "sm90" and bm not in tiles_of:
             raise DeviceError(f"gemm: tile {bm} (one of {sorted(tiles_of)})")
-        if max(rows, N) * K >= 2**31:
+        if (max(rows, N) + 256) * K >= 2**31:  # a tile's rows past the end are addressed too (and not read)
             raise DeviceError(f"gemm: {max(rows, N)} × {K} elements (the kernels index below 2^31)")
         if scales is not None:
             _expect(scales, "gemm scales", "f32", (N,))
