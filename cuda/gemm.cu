@@ -11,12 +11,13 @@
 //                the register file holds: 8 ldmatrix feed 32 mma per k16 step).
 // Shared memory holds 128-byte rows (64 bf16) with the XOR swizzle (no padding: ldmatrix and cp.async are free of
 // bank conflicts); fragments are double-buffered in registers, so the ldmatrix of k16 step s + 1 is in flight while
-// the mma of step s issue, and one barrier guards each k-tile.
+// the mma of step s issues, and one barrier guards each k-tile.
 //
-// Work is scheduled stream-K (runtime/cuda/kernels.py gemm_schedule mirrors it): a persistent grid of `ctas` CTAs
+// Work is scheduled stream-K (kernels.py gemm_stream_plan and gemm_stream_chunks mirror it): a persistent grid of
+// `ctas` CTAs
 // (one per multiprocessor) shares the tiles' k-iterations evenly, so no multiprocessor idles in a last, partial
-// wave whatever the tile count (qkv 7B: 96 tiles of 128 columns; gate_up: 172):
-//   - tiles [0, sk_tiles): their tiles·kt k-tiles split into ctas equal, contiguous chunks, processed first; a tile
+// wave whatever the tile count (qkv 7B: 96 tiles of 128 columns; gate_up: 172). Whole waves of tiles stay whole:
+//   - tiles [0, sk_tiles): their sk_tiles·kt k-tiles split into ctas equal, contiguous chunks, done first; a tile
 //     cut by chunk boundaries is summed by the last of its CTAs to finish (a ticket in `counters`), which reads the
 //     others' partial tiles from `slots` in CTA order (a fixed order: the sum does not depend on timing);
 //   - tiles [sk_tiles, tiles): whole tiles, CTA b taking sk_tiles + b, sk_tiles + b + ctas, …
