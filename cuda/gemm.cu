@@ -14,9 +14,8 @@
 // the mma of step s issues, and one barrier guards each k-tile.
 //
 // Work is scheduled stream-K (kernels.py gemm_stream_plan and gemm_stream_chunks mirror it): a persistent grid of
-// `ctas` CTAs
-// (one per multiprocessor) shares the tiles' k-iterations evenly, so no multiprocessor idles in a last, partial
-// wave whatever the tile count (qkv 7B: 96 tiles of 128 columns; gate_up: 172). Whole waves of tiles stay whole:
+// `ctas` CTAs (one per multiprocessor) shares the tiles' k-iterations evenly, so no multiprocessor idles in a last,
+// partial wave whatever the tile count (qkv 7B: 96 tiles of 128 columns; gate_up: 172). Whole waves stay whole:
 //   - tiles [0, sk_tiles): their sk_tiles·kt k-tiles split into ctas equal, contiguous chunks, done first; a tile
 //     cut by chunk boundaries is summed by the last of its CTAs to finish (a ticket in `counters`), which reads the
 //     others' partial tiles from `slots` in CTA order (a fixed order: the sum does not depend on timing);
