@@ -5,8 +5,8 @@ cache (so weights come from DRAM, as in a real step), median of several replays.
 - projections (qkv N = 3·H·d, o_proj, gate_up with SiLU, down_proj): GEMV at M = 1 … 4 against the tensor-core
   GEMM at M = 1, 2, 4, 8, 16, 32, 64, 128, 256: gemm.cu's stream-K kernels with each tile bm16/32/64/128/256 up to
   twice the rows, the planned tile also with grid split-K (column "split": gemm_splits' count, partials summed by
-  the consumer, SiLU through silu_mul_parts), and the previous kernels (gemm_v1.cu) as the old plan ran them
-  (column "v1": its tile and split count); µs, GB/s of the bytes a projection must move (weights + x + y) and
+  the consumer, SiLU through silu_mul_parts), on sm_90 the wgmma kernel from M = 64 (column "sm90", gemm_sm90.cu),
+  and the previous kernels (gemm_v1.cu) as the old plan ran them (column "v1": its tile and split count); µs, GB/s of the bytes a projection must move (weights + x + y) and
   % of the measured device copy bandwidth (read + write); "plan" marks what gemv/gemm_plan would choose;
 - prefill projections at M = 512 and 2048: gemm.cu bm256 and bm128 (stream-K) against gemm_v1.cu bm128 and,
   on sm_90, gemm_sm90.cu (wgmma; off in the runtime unless GEMM_HOPPER), TFLOP/s;
@@ -16,7 +16,7 @@ cache (so weights come from DRAM, as in a real step), median of several replays.
 
     python3 benchmarks/bench_kernels.py [--models 1b,7b] [--out DIR] [--quick] [--gemm-only]
 
-Prints one compact table; with --out writes DIR/bench_kernels.json. Finishes in well under 3 minutes on an H200.
+Prints one compact table; with --out writes DIR/bench_kernels.json. Finishes in a few minutes on an H200 (--gemm-only: the GEMM tables alone).
 """
 
 from __future__ import annotations
@@ -160,8 +160,8 @@ def bench_projections(b: Bench, model: str, cfg: dict, bandwidth: float, rows_li
         x = b.alloc((M_max, Kdim), "bf16")
         out_cols = N // 2 if silu else N
         y = b.alloc((M_max, out_cols), "bf16" if silu else "f32")
-        part_rows = max(K.gemm_splits(bm, M, N, Kdim, b.sm, tiles) * M for M in rows_list for bm in K.GEMM_TILES
-                        for tiles in (K.GEMM_TILES, K.GEMM_V1_TILES))
+        part_rows = max(K.gemm_splits(bm, M, N, Kdim, b.sm, tiles) * M for M in rows_list
+                        for tiles in (K.GEMM_TILES, K.GEMM_V1_TILES) for bm in tiles)
         parts = b.alloc((part_rows, N), "f32")  # room for any split's partials
         for M in rows_list:
             moved = weight_bytes + M * Kdim * 2 + M * out_cols * (2 if silu else 4)
@@ -186,6 +186,9 @@ def bench_projections(b: Bench, model: str, cfg: dict, bandwidth: float, rows_li
                     launch = lambda w, M=M, bm=plan_bm, splits=splits: k.gemm(x, w, None, parts, M, splits=splits,  # noqa: E731
                                                                              bm=bm)
                 variants.append((f"gemm bm{plan_bm} ×{splits}", launch, False, "split", splits))
+            if b.kernels.hopper and M >= 64:  # the wgmma kernel (one 128 × 256 tile per CTA, no split)
+                variants.append(("gemm sm90 wgmma" + (" silu" if silu else ""),
+                                 lambda w, M=M: k.gemm(x, w, None, y, M, silu=silu, variant="sm90"), False, "sm90", 1))
             # the previous kernels as the previous plan ran them
             v1_bm, v1_splits = K.gemm_v1_plan(M, N, Kdim, b.sm, silu=silu)
             target = y if v1_splits == 1 else parts
@@ -378,15 +381,15 @@ def report(results: list[dict]) -> str:
     sections = []
     proj = [r for r in results if r["kind"] == "projection"]
     if proj:
-        columns = ["gemv", *(f"bm{bm}" for bm in K.GEMM_TILES), "split", "v1"]
+        columns = ["gemv", *(f"bm{bm}" for bm in K.GEMM_TILES), "split", "sm90", "v1"]
         columns += sorted({r["column"] for r in proj} - set(columns))
         rows = {}
         for r in proj:
             rows.setdefault((r["model"], r["name"], f"{r['N']}×{r['K']}", r["M"]), {})[r["column"]] = _cell(r)
         table = [[*key, *(cells.get(c, "") for c in columns)] for key, cells in rows.items()]
         sections.append("projections: µs, % of copy bandwidth (weights + x + y bytes), ×splits, * = plan; bm…: "
-                        "stream-K (gemm.cu), split: the planned tile with grid split-K, v1: gemm_v1.cu as planned "
-                        "before\n" + tabulate(table, headers=["model", "proj", "N×K", "M", *columns], tablefmt="github"))
+                        "stream-K (gemm.cu), split: the planned tile with grid split-K, sm90: gemm_sm90.cu (wgmma), "
+                        "v1: gemm_v1.cu as planned before\n" + tabulate(table, headers=["model", "proj", "N×K", "M", *columns], tablefmt="github"))
     pg = [r for r in results if r["kind"] == "gemm_prefill"]
     if pg:
         rows = {}
