@@ -3,16 +3,20 @@ replays (no host launch cost), inputs rotated over enough copies that together t
 cache (so weights come from DRAM, as in a real step), median of several replays.
 
 - projections (qkv N = 3·H·d, o_proj, gate_up with SiLU, down_proj): GEMV at M = 1 … 4 against the tensor-core
-  GEMM tiles bm16/32/64 (and bm128 from M = 128) at M = 1, 2, 4, 8, 16, 32, 64, 128, 256, each GEMM with the
-  split-K count the planner gives that tile; µs, GB/s of the bytes a projection must move (weights + x + y) and
+  GEMM at M = 1, 2, 4, 8, 16, 32, 64, 128, 256: gemm.cu's stream-K kernels with each tile bm16/32/64/128/256 up to
+  twice the rows, the planned tile also with grid split-K (column "split": gemm_splits' count, partials summed by
+  the consumer, SiLU through silu_mul_parts), on sm_90 the wgmma kernel from M = 64 (column "sm90", gemm_sm90.cu),
+  and the previous kernels (gemm_v1.cu) as the old plan ran them (column "v1": its tile and split count); µs, GB/s of the bytes a projection must move (weights + x + y) and
   % of the measured device copy bandwidth (read + write); "plan" marks what gemv/gemm_plan would choose;
+- prefill projections at M = 512 and 2048: gemm.cu bm256 and bm128 (stream-K) against gemm_v1.cu bm128 and,
+  on sm_90, gemm_sm90.cu (wgmma; off in the runtime unless GEMM_HOPPER), TFLOP/s;
 - paged decode attention at B = 1, 8, 16, 32, 64, 128 with contexts uniform in [128, 512]: µs and KV GB/s;
 - paged prefill of 2048 tokens (one prompt, and 4 × 512): µs and TFLOP/s (causal: the visible keys only);
 - QK-norm + RoPE + append, both variants, at T = 1 … 256; sampling rows (greedy, top-k/top-p) at R = 1, 8, 64.
 
-    python3 benchmarks/bench_kernels.py [--models 1b,7b] [--out DIR] [--quick]
+    python3 benchmarks/bench_kernels.py [--models 1b,7b] [--out DIR] [--quick] [--gemm-only]
 
-Prints one compact table; with --out writes DIR/bench_kernels.json. Finishes in well under 3 minutes on an H200.
+Prints one compact table; with --out writes DIR/bench_kernels.json. Finishes in a few minutes on an H200 (--gemm-only: the GEMM tables alone).
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ MODELS = {  # D, H, Hkv, d, I (docs: OLMO2.md); "tiny" is a smoke run of the scr
     "tiny": dict(D=256, H=4, Hkv=2, d=64, I=512),
 }
 GEMM_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+PREFILL_GEMM_ROWS = (512, 2048)
+PREFILL_VARIANTS = (("stream", 256), ("stream", 128), ("v1", 128))  # (Kernels.gemm variant, bm)
 DECODE_BATCHES = (1, 8, 16, 32, 64, 128)
 ROPE_ROWS = (1, 4, 8, 16, 32, 64, 256)
 SAMPLE_ROWS = (1, 8, 64)
@@ -154,35 +160,42 @@ def bench_projections(b: Bench, model: str, cfg: dict, bandwidth: float, rows_li
         x = b.alloc((M_max, Kdim), "bf16")
         out_cols = N // 2 if silu else N
         y = b.alloc((M_max, out_cols), "bf16" if silu else "f32")
-        part_rows = max(K.gemm_splits(bm, M, N, Kdim, b.sm) * M for M in rows_list for bm in K.GEMM_TILES)
+        part_rows = max(K.gemm_splits(bm, M, N, Kdim, b.sm, tiles) * M for M in rows_list
+                        for tiles in (K.GEMM_TILES, K.GEMM_V1_TILES) for bm in tiles)
         parts = b.alloc((part_rows, N), "f32")  # room for any split's partials
         for M in rows_list:
             moved = weight_bytes + M * Kdim * 2 + M * out_cols * (2 if silu else 4)
-            plan_bm, plan_splits = K.gemm_plan(M, N, Kdim, b.sm)
-            variants = []
+            plan_bm, _ = K.gemm_plan(M, N, Kdim, b.sm, silu=silu)
+            variants = []  # (label, launch(w), planned, column, splits)
             if M <= K.GEMV_MAX_ROWS:
                 variants.append(("gemv", lambda w, M=M: k.gemv(w, None, x, y, M, silu=silu), True, "gemv", 1))
-            for bm in (16, 32, 64, 128):
-                if bm == 128 and M < 128:
+            for bm in K.GEMM_TILES:
+                if bm > 2 * max(M, 32):  # a tile more than twice the rows: wasted work, not worth timing
                     continue
                 planned = M > K.GEMV_MAX_ROWS and bm == plan_bm
+                variants.append((f"gemm bm{bm} stream-K" + (" silu" if silu else ""),
+                                 lambda w, M=M, bm=bm: k.gemm(x, w, None, y, M, silu=silu, bm=bm), planned, f"bm{bm}",
+                                 1))
+            # the planned tile with grid split-K instead (what the old plan did, on the new kernels)
+            splits = K.gemm_splits(plan_bm, M, N, Kdim, b.sm)
+            if splits > 1:
                 if silu:
-                    variants.append((f"gemm bm{bm} silu", lambda w, M=M, bm=bm: k.gemm(x, w, None, y, M, silu=True, bm=bm),
-                                     planned, f"bm{bm}", 1))
-                    splits = K.gemm_splits(bm, M, N, Kdim, b.sm)
-                    if splits > 1:
-                        variants.append((f"gemm bm{bm} ×{splits} + silu_mul_parts",
-                                         lambda w, M=M, bm=bm, splits=splits: (
-                                             k.gemm(x, w, None, parts, M, splits=splits, bm=bm),
-                                             k.silu_mul_parts(parts, splits, M * N, y, M)), False,
-                                         f"bm{bm} split + silu_mul", splits))
+                    launch = lambda w, M=M, bm=plan_bm, splits=splits: (  # noqa: E731
+                        k.gemm(x, w, None, parts, M, splits=splits, bm=bm), k.silu_mul_parts(parts, splits, M * N, y, M))
                 else:
-                    splits = K.gemm_splits(bm, M, N, Kdim, b.sm)
-                    target = y if splits == 1 else parts
-                    variants.append((f"gemm bm{bm} ×{splits}",
-                                     lambda w, M=M, bm=bm, splits=splits, target=target: k.gemm(x, w, None, target, M,
-                                                                                                 splits=splits, bm=bm),
-                                     planned, f"bm{bm}", splits))
+                    launch = lambda w, M=M, bm=plan_bm, splits=splits: k.gemm(x, w, None, parts, M, splits=splits,  # noqa: E731
+                                                                             bm=bm)
+                variants.append((f"gemm bm{plan_bm} ×{splits}", launch, False, "split", splits))
+            if b.kernels.hopper and M >= 64:  # the wgmma kernel (one 128 × 256 tile per CTA, no split)
+                variants.append(("gemm sm90 wgmma" + (" silu" if silu else ""),
+                                 lambda w, M=M: k.gemm(x, w, None, y, M, silu=silu, variant="sm90"), False, "sm90", 1))
+            # the previous kernels as the previous plan ran them
+            v1_bm, v1_splits = K.gemm_v1_plan(M, N, Kdim, b.sm, silu=silu)
+            target = y if v1_splits == 1 else parts
+            variants.append((f"gemm v1 bm{v1_bm} ×{v1_splits}",
+                             lambda w, M=M, bm=v1_bm, s=v1_splits, target=target: k.gemm(
+                                 x, w, None, target, M, silu=silu, splits=s, bm=bm, variant="v1"),
+                             False, "v1", v1_splits))
             for label, launch, planned, column, splits in variants:
                 launches = [lambda w=w, launch=launch: launch(w) for w in weights]
                 launches = launches * max(1, 8 // len(launches))
@@ -190,6 +203,33 @@ def bench_projections(b: Bench, model: str, cfg: dict, bandwidth: float, rows_li
                 results.append(dict(kind="projection", model=model, name=name, N=N, K=Kdim, M=M, variant=label,
                                     column=column, splits=splits, planned=planned, us=us, gbps=moved / us / 1e3,
                                     pct_copy=moved / us / 1e3 / (bandwidth / 1e9)))
+        b.free()
+    return results
+
+
+def prefill_variants(b: Bench) -> tuple[tuple[str, int], ...]:
+    """PREFILL_VARIANTS, and the Hopper wgmma kernel (gemm_sm90.cu, its 128 × 256 tile) on an sm_90 GPU."""
+    return PREFILL_VARIANTS + ((("sm90", K.GEMM90_BM),) if b.kernels.hopper else ())
+
+
+def bench_prefill_gemm(b: Bench, model: str, cfg: dict, rows_list=PREFILL_GEMM_ROWS) -> list[dict]:
+    """The projections at prefill sizes: compute-bound, TFLOP/s (2·M·N·K per launch)."""
+    k = b.kernels
+    results = []
+    for name, (N, Kdim, silu) in projections(cfg).items():
+        M_max = max(rows_list)
+        weights = [b.alloc((N, Kdim), "bf16") for _ in range(b.copies(N * Kdim * 2 + M_max * N * 4))]
+        x = b.alloc((M_max, Kdim), "bf16")
+        y = b.alloc((M_max, N // 2), "bf16") if silu else b.alloc((M_max, N), "f32")
+        for M in rows_list:
+            hopper = K.GEMM_HOPPER and b.kernels.hopper and M > K.GEMM_HOPPER_MIN_ROWS
+            planned = ("sm90", K.GEMM90_BM) if hopper else ("stream", K.gemm_plan(M, N, Kdim, b.sm)[0])
+            for variant, bm in prefill_variants(b):
+                us = b.time_us([lambda w=w, M=M, variant=variant, bm=bm: k.gemm(x, w, None, y, M, silu=silu, bm=bm,
+                                                                                variant=variant) for w in weights] * 2)
+                results.append(dict(kind="gemm_prefill", model=model, name=name, N=N, K=Kdim, M=M,
+                                    variant=f"{variant} bm{bm}", planned=(variant, bm) == planned,
+                                    us=us, tflops=2 * M * N * Kdim / us / 1e6))
         b.free()
     return results
 
@@ -342,14 +382,25 @@ def report(results: list[dict]) -> str:
     sections = []
     proj = [r for r in results if r["kind"] == "projection"]
     if proj:
-        columns = ["gemv", "bm16", "bm32", "bm64", "bm128"]
+        columns = ["gemv", *(f"bm{bm}" for bm in K.GEMM_TILES), "split", "sm90", "v1"]
         columns += sorted({r["column"] for r in proj} - set(columns))
         rows = {}
         for r in proj:
             rows.setdefault((r["model"], r["name"], f"{r['N']}×{r['K']}", r["M"]), {})[r["column"]] = _cell(r)
         table = [[*key, *(cells.get(c, "") for c in columns)] for key, cells in rows.items()]
-        sections.append("projections: µs, % of copy bandwidth (weights + x + y bytes), ×splits, * = plan\n" + tabulate(
-            table, headers=["model", "proj", "N×K", "M", *columns], tablefmt="github"))
+        sections.append("projections: µs, % of copy bandwidth (weights + x + y bytes), ×splits, * = plan; bm…: "
+                        "stream-K (gemm.cu), split: the planned tile with grid split-K, sm90: gemm_sm90.cu (wgmma), "
+                        "v1: gemm_v1.cu as planned before\n" + tabulate(table, headers=["model", "proj", "N×K", "M", *columns], tablefmt="github"))
+    pg = [r for r in results if r["kind"] == "gemm_prefill"]
+    if pg:
+        rows = {}
+        for r in pg:
+            rows.setdefault((r["model"], r["name"], f"{r['N']}×{r['K']}", r["M"]), {})[r["variant"]] = (
+                f"{r['us']:.1f} µs {r['tflops']:.0f}" + (" *" if r["planned"] else ""))
+        variants = list(dict.fromkeys(r["variant"] for r in pg))
+        table = [[*key, *(cells.get(v, "") for v in variants)] for key, cells in rows.items()]
+        sections.append("prefill projections: µs, TFLOP/s, * = plan\n" + tabulate(
+            table, headers=["model", "proj", "N×K", "M", *variants], tablefmt="github"))
     dec = [r for r in results if r["kind"] == "decode"]
     if dec:
         rows = {}
@@ -391,6 +442,7 @@ def main() -> int:
     parser.add_argument("--models", default="1b,7b")
     parser.add_argument("--out", type=Path, help="directory for bench_kernels.json")
     parser.add_argument("--quick", action="store_true", help="fewer rows and batches (a smoke run)")
+    parser.add_argument("--gemm-only", action="store_true", help="the projections and prefill GEMMs only")
     args = parser.parse_args()
     started = time.perf_counter()
     b = Bench()
@@ -403,15 +455,20 @@ def main() -> int:
         rows = (1, 4, 16, 64) if args.quick else GEMM_ROWS
         for model in args.models.split(","):
             cfg = MODELS[model]
-            for stage, run in (("projections", lambda: bench_projections(b, model, cfg, bandwidth, rows)),
-                               ("int8 gemv", lambda: bench_int8_gemv(b, model, cfg, bandwidth)),
-                               ("paged decode", lambda: bench_decode(b, model, cfg, bandwidth,
-                                                                     (1, 64) if args.quick else DECODE_BATCHES)),
-                               ("paged prefill", lambda: bench_prefill(b, model, cfg)),
-                               ("qk_norm_rope_append", lambda: bench_rope(b, model, cfg, ROPE_ROWS))):
+            stages = [("projections", lambda: bench_projections(b, model, cfg, bandwidth, rows)),
+                      ("prefill GEMM", lambda: bench_prefill_gemm(b, model, cfg,
+                                                                  (512,) if args.quick else PREFILL_GEMM_ROWS))]
+            if not args.gemm_only:
+                stages += [("int8 gemv", lambda: bench_int8_gemv(b, model, cfg, bandwidth)),
+                           ("paged decode", lambda: bench_decode(b, model, cfg, bandwidth,
+                                                                 (1, 64) if args.quick else DECODE_BATCHES)),
+                           ("paged prefill", lambda: bench_prefill(b, model, cfg)),
+                           ("qk_norm_rope_append", lambda: bench_rope(b, model, cfg, ROPE_ROWS))]
+            for stage, run in stages:
                 results += run()
                 print(f"  {model} {stage} done at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-        results += bench_sampling(b)
+        if not args.gemm_only:
+            results += bench_sampling(b)
     finally:
         b.close()
     text = report(results)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from olmoscope.errors import DeviceError
-from olmoscope.runtime.cuda.build import KERNEL_FILES, compile_kernel, describe_failure, kernel_dir
+from olmoscope.runtime.cuda.build import (ARCH_FILES, KERNEL_FILES, arch_flag, build_arch, compile_kernel,
+                                         describe_failure, kernel_dir)
 
 NVCC = shutil.which("nvcc")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: the CUDA kernels were NOT compiled")
@@ -27,6 +28,22 @@ def test_every_kernel_file_is_listed():
 def test_kernel_builds(name, arch, tmp_path):
     cubin = compile_kernel(name, arch, cache=tmp_path)
     assert cubin.is_file() and cubin.stat().st_size > 0, f"{name} for {arch}: no cubin"
+
+
+@needs_nvcc
+@pytest.mark.slow
+@pytest.mark.parametrize("name,arch", [(name, target) for name, targets in ARCH_FILES.items()
+                                       for target in targets.values()])
+def test_architecture_specific_files_build_for_their_target(name, arch, tmp_path):
+    cubin = compile_kernel(name, arch, cache=tmp_path)
+    assert cubin.is_file() and cubin.stat().st_size > 0, f"{name} for {arch}: no cubin"
+
+
+def test_architecture_specific_targets_use_gencode():
+    assert arch_flag("sm_90") == "-arch=sm_90"
+    assert arch_flag("sm_90a") == "-gencode=arch=compute_90a,code=sm_90a"
+    assert build_arch("gemm_sm90.cu", "sm_90") == "sm_90a" and build_arch("gemm_sm90.cu", "sm_80") == "sm_80"
+    assert build_arch("gemm.cu", "sm_90") == "sm_90"
 
 
 @needs_nvcc

@@ -321,7 +321,7 @@ def test_gemm_with_the_planned_tile_and_splits_matches_numpy(dev, rng, M, N, Kdi
     assert err <= 1e-5, f"bm {bm}, {splits} splits: rel err {err:.2e}"
 
 
-@pytest.mark.parametrize("bm", [16, 32, 64, 128])
+@pytest.mark.parametrize("bm", [16, 32, 64, 128, 256])
 @pytest.mark.parametrize("splits", [1, 2, 3, 7, 16])
 def test_gemm_every_tile_and_split_count(dev, rng, bm, splits):
     M, N, Kdim = 37, 1001, 64 * 9 + 8  # a partial last k-tile; 16 splits of 10 k-tiles leave some empty
@@ -341,7 +341,7 @@ def test_gemm_rows_beyond_m_are_left_alone(dev, rng):
         assert rel(got[:M], a @ w.T) <= 1e-5
 
 
-@pytest.mark.parametrize("bm", [16, 32, 64, 128])
+@pytest.mark.parametrize("bm", [16, 32, 64, 128, 256])
 @pytest.mark.parametrize("M", [5, 130])
 def test_gemm_silu_pairs_gate_and_up(dev, rng, bm, M):
     I, Kdim = 352, 256
@@ -367,13 +367,118 @@ def test_silu_mul_parts_sums_partials_of_gate_and_up(dev, rng, parts):
 def test_split_gemm_then_silu_mul_parts_is_the_fused_silu_gemm(dev, rng):
     M, I, Kdim = 24, 512, 1024
     a, w = bf16(rng.standard_normal((M, Kdim))), bf16(rng.standard_normal((2 * I, Kdim)) / 16)
-    bm, splits = K.gemm_plan(M, 2 * I, Kdim, dev.sm_count)
-    assert splits > 1, "the plan should split this small gate_up"
+    splits = K.gemm_splits(K.gemm_tile(M), M, 2 * I, Kdim, dev.sm_count)
+    assert splits > 1, "this small gate_up should split"
     parts, out = dev.poisoned((splits, M, 2 * I), "f32"), dev.poisoned((M, I), "bf16")
     dev.kernels.gemm(dev.put(a, "bf16"), dev.put(w, "bf16"), None, parts, M, splits=splits)
     dev.kernels.silu_mul_parts(parts, splits, M * 2 * I, out, M)
     gate, up = np.split(a @ w.T, 2, axis=-1)
     assert rel(dev.get(out), silu(gate) * up) <= 1e-2
+
+
+# The stream-K schedule (splits = 1): `ctas` persistent CTAs share the tiles' k-tiles; tiles cut by chunk boundaries
+# are summed by the last of their CTAs from the others' partial slots. Few CTAs make whole tiles plus cut ones (the
+# data-parallel waves and the stream-K remainder); many make tiles of many parts, down to one k-tile each.
+@pytest.mark.parametrize("bm", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("ctas", [1, 3, 7, 40, 132])
+def test_gemm_stream_k_with_any_number_of_ctas(dev, rng, bm, ctas):
+    M, N, Kdim = 37 if bm != 16 else 13, 1001, 128 * 9 + 8  # a partial last k-tile, an odd N
+    a, w = bf16(rng.standard_normal((M, Kdim))), bf16(rng.standard_normal((N, Kdim)))
+    c = dev.poisoned((M, N), "f32")
+    dev.kernels.gemm(dev.put(a, "bf16"), dev.put(w, "bf16"), None, c, M, bm=bm, ctas=ctas)
+    err = rel(dev.get(c), a @ w.T)
+    assert err <= 1e-5, f"rel err {err:.2e}"
+
+
+def test_gemm_stream_k_leaves_its_tickets_zero_and_repeats_bit_for_bit(dev, rng):
+    M, N, Kdim = 20, 512, 2048  # 4 tiles of 16 k-tiles over 64 CTAs: every tile in 16 parts
+    a, w = dev.put(bf16(rng.standard_normal((M, Kdim))), "bf16"), dev.put(bf16(rng.standard_normal((N, Kdim))), "bf16")
+    runs = []
+    for ctas in (64, 64, 5):
+        c = dev.poisoned((M, N), "f32")
+        dev.kernels.gemm(a, w, None, c, M, bm=32, ctas=ctas)
+        runs.append(dev.get(c))
+        tickets = np.empty(dev.kernels.gemm_ctas, np.int32)
+        dev.stream.synchronize()
+        cuda.memcpy_dtoh(tickets, int(dev.kernels._gemm_tickets))
+        assert not tickets.any(), "a stream-K ticket was left non-zero (the next launch would misjudge its last CTA)"
+    assert np.array_equal(runs[0], runs[1]), "the same schedule summed in a different order"
+    assert rel(runs[2], runs[0]) <= 1e-6
+
+
+@pytest.mark.parametrize("bm", [16, 64, 128, 256])
+@pytest.mark.parametrize("ctas", [3, 50])
+def test_gemm_stream_k_fused_silu_and_int8_scales_through_cut_tiles(dev, rng, bm, ctas):
+    M, I, Kdim = 21, 328, 136 * 8
+    a = bf16(rng.standard_normal((M, Kdim)))
+    q, s = quantize_rows(rng.standard_normal((2 * I, Kdim)) / 8)
+    wb, sb = dev.put(q.astype(np.float64), "bf16"), dev.put(s, "f32")
+    c = dev.poisoned((M, I), "bf16")
+    dev.kernels.gemm(dev.put(a, "bf16"), wb, sb, c, M, silu=True, bm=bm, ctas=ctas)
+    gate, up = np.split(a @ (q * s[:, None].astype(np.float64)).T, 2, axis=-1)
+    err = rel(dev.get(c), silu(gate) * up)
+    assert err <= 1e-2, f"rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("bm", [16, 32, 64, 128])
+def test_gemm_v1_kernels_still_match_numpy(dev, rng, bm):
+    M, N, Kdim = 37, 1001, 64 * 9 + 8
+    a, w = bf16(rng.standard_normal((M, Kdim))), bf16(rng.standard_normal((N, Kdim)))
+    _, splits = K.gemm_v1_plan(M, N, Kdim, dev.sm_count)
+    c = dev.poisoned((3, M, N), "f32")
+    dev.kernels.gemm(dev.put(a, "bf16"), dev.put(w, "bf16"), None, c, M, splits=3, bm=bm, variant="v1")
+    assert rel(dev.get(c).sum(axis=0), a @ w.T) <= 1e-5
+    I = 352
+    ws = bf16(rng.standard_normal((2 * I, Kdim)) / 8)
+    out = dev.poisoned((M, I), "bf16")
+    dev.kernels.gemm(dev.put(a, "bf16"), dev.put(ws, "bf16"), None, out, M, silu=True, bm=bm, variant="v1")
+    gate, up = np.split(a @ ws.T, 2, axis=-1)
+    assert rel(dev.get(out), silu(gate) * up) <= 1e-2
+
+
+# The Hopper GEMM (gemm_sm90.cu: wgmma from swizzled shared memory; off by default, K.GEMM_HOPPER): checked here
+# only, on an sm_90 GPU (the CPU emulator does not model wgmma). Partial tiles in M, N and K, odd N, rows past M.
+@pytest.mark.parametrize("M,N,Kdim", [(1, 256, 64), (130, 1001, 776), (300, 512, 2048), (2048, 768, 1024),
+                                      (77, 12288, 4096)])
+def test_gemm_hopper_wgmma_matches_numpy(dev, rng, M, N, Kdim):
+    if not dev.kernels.hopper:
+        pytest.skip("the wgmma GEMM needs an sm_90 GPU (not emulated)")
+    a, w = bf16(rng.standard_normal((M, Kdim))), bf16(rng.standard_normal((N, Kdim)))
+    c = dev.poisoned((M + 5, N), "f32")
+    dev.kernels.gemm(dev.put(a, "bf16"), dev.put(w, "bf16"), None, c, M, variant="sm90")
+    got = dev.get(c)
+    assert np.all(np.isnan(got[M:])), "the wgmma GEMM wrote rows past M"
+    err = rel(got[:M], a @ w.T)
+    assert err <= 1e-5, f"rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("M", [5, 520])
+def test_gemm_hopper_wgmma_fused_silu_and_int8_scales(dev, rng, M):
+    if not dev.kernels.hopper:
+        pytest.skip("the wgmma GEMM needs an sm_90 GPU (not emulated)")
+    I, Kdim = 328, 1088
+    a = bf16(rng.standard_normal((M, Kdim)))
+    q, s = quantize_rows(rng.standard_normal((2 * I, Kdim)) / 8)
+    c = dev.poisoned((M, I), "bf16")
+    dev.kernels.gemm(dev.put(a, "bf16"), dev.put(q.astype(np.float64), "bf16"), dev.put(s, "f32"), c, M, silu=True,
+                     variant="sm90")
+    gate, up = np.split(a @ (q * s[:, None].astype(np.float64)).T, 2, axis=-1)
+    err = rel(dev.get(c), silu(gate) * up)
+    assert err <= 1e-2, f"rel err {err:.2e}"
+
+
+def test_gemm_hopper_wgmma_refuses_splits_and_other_gpus(dev, rng):
+    a, w, c = dev.poisoned((8, 64), "bf16"), dev.poisoned((64, 64), "bf16"), dev.poisoned((2, 8, 64), "f32")
+    with pytest.raises(DeviceError, match="sm90|sm_90"):
+        dev.kernels.gemm(a, w, None, c, 8, splits=2, variant="sm90")
+
+
+def test_gemm_refuses_a_grid_beyond_its_scratch_and_unknown_variants(dev, rng):
+    a, w, c = dev.poisoned((8, 64), "bf16"), dev.poisoned((64, 64), "bf16"), dev.poisoned((8, 64), "f32")
+    with pytest.raises(DeviceError, match="CTAs"):
+        dev.kernels.gemm(a, w, None, c, 8, ctas=dev.kernels.gemm_ctas + 1)
+    with pytest.raises(DeviceError, match="variant"):
+        dev.kernels.gemm(a, w, None, c, 8, variant="v0")
 
 
 @pytest.mark.parametrize("M", [5, 70])

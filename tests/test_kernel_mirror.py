@@ -132,6 +132,8 @@ def test_every_kernel_family_has_its_instantiations():
             assert f"gemv_{variant}_m{m}" in names
     for bm in kernels.GEMM_TILES:
         assert f"gemm_bf16_bm{bm}" in names and f"gemm_bf16_silu_bm{bm}" in names
+    for bm in kernels.GEMM_V1_TILES:
+        assert f"gemm_v1_bf16_bm{bm}" in names and f"gemm_v1_bf16_silu_bm{bm}" in names
 
 
 # ── host-side planners ────────────────────────────────────────────────────────────────────────────────
@@ -141,24 +143,64 @@ SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (6144, 2048
 
 @pytest.mark.parametrize("M", [1, 5, 16, 17, 33, 64, 100, 256, 300, 2048])
 @pytest.mark.parametrize("N,K", SHAPES)
-def test_gemm_plan_fills_the_chip_without_starving_a_split(M, N, K):
+def test_gemm_plan_streams_every_shape_over_the_whole_chip(M, N, K):
     sm = 132
     bm, splits = kernels.gemm_plan(M, N, K, sm)
-    assert bm == kernels.gemm_tile(M)
-    ktiles = math.ceil(K / kernels.GEMM_TILES[bm].bk)
-    ctas = math.ceil(N / kernels.GEMM_BN) * math.ceil(M / bm)
-    per_split = kernels.gemm_ktiles_per_split(bm, K, splits)
-    assert 1 <= splits <= kernels.GEMM_MAX_SPLITS
-    assert (splits - 1) * per_split < ktiles, "an empty split would write zeros for nothing"
-    if splits > 1:
-        assert per_split >= kernels.GEMM_MIN_KTILES_PER_SPLIT
-        assert 8 * splits * M * N <= 2 * N * K, "partials cost more traffic than the weights"
-        assert ctas * splits <= kernels.CTAS_PER_SM * sm, "split into a second, partial wave of CTAs"
-    assert kernels.gemm_plan(M, N, K, sm, silu=True)[1] == 1
+    assert splits == 1 and bm in kernels.GEMM_TILES and bm <= 2 * max(M, 16)
+    if bm != kernels.gemm_tile(M):  # the model's choice over gemm_tile's must be clearly cheaper
+        assert kernels.gemm_cost(bm, M, N, K, sm) < kernels.GEMM_MODEL_MARGIN * kernels.gemm_cost(
+            kernels.gemm_tile(M), M, N, K, sm)
+    assert kernels.gemm_plan(M, N, K, sm, silu=True) == (bm, 1)
+    tile = kernels.GEMM_TILES[bm]
+    tiles, kt = math.ceil(M / bm) * math.ceil(N / tile.bn), math.ceil(K / tile.bk)
+    ctas, sk_tiles = kernels.gemm_stream_plan(tiles, kt, sm)
+    assert 1 <= ctas <= sm and 0 <= sk_tiles <= tiles
+    assert sk_tiles == 0 or sk_tiles * kt >= ctas, "a CTA with an empty stream-K chunk would never take its ticket"
+    work = kernels.gemm_stream_chunks(tiles, kt, ctas, sk_tiles)
+    done = set()
+    for segments in work:
+        for tile_index, k0, count in segments:
+            for k in range(k0, k0 + count):
+                assert (tile_index, k) not in done, "a k-tile computed twice"
+                done.add((tile_index, k))
+    assert len(done) == tiles * kt, "a k-tile left out"
+    loads = [sum(count for _, _, count in segments) for segments in work]
+    assert max(loads) - min(loads) <= 1, "CTAs with more than one k-tile more work than others: a partial wave"
+    assert all(sum(1 for s in segments if s[2] != kt) <= 2 for segments in work), "more than 2 cut tiles in a CTA"
+    first_ctas = {}  # a cut tile's ticket is its first CTA's: no two cut tiles may share one
+    for b, segments in enumerate(work):
+        for tile_index, k0, count in segments:
+            if count != kt:
+                first_ctas.setdefault(tile_index, b)
+    assert len(set(first_ctas.values())) == len(first_ctas)
 
 
-def test_gemm_plan_splits_the_decode_o_proj():
-    assert kernels.gemm_plan(16, 4096, 4096, 132) == (16, 8)  # 32 column tiles alone would leave 100 SMs idle
+def test_gemm_stream_plan_keeps_whole_waves_whole():
+    assert kernels.gemm_stream_plan(264, 32, 132) == (132, 0)
+    assert kernels.gemm_stream_plan(300, 64, 132) == (132, 168)  # 1 whole wave, 168 tiles streamed
+    assert kernels.gemm_stream_plan(2, 16, 132) == (32, 2)  # 32 k-tiles: 32 CTAs of one each
+    assert kernels.gemm_stream_plan(96, 32, 132) == (132, 96)
+
+
+def test_gemm_split_planner_keeps_its_promises_for_explicit_splits():
+    for M in (5, 16, 33, 64, 100, 256):
+        for N, K in SHAPES:
+            for tiles in (kernels.GEMM_TILES, kernels.GEMM_V1_TILES):
+                bm = kernels.gemm_tile(M, tiles)
+                splits = kernels.gemm_splits(bm, M, N, K, 132, tiles)
+                ktiles = math.ceil(K / tiles[bm].bk)
+                per_split = kernels.gemm_ktiles_per_split(bm, K, splits, tiles)
+                assert 1 <= splits <= kernels.GEMM_MAX_SPLITS
+                assert (splits - 1) * per_split < ktiles, "an empty split would write zeros for nothing"
+                if splits > 1:
+                    assert per_split >= kernels.GEMM_MIN_KTILES_PER_SPLIT
+                    assert 8 * splits * M * N <= 2 * N * K, "partials cost more traffic than the weights"
+
+
+def test_gemm_v1_plan_is_the_old_plan():
+    assert kernels.gemm_v1_plan(16, 4096, 4096, 132) == (16, 8)  # 32 column tiles alone would leave 100 SMs idle
+    assert kernels.gemm_v1_plan(64, 12288, 4096, 132) == (64, 2)
+    assert kernels.gemm_v1_plan(128, 4096, 4096, 132) == (64, 4) and kernels.gemm_v1_plan(256, 4096, 4096, 132)[0] == 128
 
 
 @pytest.mark.parametrize("B", [1, 8, 16, 32, 64, 128])
@@ -201,4 +243,8 @@ def test_decode_group_refuses_what_no_kernel_serves(H, Hkv):
 def test_shared_memory_fits_every_supported_gpu():
     limit = 163 * 1024  # sm_80's per-block maximum (sm_90: 227 KB)
     assert max(tile.smem for tile in kernels.GEMM_TILES.values()) <= limit
+    assert max(tile.smem for tile in kernels.GEMM_V1_TILES.values()) <= limit
+    assert kernels.GEMM90_SMEM <= 227 * 1024  # the Hopper GEMM: sm_90 only
+    # one GEMM CTA per multiprocessor: the stream-K grid (one CTA each) is all resident, none waits for a slot
+    assert min(tile.smem for tile in kernels.GEMM_TILES.values()) > 227 * 1024 // 2
     assert max(kernels.decode_smem(d) for d in kernels.HEAD_DIMS) <= limit

@@ -19,8 +19,11 @@ from pathlib import Path
 from olmoscope.errors import DeviceError
 
 # One file per kernel family; common.cuh is included by all of them.
-KERNEL_FILES = ("embedding.cu", "norms.cu", "rope.cu", "gemv.cu", "gemm.cu", "attention.cu", "sampling.cu",
-                "kv_cache.cu")
+KERNEL_FILES = ("embedding.cu", "norms.cu", "rope.cu", "gemv.cu", "gemm.cu", "gemm_v1.cu", "gemm_sm90.cu",
+                "attention.cu", "sampling.cu", "kv_cache.cu")
+# Files with code for one architecture's own features: built for that target ("sm_90a": wgmma) on that GPU; for any
+# other target their kernels compile empty (and are never launched there).
+ARCH_FILES = {"gemm_sm90.cu": {"sm_90": "sm_90a"}}
 NVCC_FLAGS = ("-O3", "-std=c++17", "-lineinfo", "-Xptxas=-warn-spills")  # no fast math: RoPE needs exact sincosf
 _NVCC_DIAGNOSTIC = re.compile(r"^(?P<file>[^\s(]+)\((?P<line>\d+)\): (?P<kind>error|catastrophic error)\b:?\s*(?P<text>.*)$")
 
@@ -68,9 +71,23 @@ def sources_digest(directory: Path) -> str:
     return digest.hexdigest()
 
 
+def arch_flag(arch: str) -> str:
+    """nvcc's target option for `arch`: -arch=sm_90, or for an architecture-specific target (sm_90a) the -gencode
+    form (the -arch=sm_90a shorthand also runs a plain sm_90 pass that rejects wgmma)."""
+    if arch.endswith("a"):
+        number = arch[len("sm_"):-1]
+        return f"-gencode=arch=compute_{number}a,code=sm_{number}a"
+    return f"-arch={arch}"
+
+
+def build_arch(name: str, arch: str) -> str:
+    """The target a kernel file is built for on a GPU of `arch`: its ARCH_FILES target there, else `arch`."""
+    return ARCH_FILES.get(name, {}).get(arch, arch)
+
+
 def nvcc_command(nvcc: str, source: Path, arch: str, output: Path) -> list[str]:
-    """The nvcc invocation that builds one kernel file into a cubin for `arch` (e.g. "sm_90")."""
-    return [nvcc, *NVCC_FLAGS, f"-arch={arch}", "-cubin", "-o", str(output), str(source)]
+    """The nvcc invocation that builds one kernel file into a cubin for `arch` (e.g. "sm_90", "sm_90a")."""
+    return [nvcc, *NVCC_FLAGS, arch_flag(arch), "-cubin", "-o", str(output), str(source)]
 
 
 def compile_kernel(name: str, arch: str, *, source_dir: Path | None = None, cache: Path | None = None,

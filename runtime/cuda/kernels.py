@@ -18,14 +18,15 @@ Conventions of a step (the backend's contract with these launchers):
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
 
 from olmoscope.errors import DeviceError
-from olmoscope.runtime.cuda.build import arch_of, compile_kernel
-from olmoscope.runtime.cuda.driver import DeviceBuffer
+from olmoscope.runtime.cuda.build import arch_of, build_arch, compile_kernel
+from olmoscope.runtime.cuda.driver import ITEMSIZE, DeviceBuffer
 from olmoscope.runtime.step import SAMPLE_NAN, SAMPLE_NO_MASS  # noqa: F401  (mirrored from sampling.cu)
 
 # ── constants mirrored from cuda/ (tests/test_kernel_mirror.py checks each against its constexpr) ──────────
@@ -35,14 +36,30 @@ DECODE_GROUPS = (1, 2, 4, 8)  # paged_decode's query heads per kv head, rounded 
 GEMV_MAX_ROWS = 4  # rows up to this go to the GEMV, more to the tensor-core GEMM (gemv.cu)
 GEMV_WARPS = 8  # warps per GEMV block (gemv.cu)
 GEMV_WARPS_PER_SM = 16  # split K across warps until about this many stream on every multiprocessor (measured)
-GEMM_BN = 128  # weight rows (output columns) per GEMM CTA, every variant (gemm.cu)
-GEMM_PAD = 8  # bf16 of padding per smem row (gemm.cu)
-GEMM_LARGE_BK = 32  # bm128 (prefill): k-tile, stages, threads
+GEMM_THREADS = 256  # every GEMM variant: 8 warps, one CTA per multiprocessor (gemm.cu)
+GEMM_SMALL_BN = 128  # bm16/32/64 (decode batches): weight rows per tile, k-tile
+GEMM_SMALL_BK = 128
+GEMM_SMALL_STAGES = 4  # bm16, bm32
+GEMM_BM64_STAGES = 3
+GEMM_MID_BN = 128  # bm128 (M 65 … 256): weight rows per tile, k-tile, stages
+GEMM_MID_BK = 64
+GEMM_MID_STAGES = 4
+GEMM_LARGE_BN = 128  # bm256 (prefill): weight rows per tile, k-tile, stages
+GEMM_LARGE_BK = 64
 GEMM_LARGE_STAGES = 3
-GEMM_LARGE_THREADS = 256
-GEMM_SMALL_BK = 64  # bm16/32/64 (decode batches): k-tile, stages, threads
-GEMM_SMALL_STAGES = 4
-GEMM_SMALL_THREADS = 128
+GEMM90_BM = 128  # gemm_sm90.cu (Hopper wgmma, prefill): tile, k-tile, stages, threads
+GEMM90_BN = 256
+GEMM90_BK = 64
+GEMM90_STAGES = 4
+GEMM90_THREADS = 256
+GEMM_V1_BN = 128  # the previous GEMM (gemm_v1.cu, timed next to gemm.cu's): columns per CTA, smem row padding
+GEMM_V1_PAD = 8
+GEMM_V1_LARGE_BK = 32  # v1 bm128: k-tile, stages, threads
+GEMM_V1_LARGE_STAGES = 3
+GEMM_V1_LARGE_THREADS = 256
+GEMM_V1_SMALL_BK = 64  # v1 bm16/32/64: k-tile, stages, threads
+GEMM_V1_SMALL_STAGES = 4
+GEMM_V1_SMALL_THREADS = 128
 FA_QUERIES = 64  # paged_prefill's query tile (attention.cu FA_BQ)
 FA_THREADS = 128
 DECODE_THREADS = 128  # paged_decode (attention.cu DEC_*)
@@ -61,14 +78,22 @@ MIRRORED = {
     "BLOCK_SIZE": ("common.cuh", "KV_BLOCK"),
     "GEMV_MAX_ROWS": ("gemv.cu", "GEMV_MAX_ROWS"),
     "GEMV_WARPS": ("gemv.cu", "GEMV_WARPS"),
-    "GEMM_BN": ("gemm.cu", "GEMM_BN"),
-    "GEMM_PAD": ("gemm.cu", "GEMM_PAD"),
-    "GEMM_LARGE_BK": ("gemm.cu", "GEMM_LARGE_BK"),
-    "GEMM_LARGE_STAGES": ("gemm.cu", "GEMM_LARGE_STAGES"),
-    "GEMM_LARGE_THREADS": ("gemm.cu", "GEMM_LARGE_THREADS"),
+    "GEMM_THREADS": ("gemm.cu", "GEMM_THREADS"),
+    "GEMM_SMALL_BN": ("gemm.cu", "GEMM_SMALL_BN"),
     "GEMM_SMALL_BK": ("gemm.cu", "GEMM_SMALL_BK"),
     "GEMM_SMALL_STAGES": ("gemm.cu", "GEMM_SMALL_STAGES"),
-    "GEMM_SMALL_THREADS": ("gemm.cu", "GEMM_SMALL_THREADS"),
+    "GEMM_BM64_STAGES": ("gemm.cu", "GEMM_BM64_STAGES"),
+    "GEMM_MID_BN": ("gemm.cu", "GEMM_MID_BN"),
+    "GEMM_MID_BK": ("gemm.cu", "GEMM_MID_BK"),
+    "GEMM_MID_STAGES": ("gemm.cu", "GEMM_MID_STAGES"),
+    "GEMM_LARGE_BN": ("gemm.cu", "GEMM_LARGE_BN"),
+    "GEMM_LARGE_BK": ("gemm.cu", "GEMM_LARGE_BK"),
+    "GEMM_LARGE_STAGES": ("gemm.cu", "GEMM_LARGE_STAGES"),
+    **{name: ("gemm_sm90.cu", name) for name in ("GEMM90_BM", "GEMM90_BN", "GEMM90_BK", "GEMM90_STAGES",
+                                                 "GEMM90_THREADS")},
+    **{name: ("gemm_v1.cu", name) for name in ("GEMM_V1_BN", "GEMM_V1_PAD", "GEMM_V1_LARGE_BK", "GEMM_V1_LARGE_STAGES",
+                                               "GEMM_V1_LARGE_THREADS", "GEMM_V1_SMALL_BK", "GEMM_V1_SMALL_STAGES",
+                                               "GEMM_V1_SMALL_THREADS")},
     "FA_QUERIES": ("attention.cu", "FA_BQ"),
     "FA_THREADS": ("attention.cu", "FA_THREADS"),
     "DECODE_THREADS": ("attention.cu", "DEC_THREADS"),
@@ -85,6 +110,13 @@ MIRRORED = {
     "COPY_THREADS": ("kv_cache.cu", "COPY_THREADS"),
 }
 
+# The one switch of the Hopper GEMM (gemm_sm90.cu, wgmma): off until measured on an H200 (OLMOSCOPE_GEMM_HOPPER=1 turns
+# it on for a run). On, Kernels.gemm runs it for M > GEMM_HOPPER_MIN_ROWS rows (prefill) on sm_90 GPUs, one split;
+# gemm.cu's stream-K mma.sync family otherwise.
+GEMM_HOPPER = os.environ.get("OLMOSCOPE_GEMM_HOPPER", "0") == "1"
+GEMM_HOPPER_MIN_ROWS = 256
+GEMM90_SMEM = GEMM90_STAGES * (GEMM90_BM + GEMM90_BN) * GEMM90_BK * 2 + 1024  # + 1024: aligned to 1 KB in the kernel
+
 # Host-side planning knobs (not in any .cu file).
 GEMM_MIN_KTILES_PER_SPLIT = 4  # a split-K share streams at least this many k-tiles
 GEMM_MAX_SPLITS = 16
@@ -94,25 +126,57 @@ CTAS_PER_SM = 2  # the grid size the split planners aim at: about two resident C
 
 
 class GemmTile(NamedTuple):
-    """One GEMM variant: rows per CTA, k-tile, pipeline stages, threads."""
+    """One GEMM variant of gemm.cu: rows (tokens) and columns (weight rows) per tile, k-tile, pipeline stages."""
+
+    bm: int
+    bn: int
+    bk: int
+    stages: int
+    threads: int = GEMM_THREADS
+
+    @property
+    def smem(self) -> int:
+        """Dynamic shared memory: STAGES · (BM + BN) · BK · sizeof(bf16) (swizzled rows, no padding), as GemmConfig."""
+        return self.stages * (self.bm + self.bn) * self.bk * 2
+
+    @property
+    def slot_floats(self) -> int:
+        """One partial tile of the stream-K fixup: BM · BN f32."""
+        return self.bm * self.bn
+
+
+GEMM_TILES = {
+    16: GemmTile(16, GEMM_SMALL_BN, GEMM_SMALL_BK, GEMM_SMALL_STAGES),
+    32: GemmTile(32, GEMM_SMALL_BN, GEMM_SMALL_BK, GEMM_SMALL_STAGES),
+    64: GemmTile(64, GEMM_SMALL_BN, GEMM_SMALL_BK, GEMM_BM64_STAGES),
+    128: GemmTile(128, GEMM_MID_BN, GEMM_MID_BK, GEMM_MID_STAGES),
+    256: GemmTile(256, GEMM_LARGE_BN, GEMM_LARGE_BK, GEMM_LARGE_STAGES),
+}
+
+
+class GemmV1Tile(NamedTuple):
+    """One variant of the previous GEMM (gemm_v1.cu): 128 columns per CTA, padded smem rows."""
 
     bm: int
     bk: int
     stages: int
     threads: int
+    bn: int = GEMM_V1_BN
 
     @property
     def smem(self) -> int:
-        """Dynamic shared memory: STAGES · (BM + BN) · (BK + PAD) · sizeof(bf16), as gemm.cu's GemmConfig."""
-        return self.stages * (self.bm + GEMM_BN) * (self.bk + GEMM_PAD) * 2
+        """STAGES · (BM + BN) · (BK + PAD) · sizeof(bf16), as gemm_v1.cu's GemmV1Config."""
+        return self.stages * (self.bm + GEMM_V1_BN) * (self.bk + GEMM_V1_PAD) * 2
 
 
-GEMM_TILES = {
-    16: GemmTile(16, GEMM_SMALL_BK, GEMM_SMALL_STAGES, GEMM_SMALL_THREADS),
-    32: GemmTile(32, GEMM_SMALL_BK, GEMM_SMALL_STAGES, GEMM_SMALL_THREADS),
-    64: GemmTile(64, GEMM_SMALL_BK, GEMM_SMALL_STAGES, GEMM_SMALL_THREADS),
-    128: GemmTile(128, GEMM_LARGE_BK, GEMM_LARGE_STAGES, GEMM_LARGE_THREADS),
+GEMM_V1_TILES = {
+    16: GemmV1Tile(16, GEMM_V1_SMALL_BK, GEMM_V1_SMALL_STAGES, GEMM_V1_SMALL_THREADS),
+    32: GemmV1Tile(32, GEMM_V1_SMALL_BK, GEMM_V1_SMALL_STAGES, GEMM_V1_SMALL_THREADS),
+    64: GemmV1Tile(64, GEMM_V1_SMALL_BK, GEMM_V1_SMALL_STAGES, GEMM_V1_SMALL_THREADS),
+    128: GemmV1Tile(128, GEMM_V1_LARGE_BK, GEMM_V1_LARGE_STAGES, GEMM_V1_LARGE_THREADS),
 }
+# gemm.cu's stream-K family (the default), gemm_v1.cu's grid split-K family, gemm_sm90.cu's wgmma (sm_90 only)
+GEMM_VARIANTS = ("stream", "v1", "sm90")
 
 
 def decode_smem(d: int) -> int:
@@ -132,8 +196,12 @@ SIGNATURES = {
     "qk_norm_rope_append_heads": ("rope.cu", "PiqPPPPPPPPiiif"),
     **{f"gemv_{kind}{silu}_m{m}": ("gemv.cu", "PPPPiii")
        for kind in ("bf16", "int8") for silu in ("", "_silu") for m in range(1, GEMV_MAX_ROWS + 1)},
-    **{f"gemm_bf16_bm{bm}": ("gemm.cu", "PPPPiiii") for bm in GEMM_TILES},
-    **{f"gemm_bf16_silu_bm{bm}": ("gemm.cu", "PPPPiii") for bm in GEMM_TILES},
+    **{f"gemm_bf16_bm{bm}": ("gemm.cu", "PPPPiiiiiPP") for bm in GEMM_TILES},
+    **{f"gemm_bf16_silu_bm{bm}": ("gemm.cu", "PPPPiiiiPP") for bm in GEMM_TILES},
+    "gemm90_bf16": ("gemm_sm90.cu", "PPPPiii"),
+    "gemm90_bf16_silu": ("gemm_sm90.cu", "PPPPiii"),
+    **{f"gemm_v1_bf16_bm{bm}": ("gemm_v1.cu", "PPPPiiii") for bm in GEMM_V1_TILES},
+    **{f"gemm_v1_bf16_silu_bm{bm}": ("gemm_v1.cu", "PPPPiii") for bm in GEMM_V1_TILES},
     "silu_mul_parts": ("gemm.cu", "PiqPii"),
     "widen_int8": ("gemm.cu", "PPq"),
     **{f"paged_prefill_d{d}": ("attention.cu", "PPPPPPPPPPiiii") for d in HEAD_DIMS},
@@ -147,35 +215,115 @@ SIGNATURES = {
 
 
 # ── host-side planning (pure functions: the backend and the tests use the same ones) ──────────────────────
-def gemm_tile(M: int) -> int:
-    """The GEMM variant (BM) for M rows: 16, 32, 64 for decode batches, 128 for prefill."""
+def gemm_tile(M: int, tiles: dict | None = None) -> int:
+    """The GEMM variant (BM) for M rows: 16, 32, 64 for decode batches, 128 up to 256 rows (two 128-row tiles keep
+    stream-K's partial tiles half the size of one 256-row tile), 256 for prefill; the v1 kernels (tiles=
+    GEMM_V1_TILES) stop at 128."""
     if M <= 16:
         return 16
     if M <= 32:
         return 32
-    if M <= 128:  # two bm64 tiles beat one half-empty bm128 tile
+    if tiles is GEMM_V1_TILES:
+        return 64 if M <= 128 else 128  # v1: two bm64 tiles beat one half-empty bm128 tile
+    if M <= 64:
         return 64
-    return 128
+    return 128 if M <= 256 else 256
+
+
+# A rough time model of gemm.cu on an H100/H200-class chip (bytes/s, FMA per clock per multiprocessor, clock), for
+# gemm_plan to avoid the tiles that lose clearly: estimates, to be calibrated against bench_kernels.py, not measured.
+GEMM_MODEL_DRAM = 3.9e12  # weight streaming, all multiprocessors
+GEMM_MODEL_SM_LOAD = 85e9  # one multiprocessor's tile loads: ~110 KB in flight over ~1.3 µs
+GEMM_MODEL_SM_L2 = 90e9  # one multiprocessor's share of L2 bandwidth: a stream-K tile's partials
+GEMM_MODEL_FMA = {16: 285, 32: 415, 64: 650, 128: 900, 256: 1100}  # mma.sync FMA/clock/SM each tile sustains
+GEMM_MODEL_CLOCK = 1.75e9
+GEMM_MODEL_MARGIN = 0.85  # another tile replaces gemm_tile's only when the model finds it this much cheaper
+
+
+def gemm_cost(bm: int, M: int, N: int, K: int, sm_count: int) -> float:
+    """Modelled seconds of gemm.cu with tile bm on the stream-K schedule: the slowest of the weight stream (DRAM),
+    one CTA's tile loads and one CTA's mma work, plus the partial sums of its cut tiles (the last CTA of a tile
+    reads every part: many parts when there are far fewer tiles than CTAs, at the end of the kernel; overlapped
+    with whole tiles when there are more)."""
+    tile = GEMM_TILES[bm]
+    tiles, kt = math.ceil(M / bm) * math.ceil(N / tile.bn), math.ceil(K / tile.bk)
+    ctas, sk_tiles = gemm_stream_plan(tiles, kt, sm_count)
+    per_cta = tiles * kt / ctas  # k-tiles
+    stream = 2 * N * K / GEMM_MODEL_DRAM
+    loads = per_cta * (bm + tile.bn) * tile.bk * 2 / GEMM_MODEL_SM_LOAD
+    math_s = per_cta * bm * tile.bn * tile.bk / (GEMM_MODEL_FMA[bm] * GEMM_MODEL_CLOCK)
+    slot = tile.slot_floats * 4
+    if sk_tiles == 0:
+        fixup = 0.0
+    elif tiles <= ctas:
+        fixup = (math.ceil(ctas / tiles) + 2) * slot / GEMM_MODEL_SM_L2
+    else:
+        fixup = 1.5 * slot / GEMM_MODEL_SM_L2
+    return max(stream, loads, math_s) + fixup
 
 
 def gemm_plan(M: int, N: int, K: int, sm_count: int, silu: bool = False) -> tuple[int, int]:
-    """(bm, splits) for C = A·Wᵀ with A [M, K], W [N, K]: the tile for M (gemm_tile) and its split count
-    (gemm_splits; 1 when the SiLU epilogue is fused, which cannot split K).
+    """(bm, splits) for C = A·Wᵀ with A [M, K], W [N, K]: the tile for M (gemm_tile) unless the time model
+    (gemm_cost) finds a tile of at most twice the rows clearly cheaper (small matrices, whose few tiles stream-K
+    would cut into many parts), and 1 split: the stream-K schedule (gemm_stream_plan) already spreads the k-tiles
+    of every shape over the whole chip, with no partial sums for the consumers to add and the SiLU epilogue always
+    fused.
 
-    >>> gemm_plan(16, 4096, 4096, 132)
-    (16, 8)
+    >>> gemm_plan(16, 4096, 4096, 132), gemm_plan(64, 4096, 4096, 132), gemm_plan(64, 2048, 2048, 132)
+    ((16, 1), (64, 1), (16, 1))
     """
-    bm = gemm_tile(M)
-    return bm, 1 if silu else gemm_splits(bm, M, N, K, sm_count)
+    natural = gemm_tile(M)
+    best, best_cost = natural, gemm_cost(natural, M, N, K, sm_count)
+    for bm in GEMM_TILES:
+        if bm != natural and bm <= 2 * max(M, 16):
+            cost = gemm_cost(bm, M, N, K, sm_count)
+            if cost < GEMM_MODEL_MARGIN * best_cost:
+                best, best_cost = bm, cost
+    return best, 1
 
 
-def gemm_splits(bm: int, M: int, N: int, K: int, sm_count: int) -> int:
-    """Split K into as many shares as fit one wave of CTAS_PER_SM CTAs per multiprocessor (a second, partial wave
-    would cost more than it adds: one CTA's 4 stages already keep enough bytes in flight), each streaming
-    ≥ GEMM_MIN_KTILES_PER_SPLIT k-tiles, the partials' traffic (written, then read back by the consumer: 8·splits·M·N bytes) at most the
-    weights' (2·N·K), and no split left empty."""
-    ktiles = math.ceil(K / GEMM_TILES[bm].bk)
-    ctas = math.ceil(N / GEMM_BN) * math.ceil(M / bm)
+def gemm_stream_plan(tiles: int, kt: int, ctas: int) -> tuple[int, int]:
+    """(ctas, sk_tiles) of the stream-K schedule of gemm.cu for `tiles` output tiles of `kt` k-tiles each on at most
+    `ctas` persistent CTAs (one per multiprocessor): whole waves of tiles stay whole; the rest, plus one wave when
+    there is a whole one (so every CTA's chunk is at least a tile long and a cut tile has at most 2 or 3 parts), is
+    cut into equal chunks of k-tiles. Fewer CTAs when there are fewer k-tiles than CTAs (no chunk is empty).
+
+    >>> gemm_stream_plan(96, 32, 132), gemm_stream_plan(264, 32, 132), gemm_stream_plan(300, 64, 132)
+    ((132, 96), (132, 0), (132, 168))
+    """
+    if tiles >= ctas:
+        rem = tiles % ctas
+        return ctas, 0 if rem == 0 else rem + ctas
+    return min(ctas, tiles * kt), tiles
+
+
+def gemm_stream_chunks(tiles: int, kt: int, ctas: int, sk_tiles: int) -> list[list[tuple[int, int, int]]]:
+    """The work of each CTA of the stream-K schedule as gemm.cu runs it (tests and docs): per CTA b, its segments
+    (tile, first k-tile, k-tiles) in order: its chunk [⌊b·I/ctas⌋, ⌊(b+1)·I/ctas⌋) of the I = sk_tiles·kt iterations
+    g = tile·kt + k of the stream-K tiles, then the whole tiles sk_tiles + b, sk_tiles + b + ctas, …"""
+    iters = sk_tiles * kt
+    work = []
+    for b in range(ctas):
+        segments = []
+        g, end = b * iters // ctas, (b + 1) * iters // ctas
+        while g < end:
+            tile, k = divmod(g, kt)
+            count = min(kt - k, end - g)
+            segments.append((tile, k, count))
+            g += count
+        segments += [(t, 0, kt) for t in range(sk_tiles + b, tiles, ctas)]
+        work.append(segments)
+    return work
+
+
+def gemm_splits(bm: int, M: int, N: int, K: int, sm_count: int, tiles: dict | None = None) -> int:
+    """The grid split-K count for a caller that wants K split into partial sums (gemm(..., splits=...)), and the
+    plan of the v1 kernels (tiles=GEMM_V1_TILES): as many shares as fit one wave of CTAS_PER_SM CTAs per
+    multiprocessor, each streaming ≥ GEMM_MIN_KTILES_PER_SPLIT k-tiles, the partials' traffic (written, then read back
+    by the consumer: 8·splits·M·N bytes) at most the weights' (2·N·K), and no split left empty."""
+    tile = (tiles or GEMM_TILES)[bm]
+    ktiles = math.ceil(K / tile.bk)
+    ctas = math.ceil(N / tile.bn) * math.ceil(M / bm)
     if ctas >= CTAS_PER_SM * sm_count:
         return 1
     splits = min(CTAS_PER_SM * sm_count // ctas, ktiles // GEMM_MIN_KTILES_PER_SPLIT, GEMM_MAX_SPLITS, K // (4 * M))
@@ -184,9 +332,29 @@ def gemm_splits(bm: int, M: int, N: int, K: int, sm_count: int) -> int:
     return math.ceil(ktiles / math.ceil(ktiles / splits))
 
 
-def gemm_ktiles_per_split(bm: int, K: int, splits: int) -> int:
+def gemm_v1_plan(M: int, N: int, K: int, sm_count: int, silu: bool = False) -> tuple[int, int]:
+    """(bm, splits) the previous GEMM (gemm_v1.cu) was run with: its tile for M and its grid split-K count."""
+    bm = gemm_tile(M, GEMM_V1_TILES)
+    return bm, 1 if silu else gemm_splits(bm, M, N, K, sm_count, GEMM_V1_TILES)
+
+
+def gemm_ktiles_per_split(bm: int, K: int, splits: int, tiles: dict | None = None) -> int:
     """k-tiles of each split's share (the kernel's ktiles_per_split)."""
-    return math.ceil(math.ceil(K / GEMM_TILES[bm].bk) / splits)
+    return math.ceil(math.ceil(K / (tiles or GEMM_TILES)[bm].bk) / splits)
+
+
+def kernel_smem(hopper: bool = False) -> dict[str, int]:
+    """Dynamic shared memory of every kernel that takes some (the limit its launches raise), by kernel name; the
+    Hopper GEMM's (193 KB, over sm_80's limit) only with hopper."""
+    smem = {"gemm90_bf16": GEMM90_SMEM, "gemm90_bf16_silu": GEMM90_SMEM} if hopper else {}
+    for bm, tile in GEMM_TILES.items():
+        smem[f"gemm_bf16_bm{bm}"] = smem[f"gemm_bf16_silu_bm{bm}"] = tile.smem
+    for bm, tile in GEMM_V1_TILES.items():
+        smem[f"gemm_v1_bf16_bm{bm}"] = smem[f"gemm_v1_bf16_silu_bm{bm}"] = tile.smem
+    for d in HEAD_DIMS:
+        for g in DECODE_GROUPS:
+            smem[f"paged_decode_d{d}_g{g}"] = decode_smem(d)
+    return smem
 
 
 def decode_group(H: int, Hkv: int) -> int:
@@ -290,10 +458,12 @@ class Kernels:
         self.cuda = driver  # the pycuda.driver module
         self.stream = stream
         self.arch = arch_of(device.compute_capability())
+        self.hopper = self.arch == "sm_90"  # gemm_sm90.cu runs here (built for sm_90a)
         self.sm_count = device.get_attribute(driver.device_attribute.MULTIPROCESSOR_COUNT)
         sources = sorted({source for source, _ in SIGNATURES.values()})
         with ThreadPoolExecutor() as pool:  # nvcc runs, one per file, in parallel at first use
-            cubins = dict(zip(sources, pool.map(lambda source: compile_kernel(source, self.arch), sources)))
+            cubins = dict(zip(sources, pool.map(
+                lambda source: compile_kernel(source, build_arch(source, self.arch)), sources)))
         modules = {}
         for source, cubin in cubins.items():
             try:
@@ -305,15 +475,20 @@ class Kernels:
             function = modules[source].get_function(name)
             function.prepare(argtypes)
             self.functions[name] = function
-        self.smem = {}  # kernel name → dynamic shared memory bytes
-        for bm, tile in GEMM_TILES.items():
-            self.smem[f"gemm_bf16_bm{bm}"] = self.smem[f"gemm_bf16_silu_bm{bm}"] = tile.smem
-        for d in HEAD_DIMS:
-            for g in DECODE_GROUPS:
-                self.smem[f"paged_decode_d{d}_g{g}"] = decode_smem(d)
-        for name, nbytes in self.smem.items():
-            self.functions[name].set_attribute(driver.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
         self._modules = modules  # keep them loaded
+        self._configure()
+
+    def _configure(self) -> None:
+        """Raise the dynamic shared memory limits, and make the stream-K GEMM's scratch: a ticket per CTA (zero
+        between launches: each launch leaves them zero) and two partial-tile slots per CTA of the largest tile."""
+        self.smem = kernel_smem(self.hopper)  # kernel name → dynamic shared memory bytes
+        for name, nbytes in self.smem.items():
+            self.functions[name].set_attribute(self.cuda.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
+        self.gemm_ctas = self.sm_count  # the persistent grid: one CTA per multiprocessor
+        slot = max(tile.slot_floats for tile in GEMM_TILES.values())
+        self._gemm_tickets = self.cuda.mem_alloc(4 * self.gemm_ctas)
+        self.cuda.memset_d32(int(self._gemm_tickets), 0, self.gemm_ctas)
+        self._gemm_slots = self.cuda.mem_alloc(4 * 2 * self.gemm_ctas * slot)
 
     def launch(self, name: str, grid: tuple[int, ...], block: tuple[int, ...], *args, smem: int = 0) -> None:
         """One asynchronous launch; a refusal (bad configuration, earlier fault) becomes a DeviceError."""
@@ -463,35 +638,80 @@ class Kernels:
                     _ptr(scales), x.ptr, y.ptr, N, K, split)
 
     def gemm(self, a: DeviceBuffer, weight: DeviceBuffer, scales: DeviceBuffer | None, c: DeviceBuffer, rows: int,
-             silu: bool = False, splits: int = 1, bm: int | None = None) -> None:
+             silu: bool = False, splits: int = 1, bm: int | None = None, variant: str = "stream",
+             ctas: int | None = None) -> None:
         """C = A·Wᵀ on the tensor cores, A [≥rows, K] bf16, W [N, K] bf16: C holds splits × [rows, N] f32 partials
-        (part stride rows·N), or with silu C [≥rows, N/2] bf16 = SiLU(gate)·up. bm: the tile (default gemm_tile)."""
+        (part stride rows·N), or with silu C [≥rows, N/2] bf16 = SiLU(gate)·up. bm: the tile (default gemm_plan's).
+        splits = 1 runs the stream-K schedule on `ctas` persistent CTAs (default: one per multiprocessor); more
+        splits the grid over K into partial sums. variant "v1": the previous kernels (gemm_v1.cu), for comparison;
+        "sm90": the Hopper wgmma kernel (sm_90 GPUs, one split, its own 128 × 256 tile), which GEMM_HOPPER makes the
+        default above GEMM_HOPPER_MIN_ROWS rows."""
         N, K = weight.shape
+        if GEMM_HOPPER and self.hopper and variant == "stream" and rows > GEMM_HOPPER_MIN_ROWS and splits == 1:
+            variant = "sm90"
         _check_count("gemm", rows)
         if weight.dtype != "bf16":
             raise DeviceError(f"gemm: weights must be bf16 (widen int8 first), found {weight.dtype}")
         if K % 8:
             raise DeviceError(f"gemm: K = {K} is not a multiple of 8")
-        bm = bm or gemm_tile(rows)
-        if bm not in GEMM_TILES:
-            raise DeviceError(f"gemm: tile {bm} (one of {sorted(GEMM_TILES)})")
+        if variant not in GEMM_VARIANTS:
+            raise DeviceError(f"gemm: variant {variant!r} (one of {GEMM_VARIANTS})")
+        if variant == "sm90":
+            if not self.hopper:
+                raise DeviceError(f"gemm: the sm90 (wgmma) kernels need an sm_90 GPU, this is {self.arch}")
+            if bm not in (None, GEMM90_BM) or splits != 1:
+                raise DeviceError(f"gemm sm90: tile {bm}, {splits} splits (its own {GEMM90_BM}-row tile, one split)")
+            bm = GEMM90_BM
+        tiles_of = GEMM_V1_TILES if variant == "v1" else GEMM_TILES
+        bm = bm or (gemm_tile(rows, GEMM_V1_TILES) if variant == "v1" else gemm_plan(rows, N, K, self.sm_count)[0])
+        if variant != "sm90" and bm not in tiles_of:
+            raise DeviceError(f"gemm: tile {bm} (one of {sorted(tiles_of)})")
+        if (max(rows, N) + 256) * K >= 2**31:  # a tile's rows past the end are addressed too (and not read)
+            raise DeviceError(f"gemm: {max(rows, N)} × {K} elements (the kernels index below 2^31)")
         if scales is not None:
             _expect(scales, "gemm scales", "f32", (N,))
         _expect(a, "gemm input", "bf16", (rows, K), min_rows=rows)
-        grid = (math.ceil(N / GEMM_BN), math.ceil(rows / bm))
-        threads = (GEMM_TILES[bm].threads, 1, 1)
         if silu:
             if splits != 1 or N % 2:
                 raise DeviceError(f"gemm silu: splits {splits}, N = {N} (one split, N even)")
             _expect(c, "gemm silu output", "bf16", (rows, N // 2), min_rows=rows)
-            self.launch(f"gemm_bf16_silu_bm{bm}", grid, threads, a.ptr, weight.ptr, _ptr(scales), c.ptr, rows, N, K,
-                        smem=GEMM_TILES[bm].smem)
+        else:
+            if not 1 <= splits <= 64:
+                raise DeviceError(f"gemm: {splits} splits")
+            _expect_elements(c, "gemm output" if splits == 1 else "gemm partials", "f32", splits * rows * N, last_dim=N)
+        if variant == "sm90":
+            grid = (math.ceil(rows / GEMM90_BM) * math.ceil(N / GEMM90_BN),)
+            name = "gemm90_bf16_silu" if silu else "gemm90_bf16"
+            self.launch(name, grid, (GEMM90_THREADS, 1, 1), a.ptr, weight.ptr, _ptr(scales), c.ptr, rows, N, K,
+                        smem=GEMM90_SMEM)
             return
-        if not 1 <= splits <= 64:
-            raise DeviceError(f"gemm: {splits} splits")
-        _expect_elements(c, "gemm output" if splits == 1 else "gemm partials", "f32", splits * rows * N, last_dim=N)
-        self.launch(f"gemm_bf16_bm{bm}", (*grid, splits), threads, a.ptr, weight.ptr, _ptr(scales), c.ptr, rows, N, K,
-                    gemm_ktiles_per_split(bm, K, splits), smem=GEMM_TILES[bm].smem)
+        tile = tiles_of[bm]
+        if variant == "v1":
+            grid = (math.ceil(N / tile.bn), math.ceil(rows / bm))
+            if silu:
+                self.launch(f"gemm_v1_bf16_silu_bm{bm}", grid, (tile.threads, 1, 1), a.ptr, weight.ptr, _ptr(scales),
+                            c.ptr, rows, N, K, smem=tile.smem)
+            else:
+                self.launch(f"gemm_v1_bf16_bm{bm}", (*grid, splits), (tile.threads, 1, 1), a.ptr, weight.ptr,
+                            _ptr(scales), c.ptr, rows, N, K, gemm_ktiles_per_split(bm, K, splits, GEMM_V1_TILES),
+                            smem=tile.smem)
+            return
+        tiles = math.ceil(rows / bm) * math.ceil(N / tile.bn)
+        kt = math.ceil(K / tile.bk)
+        if ctas is not None and not 1 <= ctas <= self.gemm_ctas:
+            raise DeviceError(f"gemm: {ctas} CTAs (1 … {self.gemm_ctas})")
+        if splits == 1:
+            grid_x, sk_tiles = gemm_stream_plan(tiles, kt, ctas or self.gemm_ctas)
+            kps = kt
+        else:
+            grid_x, sk_tiles, kps = tiles, 0, gemm_ktiles_per_split(bm, K, splits)
+        scratch = (int(self._gemm_tickets), int(self._gemm_slots))
+        if silu:
+            self.launch(f"gemm_bf16_silu_bm{bm}", (grid_x,), (tile.threads, 1, 1), a.ptr, weight.ptr, _ptr(scales),
+                        c.ptr, rows, N, K, sk_tiles, *scratch, smem=tile.smem)
+        else:
+            self.launch(f"gemm_bf16_bm{bm}", (grid_x, splits), (tile.threads, 1, 1), a.ptr, weight.ptr, _ptr(scales),
+                        c.ptr, rows, N, K, kps, sk_tiles, *scratch, smem=tile.smem)
 
     def silu_mul_parts(self, parts_buffer: DeviceBuffer, parts: int, part_stride: int, out: DeviceBuffer,
                        rows: int) -> None:
@@ -655,6 +875,8 @@ class Kernels:
                     top_k.ptr, top_p.ptr, u.ptr, row_state.ptr, tokens_out.ptr, last_sampled.ptr, counts.ptr)
 
 
-__all__ = ["BLOCK_SIZE", "GEMV_MAX_ROWS", "HEAD_DIMS", "DECODE_GROUPS", "GEMM_TILES", "SIGNATURES", "MIRRORED",
-           "DeviceBuffer", "Kernels", "decode_group", "decode_smem", "decode_splits", "gemm_plan",
-           "gemm_splits", "gemm_tile", "gemm_ktiles_per_split", "gemv_split", "prefill_tiles"]
+__all__ = ["BLOCK_SIZE", "GEMV_MAX_ROWS", "HEAD_DIMS", "DECODE_GROUPS", "GEMM_TILES", "GEMM_V1_TILES", "GEMM_VARIANTS",
+           "GEMM_HOPPER", "SIGNATURES", "MIRRORED", "DeviceBuffer", "ITEMSIZE", "Kernels", "decode_group",
+           "decode_smem", "decode_splits", "gemm_cost", "gemm_plan", "gemm_splits", "gemm_stream_chunks",
+           "gemm_stream_plan", "gemm_tile", "gemm_ktiles_per_split", "gemm_v1_plan", "gemv_split", "kernel_smem",
+           "prefill_tiles"]

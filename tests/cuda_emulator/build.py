@@ -2,8 +2,8 @@
 SIGNATURES kernel, `emu_call_<name>(argv, grid.x, grid.y, grid.z, block.x, block.y, block.z)`.
 
 The sources are compiled unchanged except for two textual swaps: common.cuh's inline-PTX helpers (streaming loads,
-cp.async, ldmatrix, mma.sync) give way to emu.h's emulations, and the dynamic shared memory declaration points at
-the emulator's buffer. EMU_MUTATE='[["old", "new"], …]' applies replacements first (mutation testing: a test suite
+cp.async, ldmatrix, mma.sync, wgmma) give way to emu.h's emulations, and the dynamic shared memory declaration points
+at the emulator's buffer; OS_EMULATE_SM90 turns on the sm_90a code (gemm_sm90.cu) that other targets compile empty. EMU_MUTATE='[["old", "new"], …]' applies replacements first (mutation testing: a test suite
 that still passes with a kernel broken on purpose is too weak).
 
     python tests/cuda_emulator/build.py [attention.cu …]   (default: every kernel file)
@@ -77,7 +77,8 @@ def build(names: list[str] | None = None) -> Path:
     def one(name: str) -> str:
         cpp = out / f"{name}.cpp"
         cpp.write_text(emulated_source(source_dir, name, SIGNATURES, mutations))
-        command = [compiler, "-std=c++20", "-O1", "-fPIC", "-shared", "-w", "-I", str(out), "-I", str(HERE),
+        command = [compiler, "-std=c++20", "-O1", "-fPIC", "-shared", "-w", "-DOS_EMULATE_SM90", "-I", str(out),
+                   "-I", str(HERE),
                    "-x", "c++", str(cpp), "-o", str(out / f"{name}.so")]
         result = subprocess.run(command, capture_output=True, text=True)
         return "" if result.returncode == 0 else f"{name}:\n{result.stderr[:4000]}"

@@ -68,7 +68,7 @@ inline uint32_t __byte_perm(uint32_t x, uint32_t y, uint32_t s) {
 }
 inline int __ffs(unsigned x) { return x ? __builtin_ctz(x) + 1 : 0; }
 template <class T> inline T __ldg(const T* p) { return *p; }
-template <class T> inline T __ldcg(const T* p) { return *(const volatile T*)p; }
+template <class T> inline T __ldcg(const T* p) { T v; std::memcpy(&v, (const void*)p, sizeof(T)); return v; }  // vectors too
 
 // ── atomics ──
 template <class T> inline T atomicAdd(T* p, T v) { return std::atomic_ref<T>(*p).fetch_add(v); }
@@ -143,10 +143,35 @@ inline unsigned __ballot_sync(unsigned, int pred) {
 }
 inline bool __all_sync(unsigned m, int pred) { return __ballot_sync(m, pred) == 0xffffffffu; }
 
+// ── dynamic shared memory: the emulator's buffer, and the bytes the current launch asked for ──
+inline std::vector<unsigned char> emu_dynamic(256 * 1024);
+inline unsigned char* emu_dynamic_smem = emu_dynamic.data();
+inline size_t emu_dynamic_bytes = 256 * 1024;  // set per launch (emu_set_dynamic_smem); accesses past it abort
+extern "C" __attribute__((used)) void emu_set_dynamic_smem(unsigned bytes) { emu_dynamic_bytes = bytes; }
+// A 16-byte access of dynamic shared memory at p (pointers elsewhere, static __shared__ or global, are not checked).
+inline void emu_check_dynamic(const void* p, const char* what) {
+    const unsigned char* c = (const unsigned char*)p;
+    if (c >= emu_dynamic_smem && c < emu_dynamic_smem + emu_dynamic.size() &&
+        (size_t)(c - emu_dynamic_smem) + 16 > emu_dynamic_bytes) {
+        std::fprintf(stderr, "emulator: %s at dynamic shared memory offset %zu, past the launch's %zu bytes\n", what,
+                     (size_t)(c - emu_dynamic_smem), emu_dynamic_bytes);
+        std::abort();
+    }
+}
+
 // ── cp.async: queued per thread, performed at the wait that retires its group ──
 struct EmuCopy { void* dst; const void* src; int bytes; };
-struct EmuQueues { std::vector<std::vector<EmuCopy>> groups; std::vector<EmuCopy> open; };
+struct EmuWgmma { float* d; uint64_t desc_a, desc_b; int accumulate; };
+struct EmuQueues {
+    std::vector<std::vector<EmuCopy>> groups;
+    std::vector<EmuCopy> open;
+    std::vector<std::vector<EmuWgmma>> wg_groups;  // wgmma: committed groups, and the one being issued
+    std::vector<EmuWgmma> wg_open;
+};
 inline EmuQueues* emu_q = nullptr;  // the running fiber's cp.async queues
+// EMU_CP_ASYNC_EAGER=1: copies land when issued instead (the other extreme: a stage refilled while something may
+// still read it shows; the default, landing at the wait, shows a read before the wait).
+inline const bool emu_eager = std::getenv("EMU_CP_ASYNC_EAGER") && std::getenv("EMU_CP_ASYNC_EAGER")[0] == '1';
 #define emu_groups (emu_q->groups)
 #define emu_open (emu_q->open)
 inline void emu_do(const EmuCopy& c) {
@@ -157,7 +182,20 @@ inline void emu_do(const EmuCopy& c) {
 #define OS_EMU_HELPERS                                                                                         \
     OS_DEVICE uint4 load_stream16(const void* p) { return *reinterpret_cast<const uint4*>(p); }                \
     OS_DEVICE void cp_async16(void* smem, const void* gmem, int src_bytes) {                                   \
+        emu_check_dynamic(smem, "cp.async");                                                                    \
+        if (emu_eager) return emu_do({smem, gmem, src_bytes});                                                  \
         emu_open.push_back({smem, gmem, src_bytes});                                                            \
+    }                                                                                                          \
+    OS_DEVICE uint32_t smem_u32(const void* smem) { /* offsets into the dynamic buffer */                     \
+        const unsigned char* c = (const unsigned char*)smem;                                                    \
+        if (c < emu_dynamic_smem || c >= emu_dynamic_smem + emu_dynamic.size()) {                               \
+            std::fprintf(stderr, "emulator: smem_u32 of a pointer outside dynamic shared memory\n");            \
+            std::abort();                                                                                       \
+        }                                                                                                       \
+        return (uint32_t)(c - emu_dynamic_smem);                                                                \
+    }                                                                                                          \
+    OS_DEVICE void cp_async16_s(uint32_t s, const void* gmem, int src_bytes) {                                 \
+        cp_async16(emu_dynamic_smem + s, gmem, src_bytes);                                                      \
     }                                                                                                          \
     OS_DEVICE void cp_async_commit() { emu_groups.push_back(std::move(emu_open)); emu_open.clear(); }           \
     template <int N>                                                                                           \
@@ -168,6 +206,7 @@ inline void emu_do(const EmuCopy& c) {
         }                                                                                                      \
     }                                                                                                          \
     OS_DEVICE void emu_ldmatrix(uint32_t (&r)[4], const void* smem, bool trans) {                               \
+        emu_check_dynamic(smem, "ldmatrix");                                                                    \
         uint64_t a = (uint64_t)(uintptr_t)smem;                                                                 \
         emu_publish(&a, 1);                                                                                     \
         const int l = emu_lane;                                                                                 \
@@ -184,6 +223,7 @@ inline void emu_do(const EmuCopy& c) {
     }                                                                                                          \
     OS_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const void* smem) { emu_ldmatrix(r, smem, false); }          \
     OS_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) { emu_ldmatrix(r, smem, true); }     \
+    OS_DEVICE void ldmatrix_x4_s(uint32_t (&r)[4], uint32_t s) { emu_ldmatrix(r, emu_dynamic_smem + s, false); } \
     OS_DEVICE float emu_bf(uint32_t w, int hi) { return __uint_as_float(hi ? (w & 0xffff0000u) : (w << 16)); } \
     OS_DEVICE void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {           \
         uint64_t mine[7] = {a[0], a[1], a[2], a[3], b0, b1, 0};                                                 \
@@ -209,9 +249,55 @@ inline void emu_do(const EmuCopy& c) {
         }                                                                                                       \
     }
 
+// ── Hopper wgmma (m64n256k16, bf16 → f32, A and B K-major in shared memory): each thread's part is done at the
+// wgmma_wait that retires its group, reading shared memory then (the latest a real one could: a stage refilled
+// too early, or accumulators read before the wait, show). Descriptors as the PTX ISA defines them: start address
+// (bits 0-13, 16-byte units), stride byte offset (bits 32-45: the next 8 rows), swizzle mode (bits 62-63: only
+// 1 = 128-byte is modelled, its 16-byte chunk index XOR the row within 8 rows: address bits 4-6 ^= bits 7-9, on
+// shared-window offsets). Accumulator fragment: warp w of the warpgroup holds rows 16w …, d[4j + e] at row
+// 16w + lane/4 + 8·(e/2), column 8j + 2·(lane mod 4) + (e mod 2). ──
+inline float emu_wgmma_elem(uint64_t desc, int row, int k) {
+    const uint32_t start = (uint32_t)(desc & 0x3FFF) << 4, sbo = (uint32_t)((desc >> 32) & 0x3FFF) << 4;
+    if ((desc >> 62) != 1 || ((desc >> 49) & 7) != 0) {
+        std::fprintf(stderr, "emulator: wgmma descriptor %llx: only the 128-byte swizzle at base offset 0 is modelled\n",
+                     (unsigned long long)desc);
+        std::abort();
+    }
+    uint32_t a = start + (uint32_t)(row >> 3) * sbo + (uint32_t)(row & 7) * 128 + (uint32_t)k * 2;
+    a ^= ((a >> 7) & 7) << 4;
+    emu_check_dynamic(emu_dynamic_smem + (a & ~15u), "wgmma");
+    uint16_t bits;
+    std::memcpy(&bits, emu_dynamic_smem + a, 2);
+    uint32_t u = (uint32_t)bits << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline void emu_wgmma_run(const EmuWgmma& op) {
+    const int t = threadIdx.x % 128, w = t / 32, l = t % 32;
+    for (int j = 0; j < 32; j++)
+        for (int e = 0; e < 4; e++) {
+            const int row = 16 * w + l / 4 + 8 * (e / 2), col = 8 * j + 2 * (l % 4) + (e % 2);
+            float s = 0.f;
+            for (int k = 0; k < 16; k++) s += emu_wgmma_elem(op.desc_a, row, k) * emu_wgmma_elem(op.desc_b, col, k);
+            op.d[4 * j + e] = op.accumulate ? op.d[4 * j + e] + s : s;
+        }
+}
+inline void wgmma_m64n256k16(float (&d)[128], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    emu_q->wg_open.push_back({d, desc_a, desc_b, accumulate});
+}
+inline void wgmma_fence() {}
+inline void wgmma_commit() { emu_q->wg_groups.push_back(std::move(emu_q->wg_open)); emu_q->wg_open.clear(); }
+template <int N>
+inline void wgmma_wait() {
+    while ((int)emu_q->wg_groups.size() > N) {
+        for (auto& op : emu_q->wg_groups.front()) emu_wgmma_run(op);
+        emu_q->wg_groups.erase(emu_q->wg_groups.begin());
+    }
+}
+inline void fence_proxy_async() {}
+
 // ── the launcher the Python side calls through ctypes ──
-inline std::vector<unsigned char> emu_dynamic(256 * 1024);
-inline unsigned char* emu_dynamic_smem = emu_dynamic.data();
 
 extern "C" void emu_switch(void** save_sp, void* new_sp);
 asm(R"(
@@ -253,6 +339,10 @@ inline void emu_yield() { emu_switch(&emu_current->sp, emu_sched_sp); }
 
 inline void emu_fiber_entry() {
     (*emu_body)();
+    if (!emu_q->wg_open.empty() || !emu_q->wg_groups.empty()) {
+        std::fprintf(stderr, "emulator: a thread exited with wgmma not retired by a wait\n");
+        std::abort();
+    }
     emu_groups.clear();
     emu_open.clear();
     emu_current->done = true;
@@ -287,6 +377,8 @@ inline void emu_launch(std::function<void()> body, dim3 grid, dim3 block) {
             f.warp = t / 32;
             f.q.groups.clear();
             f.q.open.clear();
+            f.q.wg_groups.clear();
+            f.q.wg_open.clear();
             uintptr_t top = ((uintptr_t)f.stack.data() + STACK) & ~(uintptr_t)15;
             void** sp = (void**)top;
             *--sp = nullptr;  // a fake return address: the entry sees rsp % 16 == 8, as after a call

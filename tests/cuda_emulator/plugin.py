@@ -115,6 +115,9 @@ class EmulatedFunction:
         self.entry = getattr(library, f"emu_call_{name}")
         self.entry.restype = None
         self.entry.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 6
+        self.set_smem = library.emu_set_dynamic_smem  # shared memory past the launch's bytes aborts the emulator
+        self.set_smem.restype = None
+        self.set_smem.argtypes = [ctypes.c_uint]
         self.name, self.argtypes, self.smem_limit = name, argtypes, DEFAULT_SMEM
 
     def set_attribute(self, attribute, value: int) -> None:
@@ -131,6 +134,7 @@ class EmulatedFunction:
             raise Error(f"{self.name}: invalid launch {grid} × {block}")
         values = [CTYPES[c](a) for c, a in zip(self.argtypes, args)]
         argv = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
+        self.set_smem(shared_size)
         self.entry(argv, *grid, *block)
 
 
@@ -147,6 +151,7 @@ def _install() -> None:
 
         def __init__(self, cuda, device, stream):
             self.cuda, self.stream, self.arch = cuda, stream, "sm_90"
+            self.hopper = True  # gemm_sm90.cu runs on emu.h's model of wgmma
             self.sm_count = device.get_attribute(cuda.device_attribute.MULTIPROCESSOR_COUNT)
             libraries = {}
             self.functions = {}
@@ -154,15 +159,8 @@ def _install() -> None:
                 if source not in libraries:
                     libraries[source] = ctypes.CDLL(str(build_dir() / f"{source}.so"), mode=ctypes.RTLD_LOCAL)
                 self.functions[name] = EmulatedFunction(libraries[source], name, argtypes)
-            self.smem = {}
-            for bm, tile in K.GEMM_TILES.items():
-                self.smem[f"gemm_bf16_bm{bm}"] = self.smem[f"gemm_bf16_silu_bm{bm}"] = tile.smem
-            for d in K.HEAD_DIMS:
-                for g in K.DECODE_GROUPS:
-                    self.smem[f"paged_decode_d{d}_g{g}"] = K.decode_smem(d)
-            for name, nbytes in self.smem.items():
-                self.functions[name].set_attribute(cuda.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
             self._modules = libraries
+            self._configure()  # the real shared-memory limits and GEMM scratch
 
     K.Kernels = EmulatedKernels
 

@@ -1,0 +1,144 @@
+// Hopper-only projection GEMM for prefill (sm_90a: wgmma), opt-in (kernels.py GEMM_HOPPER) until measured; the
+// default everywhere is gemm.cu's mma.sync family. C = A·Wᵀ, A [M, K] bf16, W [N, K] bf16, f32 accumulation.
+//
+// CTA tile 128 × 256 × 64, 2 warpgroups (256 threads), each the owner of 64 rows × 256 columns: per k-tile four
+// wgmma.mma_async m64n256k16 read A and W straight from shared memory through matrix descriptors (K-major, 128-byte
+// swizzle: the layout gemm.cu's copies write, here on 1024-byte aligned stages as the hardware swizzle needs), the
+// accumulators (128 f32 per thread) never leave registers, and the tensor cores run while the same warps issue the
+// next copies. Copies: cp.async by all threads into a ring of 4 stages, 2 k-tiles ahead; one barrier per k-tile (a
+// stage is refilled once both warpgroups retired the wgmma that read it: wgmma_wait<1> lags one k-tile behind).
+// One whole tile per CTA, M-tile fastest (the CTAs sharing a weight tile run together); no split-K.
+// Built for compute_90a only (runtime/cuda/build.py ARCH_FILES); for other targets the kernels are empty, so every
+// build has the same entries (tests/test_kernel_mirror.py) and the host never launches them there. The CPU emulator
+// runs them with its model of wgmma (deferred to the wait that retires it; descriptors and swizzle as documented).
+#include "common.cuh"
+
+constexpr int GEMM90_BM = 128, GEMM90_BN = 256, GEMM90_BK = 64, GEMM90_STAGES = 4, GEMM90_THREADS = 256;
+constexpr int GEMM90_STAGE_BYTES = (GEMM90_BM + GEMM90_BN) * GEMM90_BK * 2;                // 48 KB
+constexpr int GEMM90_SMEM = GEMM90_STAGES * GEMM90_STAGE_BYTES + 1024;                      // + alignment slack
+constexpr int GEMM90_AHEAD = GEMM90_STAGES - 2;  // k-tiles in flight: the stage of k-tile i − 1 may still be read
+static_assert(GEMM90_SMEM <= 227 * 1024 && GEMM90_AHEAD >= 1, "sm_90's shared memory, at least one k-tile ahead");
+
+#if (defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)) || defined(OS_EMULATE_SM90)
+#define OS_GEMM90 1  // the CPU emulator defines OS_EMULATE_SM90: common.cuh's wgmma helpers are emulated there
+
+// Matrix descriptor of a K-major bf16 operand at shared address `addr` (1024-byte aligned blocks of 8 rows × 128
+// bytes, the 16-byte chunks of row r XOR-swizzled by r mod 8): start address, leading byte offset (unused with a
+// swizzle: 1), stride byte offset 1024 (the next 8 rows), 128-byte swizzle mode. A k16 step further along the
+// 64-column block starts 32 bytes later (the hardware applies the swizzle to the address).
+OS_DEVICE uint64_t wgmma_desc(uint32_t addr) {
+    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) |
+           ((uint64_t)1 << 62);
+}
+
+// One k-tile (A rows m0 … +128, W rows n0 … +256, columns k0 … +64) into the stage at shared address `stage`:
+// A [128][64] then W [256][64], rows of 128 bytes, chunk c of row r at chunk c ^ (r mod 8); rows and columns out of
+// range read zeros. silu_pair: tile column j is gate[(n0 + j)/2] (j even) or up[(n0 + j)/2] (j odd).
+template <bool SILU_PAIR>
+OS_DEVICE void load_tile90(uint32_t stage, const bf16* __restrict__ A, const bf16* __restrict__ W, int M, int N, int K,
+                           int m0, int n0, int k0) {
+    const int row0 = threadIdx.x >> 3, c = threadIdx.x & 7;  // 32 rows × 8 chunks per pass
+    const int k = k0 + c * 8;
+    const bool k_ok = k < K;
+    const uint32_t off = row0 * 128 + ((c ^ (row0 & 7)) << 4);
+#pragma unroll
+    for (int i = 0; i < GEMM90_BM / 32; i++) {
+        const int m = m0 + row0 + 32 * i;
+        const bool ok = k_ok && m < M;
+        cp_async16_s(stage + off + i * 32 * 128, ok ? A + (size_t)m * K + k : A, ok ? 16 : 0);
+    }
+#pragma unroll
+    for (int i = 0; i < GEMM90_BN / 32; i++) {
+        const int n = n0 + row0 + 32 * i;
+        const int wrow = SILU_PAIR ? ((n & 1) * (N / 2) + (n >> 1)) : n;
+        const bool ok = k_ok && n < N;
+        cp_async16_s(stage + GEMM90_BM * 128 + off + i * 32 * 128, ok ? W + (size_t)wrow * K + k : W, ok ? 16 : 0);
+    }
+}
+
+template <bool SILU_PAIR>
+OS_DEVICE void gemm90_body(const bf16* __restrict__ A, const bf16* __restrict__ W, const float* __restrict__ scales,
+                           void* __restrict__ out, int M, int N, int K) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const uint32_t smem0 = (smem_u32(smem_raw) + 1023) & ~1023u;
+    const int m_tiles = (M + GEMM90_BM - 1) / GEMM90_BM;
+    const int m0 = (blockIdx.x % m_tiles) * GEMM90_BM, n0 = (blockIdx.x / m_tiles) * GEMM90_BN;
+    const int kt = (K + GEMM90_BK - 1) / GEMM90_BK;
+    const int wg = threadIdx.x >> 7;  // warpgroup: rows wg·64 … +64 of the tile
+
+#pragma unroll
+    for (int s = 0; s < GEMM90_AHEAD; s++) {
+        if (s < kt) load_tile90<SILU_PAIR>(smem0 + s * GEMM90_STAGE_BYTES, A, W, M, N, K, m0, n0, s * GEMM90_BK);
+        cp_async_commit();
+    }
+    float acc[128];
+#pragma unroll
+    for (int i = 0; i < 128; i++) acc[i] = 0.f;
+
+    for (int i = 0; i < kt; i++) {
+        cp_async_wait<GEMM90_AHEAD - 1>();  // k-tile i landed (this thread's copies)
+        fence_proxy_async();
+        __syncthreads();  // everyone's copies of k-tile i; both warpgroups retired the wgmma of k-tile i − 2
+        const int next = i + GEMM90_AHEAD;
+        if (next < kt)
+            load_tile90<SILU_PAIR>(smem0 + (next % GEMM90_STAGES) * GEMM90_STAGE_BYTES, A, W, M, N, K, m0, n0,
+                                   next * GEMM90_BK);
+        cp_async_commit();
+        const uint32_t stage = smem0 + (i % GEMM90_STAGES) * GEMM90_STAGE_BYTES;
+        const uint64_t da = wgmma_desc(stage + wg * 64 * 128), db = wgmma_desc(stage + GEMM90_BM * 128);
+        wgmma_fence();
+#pragma unroll
+        for (int j = 0; j < GEMM90_BK / 16; j++) wgmma_m64n256k16(acc, da + 2 * j, db + 2 * j, 1);  // +32 bytes
+        wgmma_commit();
+        wgmma_wait<1>();  // the k-tile before this one is done: its stage may be refilled after the next barrier
+    }
+    wgmma_wait<0>();
+    cp_async_wait<0>();
+
+    // Accumulator layout (m64nNk16): warp w of the warpgroup holds rows 16w … 16w + 15; acc[4j + e] is row
+    // 16w + lane/4 + 8·(e/2), column 8j + 2·(lane mod 4) + (e mod 2), as the m16n8 D fragment, for n8 block j.
+    const int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) & 3, g = lane >> 2, c2 = 2 * (lane & 3);
+    float* Cf = reinterpret_cast<float*>(out);
+#pragma unroll
+    for (int j = 0; j < GEMM90_BN / 8; j++) {
+        const int col = n0 + 8 * j + c2;
+        if (col >= N) continue;
+        float s0 = 1.f, s1 = 1.f;
+        if (scales) {
+            s0 = scales[SILU_PAIR ? col / 2 : col];
+            s1 = scales[SILU_PAIR ? N / 2 + col / 2 : min(col + 1, N - 1)];
+        }
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const int row = m0 + wg * 64 + 16 * w + g + 8 * half;
+            if (row >= M) continue;
+            const float v0 = acc[4 * j + 2 * half] * s0, v1 = acc[4 * j + 2 * half + 1] * s1;
+            if (SILU_PAIR) {
+                reinterpret_cast<bf16*>(out)[(size_t)row * (N / 2) + col / 2] = __float2bfloat16(silu(v0) * v1);
+            } else if ((N & 1) == 0) {
+                *reinterpret_cast<float2*>(Cf + (size_t)row * N + col) = make_float2(v0, v1);
+            } else {
+                float* o = Cf + (size_t)row * N + col;
+                o[0] = v0;
+                if (col + 1 < N) o[1] = v1;
+            }
+        }
+    }
+}
+#endif
+
+// Grid: (ceil(M / 128) · ceil(N / 256)), tile t = (m = t mod ceil(M/128), n = t div ceil(M/128)); block: 256 threads;
+// dynamic shared memory GEMM90_SMEM (197 632 bytes). A [M, K] bf16, W [N, K] bf16 (K % 8 == 0), scales [N] f32 or
+// null; C [M, N] f32 (plain) or [M, N/2] bf16 = SiLU(A·gateᵀ)·(A·upᵀ) (silu, W = [gate; up], N even).
+extern "C" __global__ void __launch_bounds__(GEMM90_THREADS, 1)
+    gemm90_bf16(const bf16* A, const bf16* W, const float* scales, float* C, int M, int N, int K) {
+#ifdef OS_GEMM90
+    gemm90_body<false>(A, W, scales, C, M, N, K);
+#endif
+}
+extern "C" __global__ void __launch_bounds__(GEMM90_THREADS, 1)
+    gemm90_bf16_silu(const bf16* A, const bf16* W, const float* scales, bf16* C, int M, int N, int K) {
+#ifdef OS_GEMM90
+    gemm90_body<true>(A, W, scales, C, M, N, K);
+#endif
+}
