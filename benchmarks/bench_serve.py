@@ -154,7 +154,9 @@ def summary(results: list[dict], makespan: float) -> dict:
     def pct(values, q):
         return float(np.percentile(values, q)) if values else float("nan")
 
-    return {"requests": len(results), "errors": len(results) - len(ok), "seconds": makespan,
+    failed = [r.get("error") or "no tokens streamed" for r in results if r not in ok]
+    return {"requests": len(results), "errors": len(failed), "first_error": failed[0] if failed else None,
+            "seconds": makespan,
             "requests_per_s": len(ok) / makespan, "output_tokens_per_s": tokens / makespan, "output_tokens": tokens,
             "ttft_ms": [pct(ttft, 50) * 1e3, pct(ttft, 99) * 1e3], "itl_ms": [pct(itl, 50) * 1e3, pct(itl, 99) * 1e3],
             "e2e_s": [pct(e2e, 50), pct(e2e, 99)]}
@@ -175,7 +177,7 @@ def serve_side(engine: Path, folder: Path, device: str, vocab: int, shape: dict)
             *asyncio.run(load(server.url, work, shape["new_tokens"], concurrency=shape["concurrency"])))
     finally:
         code = server.stop()
-    return {"runs": runs, "exit_code": code}
+    return {"runs": runs, "exit_code": code, "log_tail": server.log.read_text(errors="replace")[-3000:]}
 
 
 # ── the same workload offline ──────────────────────────────────────────────────────────────────────────
@@ -236,6 +238,8 @@ def render(everything: dict) -> str:
                      f"{peer['tokens_per_s']:,.0f}" if "tokens_per_s" in peer else peer.get("error", "n/a")[:60],
                      "", "", "", "", "", ""])
         lines.append(_targets(size, r, shape))
+        lines += [f"{size}, {mode}: {s['errors']} failed, the first with: {s['first_error']}"
+                  for mode, s in r["serve"]["runs"].items() if s.get("first_error")]
     table = tabulate(rows, ["model", "run", "requests", "errors", "req/s", "output tok/s", "TTFT p50 ms",
                             "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "E2E p50 s", "E2E p99 s"], tablefmt="github")
     return "\n\n".join(lines[:1] + [table] + lines[1:] + [f"Software: {everything['software']}."]) + "\n"

@@ -6,6 +6,7 @@
 #     kernels  bench_kernels.py (each kernel's time and bandwidth at 1B/7B shapes)
 #     batch    bench_batch.py (the batched runtime against transformers)
 #     bench    bench_cuda.py (batch-1 prefill and decode against transformers)
+#     serve    bench_serve.py (olmoscope serve under load against the offline loop and transformers)
 #     old      the previous runtime's batch-1 figures, from a tree unpacked in old/ (git archive REV), same card
 set -o pipefail
 if [ -z "${OUT:-}" ]; then echo "device_check.sh runs on the device machine only (it links packages into the tree)"; exit 2; fi
@@ -32,6 +33,9 @@ for job in "$@"; do
     bench)
         timeout ${BENCH_TIMEOUT:-400} python3 benchmarks/bench_cuda.py --models ${MODELS:-1b,7b} --out "$OUT" ${BENCH_ARGS:-} \
             2>&1 | tee "$OUT/bench.log" ;;
+    serve)
+        timeout ${BENCH_TIMEOUT:-500} python3 benchmarks/bench_serve.py --models ${MODELS:-1b,7b} --out "$OUT" \
+            ${SERVE_ARGS:-} 2>&1 | tee "$OUT/serve.log" ;;
     old)
         (cd old && link_packages && PYTHONPATH=/tmp/site:$PWD OLMOSCOPE_CACHE=/tmp/olmoscope-cache-old timeout \
             ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_cuda.py --models ${MODELS:-1b,7b} --skip-transformers \

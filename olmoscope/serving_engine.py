@@ -156,11 +156,12 @@ class ServingEngine:
     # ── the engine thread ────────────────────────────────────────────────────────────────────────────
     def _run(self) -> None:
         try:
-            while self._take_messages(block=not self.loop.has_work):
-                self._publish()
-                if self.loop.has_work:
-                    self._forward(self.loop.step())
+            with self.loop.backend.in_thread():
+                while self._take_messages(block=not self.loop.has_work):
                     self._publish()
+                    if self.loop.has_work:
+                        self._forward(self.loop.step())
+                        self._publish()
         except BaseException as exc:  # a bug in the loop: say so on /health, to everyone waiting, and in the log
             self.failure = f"the engine loop stopped: {type(exc).__name__}: {exc}"
             log.exception(self.failure)

@@ -27,6 +27,7 @@ Building one: ``devices.open_backend(engine, device, options)``.
 from __future__ import annotations
 
 import abc
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -120,6 +121,11 @@ class Backend(abc.ABC):
 
     def close(self) -> None:
         """Free what the backend holds (nothing to do for host memory)."""
+
+    def in_thread(self) -> contextlib.AbstractContextManager:
+        """Held around everything another thread than the creating one does with the backend (a GPU context is
+        current per thread: the serving engine steps the loop in a thread of its own)."""
+        return contextlib.nullcontext()
 
     def check_step(self, step: Step) -> StepArrays:
         """The step's arrays, refused (ValueError) when it breaks the backend's sizes."""

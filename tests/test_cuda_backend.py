@@ -342,3 +342,33 @@ def test_logprobs_penalties_and_choices_on_the_gpu(tiny):
                 want = token_logprobs(row, got.token_id, 4, engine.vocab_limit)
                 assert abs(got.logprob - want.logprob) <= 5e-2, (got, want)
                 assert len(got.top) == 4 and abs(got.top[0][1] - want.top[0][1]) <= 5e-2, (got, want)
+
+
+def test_a_loop_stepped_from_another_thread_runs_in_the_backends_context(tiny):
+    """`serve` steps the engine loop in a thread of its own; PyCUDA's context is per thread, so the backend binds
+    it there (in_thread). Without it every step fails (invalid context); with it the tokens equal the main thread's."""
+    import threading
+
+    _, _, engine, gpu = tiny
+    prompts = [np.random.default_rng(11).integers(0, engine.config.vocab_size, n).tolist() for n in (9, 30)]
+
+    def generate() -> list[list[int]]:
+        loop = EngineLoop(gpu)
+        outputs = [loop.add(Request(f"t{i}", p, max_new_tokens=12)) for i, p in enumerate(prompts)]
+        loop.run()
+        return [o.token_ids for o in outputs]
+
+    here, there, failure = generate(), [], []
+
+    def worker():
+        try:
+            with gpu.in_thread():
+                there.extend(generate())
+        except Exception as exc:  # reported below, in the test's thread
+            failure.append(f"{type(exc).__name__}: {exc}")
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(120)
+    assert not failure, failure[0]
+    assert there == here, "the engine thread's tokens differ from the main thread's"

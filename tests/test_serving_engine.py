@@ -40,3 +40,44 @@ def test_a_dead_engine_thread_turns_health_to_503_and_fails_its_requests():
     assert held.status_code == 500 and "a scheduler bug" in held.json()["error"]["message"]
     assert health.status_code == 503 and "engine loop stopped" in health.json()["error"]["message"]
     assert after.status_code == 503 and after.json()["error"]["type"] == "server_error"
+
+
+def test_the_engine_thread_steps_the_backend_inside_its_thread_binding():
+    """A GPU backend's context is current per thread (PyCUDA): every step of the serving engine must run inside
+    backend.in_thread(), entered in the engine thread itself (tests/test_cuda_backend.py runs a real one)."""
+    import contextlib
+    import threading
+
+    backend = NumpyBackend(ENGINE, RuntimeOptions(max_context=128, max_num_seqs=4))
+    bound: set[int] = set()
+    stepped: list[bool] = []
+
+    @contextlib.contextmanager
+    def in_thread():
+        bound.add(threading.get_ident())
+        try:
+            yield
+        finally:
+            bound.discard(threading.get_ident())
+
+    backend.in_thread = in_thread
+    engine = ServingEngine(backend, Tokenizer.bundled())
+    real_step = engine.loop.step
+
+    def step():
+        stepped.append(threading.get_ident() in bound and threading.get_ident() != threading.main_thread().ident)
+        return real_step()
+
+    engine.loop.step = step
+    metrics = Metrics(lambda: engine.stats)
+    app = create_app(engine, metrics, Served("tiny", Tokenizer.bundled(), 128, VOCAB, frozenset()))
+    engine.start()
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://serve") as client:
+            return await client.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 3})
+
+    reply = asyncio.run(asyncio.wait_for(run(), 30))
+    engine.stop(10)
+    assert reply.status_code == 200, reply.text
+    assert stepped and all(stepped), f"{stepped.count(False)} of {len(stepped)} steps ran outside the thread binding"

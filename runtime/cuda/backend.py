@@ -10,6 +10,8 @@ are asynchronous: the next one may be launched before this one's result is read,
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import sys
 from dataclasses import dataclass
@@ -279,6 +281,16 @@ class CudaBackend(Backend):
         """Wait for the GPU to finish everything queued (benchmarks time with this)."""
         with cuda_errors("synchronize"):
             self.stream.synchronize()
+
+    @contextlib.contextmanager
+    def in_thread(self):
+        """This backend's context current in the calling thread while held (PyCUDA's contexts are per thread)."""
+        with cuda_errors("binding the engine thread"):
+            self._context.push()
+        try:
+            yield
+        finally:
+            cuda.Context.pop()
 
     def close(self) -> None:
         if self._context is None:
