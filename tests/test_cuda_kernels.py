@@ -403,7 +403,7 @@ def test_gemm_stream_k_leaves_its_tickets_zero_and_repeats_bit_for_bit(dev, rng)
         cuda.memcpy_dtoh(tickets, int(dev.kernels._gemm_tickets))
         assert not tickets.any(), "a stream-K ticket was left non-zero (the next launch would misjudge its last CTA)"
     assert np.array_equal(runs[0], runs[1]), "the same schedule summed in a different order"
-    assert rel(runs[2], runs[0]) <= 1e-6
+    assert rel(runs[2], runs[0]) <= 1e-5  # other cut points: the same sums reassociated in fp32 (measured 1.2e-6, H200)
 
 
 @pytest.mark.parametrize("bm", [16, 64, 128, 256])
