@@ -68,6 +68,35 @@ def decode_step_ms(backend, batch: int, vocab: int) -> float:
     return (time.perf_counter() - started) / (loop.steps - steps) * 1e3
 
 
+def mixed_step_ms(backend, vocab: int, decoding: int = 64, chunk: int = 512, repeats: int = 5) -> dict:
+    """One chunked-prefill step: `decoding` sequences' decode tokens plus a `chunk`-token prompt, timed (synchronized
+    around the step) against a decode-only step of the same sequences, median of `repeats` each."""
+    loop = EngineLoop(backend)
+    rng = np.random.default_rng(5)
+    for i in range(decoding):
+        loop.add(Request(f"m{i}", rng.integers(0, vocab, DECODE_CONTEXT).tolist(), max_new_tokens=10**4))
+    for _ in range(WARMUP):  # every prompt in, every sequence decoding
+        loop.step()
+
+    def timed() -> float:
+        backend.synchronize()
+        started = time.perf_counter()
+        loop.step()
+        backend.synchronize()
+        return (time.perf_counter() - started) * 1e3
+
+    mixed, plain = [], []
+    for r in range(repeats):
+        plain.append(timed())
+        loop.add(Request(f"p{r}", rng.integers(0, vocab, chunk).tolist(), max_new_tokens=1))
+        mixed.append(timed())
+    for i in range(decoding):
+        loop.abort(f"m{i}")
+    loop.run()
+    return {"decoding": decoding, "chunk": chunk, "mixed_ms": float(np.median(mixed)),
+            "decode_ms": float(np.median(plain))}
+
+
 def olmoscope_side(engine, config, bandwidth: float, work: list[list[int]]) -> dict:
     options = RuntimeOptions(max_num_seqs=max(BATCHES), max_num_batched_tokens=8192)
     with CudaBackend(engine, options, progress=False) as backend:
@@ -82,7 +111,8 @@ def olmoscope_side(engine, config, bandwidth: float, work: list[list[int]]) -> d
             context = DECODE_CONTEXT + WARMUP + DECODE_STEPS // 2
             roof = (backend.decode_weight_bytes(batch) + batch * context * kv_token) / bandwidth * 1e3
             steps[batch] = {"ms": ms, "roofline_ms": roof, "share": roof / ms}
-        return {"device": backend.device, "tokens_per_s": generated / seconds, "seconds": seconds,
+        mixed = mixed_step_ms(backend, config.vocab_size)
+        return {"device": backend.device, "tokens_per_s": generated / seconds, "mixed_step": mixed, "seconds": seconds,
                 "generated": generated, "prefill_tokens_per_s": sum(map(len, work)) / prefill_s,
                 "kv_blocks": backend.num_blocks - 1, "kv_tokens": (backend.num_blocks - 1) * BLOCK_SIZE,
                 "kv_gib": (backend.num_blocks - 1) * kv_block_bytes(config, 2) / 2**30, "decode_steps": steps,
@@ -160,9 +190,19 @@ def render(everything: dict) -> str:
             f"{ours['prefill_tokens_per_s']:,.0f} tokens/s (the 64 prompts, one token each); KV pool "
             f"{ours['kv_tokens']:,} tokens in {ours['kv_blocks']:,} blocks of {BLOCK_SIZE} ({ours['kv_gib']:.1f} GiB).\n\n"
             + f"Decode step at ≈{DECODE_CONTEXT + WARMUP + DECODE_STEPS // 2} positions per sequence:\n\n"
-            + tabulate(steps, ["batch", "ms/step", "roofline ms", "% of roofline"], tablefmt="github"))
+            + tabulate(steps, ["batch", "ms/step", "roofline ms", "% of roofline"], tablefmt="github")
+            + _mixed_line(ours.get("mixed_step")))
     lines.append(f"Software: {everything['software']}.")
     return "\n\n".join(lines) + "\n"
+
+
+def _mixed_line(mixed: dict | None) -> str:
+    if not mixed:
+        return ""
+    return (f"\n\nA mixed chunked-prefill step ({mixed['chunk']} prompt tokens + {mixed['decoding']} decode rows): "
+            f"{mixed['mixed_ms']:.2f} ms, against {mixed['decode_ms']:.2f} ms for the {mixed['decoding']} decode rows "
+            f"alone (the prompt's {mixed['chunk']} tokens cost {mixed['mixed_ms'] - mixed['decode_ms']:.2f} ms, "
+            f"{mixed['chunk'] / max(mixed['mixed_ms'] - mixed['decode_ms'], 1e-9) * 1e3:,.0f} tokens/s).")
 
 
 def main() -> int:
