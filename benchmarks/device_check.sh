@@ -22,7 +22,7 @@ for job in "$@"; do
     case "$job" in
     tests)
         timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -rs ${PYTEST_ARGS:-} tests/test_kernel_mirror.py \
-            tests/test_cuda_kernels.py tests/test_cuda_backend.py tests/test_bench_cli.py 2>&1 | tee "$OUT/tests.log" |
+            tests/test_cuda_kernels.py tests/test_cuda_backend.py tests/test_bench_cli.py tests/test_nccl.py ${EXTRA_TESTS:-} 2>&1 | tee "$OUT/tests.log" |
             grep -v "^tests/.*PASSED" ;;
     kernels)
         timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_kernels.py --models ${MODELS:-1b,7b} --out "$OUT" 2>&1 |
