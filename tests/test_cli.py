@@ -20,10 +20,14 @@ def test_bare_command_prints_the_help_and_succeeds():
 # ── issue 10: Ctrl-C at start-up, warnings, undecodable text ─────────────────────────
 _INTERRUPT_AFTER = """
 import os, signal, sys, threading
-import olmoscope  # the interpreter's own start-up is over: from here on it is olmoscope's code
+import olmoscope  # the interpreter's own start-up is over
+# A signal while this harness still runs (a loaded machine starts the timer's thread late) is not olmoscope's to
+# handle: exit 99 and let the test run that delay again. Python's own handler is back just before olmoscope's code.
+signal.signal(signal.SIGINT, lambda *_: os._exit(99))
 timer = threading.Timer(float(sys.argv[1]), os.kill, (os.getpid(), signal.SIGINT))
 timer.daemon = True  # a run that ends first does not wait for it
 timer.start()
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from olmoscope.cli import main
 main(["arch", "olmo2-1b"])
 """
@@ -33,7 +37,10 @@ def test_ctrl_c_at_any_moment_of_start_up_is_one_line():
     import sys
 
     for delay in (0.002, 0.01, 0.02, 0.04, 0.08, 0.16):
-        run = subprocess.run([sys.executable, "-c", _INTERRUPT_AFTER, str(delay)], capture_output=True, text=True)
+        for _ in range(5):  # until the signal lands in olmoscope's code rather than the harness's
+            run = subprocess.run([sys.executable, "-c", _INTERRUPT_AFTER, str(delay)], capture_output=True, text=True)
+            if run.returncode != 99:
+                break
         assert "Traceback" not in run.stderr, (delay, run.stderr)
         if run.returncode != 0:  # it may finish first on a fast machine
             assert (run.returncode, run.stderr) == (130, "olmoscope: interrupted\n"), (delay, run.returncode, run.stderr)
