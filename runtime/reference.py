@@ -16,11 +16,10 @@ import numpy as np
 
 from olmoscope.config import ModelConfig
 from olmoscope.runtime.blocks import BLOCK_SIZE
-from olmoscope.runtime.step import StepArrays
+from olmoscope.runtime.step import SCORE_ROWS, StepArrays
 from olmoscope.runtime.weights import LayerWeights, ModelWeights
 
 ROW_BLOCK = 16  # rows per BLAS call of a projection; the last block is zero-padded
-SCORE_ROWS = 256  # scored rows per lm_head call: at most [256, V] float32 logits live (98 MiB at V = 100,352)
 
 
 class PagedKV:

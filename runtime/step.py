@@ -20,6 +20,7 @@ from olmoscope.runtime.blocks import BLOCK_SIZE
 from olmoscope.runtime.sampler import SamplingParams
 
 FED = -1  # a token id the device fills in: the sequence's previous sample, not yet seen by the host
+SCORE_ROWS = 256  # backends run lm_head over at most this many scored rows at once: [256, V] f32 (98 MiB, V = 100,352)
 
 
 @dataclass(frozen=True)
