@@ -208,14 +208,14 @@ def perplexity_command(engine_file: Path, text_path: Path, context: int | None, 
                        max_windows: int | None, as_json: bool, device: str, options, verify: bool) -> None:
     """The perplexity of ENGINE over a text file: exp(mean negative log-likelihood per token).
 
-    \b
     Windows of --context tokens start --stride tokens apart (Hugging Face's "Perplexity of fixed-length
     models"): each window scores only the tokens no earlier window scored, each given everything before it in
     the window; the first window scores all but its first token. With --stride equal to --context (the
-    default) windows do not overlap and each window's first token goes unscored. A smaller stride gives every
-    scored token more context (a lower perplexity) at the cost of more work. llama.cpp's `perplexity` differs:
-    it cuts non-overlapping windows and scores only the second half of each, so its numbers are comparable
-    only with its own. Probabilities are over all of the model's output rows, as transformers' loss has them.
+    default) windows do not overlap and each window's first token goes unscored; a smaller stride gives every
+    scored token more context (a lower perplexity) for more work. llama.cpp's perplexity differs: it cuts
+    non-overlapping windows and scores only the second half of each, so its numbers compare only with its
+    own. Probabilities are over all of the model's output rows, as in transformers' loss. The windows run
+    side by side through the batched runtime; the result is one line on stdout (or --json).
     """
     progress = sys.stderr.isatty() and not as_json
     settings, measured = run_perplexity(engine_file, text_path, context, stride, max_windows, device, options,

@@ -90,7 +90,7 @@ class Step:
 
 @dataclass
 class StepArrays:
-    """A step as arrays: T token rows, B sequences, R logits rows (S of them sampled)."""
+    """A step as arrays: T token rows, B sequences, R logits rows (S of them sampled), P scored rows."""
 
     token_ids: np.ndarray  # int32 [T]: FED where the device supplies the id
     positions: np.ndarray  # int32 [T]
