@@ -89,37 +89,39 @@ def measure(backend, tokens: np.ndarray, context: int, stride: int, max_windows:
             progress: bool = False) -> Perplexity:
     """Score every window of `tokens` through one engine loop over `backend`, the windows running side by side."""
     from olmoscope.runtime.loop import EngineLoop
-    from olmoscope.runtime.scheduler import Request
 
     plan = list(windows(len(tokens), context, stride))[:max_windows]
     loop = EngineLoop(backend)
+    requests = (window_request(i, window, tokens) for i, window in enumerate(plan))
+    room = 2 * backend.max_seqs  # windows in the loop at once: enough to fill every step, bounded for any text
     nll = np.zeros(len(plan))  # each window's summed NLL, added up in window order at the end (deterministic)
-    queue = iter(range(len(plan)))
-    queued = 0  # windows in the loop; twice the sequence cap keeps steps full and memory bounded for any text
     done = 0  # positions of the finished windows
     started = time.perf_counter()
     with tqdm(total=len(plan), unit="window", desc="perplexity", disable=not progress, file=sys.stderr) as bar:
         while True:
-            for i in itertools.islice(queue, max(0, 2 * backend.max_seqs - queued)):
-                window = plan[i]
-                loop.add(Request(str(i), tokens[window.begin:window.end].tolist(), max_new_tokens=0,
-                                 score_from=window.score_from))
-                queued += 1
+            for request in itertools.islice(requests, room):
+                loop.add(request)
+                room -= 1
             if not loop.has_work:
                 break
-            for output in loop.step():
-                if output.finished:
-                    if output.finish_reason != "length":
-                        raise OlmoscopeError(f"window {output.request_id}: {output.error or output.finish_reason}")
-                    i = int(output.request_id)
-                    nll[i] = -math.fsum(output.prompt_logprobs)
-                    queued -= 1
-                    done += plan[i].end - plan[i].begin
-                    bar.update(1)
-                    bar.set_postfix_str(f"{done / (time.perf_counter() - started):,.0f} tokens/s", refresh=False)
-    seconds = time.perf_counter() - started
+            for output in (output for output in loop.step() if output.finished):
+                if output.finish_reason != "length":
+                    raise OlmoscopeError(f"window {output.request_id}: {output.error or output.finish_reason}")
+                i = int(output.request_id)
+                nll[i] = -math.fsum(output.prompt_logprobs)
+                room, done = room + 1, done + plan[i].end - plan[i].begin
+                bar.update(1)
+                bar.set_postfix_str(f"{done / (time.perf_counter() - started):,.0f} tokens/s", refresh=False)
     scored = sum(w.scored for w in plan)
-    return Perplexity(len(plan), scored, sum(w.end - w.begin for w in plan), float(np.sum(nll)) / scored, seconds)
+    return Perplexity(len(plan), scored, sum(w.end - w.begin for w in plan), float(np.sum(nll)) / scored,
+                      time.perf_counter() - started)
+
+
+def window_request(i: int, window: Window, tokens: np.ndarray):
+    """Window i as a prompt-scoring request that generates nothing (its id: i)."""
+    from olmoscope.runtime.scheduler import Request
+
+    return Request(str(i), tokens[window.begin:window.end].tolist(), max_new_tokens=0, score_from=window.score_from)
 
 
 def read_text(path: Path) -> str:

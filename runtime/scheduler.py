@@ -324,11 +324,10 @@ class Scheduler:
         ended, offset = [], 0
         for sequence, work in zip(scheduled.sequences, scheduled.step.works):
             if work.score is not None:
-                first = work.position + work.score.first + 1  # the position of the first target
+                first, count = work.position + work.score.first + 1, work.score.count  # targets' positions, how many
                 if not sequence.finished:
-                    sequence.prompt_logprobs[first:first + work.score.count] = result.scores[offset:
-                                                                                             offset + work.score.count]
-                offset += work.score.count
+                    sequence.prompt_logprobs[first:first + count] = result.scores[offset:offset + count]
+                offset += count
             if (sequence.request.max_new_tokens == 0 and work.context == sequence.prompt_len
                     and not sequence.finished):
                 self._finish(sequence, "length")
