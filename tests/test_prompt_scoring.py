@@ -16,7 +16,7 @@ from olmoscope.runtime.blocks import BLOCK_SIZE, BlockPool
 from olmoscope.runtime.loop import EngineLoop
 from olmoscope.runtime.numpy_backend import NumpyBackend
 from olmoscope.runtime.scheduler import Limits, Request, Scheduler, Sequence
-from olmoscope.runtime.step import StepResult
+from olmoscope.runtime.step import Score, Step, StepResult, Work
 from stepping import prompt_logits
 from test_batched_reference import ENGINE, VOCAB
 from test_scheduler import alone as generated_alone
@@ -122,3 +122,15 @@ def test_score_from_must_leave_a_scored_token_after_the_first(score_from):
     scheduler = Scheduler(BlockPool(64), Limits(max_context=128))
     with pytest.raises(ValueError, match="score_from"):
         scheduler.add(Sequence(Request("s", [1, 2, 3, 4, 5], max_new_tokens=0, score_from=score_from)))
+
+
+@pytest.mark.parametrize("score,message", [
+    (Score(3, [1, 2]), "scored rows 3…4 outside its 4 tokens"),
+    (Score(0, [VOCAB]), "token id out of range"),
+    (Score(0, [-1]), "token id out of range"),
+], ids=["rows-past-the-work", "target-past-the-vocabulary", "negative-target"])
+def test_a_step_with_impossible_scores_is_refused_before_any_work(score, message):
+    with NumpyBackend(ENGINE, RuntimeOptions(max_context=128)) as backend:
+        work = Work(0, 0, [1, 2, 3, 4], [1], score=score)
+        with pytest.raises(ValueError, match=message):
+            backend.run(Step([work], fresh_slots=[0]))
