@@ -6,8 +6,9 @@ The strided scheme of Hugging Face's "Perplexity of fixed-length models": the te
 one prompt-scoring request (runtime/scheduler.py, Request.score_from) of the batched runtime, so many windows run
 in each step.
 
-    >>> measure(backend, tokens, context=2048, stride=512).perplexity
-    9.87
+    >>> measured = measure(backend, tokens, context=2048, stride=512)
+    >>> measured.perplexity == math.exp(measured.nll)
+    True
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from olmoscope.engine_options import engine_options
 from olmoscope.errors import OlmoscopeError, UsageError
 from olmoscope.readers import decode_utf8, read_capped
 
-MAX_TEXT_BYTES = 64 << 20  # about 15 M tokens: hours of work on a GPU, more than any evaluation text
+MAX_TEXT_BYTES = 64 << 20  # about 15 M tokens; WikiText-2's test split, the usual text, is 1.3 MB
 DEFAULT_CONTEXT = 2048  # llama.cpp's default is 512; OLMo 2 was trained at 4096
 
 
@@ -113,8 +114,11 @@ def measure(backend, tokens: np.ndarray, context: int, stride: int, max_windows:
                 bar.update(1)
                 bar.set_postfix_str(f"{done / (time.perf_counter() - started):,.0f} tokens/s", refresh=False)
     scored = sum(w.scored for w in plan)
-    return Perplexity(len(plan), scored, sum(w.end - w.begin for w in plan), float(np.sum(nll)) / scored,
-                      time.perf_counter() - started)
+    mean = float(np.sum(nll)) / scored
+    if not math.isfinite(mean):  # NaN or infinite logits somewhere: no perplexity to report
+        raise OlmoscopeError(f"the mean NLL is {mean} (the model's logits overflow or hold NaN: `olmoscope verify` "
+                             f"checks the file)")
+    return Perplexity(len(plan), scored, sum(w.end - w.begin for w in plan), mean, time.perf_counter() - started)
 
 
 def window_request(i: int, window: Window, tokens: np.ndarray):
@@ -176,8 +180,8 @@ def run_perplexity(engine_path: Path, text_path: Path, context: int | None, stri
         if len(tokens) < 2:
             raise UsageError(f"--text {display_name(str(text_path))}: {len(tokens)} token(s); perplexity needs at "
                              f"least 2")
-        with open_backend(engine, device, dataclasses.replace(options, max_context=options.max_context or context)) \
-                as backend:
+        options = dataclasses.replace(options, max_context=options.max_context or context)  # the pool fits windows
+        with open_backend(engine, device, options) as backend:
             for note in backend.notes:
                 click.echo(f"olmoscope: {note}", err=True)
             if context > backend.max_context:

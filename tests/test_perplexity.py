@@ -177,3 +177,18 @@ def test_a_text_that_is_not_a_regular_file_is_refused(tiny, tmp_path, kind):
     path = tmp_path / "nothing.txt" if kind == "missing" else tmp_path
     result = CliRunner().invoke(main, ["perplexity", str(tiny["engine"]), "--text", str(path), "--device", "cpu"])
     assert_one_line_error(result, "--text", "no such file" if kind == "missing" else "directory")
+
+
+def test_nan_logits_are_an_error_not_a_perplexity():
+    from olmoscope.errors import OlmoscopeError
+    from olmoscope.perplexity import measure
+    from olmoscope.runtime.backend import RuntimeOptions
+    from olmoscope.runtime.engine import Engine
+    from olmoscope.runtime.numpy_backend import NumpyBackend
+    from test_batched_reference import ENGINE
+
+    arrays = {name: np.array(ENGINE.weights.float32(name)) for name in ENGINE.weights.specs}
+    arrays["lm_head"][5] = np.nan  # one output row: every row's log-sum-exp is NaN
+    with NumpyBackend(Engine.from_arrays(ENGINE.config, arrays), RuntimeOptions(max_context=64, max_num_seqs=4)) as b:
+        with pytest.raises(OlmoscopeError, match="mean NLL is nan"):
+            measure(b, np.arange(40, dtype=np.int32) % 90, context=16, stride=16)
