@@ -38,6 +38,7 @@ COMMANDS = {
     "make-tiny": ("olmoscope.tiny", "make_tiny_command"),
     "generate": ("olmoscope.generate", "generate_command"),
     "batch": ("olmoscope.batch", "batch_command"),
+    "perplexity": ("olmoscope.perplexity", "perplexity_command"),
     "serve": ("olmoscope.serve", "serve_command"),
     "convert": ("olmoscope.convert", "convert_command"),
     "verify": ("olmoscope.verify", "verify_command"),

@@ -16,8 +16,11 @@ Contract:
   token is first replaced by its slot's last sample.
 - ``launch(step, return_logits=False)`` queues the step and returns a PendingStep; ``.result()`` gives its
   StepResult (sampled ids in step order; with return_logits the float32 logits [R, V] of step.pack().logit_rows,
-  raw, before any penalty). A backend may run the step at once (NumPy) or asynchronously (CUDA: the next step
-  can be launched before this one's result is read, and will see this one's samples as FED tokens).
+  raw, before any penalty; and, when the step scores rows (Work.score), the float32 logprob of each row's target
+  under the log-softmax of its raw logits over all V columns, in pack().score_rows order: lm_head runs over the
+  scored rows a bounded number at a time, and only those logprobs cross to the host). A backend may run the step
+  at once (NumPy) or asynchronously (CUDA: the next step can be launched before this one's result is read, and
+  will see this one's samples as FED tokens).
 - ``run(step)`` is launch + result. ``close()`` frees device memory. Backends are context managers.
 - A step that breaks the sizes above raises ValueError before any work.
 
@@ -140,7 +143,8 @@ class Backend(abc.ABC):
             raise ValueError(f"{arrays.num_tokens} token rows in one step, more than {self.max_step_tokens}")
         if arrays.num_seqs > self.max_seqs:
             raise ValueError(f"{arrays.num_seqs} sequences in one step, more than {self.max_seqs}")
-        if np.any((ids != FED) & ((ids < 0) | (ids >= self.vocab_size))):
+        if np.any((ids != FED) & ((ids < 0) | (ids >= self.vocab_size))) or np.any(
+                (arrays.score_targets < 0) | (arrays.score_targets >= self.vocab_size)):
             raise ValueError(f"token id out of range [0, {self.vocab_size})")
         blocks = arrays.block_tables[np.arange(arrays.block_tables.shape[1])[None, :]
                                      < -(-arrays.context[:, None] // BLOCK_SIZE)]

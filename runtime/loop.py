@@ -55,6 +55,8 @@ class EngineLoop:
             raise ValueError("stop strings need a tokenizer to see text")
         if request.n < 1:
             raise ValueError(f"n = {request.n}: a request has at least one choice")
+        if request.score_from is not None and request.n != 1:
+            raise ValueError("a request that scores its prompt has one choice")
         first = Sequence(request)
         choices = [first] + [Sequence(request, i, first) for i in range(1, request.n)]
         outputs = []
@@ -159,6 +161,8 @@ class EngineLoop:
                 if output.add_token(token, visible, sequence.logprob) and not sequence.finished:
                     self.scheduler.abort(sequence, "stop")
             if sequence.finished:
+                if sequence.prompt_logprobs is not None and sequence.finish_reason != "error":
+                    output.prompt_logprobs = sequence.prompt_logprobs[sequence.request.score_from:].tolist()
                 output.finish("stop" if output.stopped else sequence.finish_reason, sequence.error)
                 self._release(sequence)
         return changed

@@ -94,12 +94,12 @@ class NumpyBackend(Backend):
         self._keep_state(step)
         ids = np.where(arrays.token_ids == FED, self.last_sampled[arrays.token_state], arrays.token_ids)
         self.seen[arrays.token_state, ids] = True
-        logits = reference.forward(self.config, self.weights, arrays, ids, self.kv, step.window)
+        logits, scores = reference.forward(self.config, self.weights, arrays, ids, self.kv, step.window)
         tokens = self._sample(logits, arrays)
         sampled = tokens >= 0
         self.last_sampled[arrays.sample_state[sampled]] = tokens[sampled]
         np.add.at(self.counts, (arrays.sample_state[sampled], tokens[sampled]), 1)
-        result = StepResult(tokens, logits if return_logits else None)
+        result = StepResult(tokens, logits if return_logits else None, scores=scores if len(scores) else None)
         if np.any(arrays.logprobs >= 0):
             self._logprobs(result, logits, arrays)
         return DoneStep(result)

@@ -67,6 +67,7 @@ class RequestOutput:
         self.finish_reason: str | None = None  # eos | stop | length | context | abort | error, once finished
         self.error: str | None = None  # what went wrong, for finish reason "error"
         self.logprobs: list[TokenLogprob] = []  # aligned with token_ids, when the request asked for logprobs
+        self.prompt_logprobs: list[float] | None = None  # prompt scoring: prompt tokens score_from … on, once finished
         self.arrival = time.perf_counter()
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None

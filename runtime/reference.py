@@ -16,7 +16,7 @@ import numpy as np
 
 from olmoscope.config import ModelConfig
 from olmoscope.runtime.blocks import BLOCK_SIZE
-from olmoscope.runtime.step import StepArrays
+from olmoscope.runtime.step import SCORE_ROWS, StepArrays
 from olmoscope.runtime.weights import LayerWeights, ModelWeights
 
 ROW_BLOCK = 16  # rows per BLAS call of a projection; the last block is zero-padded
@@ -156,9 +156,30 @@ def mlp(h: np.ndarray, w: LayerWeights) -> np.ndarray:
     return linear(silu(gate) * up, w.down_proj)
 
 
+def target_logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """log softmax(logits)[target] of each row, over all V columns (as transformers' loss); the sum in float64.
+
+    logits [P, V] f32, targets [P] → [P] f32
+    """
+    top = np.max(logits, axis=-1, keepdims=True)  # [P, 1]
+    mass = np.sum(np.exp(logits - top), axis=-1, dtype=np.float64)  # [P]
+    chosen = np.take_along_axis(logits, targets[:, None].astype(np.int64), axis=-1)[:, 0]  # [P]
+    return (chosen.astype(np.float64) - top[:, 0] - np.log(mass)).astype(np.float32)
+
+
+def scores(x: np.ndarray, lm_head, targets: np.ndarray) -> np.ndarray:
+    """Each final-normed row's target logprob, lm_head over SCORE_ROWS rows at a time.  x [P, D] → [P]"""
+    out = np.empty(len(targets), np.float32)
+    for start in range(0, len(targets), SCORE_ROWS):
+        end = start + SCORE_ROWS
+        out[start:end] = target_logprobs(linear(x[start:end], lm_head), targets[start:end])
+    return out
+
+
 def forward(cfg: ModelConfig, w: ModelWeights, step: StepArrays, token_ids: np.ndarray, kv: PagedKV,
-            window: int = 0) -> np.ndarray:
-    """Run a step's T tokens (ids resolved: none FED) at their positions; logits [R, V] of step.logit_rows.
+            window: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Run a step's T tokens (ids resolved: none FED) at their positions: (logits [R, V] of step.logit_rows, the
+    target logprobs [P] of step.score_rows).
 
     Extreme weights may overflow to ±inf or NaN: the sampler's rules handle those, so numpy stays quiet."""
     with np.errstate(all="ignore"):
@@ -166,11 +187,13 @@ def forward(cfg: ModelConfig, w: ModelWeights, step: StepArrays, token_ids: np.n
 
 
 def _forward(cfg: ModelConfig, w: ModelWeights, step: StepArrays, token_ids: np.ndarray, kv: PagedKV,
-             window: int) -> np.ndarray:
+             window: int) -> tuple[np.ndarray, np.ndarray]:
     h = np.asarray(w.embedding[token_ids], np.float32)  # [T, D]
     cos, sin = rope_tables(step.positions, cfg.head_dim, cfg.rope_theta)
     eps = cfg.rms_norm_eps
     for l, layer in enumerate(w.layers):
         h = h + rms_norm(attention(h, layer, l, cfg, kv, step, cos, sin, window), layer.post_attention_norm, eps)
         h = h + rms_norm(mlp(h, layer), layer.post_feedforward_norm, eps)
-    return linear(rms_norm(h[step.logit_rows], w.final_norm, eps), w.lm_head)  # [R, V]
+    logits = linear(rms_norm(h[step.logit_rows], w.final_norm, eps), w.lm_head)  # [R, V]
+    scored = scores(rms_norm(h[step.score_rows], w.final_norm, eps), w.lm_head, step.score_targets)  # [P]
+    return logits, scored

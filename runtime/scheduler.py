@@ -26,7 +26,7 @@ import numpy as np
 
 from olmoscope.runtime.blocks import BLOCK_SIZE, BlockPool, BlockTable, OutOfBlocks
 from olmoscope.runtime.sampler import SamplingParams, TokenLogprob, make_rng
-from olmoscope.runtime.step import FED, SAMPLE_NAN, SAMPLE_NO_MASS, Sample, Step, StepResult, Work
+from olmoscope.runtime.step import FED, SAMPLE_NAN, SAMPLE_NO_MASS, Sample, Score, Step, StepResult, Work
 
 FINISH_REASONS = ("eos", "stop", "length", "context", "abort", "error")
 SAMPLING_ERRORS = {
@@ -67,6 +67,7 @@ class Request:
     eos_ids: frozenset[int] = frozenset()
     n: int = 1  # choices: n sequences from one prompt, its full blocks computed once (the prefix cache)
     logprobs: int | None = None  # return each token's logprob and this many best alternatives (0 … 20)
+    score_from: int | None = None  # prompt scoring: the logprob of each prompt token from this position (≥ 1) on
 
 
 class Sequence:
@@ -75,6 +76,10 @@ class Sequence:
     Choice i > 0 of a seeded request draws from the seed sequence [seed, i] (choice 0 from the seed itself, so
     n = 1 repeats what `generate --seed` gives); it waits to be admitted until the first choice's prompt blocks
     are in the prefix cache, so that the prompt is computed once.
+
+    Prompt scoring (request.score_from = s): prompt_logprobs[p] for p ≥ s is log P(prompt[p] | prompt[:p]), from the
+    logits of row p − 1, filled as the steps that compute those rows complete (a recomputation after preemption
+    writes the same values again). A request of max_new_tokens 0 finishes ("length") once its prompt is computed.
     """
 
     def __init__(self, request: Request, choice: int = 0, first: Sequence | None = None):
@@ -95,6 +100,8 @@ class Sequence:
         self.finish_reason: str | None = None
         self.error: str | None = None  # why, when finish_reason is "error"
         self.logprob = None  # the last token's TokenLogprob, when the request asked for logprobs
+        scoring = request.score_from is not None
+        self.prompt_logprobs = np.full(self.prompt_len, np.nan, np.float32) if scoring else None  # [prompt_len]
         self.preemptions = 0
         self.arrival = time.perf_counter()
 
@@ -141,6 +148,10 @@ class Scheduler:
         """Queue a sequence (its prompt must fit the context, with room for at least one token)."""
         if not 1 <= sequence.prompt_len <= self.limits.max_context:
             raise ValueError(f"prompt of {sequence.prompt_len} tokens for a context of {self.limits.max_context}")
+        score_from = sequence.request.score_from
+        if score_from is not None and not 1 <= score_from < sequence.prompt_len:
+            raise ValueError(f"score_from {score_from}: a prompt of {sequence.prompt_len} tokens scores positions "
+                             f"1 … {sequence.prompt_len - 1}")
         self.waiting.append(sequence)
 
     def abort(self, sequence: Sequence, reason: str = "abort") -> None:
@@ -182,13 +193,24 @@ class Scheduler:
         if not self._reserve(sequence, count, plan, may_preempt):
             return False
         start = sequence.computed
-        last = start + count == len(sequence.tokens)
+        sample = start + count == len(sequence.tokens) and sequence.request.max_new_tokens > 0
         plan.add(sequence, Work(sequence.slot, start, sequence.tokens[start:start + count],
-                                list(sequence.table.blocks), self._sample(sequence) if last else None))
+                                list(sequence.table.blocks), self._sample(sequence) if sample else None,
+                                score=self._score(sequence, start, count)))
         sequence.computed += count
-        if last:
+        if sample:
             sequence.in_flight += 1
         return True
+
+    @staticmethod
+    def _score(sequence: Sequence, start: int, count: int) -> Score | None:
+        """The rows of a chunk that a scoring request wants scored: prompt rows s − 1 … P − 2, each against the next
+        prompt token (for a chunk's last row, the first of the next chunk)."""
+        score_from = sequence.request.score_from
+        if score_from is None:
+            return None
+        first, end = max(start, score_from - 1), min(start + count, sequence.prompt_len - 1)
+        return Score(first - start, sequence.tokens[first + 1:end + 1]) if first < end else None
 
     def _admit(self, plan: _Plan) -> None:
         """Waiting sequences, oldest first, while budget, slots and free blocks last (they never preempt)."""
@@ -197,7 +219,7 @@ class Scheduler:
             if sequence.in_flight or self._awaits_first(sequence):  # a sample still in flight, or a shared prompt
                 return
             sequence.table = BlockTable(self.pool)
-            adopted = sequence.computed = sequence.table.adopt_prefix(sequence.tokens)
+            adopted = sequence.computed = sequence.table.adopt_prefix(self._adoptable(sequence))
             sequence.slot = self._free_slots.pop()
             sequence.status = "running"
             self.running.append(sequence)
@@ -210,6 +232,13 @@ class Scheduler:
                 plan.seen.append((sequence.slot, sequence.tokens[:adopted]))
             if sequence.generated:  # recomputed after preemption: its generated tokens count again
                 plan.counted.append((sequence.slot, sequence.generated))
+
+    @staticmethod
+    def _adoptable(sequence: Sequence) -> list[int]:
+        """The tokens whose cached blocks a sequence may adopt: not its last (its logits are needed), and for prompt
+        scoring nothing from row score_from − 1 on (those rows' logits are needed too)."""
+        score_from = sequence.request.score_from
+        return sequence.tokens if score_from is None else sequence.tokens[:score_from]
 
     def _awaits_first(self, sequence: Sequence) -> bool:
         """A later choice waits while the first is running and its prompt's full blocks are not yet cached."""
@@ -267,7 +296,7 @@ class Scheduler:
         """Append each sample to its sequence (unless it finished meanwhile): (sequence, the token it took), or
         (sequence, None) for one that ends without a token — a row that could not be sampled ends its sequence with
         finish reason "error" (sequence.error says why)."""
-        updated: list[tuple[Sequence, int | None]] = []
+        updated: list[tuple[Sequence, int | None]] = self._take_scores(scheduled, result)
         for i, (sequence, token) in enumerate(zip(scheduled.sampled, result.tokens.tolist())):
             sequence.in_flight -= 1
             if sequence.finished:
@@ -287,6 +316,23 @@ class Scheduler:
             if sequence.table is not None:
                 sequence.table.register_full(sequence.tokens, sequence.computed)
         return updated
+
+    def _take_scores(self, scheduled: Scheduled, result: StepResult) -> list[tuple[Sequence, None]]:
+        """Each scored work's logprobs into its sequence; finish the requests of no new tokens whose prompt this step
+        ended: (sequence, None) for each of those. Every earlier chunk's step has completed by then (steps complete in
+        launch order), so their prompt_logprobs are whole."""
+        ended, offset = [], 0
+        for sequence, work in zip(scheduled.sequences, scheduled.step.works):
+            if work.score is not None:
+                first, count = work.position + work.score.first + 1, work.score.count  # targets' positions, how many
+                if not sequence.finished:
+                    sequence.prompt_logprobs[first:first + count] = result.scores[offset:offset + count]
+                offset += count
+            if (sequence.request.max_new_tokens == 0 and work.context == sequence.prompt_len
+                    and not sequence.finished):
+                self._finish(sequence, "length")
+                ended.append((sequence, None))
+        return ended
 
     def _finish_reason(self, sequence: Sequence, token: int) -> str | None:
         if token in sequence.request.eos_ids:

@@ -20,6 +20,7 @@ from olmoscope.runtime.blocks import BLOCK_SIZE
 from olmoscope.runtime.sampler import SamplingParams
 
 FED = -1  # a token id the device fills in: the sequence's previous sample, not yet seen by the host
+SCORE_ROWS = 256  # backends run lm_head over at most this many scored rows at once: [256, V] f32 (98 MiB, V = 100,352)
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,18 @@ class Sample:
     params: SamplingParams
     u: float = 0.0  # in [0, 1): the run's one random number for this token (unused when greedy)
     logprobs: int | None = None  # also return the token's logprob and this many best alternatives (0 … 20)
+
+
+@dataclass(frozen=True)
+class Score:
+    """Prompt scoring: the logprob of targets[i] (the next prompt token) under the logits of the work's row first + i."""
+
+    first: int  # index among the work's new tokens of its first scored row
+    targets: Sequence[int]  # one token id per scored row, consecutive rows
+
+    @property
+    def count(self) -> int:
+        return len(self.targets)
 
 
 @dataclass
@@ -41,6 +54,7 @@ class Work:
     blocks: Sequence[int]  # its block table: blocks holding positions 0 … position + len(tokens) − 1
     sample: Sample | None = None  # sample after the last new token
     all_logits: bool = False  # return the logits of every new token (tests); else only the sampled one's
+    score: Score | None = None  # score these rows against the next prompt tokens (only logprobs come back)
 
     @property
     def count(self) -> int:
@@ -76,7 +90,7 @@ class Step:
 
 @dataclass
 class StepArrays:
-    """A step as arrays: T token rows, B sequences, R logits rows (S of them sampled)."""
+    """A step as arrays: T token rows, B sequences, R logits rows (S of them sampled), P scored rows."""
 
     token_ids: np.ndarray  # int32 [T]: FED where the device supplies the id
     positions: np.ndarray  # int32 [T]
@@ -96,6 +110,8 @@ class StepArrays:
     presence_penalty: np.ndarray  # float32 [S]
     frequency_penalty: np.ndarray  # float32 [S]
     logprobs: np.ndarray  # int32 [S]: alternatives each sampled row asks for, −1 for no logprobs at all
+    score_rows: np.ndarray  # int32 [P]: token rows scored against a target (works' Score rows, in step order)
+    score_targets: np.ndarray  # int32 [P]: each scored row's target token id
     u: np.ndarray  # float64 [S]: the uniform draws (the GPU takes them as float32)
     sample_state: np.ndarray  # int32 [S]: the state slot of each sampled row
     params: list[SamplingParams]  # [S], for the NumPy sampler
@@ -127,6 +143,15 @@ class StepArrays:
             tables[i, : len(w.blocks)] = w.blocks
         seq_of_row = np.repeat(np.arange(len(works)), counts)
         slots = tables[seq_of_row, positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE
+        score_rows, score_targets = [], []
+        for i, w in enumerate(works):
+            if w.score is not None:
+                if w.score.first < 0 or w.score.first + w.score.count > w.count:
+                    raise ValueError(f"work {i}: scored rows {w.score.first}…{w.score.first + w.score.count - 1} "
+                                     f"outside its {w.count} tokens")
+                start = int(first_row[i]) + w.score.first
+                score_rows.extend(range(start, start + w.score.count))
+                score_targets.extend(w.score.targets)
         logit_rows, sampled = [], []
         for i, w in enumerate(works):
             last = int(first_row[i] + counts[i] - 1)
@@ -148,6 +173,8 @@ class StepArrays:
             presence_penalty=np.array([p.presence_penalty for p in params], np.float32),
             frequency_penalty=np.array([p.frequency_penalty for p in params], np.float32),
             logprobs=np.array([-1 if w.sample.logprobs is None else w.sample.logprobs for _, w in sampled], np.int32),
+            score_rows=np.array(score_rows, np.int32),
+            score_targets=np.array(score_targets, np.int64).astype(np.int32),
             u=np.array([w.sample.u for _, w in sampled], np.float64),
             sample_state=np.array([w.slot for _, w in sampled], np.int32),
             params=params,
@@ -159,7 +186,8 @@ class StepResult:
     """What a step gives back: the sampled ids, one per sampled work in step order, and logits when asked.
 
     A token below 0 marks a row that could not be sampled (its logits hold NaN, or nothing above −inf): the loop
-    ends that request with an error. Logprobs come for the rows that asked (Sample.logprobs), else None.
+    ends that request with an error. Logprobs come for the rows that asked (Sample.logprobs), else None; scores for
+    a step with scored rows (Work.score), in StepArrays.score_rows order, else None.
     """
 
     tokens: np.ndarray  # int32 [S]
@@ -167,6 +195,7 @@ class StepResult:
     logprobs: np.ndarray | None = None  # float32 [S]: each sampled token's logprob (raw logits' log-softmax)
     top_ids: np.ndarray | None = None  # int32 [S, K]: the K best alternatives (K = the step's largest request)
     top_logprobs: np.ndarray | None = None  # float32 [S, K]
+    scores: np.ndarray | None = None  # float32 [P]: each score target's logprob (log-softmax over all V columns)
 
 
 SAMPLE_NAN, SAMPLE_NO_MASS = -1, -2  # a row's token when its logits hold NaN / nothing above −inf

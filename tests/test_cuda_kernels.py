@@ -921,6 +921,25 @@ def test_row_logprobs_are_the_log_softmax_of_the_raw_logits(dev, rng, V, limit, 
         assert np.all(got_ids[r, k:] == -1), "entries past k were written"
 
 
+@pytest.mark.parametrize("V", [1001, 100352])
+def test_row_logprobs_scores_targets_over_every_column(dev, rng, V):
+    """Prompt scoring's use: k = 0 with no top buffers, the whole width as the vocabulary (padding ids included, as
+    transformers' loss), any target; against a float64 log-softmax of the same f32 logits."""
+    R = 7
+    logits = (6 * rng.standard_normal((R, V))).astype(np.float32)
+    logits[2] += 50  # a large common offset: the maximum must be taken out before exp
+    targets = rng.integers(0, V, R).astype(np.int32)
+    targets[0], targets[1] = 0, V - 1  # the edges (the last is a padding id for a real model's width)
+    lp = dev.poisoned((R,), "f32")
+    dev.kernels.row_logprobs(dev.put(logits, "f32"), V, dev.put(targets, "i32"), 0, lp, None, None, R)
+    rows = logits.astype(np.float64)
+    top = rows.max(axis=1)
+    want = rows[np.arange(R), targets] - top - np.log(np.exp(rows - top[:, None]).sum(axis=1))
+    err = np.abs(dev.get(lp) - want).max()
+    print(f"V {V}: max |Δ logprob| {err:.1e}")
+    assert err <= 1e-4, f"max |Δ logprob| {err:.2e}"
+
+
 @pytest.mark.parametrize("case", ["nan", "all-minus-inf", "inf", "subnormal-temperature"])
 def test_sampling_edge_values_follow_the_numpy_rules(dev, rng, case):
     """NaN among the real logits or nothing above −inf: the row cannot be sampled (the host makes it an error);

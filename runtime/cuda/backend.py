@@ -28,7 +28,7 @@ from olmoscope.runtime.cuda.kernels import (FA_QUERIES, GEMV_MAX_ROWS, HEAD_DIMS
 from olmoscope.runtime.cuda.weights import DeviceWeight, decode_weight_bytes, device_bytes, upload
 from olmoscope.runtime.cuda.workspace import MetaSizes, StepMeta
 from olmoscope.runtime.engine import Engine
-from olmoscope.runtime.step import Step, StepArrays, StepResult
+from olmoscope.runtime.step import SCORE_ROWS, Step, StepArrays, StepResult
 
 RESERVE_BYTES = 1 << 30  # left free for the driver, cubins, graphs and the odd temporary
 RESULT_RING = 4  # pinned result buffers: at most RESULT_RING − 1 launched steps may wait unread
@@ -54,6 +54,7 @@ class Plan:
     splits: int  # flash-decoding splits
     window: int = 0  # attention window (0: full)
     logprobs: int = -1  # alternatives the step's rows ask for, at most; −1: no logprobs (graphs have none)
+    scores: int = 0  # P rows scored against a target (prompt scoring; graphs have none)
 
     @classmethod
     def decode_graph(cls, size: int, splits: int) -> Plan:
@@ -63,14 +64,16 @@ class Plan:
 class CudaPending(PendingStep):
     """A launched step: its sampled ids arrive in a pinned buffer, signalled by an event."""
 
-    def __init__(self, tokens: np.ndarray, count: int, event, logits: np.ndarray | None):
-        self._tokens, self._count, self._event, self._logits = tokens, count, event, logits
+    def __init__(self, tokens: np.ndarray, count: int, event, logits: np.ndarray | None,
+                 scores: np.ndarray | None = None):
+        self._tokens, self._count, self._event, self._logits, self._scores = tokens, count, event, logits, scores
         self.logprobs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (logprob, top ids, top logprobs)
 
     def result(self) -> StepResult:
         with cuda_errors("a step"):
             self._event.synchronize()
-        result = StepResult(self._tokens[: self._count].copy(), self._logits)
+        scores = self._scores.copy() if self._scores is not None else None  # the pinned buffer is reused
+        result = StepResult(self._tokens[: self._count].copy(), self._logits, scores=scores)
         if self.logprobs is not None:
             result.logprobs, result.top_ids, result.top_logprobs = self.logprobs
         return result
@@ -154,7 +157,7 @@ class CudaBackend(Backend):
         T, B = self.max_step_tokens, self.max_seqs
         context = getattr(self, "max_context", self._max_context_guess)  # the guess bounds it until the pool is planned
         tokens = max(T, self.graph_sizes[-1])
-        return MetaSizes(tokens=tokens, seqs=B, logits=tokens, samples=B,
+        return MetaSizes(tokens=tokens, seqs=B, logits=tokens, samples=B, scores=T,
                          tiles=-(-T // FA_QUERIES) + B, table_width=-(-context // BLOCK_SIZE))
 
     def _proj_elements(self) -> int:
@@ -186,10 +189,15 @@ class CudaBackend(Backend):
         widened = 0
         if self._int8:
             widened = 2 * max(s.elements for s in engine.weights.specs.values() if s.kind == "matrix")
-        meta = 4 * (13 * T + sizes.seqs * sizes.table_width)
+        meta = 4 * (15 * T + sizes.seqs * sizes.table_width)
         state = (self.max_seqs + 1) * (4 * -(-V // 32) + 4 * V + 4)
-        return (T * per_token + 4 * self._proj_elements() + R * (4 * V + 2 * D) + widened + meta + state
+        scoring = self._score_rows() * (4 * V + 2 * D) + 4 * T
+        return (T * per_token + 4 * self._proj_elements() + R * (4 * V + 2 * D) + widened + meta + state + scoring
                 + 4 * self._decode_partials() * (cfg.head_dim + 2))
+
+    def _score_rows(self) -> int:
+        """Rows of the prompt-scoring workspace: lm_head runs over at most this many scored rows at once."""
+        return min(SCORE_ROWS, self.max_step_tokens)
 
     def _alloc(self, shape: tuple[int, ...], dtype: str) -> DeviceBuffer:
         nbytes = max(math.prod(shape) * ITEMSIZE[dtype], 1)
@@ -246,6 +254,9 @@ class CudaBackend(Backend):
         self.counters = self._alloc((self.max_seqs * Hkv,), "i32")
         cuda.memset_d32_async(self.counters.ptr, 0, self.max_seqs * Hkv, self.stream)  # merge tickets: zero between steps
         self.tokens_out = self._alloc((R,), "i32")
+        self.score_x = self._alloc((self._score_rows(), D), "bf16")  # final-normed scored rows
+        self.score_logits = self._alloc((self._score_rows(), V), "f32")
+        self.scores = self._alloc((self.max_step_tokens,), "f32")  # each scored row's target logprob
         self.raw_logits = None  # made at the first step that asks for logprobs (_keep_raw)
         self.upkeep = self._alloc((2, UPKEEP_IDS), "i32")
         self.widened = None
@@ -254,6 +265,7 @@ class CudaBackend(Backend):
             largest = max(w.data.nbytes for w in matrices + [self.weights.lm_head] if w.data.dtype == "i8")
             self.widened = self._alloc((largest,), "bf16")
         self._results = [cuda.pagelocked_empty(R, np.int32) for _ in range(RESULT_RING)]
+        self._score_results = [cuda.pagelocked_empty(self.max_step_tokens, np.float32) for _ in range(RESULT_RING)]
         self._result_events = [cuda.Event() for _ in range(RESULT_RING)]
         self._result_turn = 0
         self.stream.synchronize()
@@ -272,7 +284,7 @@ class CudaBackend(Backend):
                 tile_seq, tile_row = prefill_tiles(arrays.first_row, arrays.rows, arrays.num_decode)
                 self._upload(arrays, arrays.num_seqs, [tile_seq, tile_row])
                 logits = self._forward(self._plan(arrays, len(tile_seq), step.window), arrays, return_logits)
-            pending = self._collect(len(arrays.sample_rows), logits)
+            pending = self._collect(len(arrays.sample_rows), len(arrays.score_rows), logits)
             if np.any(arrays.logprobs >= 0):
                 pending.logprobs = self._fetch_logprobs(len(arrays.sample_rows), int(arrays.logprobs.max()))
             return pending
@@ -301,9 +313,9 @@ class CudaBackend(Backend):
             self._graphs = {}
             if hasattr(self, "meta"):
                 self.meta.close()
-            for pinned in getattr(self, "_results", []):
+            for pinned in getattr(self, "_results", []) + getattr(self, "_score_results", []):
                 free_pinned(pinned)
-            self._results = []
+            self._results, self._score_results = [], []
             for buffer in self._buffers:
                 buffer.free()
             self._buffers = []
@@ -316,7 +328,8 @@ class CudaBackend(Backend):
         """The captured batch size this step replays, or None when it runs eagerly (prefill, logits, no graphs)."""
         B = arrays.num_seqs
         plain = (arrays.num_decode == B and len(arrays.logit_rows) == B == len(arrays.sample_rows)
-                 and np.array_equal(arrays.sample_rows, np.arange(B)) and not np.any(arrays.logprobs >= 0))
+                 and np.array_equal(arrays.sample_rows, np.arange(B)) and not np.any(arrays.logprobs >= 0)
+                 and not len(arrays.score_rows))
         if not (self.use_graphs and plain and not return_logits and B <= self.graph_sizes[-1]):
             return None
         return next(size for size in self.graph_sizes if size >= B)
@@ -327,7 +340,7 @@ class CudaBackend(Backend):
                                self.meta.sizes.table_width)
         logprobs = int(arrays.logprobs.max()) if len(arrays.logprobs) else -1
         return Plan(arrays.num_tokens, arrays.num_seqs, arrays.num_decode, len(arrays.logit_rows),
-                    len(arrays.sample_rows), tiles, splits, window, logprobs)
+                    len(arrays.sample_rows), tiles, splits, window, logprobs, len(arrays.score_rows))
 
     def _upload(self, arrays: StepArrays, seqs: int, tiles: list[np.ndarray]) -> None:
         values = {"ids": arrays.token_ids, "positions": arrays.positions, "slots": arrays.slots,
@@ -336,6 +349,7 @@ class CudaBackend(Backend):
                   "top_k": arrays.top_k, "temperature": device_temperatures(arrays.temperature), "top_p": arrays.top_p,
                   "u": device_uniforms(arrays), "penalty": arrays.repetition_penalty,
                   "presence": arrays.presence_penalty, "frequency": arrays.frequency_penalty,
+                  "score_rows": arrays.score_rows, "score_targets": arrays.score_targets,
                   "block_tables": arrays.block_tables}
         if tiles:
             values["tile_seq"], values["tile_first_row"] = tiles
@@ -371,15 +385,18 @@ class CudaBackend(Backend):
                                    self.stream)
             yield DeviceBuffer(self.upkeep.ptr, (n,), "i32"), DeviceBuffer(self.upkeep.ptr + 4 * UPKEEP_IDS, (n,), "i32")
 
-    def _collect(self, samples: int, logits: np.ndarray | None) -> CudaPending:
-        """Queue the sampled ids' copy to the host; the pending step that waits for it."""
+    def _collect(self, samples: int, scored: int, logits: np.ndarray | None) -> CudaPending:
+        """Queue the sampled ids' (and scores') copy to the host; the pending step that waits for it."""
         turn = self._result_turn
         self._result_turn = (turn + 1) % RESULT_RING
         self._result_events[turn].synchronize()  # its last reader is done (the loop reads each step before the next)
         if samples:
             cuda.memcpy_dtoh_async(self._results[turn][:samples], self.tokens_out.ptr, self.stream)
+        scores = self._score_results[turn][:scored] if scored else None
+        if scored:
+            cuda.memcpy_dtoh_async(scores, self.scores.ptr, self.stream)
         self._result_events[turn].record(self.stream)
-        return CudaPending(self._results[turn], samples, self._result_events[turn], logits)
+        return CudaPending(self._results[turn], samples, self._result_events[turn], logits, scores)
 
     def _graph(self, size: int) -> CudaGraph:
         """The decode step of `size` rows, captured at first use."""
@@ -416,6 +433,8 @@ class CudaBackend(Backend):
             self._silu_linear(self.hb, layer.gate_up, T)
             k.residual_norm(self.h, *self._linear(self.act, layer.down_proj, T), layer.post_feedforward_norm.data,
                             self.hb, T, eps)
+        if plan.scores:
+            self._score(plan.scores, eps)
         R = plan.logits
         if R == 0:  # a prompt chunk short of its end: nothing to sample
             return None
@@ -448,6 +467,19 @@ class CudaBackend(Backend):
                 k.row_logprobs(raw, self.vocab_limit, self.tokens_out, plan.logprobs, self.logprob, self.top_ids,
                                self.top_logprobs, S)
         return logits
+
+    def _score(self, count: int, eps: float) -> None:
+        """Prompt scoring: scores[p] = log-softmax of row score_rows[p]'s logits (all V columns) at score_targets[p],
+        lm_head over at most _score_rows() rows at a time, so the logits never outgrow the workspace."""
+        k, m, w = self.kernels, self.meta, self.weights
+        rows, targets = m.field("score_rows", count), m.field("score_targets", count)
+        for start in range(0, count, self._score_rows()):
+            n = min(self._score_rows(), count - start)
+            x, logits = self.score_x.rows(0, n), self.score_logits.rows(0, n)
+            k.rmsnorm_rows(self.h, rows.rows(start, n), w.final_norm.data, x, n, eps)
+            self._linear(x, w.lm_head, n, out=logits, can_split=False)
+            k.row_logprobs(logits, self.config.vocab_size, targets.rows(start, n), 0, self.scores.rows(start, n),
+                           None, None, n)
 
     def _keep_raw(self, rows: int) -> DeviceBuffer:
         """A copy of the sampled rows' raw logits (the penalties change them in place), for their logprobs."""
@@ -578,5 +610,6 @@ def pad_decode(arrays: StepArrays, size: int, pad_state: int) -> StepArrays:
         logit_rows=np.arange(size, dtype=np.int32), sample_rows=np.arange(size, dtype=np.int32),
         temperature=grow(arrays.temperature, 0.0), top_k=grow(arrays.top_k, 0), top_p=grow(arrays.top_p, 1.0),
         repetition_penalty=grow(arrays.repetition_penalty, 1.0), presence_penalty=grow(arrays.presence_penalty, 0.0),
-        frequency_penalty=grow(arrays.frequency_penalty, 0.0), logprobs=grow(arrays.logprobs, -1), u=grow(arrays.u, 0.0),
+        frequency_penalty=grow(arrays.frequency_penalty, 0.0), logprobs=grow(arrays.logprobs, -1),
+        score_rows=arrays.score_rows, score_targets=arrays.score_targets, u=grow(arrays.u, 0.0),
         sample_state=grow(arrays.sample_state, pad_state), params=arrays.params)

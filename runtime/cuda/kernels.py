@@ -839,9 +839,11 @@ class Kernels:
                     counts.shape[-1], count)
 
     def row_logprobs(self, logits: DeviceBuffer, vocab_limit: int, tokens: DeviceBuffer, k: int,
-                     logprob: DeviceBuffer, top_ids: DeviceBuffer, top_logprobs: DeviceBuffer, rows: int) -> None:
+                     logprob: DeviceBuffer, top_ids: DeviceBuffer | None, top_logprobs: DeviceBuffer | None,
+                     rows: int) -> None:
         """Log-softmax over the real vocabulary of raw logits [≥R, V]: logprob [≥R] of tokens [≥R], and the k best
-        (top_ids i32, top_logprobs f32 [≥R, TOP_LOGPROBS])."""
+        (top_ids i32, top_logprobs f32 [≥R, TOP_LOGPROBS]; None when k = 0). Prompt scoring calls it with
+        vocab_limit = V and each row's target as its token."""
         _check_count("row_logprobs", rows)
         V = logits.shape[-1]
         if not 0 <= k <= TOP_LOGPROBS or not 1 <= vocab_limit <= V:
@@ -849,10 +851,11 @@ class Kernels:
         _expect(logits, "raw logits", "f32", (rows, V), min_rows=rows)
         _expect(tokens, "sampled tokens", "i32", (rows,), min_rows=rows)
         _expect(logprob, "logprobs", "f32", (rows,), min_rows=rows)
-        _expect(top_ids, "top ids", "i32", (rows, TOP_LOGPROBS), min_rows=rows)
-        _expect(top_logprobs, "top logprobs", "f32", (rows, TOP_LOGPROBS), min_rows=rows)
+        if k or top_ids is not None or top_logprobs is not None:
+            _expect(top_ids, "top ids", "i32", (rows, TOP_LOGPROBS), min_rows=rows)
+            _expect(top_logprobs, "top logprobs", "f32", (rows, TOP_LOGPROBS), min_rows=rows)
         self.launch("row_logprobs", (rows,), (SAMPLE_THREADS, 1, 1), logits.ptr, V, vocab_limit, tokens.ptr, k,
-                    logprob.ptr, top_ids.ptr, top_logprobs.ptr)
+                    logprob.ptr, _ptr(top_ids), _ptr(top_logprobs))
 
     def sample_rows(self, logits: DeviceBuffer, vocab_limit: int, temperature: DeviceBuffer, top_k: DeviceBuffer,
                     top_p: DeviceBuffer, u: DeviceBuffer, row_state: DeviceBuffer, tokens_out: DeviceBuffer,

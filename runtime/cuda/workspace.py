@@ -19,6 +19,7 @@ META_FIELDS = {
     "temperature": ("f32", "samples"), "top_p": ("f32", "samples"), "u": ("f32", "samples"),
     "penalty": ("f32", "samples"), "presence": ("f32", "samples"), "frequency": ("f32", "samples"),
     "tile_seq": ("i32", "tiles"), "tile_first_row": ("i32", "tiles"),
+    "score_rows": ("i32", "scores"), "score_targets": ("i32", "scores"),
 }
 NUMPY = {"i32": np.int32, "f32": np.float32}
 
@@ -30,6 +31,7 @@ class MetaSizes:
     logits: int  # logits rows
     samples: int  # sampled rows
     tiles: int  # prefill attention query tiles
+    scores: int  # scored rows (prompt scoring)
     table_width: int  # blocks per block-table row
 
 
