@@ -108,6 +108,20 @@ OS_DEVICE void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Two bf16 lanes at once, a·b + c rounded once per lane (sm_80+): the int4 kernels' q − z (exact) in one instruction.
+OS_DEVICE uint32_t fma_bf16x2(uint32_t a, uint32_t b, uint32_t c) {
+    uint32_t d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// Two float16 (low half first) widened to f32, exactly: the int4 kernels' group scales.
+OS_DEVICE float2 f16x2_to_float2(uint32_t h) {
+    float lo, hi;
+    asm("{\n.reg .b16 l, h;\nmov.b32 {l, h}, %2;\ncvt.f32.f16 %0, l;\ncvt.f32.f16 %1, h;\n}" : "=f"(lo), "=f"(hi) : "r"(h));
+    return make_float2(lo, hi);
+}
+
 // ── Hopper (sm_90a) warpgroup MMA: asynchronous, operands from shared memory through matrix descriptors ──
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // D[64 × 256] (+)= A[64 × 16]·B[256 × 16]ᵀ for one warpgroup (f32 accumulators, 128 per thread), A and B K-major

@@ -1,0 +1,235 @@
+// Projections with int4 weights for 1 … 64 token rows: y = x·Wᵀ with W dequantized in registers straight into
+// mma.sync m16n8k16 fragments, bf16 activations, f32 accumulation. Decode is memory-bound: a weight byte is read
+// once per step for all M rows, so the kernel streams W like a GEMV (no shared-memory staging, 16-byte loads, U of
+// them per lane in flight) and lets the tensor cores do the dot products, which keeps the instruction count per
+// weight low enough to reach copy bandwidth at 2 weights per byte; up to M ≈ 32 the work per byte hardly grows.
+//
+// W is the *weights* operand A (16 weight rows per warp tile), x the B operand (n8 = 8 token rows per mma), so small M
+// wastes no tensor work on padding: NT = ⌈M/8⌉ n8 tiles (1, 2, 4, 8) per instantiation.
+// Device layout (runtime/cuda/quant_layout.py, which repacks the canonical engine layout):
+//   qweight [Np/16 tiles][K/64 chunks][32 lanes] uint4: lane 4g + c holds tile rows g, g+8 at k 8c … 8c+7 and
+//           32+8c … 32+8c+7 of the chunk, word j (k16 block j: k 32·(j>>1) + 8c + 4·(j&1) … +3) as nibbles such
+//           that (word >> 4r) & 0x000F000F is A register r (each k16 block inside one half chunk: one group);
+//   scales  [tiles][K/G][8 g] of two f16 (rows g, g+8), zeros [tiles][K/G][8 g] bytes (z_g | z_{g+8} << 4) or null
+//           (symmetric: zero 8). The k order inside a chunk is permuted consistently for A and B: thread c's B
+//           fragment of block j is x[token][64·chunk + 32·(j>>1) + 8c + 4·(j&1) … +3], one 8-byte load.
+// Per group of G weights of a row: the mma accumulates Σ (q − z)·x exactly (q − z is exact in bf16, the products
+// are exact in f32) into a temporary, scaled by the f32 group scale into the accumulators: no rounding of weights.
+#include "common.cuh"
+
+constexpr int Q4_WARPS = 8;        // warps per block
+constexpr int Q4_TILE_ROWS = 16;   // weight rows per warp tile (the m16 of the mma)
+constexpr int Q4_CHUNK = 64;       // k per 16-byte lane load (32 nibbles: 2 rows × 16 k)
+constexpr int Q4_MIN_GROUP = 32;   // a k16 block lies in one half chunk
+constexpr int Q4_MAX_ROWS = 64;    // token rows: NT ≤ 8 n8 tiles (more: dequantize_q4 + the bf16 GEMM)
+constexpr int Q4_SMALL_UNROLL = 8; // chunks per step (16-byte loads in flight per lane) for NT ≤ 2
+constexpr int Q4_MID_UNROLL = 4;   // NT = 4 (more accumulators live)
+constexpr int Q4_WIDE_UNROLL = 2;  // NT = 8 (the tensor cores set the pace there, not the loads in flight)
+
+// bf16 128.0 has an ulp of 1: 0x4300 | q is exactly 128 + q for a nibble q in the low mantissa bits.
+constexpr uint32_t BF16X2_128 = 0x43004300u;
+constexpr uint32_t BF16X2_ONE = 0x3F803F80u;
+constexpr uint32_t BF16X2_MINUS_128 = 0xC300C300u;  // | z·0x10001: −(128 + z) in both halves
+
+// −(128 + z) in both bf16 halves for the zero of tile row g (low nibble of zb) and of row g + 8 (high nibble).
+struct Q4Zero {
+    uint32_t g, g8;
+    OS_DEVICE explicit Q4Zero(uint32_t zb)
+        : g(BF16X2_MINUS_128 | ((zb & 15u) * 0x10001u)), g8(BF16X2_MINUS_128 | (((zb >> 4) & 15u) * 0x10001u)) {}
+};
+
+// One device word (8 nibbles) → the four A registers of a k16 block, q − z exact: (128 + q)·1 − (128 + z).
+OS_DEVICE void q4_dequant(uint32_t w, const Q4Zero& z, uint32_t (&a)[4]) {
+    a[0] = fma_bf16x2((w & 0x000F000Fu) | BF16X2_128, BF16X2_ONE, z.g);           // row g,   k +0 +1
+    a[1] = fma_bf16x2(((w >> 4) & 0x000F000Fu) | BF16X2_128, BF16X2_ONE, z.g8);   // row g+8, k +0 +1
+    a[2] = fma_bf16x2(((w >> 8) & 0x000F000Fu) | BF16X2_128, BF16X2_ONE, z.g);    // row g,   k +2 +3
+    a[3] = fma_bf16x2(((w >> 12) & 0x000F000Fu) | BF16X2_128, BF16X2_ONE, z.g8);  // row g+8, k +2 +3
+}
+
+OS_DEVICE uint32_t word_of(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
+
+// The per-warp state of one tile's dot products: where its weights, scales and activations are.
+struct Q4Warp {
+    const uint4* w;          // this lane's first chunk of the tile
+    const uint32_t* scale;   // this lane's scale pair of group 0 (stride 8 per group)
+    const uint8_t* zero;     // this lane's zero byte of group 0, or null
+    const bf16* x;           // activations of token g at this lane's k offset 8c (row stride K)
+    int M, K;
+};
+
+// C consecutive chunks q0 … q0+C−1 of a tile (C·64/G whole groups): every weight and scale load issued first, then
+// per group a temporary mma sum over its G/16 k16 blocks, scaled into acc.
+template <int NT, int G, int C>
+OS_DEVICE void q4_chunks(const Q4Warp& p, int q0, float (&acc)[NT][4]) {
+    constexpr int GROUPS = C * Q4_CHUNK / G, BLOCKS = G / 16;
+    static_assert(GROUPS >= 1 && (C * Q4_CHUNK) % G == 0, "whole groups per step");
+    const int lane = threadIdx.x & 31, g = lane >> 2;
+    uint4 w[C];
+#pragma unroll
+    for (int i = 0; i < C; i++) w[i] = load_stream16(p.w + (size_t)(q0 + i) * 32);
+    const int group0 = q0 * Q4_CHUNK / G;
+    uint32_t sc[GROUPS], zb[GROUPS];
+#pragma unroll
+    for (int i = 0; i < GROUPS; i++) {
+        sc[i] = __ldg(p.scale + (size_t)(group0 + i) * 8);
+        zb[i] = p.zero ? (uint32_t)__ldg(p.zero + (size_t)(group0 + i) * 8) : 0x88u;
+    }
+#pragma unroll
+    for (int gi = 0; gi < GROUPS; gi++) {
+        const Q4Zero z(zb[gi]);
+        float t[NT][4];
+#pragma unroll
+        for (int n = 0; n < NT; n++) t[n][0] = t[n][1] = t[n][2] = t[n][3] = 0.f;
+#pragma unroll
+        for (int b = 0; b < BLOCKS; b++) {
+            const int kb = gi * BLOCKS + b, chunk = kb >> 2, j = kb & 3;  // k16 block of the step
+            uint32_t a[4];
+            q4_dequant(word_of(w[chunk], j), z, a);
+            const size_t k = (size_t)(q0 + chunk) * Q4_CHUNK + 32 * (j >> 1) + 4 * (j & 1);
+#pragma unroll
+            for (int n = 0; n < NT; n++) {
+                uint2 xv = make_uint2(0u, 0u);
+                if (n * 8 + g < p.M) xv = __ldg(reinterpret_cast<const uint2*>(p.x + (size_t)n * 8 * p.K + k));
+                mma_bf16_16816(t[n], a, xv.x, xv.y);
+            }
+        }
+        const float2 s = f16x2_to_float2(sc[gi]);  // rows g, g+8
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+            acc[n][0] = fmaf(t[n][0], s.x, acc[n][0]);
+            acc[n][1] = fmaf(t[n][1], s.x, acc[n][1]);
+            acc[n][2] = fmaf(t[n][2], s.y, acc[n][2]);
+            acc[n][3] = fmaf(t[n][3], s.y, acc[n][3]);
+        }
+    }
+}
+
+// Each 16-row tile is taken by `split` warps of one block (1, 2, 4 or 8), slice s taking steps s, s + split, … of
+// U chunks and then the leftover chunks in whole groups the same way; their sums meet in shared memory, added in
+// slice order (the same result every run).
+//   plain: y [M, N] f32, y[m, n] = Σ_k x[m, k]·w[n, k]
+//   silu:  tile t = gate rows 8t … 8t+7 then up rows (pairs layout), y [M, N/2] bf16 = SiLU(gate)·up
+// The accumulator of (n8 tile n, e) is token 8n + 2c + (e & 1), tile row g + 8·(e >> 1).
+template <int NT, int G, bool SILU>
+OS_DEVICE void q4_body(const uint4* __restrict__ qweight, const uint32_t* __restrict__ scales,
+                       const uint8_t* __restrict__ zeros, const bf16* __restrict__ x, void* __restrict__ y, int M,
+                       int N, int K, int split) {
+    constexpr int U = NT <= 2 ? Q4_SMALL_UNROLL : NT == 4 ? Q4_MID_UNROLL : Q4_WIDE_UNROLL;
+    constexpr int CPG = G >= Q4_CHUNK ? G / Q4_CHUNK : 1;  // chunks of the smallest whole-group step
+    static_assert(G % Q4_MIN_GROUP == 0, "a k16 block must not straddle two groups");
+    __shared__ float partial[Q4_WARPS][NT * 4][32];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const int tile = blockIdx.x * (Q4_WARPS / split) + warp / split, slice = warp % split;
+    const int tiles = (N + Q4_TILE_ROWS - 1) / Q4_TILE_ROWS, chunks = K / Q4_CHUNK, groups = K / G;
+    const bool active = tile < tiles;
+
+    float acc[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+    if (active) {
+        Q4Warp p;
+        p.w = qweight + (size_t)tile * chunks * 32 + lane;
+        p.scale = scales + (size_t)tile * groups * 8 + g;
+        p.zero = zeros ? zeros + (size_t)tile * groups * 8 + g : nullptr;
+        p.x = x + (size_t)g * K + 8 * c;
+        p.M = M;  // tokens 8n + g < M are read, the others are zeros
+        p.K = K;
+        const int steps = chunks / U, rest = (chunks - steps * U) / CPG;
+        for (int s = slice; s < steps; s += split) q4_chunks<NT, G, U>(p, s * U, acc);
+        for (int r = slice; r < rest; r += split) q4_chunks<NT, G, CPG>(p, steps * U + r * CPG, acc);
+    }
+    if (split > 1) {
+#pragma unroll
+        for (int n = 0; n < NT; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) partial[warp][n * 4 + e][lane] = acc[n][e];
+        __syncthreads();
+        if (slice != 0) return;
+        for (int s = 1; s < split; s++)
+#pragma unroll
+            for (int n = 0; n < NT; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) acc[n][e] += partial[warp + s][n * 4 + e][lane];
+    }
+    if (!active) return;
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            const int token = n * 8 + 2 * c + e;
+            if (token >= M) continue;
+            if (SILU) {
+                const int I = N / 2;
+                reinterpret_cast<bf16*>(y)[(size_t)token * I + tile * 8 + g] =
+                    __float2bfloat16(silu(acc[n][e]) * acc[n][e + 2]);
+            } else {
+                float* out = reinterpret_cast<float*>(y) + (size_t)token * N;
+                const int row = tile * Q4_TILE_ROWS + g;
+                if (row < N) out[row] = acc[n][e];
+                if (row + 8 < N) out[row + 8] = acc[n][e + 2];
+            }
+        }
+    }
+}
+
+// Grid: (⌈tiles / (8 / split)⌉); block: 256 threads; split ∈ {1, 2, 4, 8} warps per tile.
+// qweight, scales, zeros (or null): the device layout above for Np = 16·tiles ≥ N rows and K % 64 == 0, K % G == 0;
+// x [M, K] bf16 (M ≤ 8·NT); y [M, N] f32, or silu (pairs layout, N = 2I, I % 8 == 0): [M, I] bf16.
+#define Q4_KERNEL(G, NT)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32)                                                   \
+        q4_mma_g##G##_n##NT(const uint4* qweight, const uint32_t* scales, const uint8_t* zeros, const bf16* x,    \
+                            float* y, int M, int N, int K, int split) {                                           \
+        q4_body<NT, G, false>(qweight, scales, zeros, x, y, M, N, K, split);                                      \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32)                                                   \
+        q4_mma_silu_g##G##_n##NT(const uint4* qweight, const uint32_t* scales, const uint8_t* zeros,              \
+                                 const bf16* x, bf16* y, int M, int N, int K, int split) {                        \
+        q4_body<NT, G, true>(qweight, scales, zeros, x, y, M, N, K, split);                                       \
+    }
+#define Q4_GROUP(G) Q4_KERNEL(G, 1) Q4_KERNEL(G, 2) Q4_KERNEL(G, 4) Q4_KERNEL(G, 8)
+Q4_GROUP(32)
+Q4_GROUP(64)
+Q4_GROUP(128)
+
+// For M > 64 rows (prefill): the matrix dequantized to bf16 in the canonical row order, bf16((q − z)·s) with the
+// product in f32 (as NumPy's dequantize_q4 then a cast), for the bf16 GEMM of gemm.cu (scales null).
+// Grid: (⌈tiles·K/64 / 8⌉); block: 256 threads, one warp per (tile, chunk), each lane 2 rows × 2 runs of 8 k.
+// pairs: the device rows are the [gate; up] pairs layout (N = 2I); out [N, K] bf16.
+extern "C" __global__ void dequantize_q4(const uint4* __restrict__ qweight, const uint32_t* __restrict__ scales,
+                                         const uint8_t* __restrict__ zeros, bf16* __restrict__ out, int N, int K,
+                                         int G, int pairs) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const int chunks = K / Q4_CHUNK, tiles = (N + Q4_TILE_ROWS - 1) / Q4_TILE_ROWS;
+    const long long unit = (long long)blockIdx.x * Q4_WARPS + warp;
+    if (unit >= (long long)tiles * chunks) return;
+    const int tile = (int)(unit / chunks), chunk = (int)(unit % chunks);
+    const uint4 v = load_stream16(qweight + (size_t)unit * 32 + lane);
+#pragma unroll
+    for (int half = 0; half < 2; half++) {  // k run 32·half + 8c … +7: words 2·half, 2·half + 1
+        const int k0 = chunk * Q4_CHUNK + 32 * half + 8 * c;
+        const size_t at = ((size_t)tile * (K / G) + k0 / G) * 8 + g;
+        const float2 s = f16x2_to_float2(scales[at]);
+        const uint32_t zb = zeros ? zeros[at] : 0x88u;
+#pragma unroll
+        for (int h = 0; h < 2; h++) {  // tile row g + 8h
+            const int row = pairs ? (h == 0 ? 8 * tile + g : N / 2 + 8 * tile + g) : tile * Q4_TILE_ROWS + g + 8 * h;
+            if (row >= N) continue;
+            const float scale = h ? s.y : s.x;
+            const int z = (int)((zb >> (4 * h)) & 15u);
+            uint32_t packed[4];
+#pragma unroll
+            for (int jl = 0; jl < 2; jl++) {
+                const uint32_t w = word_of(v, 2 * half + jl);
+                float e4[4];
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int nibble = h + 2 * (e >> 1) + 4 * (e & 1);
+                    e4[e] = (float)((int)((w >> (4 * nibble)) & 15u) - z) * scale;
+                }
+                packed[2 * jl] = pack_bf16x2(e4[0], e4[1]);
+                packed[2 * jl + 1] = pack_bf16x2(e4[2], e4[3]);
+            }
+            *reinterpret_cast<uint4*>(out + (size_t)row * K + k0) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+        }
+    }
+}
