@@ -115,6 +115,13 @@ OS_DEVICE uint32_t fma_bf16x2(uint32_t a, uint32_t b, uint32_t c) {
     return d;
 }
 
+// (a & b) | c in one instruction (nvcc splits it in two when b and c are both immediates): int4 dequantization.
+OS_DEVICE uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
 // Two float16 (low half first) widened to f32, exactly: the int4 kernels' group scales.
 OS_DEVICE float2 f16x2_to_float2(uint32_t h) {
     float lo, hi;

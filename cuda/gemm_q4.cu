@@ -40,33 +40,43 @@ struct Q4Zero {
 
 // One device word (8 nibbles) → the four A registers of a k16 block, q − z exact: (128 + q)·1 − (128 + z).
 OS_DEVICE void q4_dequant(uint32_t w, const Q4Zero& z, uint32_t (&a)[4]) {
-    a[0] = fma_bf16x2((w & 0x000F000Fu) | BF16X2_128, BF16X2_ONE, z.g);           // row g,   k +0 +1
-    a[1] = fma_bf16x2(((w >> 4) & 0x000F000Fu) | BF16X2_128, BF16X2_ONE, z.g8);   // row g+8, k +0 +1
-    a[2] = fma_bf16x2(((w >> 8) & 0x000F000Fu) | BF16X2_128, BF16X2_ONE, z.g);    // row g,   k +2 +3
-    a[3] = fma_bf16x2(((w >> 12) & 0x000F000Fu) | BF16X2_128, BF16X2_ONE, z.g8);  // row g+8, k +2 +3
+    constexpr uint32_t LOW_NIBBLES = 0x000F000Fu;
+    a[0] = fma_bf16x2(and_or(w, LOW_NIBBLES, BF16X2_128), BF16X2_ONE, z.g);         // row g,   k +0 +1
+    a[1] = fma_bf16x2(and_or(w >> 4, LOW_NIBBLES, BF16X2_128), BF16X2_ONE, z.g8);   // row g+8, k +0 +1
+    a[2] = fma_bf16x2(and_or(w >> 8, LOW_NIBBLES, BF16X2_128), BF16X2_ONE, z.g);    // row g,   k +2 +3
+    a[3] = fma_bf16x2(and_or(w >> 12, LOW_NIBBLES, BF16X2_128), BF16X2_ONE, z.g8);  // row g+8, k +2 +3
 }
 
 OS_DEVICE uint32_t word_of(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
 
 // The per-warp state of one tile's dot products: where its weights, scales and activations are.
+template <int NT>
 struct Q4Warp {
     const uint4* w;          // this lane's first chunk of the tile
     const uint32_t* scale;   // this lane's scale pair of group 0 (stride 8 per group)
     const uint8_t* zero;     // this lane's zero byte of group 0, or null
-    const bf16* x;           // activations of token g at this lane's k offset 8c (row stride K)
-    int M, K;
+    // activations of token 8n + g at this lane's k offset 8c; a token ≥ M reads row M − 1 instead (its mma column
+    // is never stored), so no load is predicated
+    const bf16* x[NT];
+    int K;
 };
 
 // C consecutive chunks q0 … q0+C−1 of a tile (C·64/G whole groups): every weight and scale load issued first, then
 // per group a temporary mma sum over its G/16 k16 blocks, scaled into acc.
 template <int NT, int G, int C>
-OS_DEVICE void q4_chunks(const Q4Warp& p, int q0, float (&acc)[NT][4]) {
+OS_DEVICE void q4_chunks(const Q4Warp<NT>& p, int q0, float (&acc)[NT][4]) {
     constexpr int GROUPS = C * Q4_CHUNK / G, BLOCKS = G / 16;
     static_assert(GROUPS >= 1 && (C * Q4_CHUNK) % G == 0, "whole groups per step");
-    const int lane = threadIdx.x & 31, g = lane >> 2;
     uint4 w[C];
 #pragma unroll
     for (int i = 0; i < C; i++) w[i] = load_stream16(p.w + (size_t)(q0 + i) * 32);
+    // Every weight load in flight before the first mma: ptxas would otherwise sink each load to just before its use
+    // (fewer live registers, one load in flight per warp). A dependency of the first zero point on all of them,
+    // through a value that is 0 at run time but unknown to the compiler, keeps them together at no cost in bytes.
+    uint32_t all = 0;
+#pragma unroll
+    for (int i = 0; i < C; i++) all |= w[i].x;
+    const uint32_t hold = all & ((uint32_t)p.K >> 31);  // K < 2^31: zero
     const int group0 = q0 * Q4_CHUNK / G;
     uint32_t sc[GROUPS], zb[GROUPS];
 #pragma unroll
@@ -76,21 +86,22 @@ OS_DEVICE void q4_chunks(const Q4Warp& p, int q0, float (&acc)[NT][4]) {
     }
 #pragma unroll
     for (int gi = 0; gi < GROUPS; gi++) {
-        const Q4Zero z(zb[gi]);
+        const Q4Zero z(gi == 0 ? zb[0] | hold : zb[gi]);
         float t[NT][4];
 #pragma unroll
         for (int n = 0; n < NT; n++) t[n][0] = t[n][1] = t[n][2] = t[n][3] = 0.f;
 #pragma unroll
-        for (int b = 0; b < BLOCKS; b++) {
-            const int kb = gi * BLOCKS + b, chunk = kb >> 2, j = kb & 3;  // k16 block of the step
-            uint32_t a[4];
-            q4_dequant(word_of(w[chunk], j), z, a);
-            const size_t k = (size_t)(q0 + chunk) * Q4_CHUNK + 32 * (j >> 1) + 4 * (j & 1);
+        for (int b = 0; b < BLOCKS; b += 2) {  // k16 blocks j, j + 1 of one half chunk: x[k 8c … 8c+7], one load
+            const int kb = gi * BLOCKS + b, chunk = kb >> 2, j = kb & 3;
+            uint32_t a0[4], a1[4];
+            q4_dequant(word_of(w[chunk], j), z, a0);
+            q4_dequant(word_of(w[chunk], j + 1), z, a1);
+            const size_t k = (size_t)(q0 + chunk) * Q4_CHUNK + 32 * (j >> 1);
 #pragma unroll
             for (int n = 0; n < NT; n++) {
-                uint2 xv = make_uint2(0u, 0u);
-                if (n * 8 + g < p.M) xv = __ldg(reinterpret_cast<const uint2*>(p.x + (size_t)n * 8 * p.K + k));
-                mma_bf16_16816(t[n], a, xv.x, xv.y);
+                const uint4 xv = __ldg(reinterpret_cast<const uint4*>(p.x[n] + k));
+                mma_bf16_16816(t[n], a0, xv.x, xv.y);
+                mma_bf16_16816(t[n], a1, xv.z, xv.w);
             }
         }
         const float2 s = f16x2_to_float2(sc[gi]);  // rows g, g+8
@@ -127,12 +138,12 @@ OS_DEVICE void q4_body(const uint4* __restrict__ qweight, const uint32_t* __rest
 #pragma unroll
     for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
     if (active) {
-        Q4Warp p;
+        Q4Warp<NT> p;
         p.w = qweight + (size_t)tile * chunks * 32 + lane;
         p.scale = scales + (size_t)tile * groups * 8 + g;
         p.zero = zeros ? zeros + (size_t)tile * groups * 8 + g : nullptr;
-        p.x = x + (size_t)g * K + 8 * c;
-        p.M = M;  // tokens 8n + g < M are read, the others are zeros
+#pragma unroll
+        for (int n = 0; n < NT; n++) p.x[n] = x + (size_t)min(n * 8 + g, M - 1) * K + 8 * c;
         p.K = K;
         const int steps = chunks / U, rest = (chunks - steps * U) / CPG;
         for (int s = slice; s < steps; s += split) q4_chunks<NT, G, U>(p, s * U, acc);

@@ -240,6 +240,7 @@ inline float emu_f16(uint32_t h) {
         const double hi = (double)emu_bf(a, 1) * emu_bf(b, 1) + emu_bf(c, 1);                                   \
         return (uint32_t)emu_f2bf((float)lo) | ((uint32_t)emu_f2bf((float)hi) << 16);                          \
     }                                                                                                          \
+    OS_DEVICE uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) { return (a & b) | c; }                    \
     OS_DEVICE float2 f16x2_to_float2(uint32_t h) { return {emu_f16(h & 0xffffu), emu_f16(h >> 16)}; }       \
     OS_DEVICE void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {           \
         uint64_t mine[7] = {a[0], a[1], a[2], a[3], b0, b1, 0};                                                 \
