@@ -1,4 +1,4 @@
-"""The quantized-weight kernels (cuda/gemm_q4.cu) against NumPy dequantize-then-matmul, on fresh random inputs with
+"""The quantized-weight kernels (cuda/gemm_quant.cu) against NumPy dequantize-then-matmul, on fresh random inputs with
 outputs poisoned (NaN) before every launch: int4 in the device layout of runtime/cuda/quant_layout.py, every group
 size, symmetric and asymmetric, 1 … 64 token rows (odd ones too), odd N, every K split, the SiLU·up epilogue, and
 the bf16 dequantization for M > 64. Runs on a GPU, or on the CPU emulator (tests/cuda_emulator/run.py).
@@ -17,7 +17,7 @@ from test_cuda_kernels import BF16, bf16, dev, rel, rng, silu  # noqa: F401  (fi
 
 from olmoscope.errors import DeviceError
 from olmoscope.runtime.cuda import kernels as K
-from olmoscope.runtime.cuda.quant_layout import Q4Device, dequantize_q4, pack_q4
+from olmoscope.runtime.cuda.quant_layout import Q4Device, dequantize_q4, pack_q4, pack_q8
 
 pytestmark = pytest.mark.cuda
 
@@ -143,3 +143,60 @@ def test_q4_launchers_refuse_bad_shapes(dev, rng):
         dev.kernels.gemm_q4(x, qw, sc, zr, y, 4, N, split=3)
     with pytest.raises(DeviceError, match="output"):
         dev.kernels.dequantize_q4(qw, sc, zr, dev.poisoned((N, Kdim), "f32"), N)
+
+
+# ── int8 (per-row scales) on the same tensor-core scheme ───────────────────────────────────────────────
+def q8_case(dev, rng, N, Kdim, pairs=False, scale=1.0):
+    """(device qweight, scales, float64 matrix) of a random int8 matrix with per-row scales."""
+    w = scale * rng.standard_normal((N, Kdim))
+    s = (np.abs(w).max(axis=1) / 127).astype(np.float32)
+    q = np.round(w / s[:, None]).astype(np.int8)
+    packed = pack_q8(q, s, pairs=pairs)
+    return dev.put(packed.qweight, "i8"), dev.put(packed.scales, "f32"), q * s[:, None].astype(np.float64)
+
+
+@pytest.mark.parametrize("M", [1, 2, 4, 5, 9, 16, 23, 33, 64])
+def test_q8_matches_numpy(dev, rng, M):
+    N, Kdim = 333, 32 * 21  # odd N; 21 chunks: whole steps of 8, 4 and 2 and a leftover
+    qw, sc, w = q8_case(dev, rng, N, Kdim)
+    x = bf16(rng.standard_normal((M, Kdim)))
+    out = dev.poisoned((M + 1, N), "f32")
+    dev.kernels.gemm_q8(dev.put(x, "bf16"), qw, sc, out, M, N)
+    got = dev.get(out)
+    err = rel(got[:M], x @ w.T)
+    assert err <= 1e-5, f"rel err {err:.2e}"
+    assert np.all(np.isnan(got[M:])), "rows past M were written"
+
+
+@pytest.mark.parametrize("split", [1, 2, 4, 8])
+def test_q8_every_k_split_gives_the_same_result(dev, rng, split):
+    M, N, Kdim = 3, 100, 32 * 35
+    qw, sc, w = q8_case(dev, rng, N, Kdim)
+    x = bf16(rng.standard_normal((M, Kdim)))
+    out = dev.poisoned((M, N), "f32")
+    dev.kernels.gemm_q8(dev.put(x, "bf16"), qw, sc, out, M, N, split=split)
+    err = rel(dev.get(out), x @ w.T)
+    assert err <= 1e-5, f"rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("M", [1, 4, 17])
+def test_q8_silu_pairs_gate_and_up(dev, rng, M):
+    I, Kdim = 200, 256
+    qw, sc, w = q8_case(dev, rng, 2 * I, Kdim, pairs=True, scale=0.25)
+    x = bf16(rng.standard_normal((M, Kdim)))
+    out = dev.poisoned((M, I), "bf16")
+    dev.kernels.gemm_q8(dev.put(x, "bf16"), qw, sc, out, M, 2 * I, silu=True)
+    gate, up = np.split(x @ w.T, 2, axis=-1)
+    err = rel(dev.get(out), silu(gate) * up)
+    assert err <= 1e-2, f"rel err {err:.2e}"
+
+
+def test_q8_launcher_refuses_bad_shapes(dev, rng):
+    qw, sc, _ = q8_case(dev, rng, 64, 256)
+    x, y = dev.poisoned((65, 256), "bf16"), dev.poisoned((65, 64), "f32")
+    with pytest.raises(DeviceError, match="rows"):
+        dev.kernels.gemm_q8(x, qw, sc, y, 65, 64)
+    with pytest.raises(DeviceError, match="device matrix"):
+        dev.kernels.gemm_q8(x, qw, sc, y, 4, 80)
+    with pytest.raises(DeviceError, match="scales"):
+        dev.kernels.gemm_q8(x, qw, dev.poisoned((63,), "f32"), y, 4, 64)

@@ -1,6 +1,6 @@
 """runtime/cuda/quant_layout.py on the CPU: the int4 device layout is a permutation of the canonical engine layout
 (unpack_q4 gives back exactly the arrays pack_q4 was given), and every element sits where the module docstring (and
-cuda/gemm_q4.cu) says it does."""
+cuda/gemm_quant.cu) says it does."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from olmoscope.errors import DeviceError
-from olmoscope.runtime.cuda.quant_layout import Q4_GROUPS, dequantize_q4, pack_q4, tile_rows, unpack_q4, unpack_nibbles
+from olmoscope.runtime.cuda.quant_layout import (Q4_GROUPS, dequantize_q4, pack_q4, pack_q8, tile_rows, unpack_nibbles,
+                                                unpack_q4, unpack_q8)
 
 
 def canonical(rng, N: int, K: int, group: int, asym: bool):
@@ -88,3 +89,29 @@ def test_shapes_the_kernels_cannot_take_are_refused(N, K, group, pairs, match):
     scales = np.ones((N, K // group), np.float16)
     with pytest.raises(DeviceError, match=match):
         pack_q4(qweight, scales, None, pairs=pairs)
+
+
+@pytest.mark.parametrize("N,K,pairs", [(1, 32, False), (37, 96, False), (400, 256, True)])
+def test_int8_pack_then_unpack_gives_back_the_canonical_arrays_exactly(N, K, pairs):
+    rng = np.random.default_rng(N + K)
+    q = rng.integers(-128, 128, (N, K), dtype=np.int8)
+    scales = rng.uniform(0.001, 0.02, N).astype(np.float32)
+    packed = pack_q8(q, scales, pairs=pairs)
+    assert packed.qweight.shape == (-(-N // 16) * 16, K) and packed.scales.shape == (packed.qweight.shape[0],)
+    q2, s2 = unpack_q8(packed)
+    assert np.array_equal(q2, q) and np.array_equal(s2, scales)
+
+
+def test_int8_elements_sit_where_the_kernels_read_them():
+    rng = np.random.default_rng(5)
+    N, K = 32, 64
+    q = rng.integers(-128, 128, (N, K), dtype=np.int8)
+    words = pack_q8(q, np.ones(N, np.float32)).qweight.reshape(N // 16, K // 32, 32, 4, 4)  # bytes e of word
+    for n in range(N):
+        t, r = divmod(n, 16)
+        g, h = r % 8, r // 8
+        for k in range(K):
+            chunk, rest = divmod(k, 32)
+            c, rest = divmod(rest, 8)
+            j, e = divmod(rest, 4)
+            assert words[t, chunk, 4 * g + c, 2 * j + h, e] == q[n, k], f"row {n} k {k}"

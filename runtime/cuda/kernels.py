@@ -27,7 +27,7 @@ import numpy as np
 from olmoscope.errors import DeviceError
 from olmoscope.runtime.cuda.build import arch_of, build_arch, compile_kernel
 from olmoscope.runtime.cuda.driver import ITEMSIZE, DeviceBuffer
-from olmoscope.runtime.cuda.quant_layout import Q4_CHUNK, Q4_GROUPS, Q4_TILE_ROWS
+from olmoscope.runtime.cuda.quant_layout import Q4_CHUNK, Q4_GROUPS, Q4_TILE_ROWS, Q8_CHUNK
 from olmoscope.runtime.step import SAMPLE_NAN, SAMPLE_NO_MASS  # noqa: F401  (mirrored from sampling.cu)
 
 # ── constants mirrored from cuda/ (tests/test_kernel_mirror.py checks each against its constexpr) ──────────
@@ -73,7 +73,7 @@ ROPE_HEAD_THREADS = 128  # rope.cu: one block per (token, head)
 SAMPLE_THREADS = 1024  # sampling.cu
 TOP_LOGPROBS = 20  # sampling.cu: row_logprobs' alternatives per row, at most
 COPY_THREADS = 256  # kv_cache.cu
-Q4_WARPS = 8  # gemm_q4.cu: warps per block; Q4_TILE_ROWS, Q4_CHUNK come from quant_layout (the device layout)
+Q4_WARPS = 8  # gemm_quant.cu: warps per block; Q4_TILE_ROWS, Q4_CHUNK come from quant_layout (the device layout)
 Q4_MAX_ROWS = 64  # token rows the int4 mma kernels take (more: dequantize_q4, then gemm)
 Q4_SMALL_UNROLL = 8  # chunks (16-byte loads per lane) per step: NT ≤ 2, NT = 4, NT = 8
 Q4_MID_UNROLL = 4
@@ -115,8 +115,8 @@ MIRRORED = {
     "SAMPLE_NAN": ("sampling.cu", "SAMPLE_NAN"),
     "SAMPLE_NO_MASS": ("sampling.cu", "SAMPLE_NO_MASS"),
     "COPY_THREADS": ("kv_cache.cu", "COPY_THREADS"),
-    **{name: ("gemm_q4.cu", name) for name in ("Q4_WARPS", "Q4_TILE_ROWS", "Q4_CHUNK", "Q4_MAX_ROWS", "Q4_SMALL_UNROLL",
-                                               "Q4_MID_UNROLL", "Q4_WIDE_UNROLL")},
+    **{name: ("gemm_quant.cu", name) for name in ("Q4_WARPS", "Q4_TILE_ROWS", "Q4_CHUNK", "Q4_MAX_ROWS", "Q4_SMALL_UNROLL",
+                                                  "Q4_MID_UNROLL", "Q4_WIDE_UNROLL", "Q8_CHUNK")},
 }
 
 # The one switch of the Hopper GEMM (gemm_sm90.cu, wgmma): off until measured on an H200 (OLMOSCOPE_GEMM_HOPPER=1 turns
@@ -213,9 +213,10 @@ SIGNATURES = {
     **{f"gemm_v1_bf16_silu_bm{bm}": ("gemm_v1.cu", "PPPPiii") for bm in GEMM_V1_TILES},
     "silu_mul_parts": ("gemm.cu", "PiqPii"),
     "widen_int8": ("gemm.cu", "PPq"),
-    **{f"q4_mma{silu}_g{g}_n{nt}": ("gemm_q4.cu", "PPPPPiiii")
+    **{f"q4_mma{silu}_g{g}_n{nt}": ("gemm_quant.cu", "PPPPPiiii")
        for silu in ("", "_silu") for g in Q4_GROUPS for nt in Q4_NT},
-    "dequantize_q4": ("gemm_q4.cu", "PPPPiiii"),
+    "dequantize_q4": ("gemm_quant.cu", "PPPPiiii"),
+    **{f"q8_mma{silu}_n{nt}": ("gemm_quant.cu", "PPPPiiii") for silu in ("", "_silu") for nt in Q4_NT},
     **{f"paged_prefill_d{d}": ("attention.cu", "PPPPPPPPPPiiii") for d in HEAD_DIMS},
     **{f"paged_decode_d{d}_g{g}": ("attention.cu", "PPPPPPPPPiiiii") for d in HEAD_DIMS for g in DECODE_GROUPS},
     "penalize_rows": ("sampling.cu", "PiPPPPPiP"),
@@ -425,12 +426,12 @@ def q4_tiles(M: int) -> int:
     raise DeviceError(f"int4 mma: {M} rows (at most {Q4_MAX_ROWS}; more: dequantize_q4, then gemm)")
 
 
-def q4_units(K: int, group: int, nt: int) -> int:
-    """Work units of one 16-row tile along K, as gemm_q4.cu's slices share them: whole steps of the unroll's chunks,
-    then the leftover chunks in whole groups."""
+def q4_units(K: int, group: int, nt: int, chunk: int = Q4_CHUNK) -> int:
+    """Work units of one 16-row tile along K, as gemm_quant.cu's slices share them: whole steps of the unroll's chunks,
+    then the leftover chunks in whole groups (int8: chunk = Q8_CHUNK, group = chunk)."""
     unroll = Q4_SMALL_UNROLL if nt <= 2 else Q4_MID_UNROLL if nt == 4 else Q4_WIDE_UNROLL
-    per_group = max(1, group // Q4_CHUNK)
-    chunks = K // Q4_CHUNK
+    per_group = max(1, group // chunk)
+    chunks = K // chunk
     return chunks // unroll + (chunks % unroll) // per_group
 
 
@@ -776,7 +777,7 @@ class Kernels:
             raise DeviceError(f"widen_int8: {n} {q.dtype} elements into {out.nbytes} bytes of {out.dtype}")
         self.launch("widen_int8", (math.ceil(n / 4096),), (256, 1, 1), q.ptr, out.ptr, n)
 
-    # ── int4 weights (gemm_q4.cu; device layout: quant_layout.pack_q4) ────────────────────────────────────
+    # ── int4 weights (gemm_quant.cu; device layout: quant_layout.pack_q4) ────────────────────────────────────
     def _q4_shapes(self, what: str, qweight: DeviceBuffer, scales: DeviceBuffer, zeros: DeviceBuffer | None,
                    N: int) -> tuple[int, int]:
         """(K, group) after checking an int4 matrix of N rows in the device layout: qweight u8 [Np, K/2],
@@ -824,6 +825,34 @@ class Kernels:
         if not 1 <= rows <= GEMV_MAX_ROWS:
             raise DeviceError(f"gemv_q4: {rows} rows (1 … {GEMV_MAX_ROWS}; more go to gemm_q4)")
         self.gemm_q4(x, qweight, scales, zeros, y, rows, N, silu=silu, split=split)
+
+    def gemm_q8(self, x: DeviceBuffer, qweight: DeviceBuffer, scales: DeviceBuffer, y: DeviceBuffer, rows: int,
+                N: int, silu: bool = False, split: int | None = None) -> None:
+        """y = x·Wᵀ for 1 … 64 rows with W int8 in the device layout (pack_q8; silu: pairs=True), row scales f32:
+        qweight i8 [Np, K] (Np = ⌈N/16⌉·16, K % 32 == 0), scales f32 [Np]; x [≥rows, K] bf16; y [≥rows, N] f32, or
+        silu [≥rows, N/2] bf16. No workspace."""
+        _check_count("gemm_q8", rows)
+        if len(qweight.shape) != 2:
+            raise DeviceError(f"gemm_q8: qweight {list(qweight.shape)} (a matrix)")
+        Np, K = qweight.shape
+        if not 1 <= N or math.ceil(N / Q4_TILE_ROWS) * Q4_TILE_ROWS != Np or K % Q8_CHUNK:
+            raise DeviceError(f"gemm_q8: {N} rows in a device matrix of {Np} × {K} (⌈N/16⌉·16, K % {Q8_CHUNK} == 0)")
+        _expect(qweight, "gemm_q8 qweight", "i8", (Np, K))
+        _expect(scales, "gemm_q8 scales", "f32", (Np,))
+        nt = q4_tiles(rows)
+        _expect(x, "gemm_q8 input", "bf16", (rows, K), min_rows=rows)
+        if silu:
+            if N % 16:
+                raise DeviceError(f"gemm_q8 silu: N = {N} is not 2·I with I a multiple of 8 (pairs layout)")
+            _expect(y, "gemm_q8 silu output", "bf16", (rows, N // 2), min_rows=rows)
+        else:
+            _expect(y, "gemm_q8 output", "f32", (rows, N), min_rows=rows)
+        tiles = Np // Q4_TILE_ROWS
+        split = split or q4_split(tiles, q4_units(K, Q8_CHUNK, nt, Q8_CHUNK), self.sm_count)
+        if split not in (1, 2, 4, 8):
+            raise DeviceError(f"gemm_q8: split {split} (1, 2, 4 or 8)")
+        self.launch(f"q8_mma{'_silu' if silu else ''}_n{nt}", (math.ceil(tiles / (Q4_WARPS // split)),),
+                    (32 * Q4_WARPS, 1, 1), qweight.ptr, scales.ptr, x.ptr, y.ptr, rows, N, K, split)
 
     def dequantize_q4(self, qweight: DeviceBuffer, scales: DeviceBuffer, zeros: DeviceBuffer | None,
                       out: DeviceBuffer, N: int, pairs: bool = False) -> None:

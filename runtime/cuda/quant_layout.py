@@ -1,6 +1,6 @@
-"""Quantized weights repacked for the kernels of cuda/gemm_q4.cu (pure NumPy, at upload): a permutation of the
+"""Quantized weights repacked for the kernels of cuda/gemm_quant.cu (pure NumPy, at upload): a permutation of the
 canonical engine layout, so that every lane of a warp reads its tensor-core fragments with one 16-byte load and
-dequantizes them in registers.
+dequantizes them in registers. int4 below; int8 (pack_q8) at the end of the file.
 
 Canonical int4 (the engine file's): W [N, K] as qweight uint8 [N, K/2] (element k of row n in byte k//2, low nibble
 for even k), scales float16 [N, K/G], zeros uint8 [N, K/G] (asymmetric; symmetric: none, zero 8), G ∈ {32, 64, 128};
@@ -31,7 +31,7 @@ import numpy as np
 
 from olmoscope.errors import DeviceError
 
-Q4_GROUPS = (32, 64, 128)  # group sizes the kernels are built for (gemm_q4.cu)
+Q4_GROUPS = (32, 64, 128)  # group sizes the kernels are built for (gemm_quant.cu)
 Q4_TILE_ROWS = 16  # weight rows per tile (one m16 mma tile)
 Q4_CHUNK = 64  # k per chunk: one 16-byte load per lane
 SYMMETRIC_ZERO = 8
@@ -152,3 +152,46 @@ def unpack_q4(dev: Q4Device) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]
         zb = dev.zeros.reshape(T, NG, 8).transpose(0, 2, 1)
         z = np.stack([zb & 15, zb >> 4], axis=1).reshape(Np, NG)[valid][order]
     return pack_nibbles(q), np.ascontiguousarray(s), None if z is None else np.ascontiguousarray(z)
+
+
+# ── int8: canonical int8 [N, K] with f32 per-row scales (today's engine layout) ──────────────────────────────
+Q8_CHUNK = 32  # k per chunk: one 16-byte load per lane (2 rows × 8 k)
+
+
+class Q8Device(NamedTuple):
+    """An int8 matrix in the kernels' layout: qweight int8 [Np, K] viewed as [Np/16 tiles][K/32 chunks][32 lanes]
+    [4 words], lane 4g + c, word 2j + h = tile row g + 8h at k = 32·chunk + 8c + 4j + e in byte e; scales f32 [Np]
+    in tile row order (pad rows 0; pairs: the [gate; up] tile order of pack_q4)."""
+
+    qweight: np.ndarray  # int8 [Np, K]
+    scales: np.ndarray  # float32 [Np]
+    N: int
+    K: int
+    pairs: bool
+
+
+def pack_q8(q: np.ndarray, scales: np.ndarray, pairs: bool = False) -> Q8Device:
+    """Canonical int8 (q int8 [N, K], scales float32 [N]) → Q8Device."""
+    N, K = q.shape
+    if K % Q8_CHUNK or scales.shape != (N,):
+        raise DeviceError(f"int8: K = {K} (a multiple of {Q8_CHUNK}), scales {list(scales.shape)} for {N} rows")
+    rows = tile_rows(N, pairs)
+    Np, T, Q = len(rows), len(rows) // 16, K // Q8_CHUNK
+    valid = rows >= 0
+    padded = np.zeros((Np, K), np.int8)
+    padded[valid] = q[rows[valid]]
+    # (t, h, g, chunk, c, j, e) → (t, chunk, g, c, j, h, e)
+    device_q = np.ascontiguousarray(padded.reshape(T, 2, 8, Q, 4, 2, 4).transpose(0, 3, 2, 4, 5, 1, 6)).reshape(Np, K)
+    s = np.zeros(Np, np.float32)
+    s[valid] = scales[rows[valid]]
+    return Q8Device(device_q, s, N, K, pairs)
+
+
+def unpack_q8(dev: Q8Device) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of pack_q8: the canonical (q, scales) again."""
+    rows = tile_rows(dev.N, dev.pairs)
+    Np, K = len(rows), dev.K
+    valid = rows >= 0
+    order = np.argsort(rows[valid])
+    q = dev.qweight.reshape(Np // 16, K // Q8_CHUNK, 8, 4, 2, 2, 4).transpose(0, 5, 2, 1, 3, 4, 6).reshape(Np, K)
+    return np.ascontiguousarray(q[valid][order]), dev.scales[valid][order]

@@ -1,4 +1,4 @@
-// Projections with int4 weights for 1 … 64 token rows: y = x·Wᵀ with W dequantized in registers straight into
+// Projections with int4 (and int8, below) weights for 1 … 64 token rows: y = x·Wᵀ with W dequantized in registers straight into
 // mma.sync m16n8k16 fragments, bf16 activations, f32 accumulation. Decode is memory-bound: a weight byte is read
 // once per step for all M rows, so the kernel streams W like a GEMV (no shared-memory staging, 16-byte loads, U of
 // them per lane in flight) and lets the tensor cores do the dot products, which keeps the instruction count per
@@ -115,12 +115,51 @@ OS_DEVICE void q4_chunks(const Q4Warp<NT>& p, int q0, float (&acc)[NT][4]) {
     }
 }
 
+// The end of a tile shared by `split` warps (slices) of a block: their accumulators meet in shared memory, added in
+// slice order (the same result every run), and slice 0 stores them, times the row scales s_g, s_g8 (int8; 1 for
+// int4, whose group scales are already in). The accumulator of (n8 tile n, e) is token 8n + 2c + (e & 1), tile row
+// g + 8·(e >> 1):
+//   plain: y [M, N] f32, rows n of the tile in order;
+//   silu:  the tile is gate rows 8t … 8t+7 then up rows I+8t … (pairs layout), y [M, N/2] bf16 = SiLU(gate)·up.
+template <int NT, bool SILU>
+OS_DEVICE void quant_finish(float (&acc)[NT][4], float (&partial)[Q4_WARPS][NT * 4][32], int split, bool active,
+                            int tile, void* __restrict__ y, int M, int N, float s_g, float s_g8) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, slice = warp % split;
+    if (split > 1) {
+#pragma unroll
+        for (int n = 0; n < NT; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) partial[warp][n * 4 + e][lane] = acc[n][e];
+        __syncthreads();
+        if (slice != 0) return;
+        for (int s = 1; s < split; s++)
+#pragma unroll
+            for (int n = 0; n < NT; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) acc[n][e] += partial[warp + s][n * 4 + e][lane];
+    }
+    if (!active) return;
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            const int token = n * 8 + 2 * c + e;
+            if (token >= M) continue;
+            const float lo = acc[n][e] * s_g, hi = acc[n][e + 2] * s_g8;
+            if (SILU) {
+                reinterpret_cast<bf16*>(y)[(size_t)token * (N / 2) + tile * 8 + g] = __float2bfloat16(silu(lo) * hi);
+            } else {
+                float* out = reinterpret_cast<float*>(y) + (size_t)token * N;
+                const int row = tile * Q4_TILE_ROWS + g;
+                if (row < N) out[row] = lo;
+                if (row + 8 < N) out[row + 8] = hi;
+            }
+        }
+    }
+}
+
 // Each 16-row tile is taken by `split` warps of one block (1, 2, 4 or 8), slice s taking steps s, s + split, … of
-// U chunks and then the leftover chunks in whole groups the same way; their sums meet in shared memory, added in
-// slice order (the same result every run).
-//   plain: y [M, N] f32, y[m, n] = Σ_k x[m, k]·w[n, k]
-//   silu:  tile t = gate rows 8t … 8t+7 then up rows (pairs layout), y [M, N/2] bf16 = SiLU(gate)·up
-// The accumulator of (n8 tile n, e) is token 8n + 2c + (e & 1), tile row g + 8·(e >> 1).
+// U chunks and then the leftover chunks in whole groups the same way (quant_finish adds and stores them).
 template <int NT, int G, bool SILU>
 OS_DEVICE void q4_body(const uint4* __restrict__ qweight, const uint32_t* __restrict__ scales,
                        const uint8_t* __restrict__ zeros, const bf16* __restrict__ x, void* __restrict__ y, int M,
@@ -149,38 +188,7 @@ OS_DEVICE void q4_body(const uint4* __restrict__ qweight, const uint32_t* __rest
         for (int s = slice; s < steps; s += split) q4_chunks<NT, G, U>(p, s * U, acc);
         for (int r = slice; r < rest; r += split) q4_chunks<NT, G, CPG>(p, steps * U + r * CPG, acc);
     }
-    if (split > 1) {
-#pragma unroll
-        for (int n = 0; n < NT; n++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) partial[warp][n * 4 + e][lane] = acc[n][e];
-        __syncthreads();
-        if (slice != 0) return;
-        for (int s = 1; s < split; s++)
-#pragma unroll
-            for (int n = 0; n < NT; n++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) acc[n][e] += partial[warp + s][n * 4 + e][lane];
-    }
-    if (!active) return;
-#pragma unroll
-    for (int n = 0; n < NT; n++) {
-#pragma unroll
-        for (int e = 0; e < 2; e++) {
-            const int token = n * 8 + 2 * c + e;
-            if (token >= M) continue;
-            if (SILU) {
-                const int I = N / 2;
-                reinterpret_cast<bf16*>(y)[(size_t)token * I + tile * 8 + g] =
-                    __float2bfloat16(silu(acc[n][e]) * acc[n][e + 2]);
-            } else {
-                float* out = reinterpret_cast<float*>(y) + (size_t)token * N;
-                const int row = tile * Q4_TILE_ROWS + g;
-                if (row < N) out[row] = acc[n][e];
-                if (row + 8 < N) out[row + 8] = acc[n][e + 2];
-            }
-        }
-    }
+    quant_finish<NT, SILU>(acc, partial, split, active, tile, y, M, N, 1.f, 1.f);
 }
 
 // Grid: (⌈tiles / (8 / split)⌉); block: 256 threads; split ∈ {1, 2, 4, 8} warps per tile.
@@ -201,6 +209,97 @@ OS_DEVICE void q4_body(const uint4* __restrict__ qweight, const uint32_t* __rest
 Q4_GROUP(32)
 Q4_GROUP(64)
 Q4_GROUP(128)
+
+// ── int8 weights (per-row f32 scales), the same scheme ───────────────────────────────────────────────────────
+// Device layout (quant_layout.pack_q8): qweight [Np/16 tiles][K/32 chunks][32 lanes] uint4, lane 4g + c, word 2j + h
+// = tile row g + 8h at k = 32·chunk + 8c + 4j + e in byte e (k16 block j of the chunk); scales [Np] f32 in tile
+// row order. An int8 weight is exact in bf16 (8 significant bits), so the mma sums Σ q·x exactly-rounded in f32
+// and the row scale is applied once at the end.
+constexpr int Q8_CHUNK = 32;  // k per 16-byte lane load (2 rows × 8 k)
+
+// Two int8 words (tile rows g, g+8 of one k16 block) → the block's four A registers (bf16 pairs, exact).
+OS_DEVICE void q8_widen(uint32_t row_g, uint32_t row_g8, uint32_t (&a)[4]) {
+    float lo[4], hi[4];
+    widen4_int8(row_g, lo);
+    widen4_int8(row_g8, hi);
+    a[0] = pack_bf16x2(lo[0], lo[1]);
+    a[1] = pack_bf16x2(hi[0], hi[1]);
+    a[2] = pack_bf16x2(lo[2], lo[3]);
+    a[3] = pack_bf16x2(hi[2], hi[3]);
+}
+
+// C consecutive chunks q0 … of a tile: the weight loads first (all in flight, as q4_chunks), then two k16 blocks
+// per chunk straight into the accumulators.
+template <int NT, int C>
+OS_DEVICE void q8_chunks(const uint4* __restrict__ w_lane, const bf16* const (&x)[NT], int K, int q0,
+                         float (&acc)[NT][4]) {
+    uint4 w[C];
+#pragma unroll
+    for (int i = 0; i < C; i++) w[i] = load_stream16(w_lane + (size_t)(q0 + i) * 32);
+    uint32_t all = 0;
+#pragma unroll
+    for (int i = 0; i < C; i++) all |= w[i].x;
+    w[0].y |= all & ((uint32_t)K >> 31);  // zero at run time: the first use waits for every load (see q4_chunks)
+#pragma unroll
+    for (int i = 0; i < C; i++) {
+        uint32_t a0[4], a1[4];
+        q8_widen(w[i].x, w[i].y, a0);
+        q8_widen(w[i].z, w[i].w, a1);
+        const size_t k = (size_t)(q0 + i) * Q8_CHUNK;
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+            const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x[n] + k));
+            mma_bf16_16816(acc[n], a0, xv.x, xv.y);
+            mma_bf16_16816(acc[n], a1, xv.z, xv.w);
+        }
+    }
+}
+
+template <int NT, bool SILU>
+OS_DEVICE void q8_body(const uint4* __restrict__ qweight, const float* __restrict__ scales, const bf16* __restrict__ x,
+                       void* __restrict__ y, int M, int N, int K, int split) {
+    constexpr int U = NT <= 2 ? Q4_SMALL_UNROLL : NT == 4 ? Q4_MID_UNROLL : Q4_WIDE_UNROLL;  // as int4
+    __shared__ float partial[Q4_WARPS][NT * 4][32];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const int tile = blockIdx.x * (Q4_WARPS / split) + warp / split, slice = warp % split;
+    const int tiles = (N + Q4_TILE_ROWS - 1) / Q4_TILE_ROWS, chunks = K / Q8_CHUNK;
+    const bool active = tile < tiles;
+    float acc[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+    float s_g = 0.f, s_g8 = 0.f;
+    if (active) {
+        const uint4* w_lane = qweight + (size_t)tile * chunks * 32 + lane;
+        const bf16* xs[NT];
+#pragma unroll
+        for (int n = 0; n < NT; n++) xs[n] = x + (size_t)min(n * 8 + g, M - 1) * K + 8 * c;  // as Q4Warp::x
+        const int steps = chunks / U, rest = chunks - steps * U;
+        for (int s = slice; s < steps; s += split) q8_chunks<NT, U>(w_lane, xs, K, s * U, acc);
+        for (int r = slice; r < rest; r += split) q8_chunks<NT, 1>(w_lane, xs, K, steps * U + r, acc);
+        s_g = scales[tile * Q4_TILE_ROWS + g];
+        s_g8 = scales[tile * Q4_TILE_ROWS + g + 8];
+    }
+    quant_finish<NT, SILU>(acc, partial, split, active, tile, y, M, N, s_g, s_g8);
+}
+
+// Grid: (⌈tiles / (8 / split)⌉); block: 256 threads; split ∈ {1, 2, 4, 8} warps per tile.
+// qweight, scales: the int8 device layout above (Np = 16·tiles ≥ N rows, K % 32 == 0); x [M, K] bf16 (M ≤ 8·NT);
+// y [M, N] f32, or silu (pairs layout, N = 2I, I % 8 == 0): [M, I] bf16.
+#define Q8_KERNEL(NT)                                                                                             \
+    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32)                                                   \
+        q8_mma_n##NT(const uint4* qweight, const float* scales, const bf16* x, float* y, int M, int N, int K,     \
+                     int split) {                                                                                 \
+        q8_body<NT, false>(qweight, scales, x, y, M, N, K, split);                                                \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32)                                                   \
+        q8_mma_silu_n##NT(const uint4* qweight, const float* scales, const bf16* x, bf16* y, int M, int N, int K, \
+                          int split) {                                                                            \
+        q8_body<NT, true>(qweight, scales, x, y, M, N, K, split);                                                 \
+    }
+Q8_KERNEL(1)
+Q8_KERNEL(2)
+Q8_KERNEL(4)
+Q8_KERNEL(8)
 
 // For M > 64 rows (prefill): the matrix dequantized to bf16 in the canonical row order, bf16((q − z)·s) with the
 // product in f32 (as NumPy's dequantize_q4 then a cast), for the bf16 GEMM of gemm.cu (scales null).
