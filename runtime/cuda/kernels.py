@@ -435,15 +435,22 @@ def q4_units(K: int, group: int, nt: int, chunk: int = Q4_CHUNK) -> int:
     return chunks // unroll + (chunks % unroll) // per_group
 
 
-def q4_split(tiles: int, units: int, sm_count: int) -> int:
-    """Warps per 16-row tile (1, 2, 4, 8): more while the chip has fewer than GEMV_WARPS_PER_SM streaming warps per
-    multiprocessor and every slice still gets a unit of K.
+# Warps of the int4/int8 kernels resident per multiprocessor, by NT (256-thread blocks; registers from ptxas -v on
+# sm_90: about 100 for NT ≤ 2 → 2 blocks, 140 … 185 for NT 4, 8 → 1 block). Host-side: refresh when the kernels change.
+Q4_RESIDENT_WARPS = {1: 16, 2: 16, 4: 8, 8: 8}
+Q8_RESIDENT_WARPS = {1: 32, 2: 24, 4: 24, 8: 16}  # the int8 kernels: 64, 80, 74, 104 registers
 
-    >>> q4_split(1376, 32, 132), q4_split(128, 4, 132)
-    (2, 4)
+
+def q4_split(tiles: int, units: int, sm_count: int, resident_warps: int = 16) -> int:
+    """Warps per 16-row tile (1, 2, 4, 8) for gemm_quant.cu: the most that keep every warp of the launch resident at
+    once (a second, partial wave would stream its bytes with a fraction of the chip's loads in flight) while every
+    slice still gets at least one unit of K.
+
+    >>> q4_split(1376, 8, 132), q4_split(768, 8, 132), q4_split(128, 4, 132)
+    (1, 2, 4)
     """
     split = 1
-    while split < Q4_WARPS and tiles * split < sm_count * GEMV_WARPS_PER_SM and units >= 2 * split:
+    while split < Q4_WARPS and tiles * split * 2 <= sm_count * resident_warps and units >= 2 * split:
         split *= 2
     return split
 
@@ -812,7 +819,7 @@ class Kernels:
         else:
             _expect(y, "gemm_q4 output", "f32", (rows, N), min_rows=rows)
         tiles = qweight.shape[0] // Q4_TILE_ROWS
-        split = split or q4_split(tiles, q4_units(K, group, nt), self.sm_count)
+        split = split or q4_split(tiles, q4_units(K, group, nt), self.sm_count, Q4_RESIDENT_WARPS[nt])
         if split not in (1, 2, 4, 8):
             raise DeviceError(f"gemm_q4: split {split} (1, 2, 4 or 8)")
         name = f"q4_mma{'_silu' if silu else ''}_g{group}_n{nt}"
@@ -848,7 +855,7 @@ class Kernels:
         else:
             _expect(y, "gemm_q8 output", "f32", (rows, N), min_rows=rows)
         tiles = Np // Q4_TILE_ROWS
-        split = split or q4_split(tiles, q4_units(K, Q8_CHUNK, nt, Q8_CHUNK), self.sm_count)
+        split = split or q4_split(tiles, q4_units(K, Q8_CHUNK, nt, Q8_CHUNK), self.sm_count, Q8_RESIDENT_WARPS[nt])
         if split not in (1, 2, 4, 8):
             raise DeviceError(f"gemm_q8: split {split} (1, 2, 4 or 8)")
         self.launch(f"q8_mma{'_silu' if silu else ''}_n{nt}", (math.ceil(tiles / (Q4_WARPS // split)),),
