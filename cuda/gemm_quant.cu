@@ -343,3 +343,30 @@ extern "C" __global__ void dequantize_q4(const uint4* __restrict__ qweight, cons
         }
     }
 }
+
+// int8 engines at M > 64 rows: the device-layout matrix widened back to bf16 in the canonical row order (exact: q
+// itself), and its row scales in that order too, for gemm.cu with the scales in its epilogue (as widen_int8).
+// Grid: (⌈tiles·K/32 / 8⌉); block: 256 threads, one warp per (tile, chunk), each lane 2 rows × 8 k.
+// qweight, scales: pack_q8's layout (pairs: [gate; up] tiles, N = 2I); out [N, K] bf16, out_scales [N] f32.
+extern "C" __global__ void dequantize_q8(const uint4* __restrict__ qweight, const float* __restrict__ scales,
+                                         bf16* __restrict__ out, float* __restrict__ out_scales, int N, int K,
+                                         int pairs) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const int chunks = K / Q8_CHUNK, tiles = (N + Q4_TILE_ROWS - 1) / Q4_TILE_ROWS;
+    const long long unit = (long long)blockIdx.x * Q4_WARPS + warp;
+    if (unit >= (long long)tiles * chunks) return;
+    const int tile = (int)(unit / chunks), chunk = (int)(unit % chunks);
+    const uint4 v = load_stream16(qweight + (size_t)unit * 32 + lane);
+#pragma unroll
+    for (int h = 0; h < 2; h++) {  // tile row g + 8h: words h (k 8c … +3) and 2 + h (k 8c+4 … +7)
+        const int row = pairs ? (h == 0 ? 8 * tile + g : N / 2 + 8 * tile + g) : tile * Q4_TILE_ROWS + g + 8 * h;
+        if (row >= N) continue;
+        float lo[4], hi[4];
+        widen4_int8(h ? v.y : v.x, lo);
+        widen4_int8(h ? v.w : v.z, hi);
+        *reinterpret_cast<uint4*>(out + (size_t)row * K + chunk * Q8_CHUNK + 8 * c) =
+            make_uint4(pack_bf16x2(lo[0], lo[1]), pack_bf16x2(lo[2], lo[3]), pack_bf16x2(hi[0], hi[1]),
+                       pack_bf16x2(hi[2], hi[3]));
+        if (chunk == 0 && c == 0) out_scales[row] = scales[tile * Q4_TILE_ROWS + g + 8 * h];
+    }
+}

@@ -200,3 +200,24 @@ def test_q8_launcher_refuses_bad_shapes(dev, rng):
         dev.kernels.gemm_q8(x, qw, sc, y, 4, 80)
     with pytest.raises(DeviceError, match="scales"):
         dev.kernels.gemm_q8(x, qw, dev.poisoned((63,), "f32"), y, 4, 64)
+
+
+@pytest.mark.parametrize("pairs", [False, True], ids=["plain", "pairs"])
+def test_q8_beyond_64_rows_dequantize_then_the_bf16_gemm(dev, rng, pairs):
+    M, N, Kdim = 70, (208 if pairs else 211), 256
+    w = rng.standard_normal((N, Kdim))
+    s = (np.abs(w).max(axis=1) / 127).astype(np.float32)
+    q = np.round(w / s[:, None]).astype(np.int8)
+    packed = pack_q8(q, s, pairs=pairs)
+    widened, row_scales = dev.poisoned((N + 3, Kdim), "bf16"), dev.poisoned((N + 3,), "f32")
+    dev.kernels.dequantize_q8(dev.put(packed.qweight, "i8"), dev.put(packed.scales, "f32"), widened, row_scales, N,
+                              pairs=pairs)
+    got, got_s = dev.get(widened), dev.get(row_scales)
+    assert np.array_equal(got[:N], q.astype(np.float64)) and np.array_equal(got_s[:N], s), "not exact"
+    assert np.all(np.isnan(got[N:])) and np.all(np.isnan(got_s[N:])), "rows past N were written"
+    x = bf16(rng.standard_normal((M, Kdim)))
+    out = dev.poisoned((M, N), "f32")
+    dev.kernels.gemm(dev.put(x, "bf16"), K.DeviceBuffer(widened.ptr, (N, Kdim), "bf16"),
+                     K.DeviceBuffer(row_scales.ptr, (N,), "f32"), out, M)
+    err = rel(dev.get(out), x @ (q * s[:, None].astype(np.float64)).T)
+    assert err <= 1e-5, f"rel err {err:.2e}"

@@ -217,6 +217,7 @@ SIGNATURES = {
        for silu in ("", "_silu") for g in Q4_GROUPS for nt in Q4_NT},
     "dequantize_q4": ("gemm_quant.cu", "PPPPiiii"),
     **{f"q8_mma{silu}_n{nt}": ("gemm_quant.cu", "PPPPiiii") for silu in ("", "_silu") for nt in Q4_NT},
+    "dequantize_q8": ("gemm_quant.cu", "PPPPiii"),
     **{f"paged_prefill_d{d}": ("attention.cu", "PPPPPPPPPPiiii") for d in HEAD_DIMS},
     **{f"paged_decode_d{d}_g{g}": ("attention.cu", "PPPPPPPPPiiiii") for d in HEAD_DIMS for g in DECODE_GROUPS},
     "penalize_rows": ("sampling.cu", "PiPPPPPiP"),
@@ -860,6 +861,26 @@ class Kernels:
             raise DeviceError(f"gemm_q8: split {split} (1, 2, 4 or 8)")
         self.launch(f"q8_mma{'_silu' if silu else ''}_n{nt}", (math.ceil(tiles / (Q4_WARPS // split)),),
                     (32 * Q4_WARPS, 1, 1), qweight.ptr, scales.ptr, x.ptr, y.ptr, rows, N, K, split)
+
+    def dequantize_q8(self, qweight: DeviceBuffer, scales: DeviceBuffer, out: DeviceBuffer, out_scales: DeviceBuffer,
+                      N: int, pairs: bool = False) -> None:
+        """out [N, K] bf16 = q (exact) and out_scales [N] f32 = the row scales, both in the canonical row order
+        ([gate; up] for a pairs-packed matrix), from pack_q8's layout: gemm(x, out, out_scales, …) at M > 64 rows;
+        out and out_scales may be larger (a per-layer scratch)."""
+        if len(qweight.shape) != 2:
+            raise DeviceError(f"dequantize_q8: qweight {list(qweight.shape)} (a matrix)")
+        Np, K = qweight.shape
+        if not 1 <= N or math.ceil(N / Q4_TILE_ROWS) * Q4_TILE_ROWS != Np or K % Q8_CHUNK or (pairs and N % 16):
+            raise DeviceError(f"dequantize_q8: {N} rows in a device matrix of {Np} × {K}")
+        _expect(qweight, "dequantize_q8 qweight", "i8", (Np, K))
+        _expect(scales, "dequantize_q8 scales", "f32", (Np,))
+        if out.dtype != "bf16" or len(out.shape) != 2 or out.shape[1] != K or out.shape[0] < N:
+            raise DeviceError(f"dequantize_q8: output {out.dtype} {list(out.shape)}, expected bf16 [≥{N}, {K}]")
+        if out_scales.dtype != "f32" or math.prod(out_scales.shape) < N:
+            raise DeviceError(f"dequantize_q8: output scales {out_scales.dtype} {list(out_scales.shape)} (f32, ≥ {N})")
+        units = Np // Q4_TILE_ROWS * (K // Q8_CHUNK)
+        self.launch("dequantize_q8", (math.ceil(units / Q4_WARPS),), (32 * Q4_WARPS, 1, 1), qweight.ptr, scales.ptr,
+                    out.ptr, out_scales.ptr, N, K, int(pairs))
 
     def dequantize_q4(self, qweight: DeviceBuffer, scales: DeviceBuffer, zeros: DeviceBuffer | None,
                       out: DeviceBuffer, N: int, pairs: bool = False) -> None:
