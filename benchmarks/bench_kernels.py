@@ -12,11 +12,16 @@ cache (so weights come from DRAM, as in a real step), median of several replays.
   on sm_90, gemm_sm90.cu (wgmma; off in the runtime unless GEMM_HOPPER), TFLOP/s;
 - paged decode attention at B = 1, 8, 16, 32, 64, 128 with contexts uniform in [128, 512]: µs and KV GB/s;
 - paged prefill of 2048 tokens (one prompt, and 4 × 512): µs and TFLOP/s (causal: the visible keys only);
-- QK-norm + RoPE + append, both variants, at T = 1 … 256; sampling rows (greedy, top-k/top-p) at R = 1, 8, 64.
+- QK-norm + RoPE + append, both variants, at T = 1 … 256; sampling rows (greedy, top-k/top-p) at R = 1, 8, 64;
+- quantized projections (gemm_quant.cu) at M = 1, 2, 4, 8, 16, 32, 64 next to bf16 (gemv / planned gemm): int4
+  (group 128 symmetric and asymmetric, group 32 asymmetric), int8 on the tensor cores (q8) and the int8 GEMV (M ≤ 4);
+  µs and % of copy bandwidth of the bytes each must move (weights + scales + zeros + x + y), and the speed-up of
+  int4 g128 over bf16.
 
-    python3 benchmarks/bench_kernels.py [--models 1b,7b] [--out DIR] [--quick] [--gemm-only]
+    python3 benchmarks/bench_kernels.py [--models 1b,7b] [--out DIR] [--quick] [--gemm-only | --quant-only]
 
-Prints one compact table; with --out writes DIR/bench_kernels.json. Finishes in a few minutes on an H200 (--gemm-only: the GEMM tables alone).
+Prints one compact table; with --out writes DIR/bench_kernels.json. Finishes in a few minutes on an H200 (--gemm-only: the GEMM tables alone;
+--quant-only: the quantized projections alone, about a minute).
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ class Bench:
         self.rng = np.random.default_rng(0)
 
     def alloc(self, shape, dtype: str, fill=None) -> DeviceBuffer:
-        nbytes = max(1, math.prod(shape) * {"bf16": 2, "f32": 4, "i8": 1, "i32": 4}[dtype])
+        nbytes = max(1, math.prod(shape) * {"bf16": 2, "f32": 4, "i8": 1, "i32": 4, "u8": 1, "f16": 2}[dtype])
         allocation = cuda.mem_alloc(nbytes)
         buffer = DeviceBuffer(int(allocation), tuple(shape), dtype, allocation)
         self.buffers.append(buffer)
@@ -80,8 +85,10 @@ class Bench:
             count = math.prod(shape)
             if dtype == "bf16":
                 cuda.memset_d16(buffer.ptr, 0x3C00, count)  # 2^-7
-            elif dtype == "i8":
-                cuda.memset_d8(buffer.ptr, 5, count)
+            elif dtype in ("i8", "u8"):
+                cuda.memset_d8(buffer.ptr, 5 if dtype == "i8" else 0x9A, count)
+            elif dtype == "f16":
+                cuda.memset_d16(buffer.ptr, 0x2000, count)  # 2^-7
             elif dtype == "f32":
                 cuda.memset_d32(buffer.ptr, 0x3C23D70A, count)  # 0.01
             else:
@@ -89,7 +96,8 @@ class Bench:
         return buffer
 
     def upload(self, buffer: DeviceBuffer, array) -> None:
-        numpy_type = {"bf16": ml_dtypes.bfloat16, "f32": np.float32, "i8": np.int8, "i32": np.int32}[buffer.dtype]
+        numpy_type = {"bf16": ml_dtypes.bfloat16, "f32": np.float32, "i8": np.int8, "i32": np.int32, "u8": np.uint8,
+                      "f16": np.float16}[buffer.dtype]
         cuda.memcpy_htod(buffer.ptr, np.ascontiguousarray(np.broadcast_to(array, buffer.shape), dtype=numpy_type))
 
     def free(self) -> None:
@@ -252,6 +260,65 @@ def bench_int8_gemv(b: Bench, model: str, cfg: dict, bandwidth: float) -> list[d
     return results
 
 
+# ── quantized projections (gemm_quant.cu) ─────────────────────────────────────────────────────────────────
+QUANT_ROWS = (1, 2, 4, 8, 16, 32, 64)
+QUANT_INT4 = (("q4 g128", 128, False), ("q4 g128 asym", 128, True), ("q4 g32 asym", 32, True))  # label, G, zeros
+
+
+def quant_weights(b: Bench, N: int, Kdim: int, kind: str, group: int = 0, asym: bool = False):
+    """(buffers, bytes) of one weight matrix in a kernel's layout (the values do not matter for the timing)."""
+    if kind == "bf16":
+        return (b.alloc((N, Kdim), "bf16"),), N * Kdim * 2
+    if kind == "q8":
+        return (b.alloc((N, Kdim), "i8"), b.alloc((N,), "f32")), N * Kdim + N * 4
+    groups = Kdim // group
+    zeros = b.alloc((N // 2, groups), "u8") if asym else None
+    return ((b.alloc((N, Kdim // 2), "u8"), b.alloc((N, groups), "f16"), zeros),
+            N * Kdim // 2 + N * groups * 2 + (N * groups // 2 if asym else 0))
+
+
+def quant_launch(b: Bench, kind: str, w, x, y, M: int, N: int, silu: bool, split: int | None = None):
+    k = b.kernels
+    if kind == "bf16":
+        if M <= K.GEMV_MAX_ROWS:
+            return lambda: k.gemv(w[0], None, x, y, M, silu=silu)
+        return lambda: k.gemm(x, w[0], None, y, M, silu=silu)
+    if kind == "q8 gemv":
+        return lambda: k.gemv(w[0], w[1], x, y, M, silu=silu)
+    if kind == "q8":
+        return lambda: k.gemm_q8(x, w[0], w[1], y, M, N, silu=silu)
+    return lambda: k.gemm_q4(x, w[0], w[1], w[2], y, M, N, silu=silu, split=split)
+
+
+def bench_quant(b: Bench, model: str, cfg: dict, bandwidth: float, rows_list=QUANT_ROWS) -> list[dict]:
+    """Each projection in bf16, int8 and int4 at decode batch sizes: µs and % of copy bandwidth of its own bytes."""
+    results = []
+    for name, (N, Kdim, silu) in projections(cfg).items():
+        M_max = max(rows_list)
+        out_cols = N // 2 if silu else N
+        kinds = [("bf16", "bf16", 0, False), ("q8 gemv", "q8", 0, False), ("q8", "q8", 0, False),
+                 *((label, "q4", group, asym) for label, group, asym in QUANT_INT4)]
+        for label, storage, group, asym in kinds:  # one kind's copies on the device at a time
+            x = b.alloc((M_max, Kdim), "bf16")
+            y = b.alloc((M_max, out_cols), "bf16" if silu else "f32")
+            one = quant_weights(b, N, Kdim, storage, group, asym)
+            copies = [one] + [quant_weights(b, N, Kdim, storage, group, asym) for _ in range(b.copies(one[1]) - 1)]
+            for M in rows_list:
+                if label == "q8 gemv" and M > K.GEMV_MAX_ROWS:
+                    continue
+                moved = one[1] + M * Kdim * 2 + M * out_cols * (2 if silu else 4)
+                # q4 g128 at M = 1 and 16 also with every split forced (the planner's choice is a model, not measured)
+                splits = [None] + ([1, 2, 4, 8] if label == "q4 g128" and M in (1, 16) else [])
+                for split in splits:
+                    launches = [quant_launch(b, label, w, x, y, M, N, silu, split) for w, _ in copies]
+                    us = b.time_us(launches * max(1, 8 // len(launches)))
+                    results.append(dict(kind="quant", model=model, name=name, N=N, K=Kdim, M=M,
+                                        variant=label if split is None else f"q4 g128 ×{split}", us=us,
+                                        gbps=moved / us / 1e3, pct_copy=moved / us / 1e3 / (bandwidth / 1e9)))
+            b.free()
+    return results
+
+
 # ── attention ───────────────────────────────────────────────────────────────────────────────────────
 def paged_tables(b: Bench, contexts, instances: int) -> tuple[list[DeviceBuffer], int]:
     """`instances` disjoint sets of block tables for the contexts (shuffled block ids), and the pool's block count."""
@@ -391,6 +458,21 @@ def report(results: list[dict]) -> str:
         sections.append("projections: µs, % of copy bandwidth (weights + x + y bytes), ×splits, * = plan; bm…: "
                         "stream-K (gemm.cu), split: the planned tile with grid split-K, sm90: gemm_sm90.cu (wgmma), "
                         "v1: gemm_v1.cu as planned before\n" + tabulate(table, headers=["model", "proj", "N×K", "M", *columns], tablefmt="github"))
+    quant = [r for r in results if r["kind"] == "quant"]
+    if quant:
+        variants = list(dict.fromkeys(r["variant"] for r in quant))
+        rows = {}
+        for r in quant:
+            rows.setdefault((r["model"], r["name"], f"{r['N']}×{r['K']}", r["M"]), {})[r["variant"]] = r
+        table = []
+        for key, cells in rows.items():
+            speedup = (f"{cells['bf16']['us'] / cells['q4 g128']['us']:.2f}×"
+                       if "bf16" in cells and "q4 g128" in cells else "")
+            table.append([*key, *(f"{cells[v]['us']:.1f} {cells[v]['pct_copy']:.0%}" if v in cells else "" for v in variants),
+                          speedup])
+        sections.append("quantized projections: µs, % of copy bandwidth (weights + scales + zeros + x + y bytes); "
+                        "bf16: gemv (M ≤ 4) or the planned gemm; q8 gemv: gemv.cu; q8, q4: gemm_quant.cu\n" + tabulate(
+                            table, headers=["model", "proj", "N×K", "M", *variants, "bf16/q4 g128"], tablefmt="github"))
     pg = [r for r in results if r["kind"] == "gemm_prefill"]
     if pg:
         rows = {}
@@ -443,6 +525,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="directory for bench_kernels.json")
     parser.add_argument("--quick", action="store_true", help="fewer rows and batches (a smoke run)")
     parser.add_argument("--gemm-only", action="store_true", help="the projections and prefill GEMMs only")
+    parser.add_argument("--quant-only", action="store_true", help="the quantized projections (int4, int8) only")
     args = parser.parse_args()
     started = time.perf_counter()
     b = Bench()
@@ -455,10 +538,15 @@ def main() -> int:
         rows = (1, 4, 16, 64) if args.quick else GEMM_ROWS
         for model in args.models.split(","):
             cfg = MODELS[model]
+            quant_rows = (1, 4, 16, 64) if args.quick else QUANT_ROWS
             stages = [("projections", lambda: bench_projections(b, model, cfg, bandwidth, rows)),
                       ("prefill GEMM", lambda: bench_prefill_gemm(b, model, cfg,
                                                                   (512,) if args.quick else PREFILL_GEMM_ROWS))]
+            if args.quant_only:
+                stages = []
             if not args.gemm_only:
+                stages += [("quantized projections", lambda: bench_quant(b, model, cfg, bandwidth, quant_rows))]
+            if not (args.gemm_only or args.quant_only):
                 stages += [("int8 gemv", lambda: bench_int8_gemv(b, model, cfg, bandwidth)),
                            ("paged decode", lambda: bench_decode(b, model, cfg, bandwidth,
                                                                  (1, 64) if args.quick else DECODE_BATCHES)),
@@ -467,7 +555,7 @@ def main() -> int:
             for stage, run in stages:
                 results += run()
                 print(f"  {model} {stage} done at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-        if not args.gemm_only:
+        if not (args.gemm_only or args.quant_only):
             results += bench_sampling(b)
     finally:
         b.close()

@@ -4,6 +4,8 @@
 #   benchmarks/device_check.sh JOB...   with JOB one of
 #     tests    the CUDA tests (kernels alone, the Python/CUDA mirror, the backend, bench CLI)
 #     kernels  bench_kernels.py (each kernel's time and bandwidth at 1B/7B shapes)
+#     quant    the int4/int8 kernels (gemm_quant.cu): their tests, the projection tests beside them, and
+#              bench_kernels.py --quant-only (µs and % of copy bandwidth next to bf16)
 #     batch    bench_batch.py (the batched runtime against transformers)
 #     bench    bench_cuda.py (batch-1 prefill and decode against transformers)
 #     serve    bench_serve.py (olmoscope serve under load against the offline loop and transformers)
@@ -24,6 +26,12 @@ for job in "$@"; do
         timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -rs ${PYTEST_ARGS:-} tests/test_kernel_mirror.py \
             tests/test_cuda_kernels.py tests/test_cuda_backend.py tests/test_bench_cli.py tests/test_nccl.py ${EXTRA_TESTS:-} 2>&1 | tee "$OUT/tests.log" |
             grep -v "^tests/.*PASSED" ;;
+    quant)
+        timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -rs ${PYTEST_ARGS:-} tests/test_cuda_quant_kernels.py \
+            tests/test_cuda_kernels.py -k "q4 or q8 or gemv or gemm_with_the_planned or int8_gemm" 2>&1 |
+            tee "$OUT/quant_tests.log" | grep -v "^tests/.*PASSED"
+        timeout ${BENCH_TIMEOUT:-240} python3 benchmarks/bench_kernels.py --models ${MODELS:-1b,7b} --quant-only \
+            --out "$OUT" 2>&1 | tee "$OUT/quant_bench.log" ;;
     kernels)
         timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_kernels.py --models ${MODELS:-1b,7b} --out "$OUT" 2>&1 |
             tee "$OUT/bench_kernels.log" ;;

@@ -22,6 +22,17 @@ OS_DEVICE uint32_t pack_bf16x2(float lo, float hi) {
     return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// Four int8 weights widened without the quarter-rate int→float instruction: byte q + 128 placed in the low
+// mantissa bits of 2^23 is the float 2^23 + 128 + q, exactly; subtracting 2^23 + 128 leaves q.
+OS_DEVICE void widen4_int8(uint32_t w, float (&q)[4]) {
+    const uint32_t u = w ^ 0x80808080u;  // each byte q + 128, unsigned
+    constexpr float OFFSET = 8388736.f;  // 2^23 + 128
+    q[0] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7540)) - OFFSET;
+    q[1] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7541)) - OFFSET;
+    q[2] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7542)) - OFFSET;
+    q[3] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7543)) - OFFSET;
+}
+
 // Streaming 16-byte load for weights: read once per step, so keep it out of L1.
 OS_DEVICE uint4 load_stream16(const void* p) {
     uint4 v;
@@ -106,6 +117,27 @@ OS_DEVICE void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0
         "{%0,%1,%2,%3};"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two bf16 lanes at once, a·b + c rounded once per lane (sm_80+): the int4 kernels' q − z (exact) in one instruction.
+OS_DEVICE uint32_t fma_bf16x2(uint32_t a, uint32_t b, uint32_t c) {
+    uint32_t d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// (a & b) | c in one instruction (nvcc splits it in two when b and c are both immediates): int4 dequantization.
+OS_DEVICE uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// Two float16 (low half first) widened to f32, exactly: the int4 kernels' group scales.
+OS_DEVICE float2 f16x2_to_float2(uint32_t h) {
+    float lo, hi;
+    asm("{\n.reg .b16 l, h;\nmov.b32 {l, h}, %2;\ncvt.f32.f16 %0, l;\ncvt.f32.f16 %1, h;\n}" : "=f"(lo), "=f"(hi) : "r"(h));
+    return make_float2(lo, hi);
 }
 
 // ── Hopper (sm_90a) warpgroup MMA: asynchronous, operands from shared memory through matrix descriptors ──

@@ -40,7 +40,7 @@ from olmoscope.runtime.cuda import kernels as K  # noqa: E402
 from olmoscope.runtime.cuda.driver import CudaGraph, DeviceBuffer  # noqa: E402
 
 BF16 = ml_dtypes.bfloat16
-NUMPY_OF = {"bf16": BF16, "f32": np.float32, "i8": np.int8, "i32": np.int32}
+NUMPY_OF = {"bf16": BF16, "f32": np.float32, "i8": np.int8, "i32": np.int32, "u8": np.uint8, "f16": np.float16}
 BS = K.BLOCK_SIZE
 
 

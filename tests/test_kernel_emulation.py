@@ -24,6 +24,9 @@ SUBSET = " or ".join([
     "padding_sequences", "paged_prefill_ragged_batch_matches_numpy[37-", "paged_prefill_windows", "paged_prefill_sees",
     "copy_blocks", "sampling_rows_each", "penalties_per_row", "sampled_tokens_feed", "counted_back", "row_logprobs",
     "sampling_edge_values",
+    "q4_matches_numpy_dequantize_then_matmul[asym-128-1]", "q4_matches_numpy_dequantize_then_matmul[sym-32-17]",
+    "q4_matches_numpy_dequantize_then_matmul[asym-64-64]", "q4_every_k_split", "q4_silu_pairs", "dequantize_q4_is",
+    "q4_beyond_64", "q4_launchers_refuse", "q8_matches_numpy[5]", "q8_silu_pairs", "q8_every_k_split", "q8_beyond_64",
 ])
 
 
@@ -32,7 +35,7 @@ SUBSET = " or ".join([
 # wgmma) may still read it.
 EAGER_SUBSET = " or ".join([
     "gemm_every_tile_and_split_count", "gemm_stream_k_with_any_number_of_ctas", "gemm_stream_k_fused_silu",
-    "gemm_hopper_wgmma_matches_numpy[300", "gemm_hopper_wgmma_fused_silu",
+    "gemm_hopper_wgmma_matches_numpy[300", "gemm_hopper_wgmma_fused_silu", "q4_beyond_64", "q8_beyond_64",
 ])
 needs_gxx = pytest.mark.skipif(shutil.which("g++") is None or platform.machine() != "x86_64" or sys.platform != "linux",
                                reason="the CUDA emulator needs g++ on x86-64 Linux: the kernels did NOT run on the CPU")

@@ -248,3 +248,20 @@ def test_shared_memory_fits_every_supported_gpu():
     # one GEMM CTA per multiprocessor: the stream-K grid (one CTA each) is all resident, none waits for a slot
     assert min(tile.smem for tile in kernels.GEMM_TILES.values()) > 227 * 1024 // 2
     assert max(kernels.decode_smem(d) for d in kernels.HEAD_DIMS) <= limit
+
+
+def test_the_quantized_kernels_have_every_instantiation_and_a_split_plan_in_one_wave():
+    names = set(kernels.SIGNATURES)
+    for nt in kernels.Q4_NT:
+        assert f"q8_mma_n{nt}" in names and f"q8_mma_silu_n{nt}" in names
+        for g in kernels.Q4_GROUPS:
+            assert f"q4_mma_g{g}_n{nt}" in names and f"q4_mma_silu_g{g}_n{nt}" in names
+    assert [kernels.q4_tiles(m) for m in (1, 8, 9, 16, 17, 32, 33, 64)] == [1, 1, 2, 2, 4, 4, 8, 8]
+    with pytest.raises(DeviceError):
+        kernels.q4_tiles(65)
+    for N, K in SHAPES:
+        for nt, warps in kernels.Q4_RESIDENT_WARPS.items():
+            tiles, units = N // 16, kernels.q4_units(K, 128, nt)
+            split = kernels.q4_split(tiles, units, 132, warps)
+            assert split in (1, 2, 4, 8) and (split == 1 or tiles * split <= 132 * warps), (N, K, nt, split)
+            assert split == 1 or units >= split, (N, K, nt, split)

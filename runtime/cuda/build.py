@@ -19,7 +19,7 @@ from pathlib import Path
 from olmoscope.errors import DeviceError
 
 # One file per kernel family; common.cuh is included by all of them.
-KERNEL_FILES = ("embedding.cu", "norms.cu", "rope.cu", "gemv.cu", "gemm.cu", "gemm_v1.cu", "gemm_sm90.cu",
+KERNEL_FILES = ("embedding.cu", "norms.cu", "rope.cu", "gemv.cu", "gemm.cu", "gemm_quant.cu", "gemm_v1.cu", "gemm_sm90.cu",
                 "attention.cu", "sampling.cu", "kv_cache.cu")
 # Files with code for one architecture's own features: built for that target ("sm_90a": wgmma) on that GPU; for any
 # other target their kernels compile empty (and are never launched there).

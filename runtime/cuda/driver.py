@@ -16,7 +16,7 @@ import numpy as np
 from olmoscope.errors import DeviceError
 from olmoscope.runtime.cuda.build import find_nvcc
 
-ITEMSIZE = {"bf16": 2, "f32": 4, "i8": 1, "i32": 4}
+ITEMSIZE = {"bf16": 2, "f32": 4, "i8": 1, "i32": 4, "u8": 1, "f16": 2}  # u8, f16: int4 weights, scales, zeros
 
 try:  # PyCUDA is an optional extra: without it the module imports, and available() says why
     import pycuda.driver as cuda

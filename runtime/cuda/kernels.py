@@ -27,6 +27,7 @@ import numpy as np
 from olmoscope.errors import DeviceError
 from olmoscope.runtime.cuda.build import arch_of, build_arch, compile_kernel
 from olmoscope.runtime.cuda.driver import ITEMSIZE, DeviceBuffer
+from olmoscope.runtime.cuda.quant_layout import Q4_CHUNK, Q4_GROUPS, Q4_TILE_ROWS, Q8_CHUNK
 from olmoscope.runtime.step import SAMPLE_NAN, SAMPLE_NO_MASS  # noqa: F401  (mirrored from sampling.cu)
 
 # ── constants mirrored from cuda/ (tests/test_kernel_mirror.py checks each against its constexpr) ──────────
@@ -72,6 +73,12 @@ ROPE_HEAD_THREADS = 128  # rope.cu: one block per (token, head)
 SAMPLE_THREADS = 1024  # sampling.cu
 TOP_LOGPROBS = 20  # sampling.cu: row_logprobs' alternatives per row, at most
 COPY_THREADS = 256  # kv_cache.cu
+Q4_WARPS = 8  # gemm_quant.cu: warps per block; Q4_TILE_ROWS, Q4_CHUNK come from quant_layout (the device layout)
+Q4_MAX_ROWS = 64  # token rows the int4 mma kernels take (more: dequantize_q4, then gemm)
+Q4_SMALL_UNROLL = 8  # chunks (16-byte loads per lane) per step: NT ≤ 2, NT = 4, NT = 8
+Q4_MID_UNROLL = 4
+Q4_WIDE_UNROLL = 2
+Q4_NT = (1, 2, 4, 8)  # n8 token tiles of the instantiations (M ≤ 8, 16, 32, 64)
 
 # Python name → (file, constexpr name): what the mirror test compares.
 MIRRORED = {
@@ -108,6 +115,8 @@ MIRRORED = {
     "SAMPLE_NAN": ("sampling.cu", "SAMPLE_NAN"),
     "SAMPLE_NO_MASS": ("sampling.cu", "SAMPLE_NO_MASS"),
     "COPY_THREADS": ("kv_cache.cu", "COPY_THREADS"),
+    **{name: ("gemm_quant.cu", name) for name in ("Q4_WARPS", "Q4_TILE_ROWS", "Q4_CHUNK", "Q4_MAX_ROWS", "Q4_SMALL_UNROLL",
+                                                  "Q4_MID_UNROLL", "Q4_WIDE_UNROLL", "Q8_CHUNK")},
 }
 
 # The one switch of the Hopper GEMM (gemm_sm90.cu, wgmma): off until measured on an H200 (OLMOSCOPE_GEMM_HOPPER=1 turns
@@ -204,6 +213,11 @@ SIGNATURES = {
     **{f"gemm_v1_bf16_silu_bm{bm}": ("gemm_v1.cu", "PPPPiii") for bm in GEMM_V1_TILES},
     "silu_mul_parts": ("gemm.cu", "PiqPii"),
     "widen_int8": ("gemm.cu", "PPq"),
+    **{f"q4_mma{silu}_g{g}_n{nt}": ("gemm_quant.cu", "PPPPPiiii")
+       for silu in ("", "_silu") for g in Q4_GROUPS for nt in Q4_NT},
+    "dequantize_q4": ("gemm_quant.cu", "PPPPiiii"),
+    **{f"q8_mma{silu}_n{nt}": ("gemm_quant.cu", "PPPPiiii") for silu in ("", "_silu") for nt in Q4_NT},
+    "dequantize_q8": ("gemm_quant.cu", "PPPPiii"),
     **{f"paged_prefill_d{d}": ("attention.cu", "PPPPPPPPPPiiii") for d in HEAD_DIMS},
     **{f"paged_decode_d{d}_g{g}": ("attention.cu", "PPPPPPPPPiiiii") for d in HEAD_DIMS for g in DECODE_GROUPS},
     "penalize_rows": ("sampling.cu", "PiPPPPPiP"),
@@ -401,6 +415,43 @@ def gemv_split(pairs: int, sm_count: int) -> int:
     """Warps per GEMV row pair (1, 2, 4 or 8): more when there are too few pairs to keep the chip streaming."""
     split = 1
     while split < GEMV_WARPS and pairs * split < sm_count * GEMV_WARPS_PER_SM:
+        split *= 2
+    return split
+
+
+def q4_tiles(M: int) -> int:
+    """The n8 token tiles of the int4 kernel for M rows: 1, 2, 4 or 8 (M ≤ 8, 16, 32, 64)."""
+    for nt in Q4_NT:
+        if M <= 8 * nt:
+            return nt
+    raise DeviceError(f"int4 mma: {M} rows (at most {Q4_MAX_ROWS}; more: dequantize_q4, then gemm)")
+
+
+def q4_units(K: int, group: int, nt: int, chunk: int = Q4_CHUNK) -> int:
+    """Work units of one 16-row tile along K, as gemm_quant.cu's slices share them: whole steps of the unroll's chunks,
+    then the leftover chunks in whole groups (int8: chunk = Q8_CHUNK, group = chunk)."""
+    unroll = Q4_SMALL_UNROLL if nt <= 2 else Q4_MID_UNROLL if nt == 4 else Q4_WIDE_UNROLL
+    per_group = max(1, group // chunk)
+    chunks = K // chunk
+    return chunks // unroll + (chunks % unroll) // per_group
+
+
+# Warps of the int4/int8 kernels resident per multiprocessor, by NT (256-thread blocks; registers from ptxas -v on
+# sm_90: about 100 for NT ≤ 2 → 2 blocks, 140 … 185 for NT 4, 8 → 1 block). Host-side: refresh when the kernels change.
+Q4_RESIDENT_WARPS = {1: 16, 2: 16, 4: 8, 8: 8}
+Q8_RESIDENT_WARPS = {1: 32, 2: 24, 4: 24, 8: 16}  # the int8 kernels: 64, 80, 74, 104 registers
+
+
+def q4_split(tiles: int, units: int, sm_count: int, resident_warps: int = 16) -> int:
+    """Warps per 16-row tile (1, 2, 4, 8) for gemm_quant.cu: the most that keep every warp of the launch resident at
+    once (a second, partial wave would stream its bytes with a fraction of the chip's loads in flight) while every
+    slice still gets at least one unit of K.
+
+    >>> q4_split(1376, 8, 132), q4_split(768, 8, 132), q4_split(128, 4, 132)
+    (1, 2, 4)
+    """
+    split = 1
+    while split < Q4_WARPS and tiles * split * 2 <= sm_count * resident_warps and units >= 2 * split:
         split *= 2
     return split
 
@@ -734,6 +785,116 @@ class Kernels:
             raise DeviceError(f"widen_int8: {n} {q.dtype} elements into {out.nbytes} bytes of {out.dtype}")
         self.launch("widen_int8", (math.ceil(n / 4096),), (256, 1, 1), q.ptr, out.ptr, n)
 
+    # ── int4 weights (gemm_quant.cu; device layout: quant_layout.pack_q4) ────────────────────────────────────
+    def _q4_shapes(self, what: str, qweight: DeviceBuffer, scales: DeviceBuffer, zeros: DeviceBuffer | None,
+                   N: int) -> tuple[int, int]:
+        """(K, group) after checking an int4 matrix of N rows in the device layout: qweight u8 [Np, K/2],
+        scales f16 [Np, K/G], zeros u8 [Np/2, K/G] or None (symmetric), Np = ⌈N/16⌉·16."""
+        if len(qweight.shape) != 2 or len(scales.shape) != 2:
+            raise DeviceError(f"{what}: qweight {list(qweight.shape)}, scales {list(scales.shape)} (matrices)")
+        Np, K = qweight.shape[0], 2 * qweight.shape[1]
+        if not 1 <= N or math.ceil(N / Q4_TILE_ROWS) * Q4_TILE_ROWS != Np:
+            raise DeviceError(f"{what}: {N} rows in a device matrix of {Np} (⌈N/16⌉·16 expected)")
+        groups = scales.shape[1]
+        if groups < 1 or K % groups or K // groups not in Q4_GROUPS or K % Q4_CHUNK:
+            raise DeviceError(f"{what}: K = {K} in {groups} groups (group size one of {Q4_GROUPS}, K % {Q4_CHUNK} == 0)")
+        _expect(qweight, f"{what} qweight", "u8", (Np, K // 2))
+        _expect(scales, f"{what} scales", "f16", (Np, groups))
+        if zeros is not None:
+            _expect(zeros, f"{what} zeros", "u8", (Np // 2, groups))
+        return K, K // groups
+
+    def gemm_q4(self, x: DeviceBuffer, qweight: DeviceBuffer, scales: DeviceBuffer, zeros: DeviceBuffer | None,
+                y: DeviceBuffer, rows: int, N: int, silu: bool = False, split: int | None = None) -> None:
+        """y = x·Wᵀ for 1 … 64 rows with W int4 in the device layout (pack_q4; silu: packed with pairs=True):
+        x [≥rows, K] bf16; y [≥rows, N] f32, or silu [≥rows, N/2] bf16 = SiLU(gate)·up. split: warps per 16-row tile
+        (default q4_split's). No workspace."""
+        _check_count("gemm_q4", rows)
+        K, group = self._q4_shapes("gemm_q4", qweight, scales, zeros, N)
+        nt = q4_tiles(rows)
+        _expect(x, "gemm_q4 input", "bf16", (rows, K), min_rows=rows)
+        if silu:
+            if N % (2 * 8):
+                raise DeviceError(f"gemm_q4 silu: N = {N} is not 2·I with I a multiple of 8 (pairs layout)")
+            _expect(y, "gemm_q4 silu output", "bf16", (rows, N // 2), min_rows=rows)
+        else:
+            _expect(y, "gemm_q4 output", "f32", (rows, N), min_rows=rows)
+        tiles = qweight.shape[0] // Q4_TILE_ROWS
+        split = split or q4_split(tiles, q4_units(K, group, nt), self.sm_count, Q4_RESIDENT_WARPS[nt])
+        if split not in (1, 2, 4, 8):
+            raise DeviceError(f"gemm_q4: split {split} (1, 2, 4 or 8)")
+        name = f"q4_mma{'_silu' if silu else ''}_g{group}_n{nt}"
+        self.launch(name, (math.ceil(tiles / (Q4_WARPS // split)),), (32 * Q4_WARPS, 1, 1), qweight.ptr, scales.ptr,
+                    _ptr(zeros), x.ptr, y.ptr, rows, N, K, split)
+
+    def gemv_q4(self, qweight: DeviceBuffer, scales: DeviceBuffer, zeros: DeviceBuffer | None, x: DeviceBuffer,
+                y: DeviceBuffer, rows: int, N: int, silu: bool = False, split: int | None = None) -> None:
+        """The int4 projection of 1 … 4 rows (decode), gemv's argument order: gemm_q4 with its smallest token tile."""
+        if not 1 <= rows <= GEMV_MAX_ROWS:
+            raise DeviceError(f"gemv_q4: {rows} rows (1 … {GEMV_MAX_ROWS}; more go to gemm_q4)")
+        self.gemm_q4(x, qweight, scales, zeros, y, rows, N, silu=silu, split=split)
+
+    def gemm_q8(self, x: DeviceBuffer, qweight: DeviceBuffer, scales: DeviceBuffer, y: DeviceBuffer, rows: int,
+                N: int, silu: bool = False, split: int | None = None) -> None:
+        """y = x·Wᵀ for 1 … 64 rows with W int8 in the device layout (pack_q8; silu: pairs=True), row scales f32:
+        qweight i8 [Np, K] (Np = ⌈N/16⌉·16, K % 32 == 0), scales f32 [Np]; x [≥rows, K] bf16; y [≥rows, N] f32, or
+        silu [≥rows, N/2] bf16. No workspace."""
+        _check_count("gemm_q8", rows)
+        if len(qweight.shape) != 2:
+            raise DeviceError(f"gemm_q8: qweight {list(qweight.shape)} (a matrix)")
+        Np, K = qweight.shape
+        if not 1 <= N or math.ceil(N / Q4_TILE_ROWS) * Q4_TILE_ROWS != Np or K % Q8_CHUNK:
+            raise DeviceError(f"gemm_q8: {N} rows in a device matrix of {Np} × {K} (⌈N/16⌉·16, K % {Q8_CHUNK} == 0)")
+        _expect(qweight, "gemm_q8 qweight", "i8", (Np, K))
+        _expect(scales, "gemm_q8 scales", "f32", (Np,))
+        nt = q4_tiles(rows)
+        _expect(x, "gemm_q8 input", "bf16", (rows, K), min_rows=rows)
+        if silu:
+            if N % 16:
+                raise DeviceError(f"gemm_q8 silu: N = {N} is not 2·I with I a multiple of 8 (pairs layout)")
+            _expect(y, "gemm_q8 silu output", "bf16", (rows, N // 2), min_rows=rows)
+        else:
+            _expect(y, "gemm_q8 output", "f32", (rows, N), min_rows=rows)
+        tiles = Np // Q4_TILE_ROWS
+        split = split or q4_split(tiles, q4_units(K, Q8_CHUNK, nt, Q8_CHUNK), self.sm_count, Q8_RESIDENT_WARPS[nt])
+        if split not in (1, 2, 4, 8):
+            raise DeviceError(f"gemm_q8: split {split} (1, 2, 4 or 8)")
+        self.launch(f"q8_mma{'_silu' if silu else ''}_n{nt}", (math.ceil(tiles / (Q4_WARPS // split)),),
+                    (32 * Q4_WARPS, 1, 1), qweight.ptr, scales.ptr, x.ptr, y.ptr, rows, N, K, split)
+
+    def dequantize_q8(self, qweight: DeviceBuffer, scales: DeviceBuffer, out: DeviceBuffer, out_scales: DeviceBuffer,
+                      N: int, pairs: bool = False) -> None:
+        """out [N, K] bf16 = q (exact) and out_scales [N] f32 = the row scales, both in the canonical row order
+        ([gate; up] for a pairs-packed matrix), from pack_q8's layout: gemm(x, out, out_scales, …) at M > 64 rows;
+        out and out_scales may be larger (a per-layer scratch)."""
+        if len(qweight.shape) != 2:
+            raise DeviceError(f"dequantize_q8: qweight {list(qweight.shape)} (a matrix)")
+        Np, K = qweight.shape
+        if not 1 <= N or math.ceil(N / Q4_TILE_ROWS) * Q4_TILE_ROWS != Np or K % Q8_CHUNK or (pairs and N % 16):
+            raise DeviceError(f"dequantize_q8: {N} rows in a device matrix of {Np} × {K}")
+        _expect(qweight, "dequantize_q8 qweight", "i8", (Np, K))
+        _expect(scales, "dequantize_q8 scales", "f32", (Np,))
+        if out.dtype != "bf16" or len(out.shape) != 2 or out.shape[1] != K or out.shape[0] < N:
+            raise DeviceError(f"dequantize_q8: output {out.dtype} {list(out.shape)}, expected bf16 [≥{N}, {K}]")
+        if out_scales.dtype != "f32" or math.prod(out_scales.shape) < N:
+            raise DeviceError(f"dequantize_q8: output scales {out_scales.dtype} {list(out_scales.shape)} (f32, ≥ {N})")
+        units = Np // Q4_TILE_ROWS * (K // Q8_CHUNK)
+        self.launch("dequantize_q8", (math.ceil(units / Q4_WARPS),), (32 * Q4_WARPS, 1, 1), qweight.ptr, scales.ptr,
+                    out.ptr, out_scales.ptr, N, K, int(pairs))
+
+    def dequantize_q4(self, qweight: DeviceBuffer, scales: DeviceBuffer, zeros: DeviceBuffer | None,
+                      out: DeviceBuffer, N: int, pairs: bool = False) -> None:
+        """out [N, K] bf16 = bf16((q − z)·s) in the canonical row order ([gate; up] for a pairs-packed matrix), for
+        gemm at more than 64 rows; out may have more rows (a per-layer scratch of the largest matrix)."""
+        K, group = self._q4_shapes("dequantize_q4", qweight, scales, zeros, N)
+        if pairs and N % 16:
+            raise DeviceError(f"dequantize_q4: pairs layout with N = {N} (2·I, I a multiple of 8)")
+        if out.dtype != "bf16" or len(out.shape) != 2 or out.shape[1] != K or out.shape[0] < N:
+            raise DeviceError(f"dequantize_q4: output {out.dtype} {list(out.shape)}, expected bf16 [≥{N}, {K}]")
+        units = qweight.shape[0] // Q4_TILE_ROWS * (K // Q4_CHUNK)
+        self.launch("dequantize_q4", (math.ceil(units / Q4_WARPS),), (32 * Q4_WARPS, 1, 1), qweight.ptr, scales.ptr,
+                    _ptr(zeros), out.ptr, N, K, group, int(pairs))
+
     # ── attention ─────────────────────────────────────────────────────────────────────────────────────────
     def _attention_shapes(self, what: str, q: DeviceBuffer, k_pool: DeviceBuffer, v_pool: DeviceBuffer,
                           out: DeviceBuffer, context_len: DeviceBuffer, block_tables: DeviceBuffer,
@@ -882,4 +1043,4 @@ __all__ = ["BLOCK_SIZE", "GEMV_MAX_ROWS", "HEAD_DIMS", "DECODE_GROUPS", "GEMM_TI
            "GEMM_HOPPER", "SIGNATURES", "MIRRORED", "DeviceBuffer", "ITEMSIZE", "Kernels", "decode_group",
            "decode_smem", "decode_splits", "gemm_cost", "gemm_plan", "gemm_splits", "gemm_stream_chunks",
            "gemm_stream_plan", "gemm_tile", "gemm_ktiles_per_split", "gemm_v1_plan", "gemv_split", "kernel_smem",
-           "prefill_tiles"]
+           "prefill_tiles", "q4_split", "q4_tiles", "q4_units"]

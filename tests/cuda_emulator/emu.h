@@ -179,6 +179,16 @@ inline void emu_do(const EmuCopy& c) {
     if (c.bytes) std::memcpy(c.dst, c.src, c.bytes);
 }
 
+// IEEE half → float, exactly (normal, subnormal, zero, inf, NaN).
+inline float emu_f16(uint32_t h) {
+    const uint32_t sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    float v;
+    if (e == 0) v = std::ldexp((float)m, -24);
+    else if (e == 31) v = m ? NAN : INFINITY;
+    else v = std::ldexp((float)(m | 0x400), (int)e - 25);
+    return __uint_as_float(__float_as_uint(v) | sign);
+}
+
 #define OS_EMU_HELPERS                                                                                         \
     OS_DEVICE uint4 load_stream16(const void* p) { return *reinterpret_cast<const uint4*>(p); }                \
     OS_DEVICE void cp_async16(void* smem, const void* gmem, int src_bytes) {                                   \
@@ -225,6 +235,13 @@ inline void emu_do(const EmuCopy& c) {
     OS_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) { emu_ldmatrix(r, smem, true); }     \
     OS_DEVICE void ldmatrix_x4_s(uint32_t (&r)[4], uint32_t s) { emu_ldmatrix(r, emu_dynamic_smem + s, false); } \
     OS_DEVICE float emu_bf(uint32_t w, int hi) { return __uint_as_float(hi ? (w & 0xffff0000u) : (w << 16)); } \
+    OS_DEVICE uint32_t fma_bf16x2(uint32_t a, uint32_t b, uint32_t c) { /* one rounding: exact in double */   \
+        const double lo = (double)emu_bf(a, 0) * emu_bf(b, 0) + emu_bf(c, 0);                                   \
+        const double hi = (double)emu_bf(a, 1) * emu_bf(b, 1) + emu_bf(c, 1);                                   \
+        return (uint32_t)emu_f2bf((float)lo) | ((uint32_t)emu_f2bf((float)hi) << 16);                          \
+    }                                                                                                          \
+    OS_DEVICE uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) { return (a & b) | c; }                    \
+    OS_DEVICE float2 f16x2_to_float2(uint32_t h) { return {emu_f16(h & 0xffffu), emu_f16(h >> 16)}; }       \
     OS_DEVICE void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {           \
         uint64_t mine[7] = {a[0], a[1], a[2], a[3], b0, b1, 0};                                                 \
         emu_publish(mine, 6);                                                                                   \

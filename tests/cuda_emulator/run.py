@@ -1,4 +1,5 @@
-"""Build the kernels for the CPU emulator, then run tests/test_cuda_kernels.py on it; arguments go to pytest.
+"""Build the kernels for the CPU emulator, then run tests/test_cuda_kernels.py and tests/test_cuda_quant_kernels.py
+on it; arguments go to pytest.
 
     python tests/cuda_emulator/run.py -q -k "paged_decode"      (the whole file: about 4 minutes on 2 cores)
 """
@@ -18,4 +19,4 @@ if __name__ == "__main__":
     import pytest
 
     sys.exit(pytest.main(["-p", "cuda_emulator.plugin", str(ROOT / "tests" / "test_cuda_kernels.py"),
-                          *sys.argv[1:]]))
+                          str(ROOT / "tests" / "test_cuda_quant_kernels.py"), *sys.argv[1:]]))

@@ -1,0 +1,374 @@
+// Projections with int4 (and int8, below) weights for 1 … 64 token rows: y = x·Wᵀ with W dequantized in registers
+// straight into mma.sync m16n8k16 fragments, bf16 activations, f32 accumulation. Decode is memory-bound: a weight
+// byte is read once per step for all M rows, so the kernel streams W like a GEMV (no shared-memory staging, 16-byte
+// loads, U of them per lane in flight) and lets the tensor cores do the dot products, which keeps the instructions
+// per weight low enough (≈ 2.2 per int4 weight at G = 128, 3.1 at G = 32; 3.6 per int8 weight, from the SASS) to
+// reach copy bandwidth; up to M ≈ 16 the work per byte hardly grows (one mma per 8 token rows).
+//
+// W is the *weights* operand A (16 weight rows per warp tile), x the B operand (n8 = 8 token rows per mma), so small M
+// wastes no tensor work on padding: NT = ⌈M/8⌉ n8 tiles (1, 2, 4, 8) per instantiation.
+// Device layout (runtime/cuda/quant_layout.py, which repacks the canonical engine layout):
+//   qweight [Np/16 tiles][K/64 chunks][32 lanes] uint4: lane 4g + c holds tile rows g, g+8 at k 8c … 8c+7 and
+//           32+8c … 32+8c+7 of the chunk, word j (k16 block j: k 32·(j>>1) + 8c + 4·(j&1) … +3) as nibbles such
+//           that (word >> 4r) & 0x000F000F is A register r (each k16 block inside one half chunk: one group);
+//   scales  [tiles][K/G][8 g] of two f16 (rows g, g+8), zeros [tiles][K/G][8 g] bytes (z_g | z_{g+8} << 4) or null
+//           (symmetric: zero 8). The k order inside a chunk is permuted consistently for A and B: thread c's B
+//           fragments of blocks j, j+1 (j even) are x[token][64·chunk + 32·(j>>1) + 8c … +7], one 16-byte load.
+// Per group of G weights of a row: the mma accumulates Σ (q − z)·x exactly (q − z is exact in bf16, the products
+// are exact in f32) into a temporary, scaled by the f32 group scale into the accumulators: no rounding of weights.
+#include "common.cuh"
+
+constexpr int Q4_WARPS = 8;        // warps per block
+constexpr int Q4_TILE_ROWS = 16;   // weight rows per warp tile (the m16 of the mma)
+constexpr int Q4_CHUNK = 64;       // k per 16-byte lane load (32 nibbles: 2 rows × 16 k)
+constexpr int Q4_MIN_GROUP = 32;   // a k16 block lies in one half chunk
+constexpr int Q4_MAX_ROWS = 64;    // token rows: NT ≤ 8 n8 tiles (more: dequantize_q4 + the bf16 GEMM)
+constexpr int Q4_SMALL_UNROLL = 8; // chunks per step (16-byte loads in flight per lane) for NT ≤ 2
+constexpr int Q4_MID_UNROLL = 4;   // NT = 4 (more accumulators live)
+constexpr int Q4_WIDE_UNROLL = 2;  // NT = 8 (the tensor cores set the pace there, not the loads in flight)
+
+// bf16 128.0 has an ulp of 1: 0x4300 | q is exactly 128 + q for a nibble q in the low mantissa bits.
+constexpr uint32_t BF16X2_128 = 0x43004300u;
+constexpr uint32_t BF16X2_ONE = 0x3F803F80u;
+constexpr uint32_t BF16X2_MINUS_128 = 0xC300C300u;  // | z·0x10001: −(128 + z) in both halves
+
+// −(128 + z) in both bf16 halves for the zero of tile row g (low nibble of zb) and of row g + 8 (high nibble).
+struct Q4Zero {
+    uint32_t g, g8;
+    OS_DEVICE explicit Q4Zero(uint32_t zb)
+        : g(BF16X2_MINUS_128 | ((zb & 15u) * 0x10001u)), g8(BF16X2_MINUS_128 | (((zb >> 4) & 15u) * 0x10001u)) {}
+};
+
+// One device word (8 nibbles) → the four A registers of a k16 block, q − z exact: (128 + q)·1 − (128 + z).
+OS_DEVICE void q4_dequant(uint32_t w, const Q4Zero& z, uint32_t (&a)[4]) {
+    constexpr uint32_t LOW_NIBBLES = 0x000F000Fu;
+    a[0] = fma_bf16x2(and_or(w, LOW_NIBBLES, BF16X2_128), BF16X2_ONE, z.g);         // row g,   k +0 +1
+    a[1] = fma_bf16x2(and_or(w >> 4, LOW_NIBBLES, BF16X2_128), BF16X2_ONE, z.g8);   // row g+8, k +0 +1
+    a[2] = fma_bf16x2(and_or(w >> 8, LOW_NIBBLES, BF16X2_128), BF16X2_ONE, z.g);    // row g,   k +2 +3
+    a[3] = fma_bf16x2(and_or(w >> 12, LOW_NIBBLES, BF16X2_128), BF16X2_ONE, z.g8);  // row g+8, k +2 +3
+}
+
+OS_DEVICE uint32_t word_of(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
+
+// The per-warp state of one tile's dot products: where its weights, scales and activations are.
+template <int NT>
+struct Q4Warp {
+    const uint4* w;          // this lane's first chunk of the tile
+    const uint32_t* scale;   // this lane's scale pair of group 0 (stride 8 per group)
+    const uint8_t* zero;     // this lane's zero byte of group 0, or null
+    // activations of token 8n + g at this lane's k offset 8c; a token ≥ M reads row M − 1 instead (its mma column
+    // is never stored), so no load is predicated
+    const bf16* x[NT];
+    int K;
+};
+
+// C consecutive chunks q0 … q0+C−1 of a tile (C·64/G whole groups): every weight and scale load issued first, then
+// per group a temporary mma sum over its G/16 k16 blocks, scaled into acc.
+template <int NT, int G, int C>
+OS_DEVICE void q4_chunks(const Q4Warp<NT>& p, int q0, float (&acc)[NT][4]) {
+    constexpr int GROUPS = C * Q4_CHUNK / G, BLOCKS = G / 16;
+    static_assert(GROUPS >= 1 && (C * Q4_CHUNK) % G == 0, "whole groups per step");
+    uint4 w[C];
+#pragma unroll
+    for (int i = 0; i < C; i++) w[i] = load_stream16(p.w + (size_t)(q0 + i) * 32);
+    // Every weight load in flight before the first mma: ptxas would otherwise sink each load to just before its use
+    // (fewer live registers, one load in flight per warp). A dependency of the first zero point on all of them,
+    // through a value that is 0 at run time but unknown to the compiler, keeps them together at no cost in bytes.
+    uint32_t all = 0;
+#pragma unroll
+    for (int i = 0; i < C; i++) all |= w[i].x;
+    const uint32_t hold = all & ((uint32_t)p.K >> 31);  // K < 2^31: zero
+    const int group0 = q0 * Q4_CHUNK / G;
+    uint32_t sc[GROUPS], zb[GROUPS];
+#pragma unroll
+    for (int i = 0; i < GROUPS; i++) {
+        sc[i] = __ldg(p.scale + (size_t)(group0 + i) * 8);
+        zb[i] = p.zero ? (uint32_t)__ldg(p.zero + (size_t)(group0 + i) * 8) : 0x88u;
+    }
+#pragma unroll
+    for (int gi = 0; gi < GROUPS; gi++) {
+        const Q4Zero z(gi == 0 ? zb[0] | hold : zb[gi]);
+        float t[NT][4];
+#pragma unroll
+        for (int n = 0; n < NT; n++) t[n][0] = t[n][1] = t[n][2] = t[n][3] = 0.f;
+#pragma unroll
+        for (int b = 0; b < BLOCKS; b += 2) {  // k16 blocks j, j + 1 of one half chunk: x[k 8c … 8c+7], one load
+            const int kb = gi * BLOCKS + b, chunk = kb >> 2, j = kb & 3;
+            uint32_t a0[4], a1[4];
+            q4_dequant(word_of(w[chunk], j), z, a0);
+            q4_dequant(word_of(w[chunk], j + 1), z, a1);
+            const size_t k = (size_t)(q0 + chunk) * Q4_CHUNK + 32 * (j >> 1);
+#pragma unroll
+            for (int n = 0; n < NT; n++) {
+                const uint4 xv = __ldg(reinterpret_cast<const uint4*>(p.x[n] + k));
+                mma_bf16_16816(t[n], a0, xv.x, xv.y);
+                mma_bf16_16816(t[n], a1, xv.z, xv.w);
+            }
+        }
+        const float2 s = f16x2_to_float2(sc[gi]);  // rows g, g+8
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+            acc[n][0] = fmaf(t[n][0], s.x, acc[n][0]);
+            acc[n][1] = fmaf(t[n][1], s.x, acc[n][1]);
+            acc[n][2] = fmaf(t[n][2], s.y, acc[n][2]);
+            acc[n][3] = fmaf(t[n][3], s.y, acc[n][3]);
+        }
+    }
+}
+
+// The end of a tile shared by `split` warps (slices) of a block: their accumulators meet in shared memory, added in
+// slice order (the same result every run), and slice 0 stores them, times the row scales s_g, s_g8 (int8; 1 for
+// int4, whose group scales are already in). The accumulator of (n8 tile n, e) is token 8n + 2c + (e & 1), tile row
+// g + 8·(e >> 1):
+//   plain: y [M, N] f32, rows n of the tile in order;
+//   silu:  the tile is gate rows 8t … 8t+7 then up rows I+8t … (pairs layout), y [M, N/2] bf16 = SiLU(gate)·up.
+template <int NT, bool SILU>
+OS_DEVICE void quant_finish(float (&acc)[NT][4], float (&partial)[Q4_WARPS][NT * 4][32], int split, bool active,
+                            int tile, void* __restrict__ y, int M, int N, float s_g, float s_g8) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, slice = warp % split;
+    if (split > 1) {
+#pragma unroll
+        for (int n = 0; n < NT; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) partial[warp][n * 4 + e][lane] = acc[n][e];
+        __syncthreads();
+        if (slice != 0) return;
+        for (int s = 1; s < split; s++)
+#pragma unroll
+            for (int n = 0; n < NT; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) acc[n][e] += partial[warp + s][n * 4 + e][lane];
+    }
+    if (!active) return;
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            const int token = n * 8 + 2 * c + e;
+            if (token >= M) continue;
+            const float lo = acc[n][e] * s_g, hi = acc[n][e + 2] * s_g8;
+            if (SILU) {
+                reinterpret_cast<bf16*>(y)[(size_t)token * (N / 2) + tile * 8 + g] = __float2bfloat16(silu(lo) * hi);
+            } else {
+                float* out = reinterpret_cast<float*>(y) + (size_t)token * N;
+                const int row = tile * Q4_TILE_ROWS + g;
+                if (row < N) out[row] = lo;
+                if (row + 8 < N) out[row + 8] = hi;
+            }
+        }
+    }
+}
+
+// Each 16-row tile is taken by `split` warps of one block (1, 2, 4 or 8), slice s taking steps s, s + split, … of
+// U chunks and then the leftover chunks in whole groups the same way (quant_finish adds and stores them).
+template <int NT, int G, bool SILU>
+OS_DEVICE void q4_body(const uint4* __restrict__ qweight, const uint32_t* __restrict__ scales,
+                       const uint8_t* __restrict__ zeros, const bf16* __restrict__ x, void* __restrict__ y, int M,
+                       int N, int K, int split) {
+    constexpr int U = NT <= 2 ? Q4_SMALL_UNROLL : NT == 4 ? Q4_MID_UNROLL : Q4_WIDE_UNROLL;
+    constexpr int CPG = G >= Q4_CHUNK ? G / Q4_CHUNK : 1;  // chunks of the smallest whole-group step
+    static_assert(G % Q4_MIN_GROUP == 0, "a k16 block must not straddle two groups");
+    static_assert(NT * 8 <= Q4_MAX_ROWS, "at most Q4_MAX_ROWS token rows");
+    __shared__ float partial[Q4_WARPS][NT * 4][32];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const int tile = blockIdx.x * (Q4_WARPS / split) + warp / split, slice = warp % split;
+    const int tiles = (N + Q4_TILE_ROWS - 1) / Q4_TILE_ROWS, chunks = K / Q4_CHUNK, groups = K / G;
+    const bool active = tile < tiles;
+
+    float acc[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+    if (active) {
+        Q4Warp<NT> p;
+        p.w = qweight + (size_t)tile * chunks * 32 + lane;
+        p.scale = scales + (size_t)tile * groups * 8 + g;
+        p.zero = zeros ? zeros + (size_t)tile * groups * 8 + g : nullptr;
+#pragma unroll
+        for (int n = 0; n < NT; n++) p.x[n] = x + (size_t)min(n * 8 + g, M - 1) * K + 8 * c;
+        p.K = K;
+        const int steps = chunks / U, rest = (chunks - steps * U) / CPG;
+        for (int s = slice; s < steps; s += split) q4_chunks<NT, G, U>(p, s * U, acc);
+        for (int r = slice; r < rest; r += split) q4_chunks<NT, G, CPG>(p, steps * U + r * CPG, acc);
+    }
+    quant_finish<NT, SILU>(acc, partial, split, active, tile, y, M, N, 1.f, 1.f);
+}
+
+// Grid: (⌈tiles / (8 / split)⌉); block: 256 threads; split ∈ {1, 2, 4, 8} warps per tile.
+// qweight, scales, zeros (or null): the device layout above for Np = 16·tiles ≥ N rows and K % 64 == 0, K % G == 0;
+// x [M, K] bf16 (M ≤ 8·NT); y [M, N] f32, or silu (pairs layout, N = 2I, I % 8 == 0): [M, I] bf16.
+#define Q4_KERNEL(G, NT)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32)                                                   \
+        q4_mma_g##G##_n##NT(const uint4* qweight, const uint32_t* scales, const uint8_t* zeros, const bf16* x,    \
+                            float* y, int M, int N, int K, int split) {                                           \
+        q4_body<NT, G, false>(qweight, scales, zeros, x, y, M, N, K, split);                                      \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32)                                                   \
+        q4_mma_silu_g##G##_n##NT(const uint4* qweight, const uint32_t* scales, const uint8_t* zeros,              \
+                                 const bf16* x, bf16* y, int M, int N, int K, int split) {                        \
+        q4_body<NT, G, true>(qweight, scales, zeros, x, y, M, N, K, split);                                       \
+    }
+#define Q4_GROUP(G) Q4_KERNEL(G, 1) Q4_KERNEL(G, 2) Q4_KERNEL(G, 4) Q4_KERNEL(G, 8)
+Q4_GROUP(32)
+Q4_GROUP(64)
+Q4_GROUP(128)
+
+// ── int8 weights (per-row f32 scales), the same scheme ───────────────────────────────────────────────────────
+// Device layout (quant_layout.pack_q8): qweight [Np/16 tiles][K/32 chunks][32 lanes] uint4, lane 4g + c, word 2j + h
+// = tile row g + 8h at k = 32·chunk + 8c + 4j + e in byte e (k16 block j of the chunk); scales [Np] f32 in tile
+// row order. An int8 weight is exact in bf16 (8 significant bits), so the mma sums Σ q·x exactly-rounded in f32
+// and the row scale is applied once at the end.
+constexpr int Q8_CHUNK = 32;  // k per 16-byte lane load (2 rows × 8 k)
+
+// Two int8 words (tile rows g, g+8 of one k16 block) → the block's four A registers (bf16 pairs, exact).
+OS_DEVICE void q8_widen(uint32_t row_g, uint32_t row_g8, uint32_t (&a)[4]) {
+    float lo[4], hi[4];
+    widen4_int8(row_g, lo);
+    widen4_int8(row_g8, hi);
+    a[0] = pack_bf16x2(lo[0], lo[1]);
+    a[1] = pack_bf16x2(hi[0], hi[1]);
+    a[2] = pack_bf16x2(lo[2], lo[3]);
+    a[3] = pack_bf16x2(hi[2], hi[3]);
+}
+
+// C consecutive chunks q0 … of a tile: the weight loads first (all in flight, as q4_chunks), then two k16 blocks
+// per chunk straight into the accumulators.
+template <int NT, int C>
+OS_DEVICE void q8_chunks(const uint4* __restrict__ w_lane, const bf16* const (&x)[NT], int K, int q0,
+                         float (&acc)[NT][4]) {
+    uint4 w[C];
+#pragma unroll
+    for (int i = 0; i < C; i++) w[i] = load_stream16(w_lane + (size_t)(q0 + i) * 32);
+    uint32_t all = 0;
+#pragma unroll
+    for (int i = 0; i < C; i++) all |= w[i].x;
+    w[0].y |= all & ((uint32_t)K >> 31);  // zero at run time: the first use waits for every load (see q4_chunks)
+#pragma unroll
+    for (int i = 0; i < C; i++) {
+        uint32_t a0[4], a1[4];
+        q8_widen(w[i].x, w[i].y, a0);
+        q8_widen(w[i].z, w[i].w, a1);
+        const size_t k = (size_t)(q0 + i) * Q8_CHUNK;
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+            const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x[n] + k));
+            mma_bf16_16816(acc[n], a0, xv.x, xv.y);
+            mma_bf16_16816(acc[n], a1, xv.z, xv.w);
+        }
+    }
+}
+
+template <int NT, bool SILU>
+OS_DEVICE void q8_body(const uint4* __restrict__ qweight, const float* __restrict__ scales, const bf16* __restrict__ x,
+                       void* __restrict__ y, int M, int N, int K, int split) {
+    constexpr int U = NT <= 2 ? Q4_SMALL_UNROLL : NT == 4 ? Q4_MID_UNROLL : Q4_WIDE_UNROLL;  // as int4
+    __shared__ float partial[Q4_WARPS][NT * 4][32];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const int tile = blockIdx.x * (Q4_WARPS / split) + warp / split, slice = warp % split;
+    const int tiles = (N + Q4_TILE_ROWS - 1) / Q4_TILE_ROWS, chunks = K / Q8_CHUNK;
+    const bool active = tile < tiles;
+    float acc[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+    float s_g = 0.f, s_g8 = 0.f;
+    if (active) {
+        const uint4* w_lane = qweight + (size_t)tile * chunks * 32 + lane;
+        const bf16* xs[NT];
+#pragma unroll
+        for (int n = 0; n < NT; n++) xs[n] = x + (size_t)min(n * 8 + g, M - 1) * K + 8 * c;  // as Q4Warp::x
+        const int steps = chunks / U, rest = chunks - steps * U;
+        for (int s = slice; s < steps; s += split) q8_chunks<NT, U>(w_lane, xs, K, s * U, acc);
+        for (int r = slice; r < rest; r += split) q8_chunks<NT, 1>(w_lane, xs, K, steps * U + r, acc);
+        s_g = scales[tile * Q4_TILE_ROWS + g];
+        s_g8 = scales[tile * Q4_TILE_ROWS + g + 8];
+    }
+    quant_finish<NT, SILU>(acc, partial, split, active, tile, y, M, N, s_g, s_g8);
+}
+
+// Grid: (⌈tiles / (8 / split)⌉); block: 256 threads; split ∈ {1, 2, 4, 8} warps per tile.
+// qweight, scales: the int8 device layout above (Np = 16·tiles ≥ N rows, K % 32 == 0); x [M, K] bf16 (M ≤ 8·NT);
+// y [M, N] f32, or silu (pairs layout, N = 2I, I % 8 == 0): [M, I] bf16.
+#define Q8_KERNEL(NT)                                                                                             \
+    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32)                                                   \
+        q8_mma_n##NT(const uint4* qweight, const float* scales, const bf16* x, float* y, int M, int N, int K,     \
+                     int split) {                                                                                 \
+        q8_body<NT, false>(qweight, scales, x, y, M, N, K, split);                                                \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32)                                                   \
+        q8_mma_silu_n##NT(const uint4* qweight, const float* scales, const bf16* x, bf16* y, int M, int N, int K, \
+                          int split) {                                                                            \
+        q8_body<NT, true>(qweight, scales, x, y, M, N, K, split);                                                 \
+    }
+Q8_KERNEL(1)
+Q8_KERNEL(2)
+Q8_KERNEL(4)
+Q8_KERNEL(8)
+
+// For M > 64 rows (prefill): the matrix dequantized to bf16 in the canonical row order, bf16((q − z)·s) with the
+// product in f32 (as NumPy's dequantize_q4 then a cast), for the bf16 GEMM of gemm.cu (scales null).
+// Grid: (⌈tiles·K/64 / 8⌉); block: 256 threads, one warp per (tile, chunk), each lane 2 rows × 2 runs of 8 k.
+// pairs: the device rows are the [gate; up] pairs layout (N = 2I); out [N, K] bf16.
+extern "C" __global__ void dequantize_q4(const uint4* __restrict__ qweight, const uint32_t* __restrict__ scales,
+                                         const uint8_t* __restrict__ zeros, bf16* __restrict__ out, int N, int K,
+                                         int G, int pairs) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const int chunks = K / Q4_CHUNK, tiles = (N + Q4_TILE_ROWS - 1) / Q4_TILE_ROWS;
+    const long long unit = (long long)blockIdx.x * Q4_WARPS + warp;
+    if (unit >= (long long)tiles * chunks) return;
+    const int tile = (int)(unit / chunks), chunk = (int)(unit % chunks);
+    const uint4 v = load_stream16(qweight + (size_t)unit * 32 + lane);
+#pragma unroll
+    for (int half = 0; half < 2; half++) {  // k run 32·half + 8c … +7: words 2·half, 2·half + 1
+        const int k0 = chunk * Q4_CHUNK + 32 * half + 8 * c;
+        const size_t at = ((size_t)tile * (K / G) + k0 / G) * 8 + g;
+        const float2 s = f16x2_to_float2(scales[at]);
+        const uint32_t zb = zeros ? zeros[at] : 0x88u;
+#pragma unroll
+        for (int h = 0; h < 2; h++) {  // tile row g + 8h
+            const int row = pairs ? (h == 0 ? 8 * tile + g : N / 2 + 8 * tile + g) : tile * Q4_TILE_ROWS + g + 8 * h;
+            if (row >= N) continue;
+            const float scale = h ? s.y : s.x;
+            const int z = (int)((zb >> (4 * h)) & 15u);
+            uint32_t packed[4];
+#pragma unroll
+            for (int jl = 0; jl < 2; jl++) {
+                const uint32_t w = word_of(v, 2 * half + jl);
+                float e4[4];
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int nibble = h + 2 * (e >> 1) + 4 * (e & 1);
+                    e4[e] = (float)((int)((w >> (4 * nibble)) & 15u) - z) * scale;
+                }
+                packed[2 * jl] = pack_bf16x2(e4[0], e4[1]);
+                packed[2 * jl + 1] = pack_bf16x2(e4[2], e4[3]);
+            }
+            *reinterpret_cast<uint4*>(out + (size_t)row * K + k0) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+        }
+    }
+}
+
+// int8 engines at M > 64 rows: the device-layout matrix widened back to bf16 in the canonical row order (exact: q
+// itself), and its row scales in that order too, for gemm.cu with the scales in its epilogue (as widen_int8).
+// Grid: (⌈tiles·K/32 / 8⌉); block: 256 threads, one warp per (tile, chunk), each lane 2 rows × 8 k.
+// qweight, scales: pack_q8's layout (pairs: [gate; up] tiles, N = 2I); out [N, K] bf16, out_scales [N] f32.
+extern "C" __global__ void dequantize_q8(const uint4* __restrict__ qweight, const float* __restrict__ scales,
+                                         bf16* __restrict__ out, float* __restrict__ out_scales, int N, int K,
+                                         int pairs) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const int chunks = K / Q8_CHUNK, tiles = (N + Q4_TILE_ROWS - 1) / Q4_TILE_ROWS;
+    const long long unit = (long long)blockIdx.x * Q4_WARPS + warp;
+    if (unit >= (long long)tiles * chunks) return;
+    const int tile = (int)(unit / chunks), chunk = (int)(unit % chunks);
+    const uint4 v = load_stream16(qweight + (size_t)unit * 32 + lane);
+#pragma unroll
+    for (int h = 0; h < 2; h++) {  // tile row g + 8h: words h (k 8c … +3) and 2 + h (k 8c+4 … +7)
+        const int row = pairs ? (h == 0 ? 8 * tile + g : N / 2 + 8 * tile + g) : tile * Q4_TILE_ROWS + g + 8 * h;
+        if (row >= N) continue;
+        float lo[4], hi[4];
+        widen4_int8(h ? v.y : v.x, lo);
+        widen4_int8(h ? v.w : v.z, hi);
+        *reinterpret_cast<uint4*>(out + (size_t)row * K + chunk * Q8_CHUNK + 8 * c) =
+            make_uint4(pack_bf16x2(lo[0], lo[1]), pack_bf16x2(lo[2], lo[3]), pack_bf16x2(hi[0], hi[1]),
+                       pack_bf16x2(hi[2], hi[3]));
+        if (chunk == 0 && c == 0) out_scales[row] = scales[tile * Q4_TILE_ROWS + g + 8 * h];
+    }
+}

@@ -1,0 +1,223 @@
+"""The quantized-weight kernels (cuda/gemm_quant.cu) against NumPy dequantize-then-matmul, on fresh random inputs with
+outputs poisoned (NaN) before every launch: int4 in the device layout of runtime/cuda/quant_layout.py, every group
+size, symmetric and asymmetric, 1 … 64 token rows (odd ones too), odd N, every K split, the SiLU·up epilogue, and
+the bf16 dequantization for M > 64. Runs on a GPU, or on the CPU emulator (tests/cuda_emulator/run.py).
+
+Tolerances (relative Frobenius error against float64 on the same inputs): f32 outputs ≤ 1e-5 (q − z and x are
+exact in bf16, their products exact in f32, the group scale applied in f32); the SiLU·up products (bf16) ≤ 1e-2;
+the dequantized matrix bit for bit (bf16 of the f32 product, as NumPy's cast).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from test_cuda_kernels import BF16, bf16, dev, rel, rng, silu  # noqa: F401  (fixtures: the device, the generator)
+
+from olmoscope.errors import DeviceError
+from olmoscope.runtime.cuda import kernels as K
+from olmoscope.runtime.cuda.quant_layout import Q4Device, dequantize_q4, pack_q4, pack_q8
+
+pytestmark = pytest.mark.cuda
+
+
+def random_q4(rng, N: int, Kdim: int, group: int, asym: bool):
+    """Canonical int4 arrays (qweight, scales, zeros or None) and their float64 matrix [N, K]."""
+    qweight = rng.integers(0, 256, (N, Kdim // 2), dtype=np.uint8)
+    scales = rng.uniform(0.002, 0.03, (N, Kdim // group)).astype(np.float16)
+    zeros = rng.integers(0, 16, (N, Kdim // group), dtype=np.uint8) if asym else None
+    return qweight, scales, zeros, dequantize_q4(qweight, scales, zeros).astype(np.float64)
+
+
+def upload(dev, packed: Q4Device):
+    zeros = None if packed.zeros is None else dev.put(packed.zeros, "u8")
+    return dev.put(packed.qweight, "u8"), dev.put(packed.scales, "f16"), zeros
+
+
+def q4_case(dev, rng, N, Kdim, group, asym, pairs=False):
+    """(device qweight, scales, zeros, float64 matrix) of a random int4 matrix."""
+    qweight, scales, zeros, w = random_q4(rng, N, Kdim, group, asym)
+    return (*upload(dev, pack_q4(qweight, scales, zeros, pairs=pairs)), w)
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 9, 16, 17, 31, 33, 64])
+@pytest.mark.parametrize("group", K.Q4_GROUPS)
+@pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
+def test_q4_matches_numpy_dequantize_then_matmul(dev, rng, M, group, asym):
+    N, Kdim = 333, 640  # odd N (a last tile of 13 rows); K: whole steps of every unroll and a leftover of chunks
+    qw, sc, zr, w = q4_case(dev, rng, N, Kdim, group, asym)
+    x = bf16(rng.standard_normal((M, Kdim)))
+    out = dev.poisoned((M + 1, N), "f32")  # one row more than written
+    if M <= K.GEMV_MAX_ROWS:
+        dev.kernels.gemv_q4(qw, sc, zr, dev.put(x, "bf16"), out, M, N)
+    else:
+        dev.kernels.gemm_q4(dev.put(x, "bf16"), qw, sc, zr, out, M, N)
+    got = dev.get(out)
+    err = rel(got[:M], x @ w.T)
+    assert err <= 1e-5, f"rel err {err:.2e}"
+    assert np.all(np.isnan(got[M:])), "rows past M were written"
+
+
+@pytest.mark.parametrize("split", [1, 2, 4, 8])
+@pytest.mark.parametrize("M", [3, 12])
+def test_q4_every_k_split_gives_the_same_result(dev, rng, split, M):
+    N, Kdim, group = 100, 64 * 27, 64  # 27 chunks: 3 steps of 8 and 3 leftover chunks (U = 8), 6 + 3 (U = 4)
+    qw, sc, zr, w = q4_case(dev, rng, N, Kdim, group, asym=True)
+    x = bf16(rng.standard_normal((M, Kdim)))
+    out = dev.poisoned((M, N), "f32")
+    dev.kernels.gemm_q4(dev.put(x, "bf16"), qw, sc, zr, out, M, N, split=split)
+    err = rel(dev.get(out), x @ w.T)
+    assert err <= 1e-5, f"rel err {err:.2e}"
+
+
+def test_q4_at_a_7b_depth_of_k(dev, rng):
+    M, N, Kdim, group = 2, 48, 11008, 128  # down_proj's K: 172 chunks (21 steps of 8 and 4 left over)
+    qw, sc, zr, w = q4_case(dev, rng, N, Kdim, group, asym=False)
+    x = bf16(rng.standard_normal((M, Kdim)))
+    out = dev.poisoned((M, N), "f32")
+    dev.kernels.gemv_q4(qw, sc, zr, dev.put(x, "bf16"), out, M, N)
+    err = rel(dev.get(out), x @ w.T)
+    assert err <= 1e-5, f"rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("M", [1, 4, 5, 17, 64])
+@pytest.mark.parametrize("group,asym", [(32, True), (128, False)])
+def test_q4_silu_pairs_gate_and_up(dev, rng, M, group, asym):
+    I, Kdim = 200, 256  # I a multiple of 8, not of 16: a tile of gate rows 8t … 8t+7 and up rows I+8t …
+    qw, sc, zr, w = q4_case(dev, rng, 2 * I, Kdim, group, asym, pairs=True)
+    x = bf16(rng.standard_normal((M, Kdim)))
+    out = dev.poisoned((M + 1, I), "bf16")
+    dev.kernels.gemm_q4(dev.put(x, "bf16"), qw, sc, zr, out, M, 2 * I, silu=True)
+    gate, up = np.split(x @ w.T, 2, axis=-1)
+    got = dev.get(out)
+    err = rel(got[:M], silu(gate) * up)
+    assert err <= 1e-2, f"rel err {err:.2e}"
+    assert np.all(np.isnan(got[M:])), "rows past M were written"
+
+
+@pytest.mark.parametrize("pairs", [False, True], ids=["plain", "pairs"])
+@pytest.mark.parametrize("group,asym", [(32, True), (64, False), (128, True)])
+def test_dequantize_q4_is_numpys_bf16_bit_for_bit(dev, rng, pairs, group, asym):
+    N, Kdim = (208 if pairs else 211), 384
+    qweight, scales, zeros, _ = random_q4(rng, N, Kdim, group, asym)
+    qw, sc, zr = upload(dev, pack_q4(qweight, scales, zeros, pairs=pairs))
+    out = dev.poisoned((N + 5, Kdim), "bf16")  # a scratch larger than the matrix: its last rows stay untouched
+    dev.kernels.dequantize_q4(qw, sc, zr, out, N, pairs=pairs)
+    got = dev.get(out)
+    want = dequantize_q4(qweight, scales, zeros).astype(BF16).astype(np.float64)
+    assert np.array_equal(got[:N], want), f"{np.sum(got[:N] != want)} elements differ"
+    assert np.all(np.isnan(got[N:])), "rows past N were written"
+
+
+def test_q4_beyond_64_rows_dequantize_then_the_bf16_gemm(dev, rng):
+    M, N, Kdim, group = 100, 160, 512, 128
+    qweight, scales, zeros, w = random_q4(rng, N, Kdim, group, asym=True)
+    qw, sc, zr = upload(dev, pack_q4(qweight, scales, zeros))
+    scratch = dev.poisoned((N, Kdim), "bf16")
+    dev.kernels.dequantize_q4(qw, sc, zr, scratch, N)
+    x = bf16(rng.standard_normal((M, Kdim)))
+    out = dev.poisoned((M, N), "f32")
+    dev.kernels.gemm(dev.put(x, "bf16"), scratch, None, out, M)
+    err = rel(dev.get(out), x @ bf16(w).T)
+    assert err <= 1e-5, f"rel err {err:.2e}"
+
+
+def test_q4_launchers_refuse_bad_shapes(dev, rng):
+    N, Kdim = 64, 256
+    qw, sc, zr, _ = q4_case(dev, rng, N, Kdim, 64, asym=True)
+    x, y = dev.poisoned((65, Kdim), "bf16"), dev.poisoned((65, N), "f32")
+    with pytest.raises(DeviceError, match="rows"):
+        dev.kernels.gemm_q4(x, qw, sc, zr, y, 65, N)
+    with pytest.raises(DeviceError, match="rows"):
+        dev.kernels.gemv_q4(qw, sc, zr, x, y, 5, N)
+    with pytest.raises(DeviceError, match="rows in a device matrix"):
+        dev.kernels.gemm_q4(x, qw, sc, zr, y, 4, N + 16)
+    with pytest.raises(DeviceError, match="zeros"):
+        dev.kernels.gemm_q4(x, qw, sc, sc, y, 4, N)
+    with pytest.raises(DeviceError, match="input"):
+        dev.kernels.gemm_q4(dev.poisoned((4, Kdim + 64), "bf16"), qw, sc, zr, y, 4, N)
+    with pytest.raises(DeviceError, match="silu"):
+        dev.kernels.gemm_q4(x, qw, sc, zr, dev.poisoned((4, N // 2), "bf16"), 4, N - 8, silu=True)
+    with pytest.raises(DeviceError, match="split"):
+        dev.kernels.gemm_q4(x, qw, sc, zr, y, 4, N, split=3)
+    with pytest.raises(DeviceError, match="output"):
+        dev.kernels.dequantize_q4(qw, sc, zr, dev.poisoned((N, Kdim), "f32"), N)
+
+
+# ── int8 (per-row scales) on the same tensor-core scheme ───────────────────────────────────────────────
+def q8_case(dev, rng, N, Kdim, pairs=False, scale=1.0):
+    """(device qweight, scales, float64 matrix) of a random int8 matrix with per-row scales."""
+    w = scale * rng.standard_normal((N, Kdim))
+    s = (np.abs(w).max(axis=1) / 127).astype(np.float32)
+    q = np.round(w / s[:, None]).astype(np.int8)
+    packed = pack_q8(q, s, pairs=pairs)
+    return dev.put(packed.qweight, "i8"), dev.put(packed.scales, "f32"), q * s[:, None].astype(np.float64)
+
+
+@pytest.mark.parametrize("M", [1, 2, 4, 5, 9, 16, 23, 33, 64])
+def test_q8_matches_numpy(dev, rng, M):
+    N, Kdim = 333, 32 * 21  # odd N; 21 chunks: whole steps of 8, 4 and 2 and a leftover
+    qw, sc, w = q8_case(dev, rng, N, Kdim)
+    x = bf16(rng.standard_normal((M, Kdim)))
+    out = dev.poisoned((M + 1, N), "f32")
+    dev.kernels.gemm_q8(dev.put(x, "bf16"), qw, sc, out, M, N)
+    got = dev.get(out)
+    err = rel(got[:M], x @ w.T)
+    assert err <= 1e-5, f"rel err {err:.2e}"
+    assert np.all(np.isnan(got[M:])), "rows past M were written"
+
+
+@pytest.mark.parametrize("split", [1, 2, 4, 8])
+def test_q8_every_k_split_gives_the_same_result(dev, rng, split):
+    M, N, Kdim = 3, 100, 32 * 35
+    qw, sc, w = q8_case(dev, rng, N, Kdim)
+    x = bf16(rng.standard_normal((M, Kdim)))
+    out = dev.poisoned((M, N), "f32")
+    dev.kernels.gemm_q8(dev.put(x, "bf16"), qw, sc, out, M, N, split=split)
+    err = rel(dev.get(out), x @ w.T)
+    assert err <= 1e-5, f"rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("M", [1, 4, 17])
+def test_q8_silu_pairs_gate_and_up(dev, rng, M):
+    I, Kdim = 200, 256
+    qw, sc, w = q8_case(dev, rng, 2 * I, Kdim, pairs=True, scale=0.25)
+    x = bf16(rng.standard_normal((M, Kdim)))
+    out = dev.poisoned((M, I), "bf16")
+    dev.kernels.gemm_q8(dev.put(x, "bf16"), qw, sc, out, M, 2 * I, silu=True)
+    gate, up = np.split(x @ w.T, 2, axis=-1)
+    err = rel(dev.get(out), silu(gate) * up)
+    assert err <= 1e-2, f"rel err {err:.2e}"
+
+
+def test_q8_launcher_refuses_bad_shapes(dev, rng):
+    qw, sc, _ = q8_case(dev, rng, 64, 256)
+    x, y = dev.poisoned((65, 256), "bf16"), dev.poisoned((65, 64), "f32")
+    with pytest.raises(DeviceError, match="rows"):
+        dev.kernels.gemm_q8(x, qw, sc, y, 65, 64)
+    with pytest.raises(DeviceError, match="device matrix"):
+        dev.kernels.gemm_q8(x, qw, sc, y, 4, 80)
+    with pytest.raises(DeviceError, match="scales"):
+        dev.kernels.gemm_q8(x, qw, dev.poisoned((63,), "f32"), y, 4, 64)
+
+
+@pytest.mark.parametrize("pairs", [False, True], ids=["plain", "pairs"])
+def test_q8_beyond_64_rows_dequantize_then_the_bf16_gemm(dev, rng, pairs):
+    M, N, Kdim = 70, (208 if pairs else 211), 256
+    w = rng.standard_normal((N, Kdim))
+    s = (np.abs(w).max(axis=1) / 127).astype(np.float32)
+    q = np.round(w / s[:, None]).astype(np.int8)
+    packed = pack_q8(q, s, pairs=pairs)
+    widened, row_scales = dev.poisoned((N + 3, Kdim), "bf16"), dev.poisoned((N + 3,), "f32")
+    dev.kernels.dequantize_q8(dev.put(packed.qweight, "i8"), dev.put(packed.scales, "f32"), widened, row_scales, N,
+                              pairs=pairs)
+    got, got_s = dev.get(widened), dev.get(row_scales)
+    assert np.array_equal(got[:N], q.astype(np.float64)) and np.array_equal(got_s[:N], s), "not exact"
+    assert np.all(np.isnan(got[N:])) and np.all(np.isnan(got_s[N:])), "rows past N were written"
+    x = bf16(rng.standard_normal((M, Kdim)))
+    out = dev.poisoned((M, N), "f32")
+    dev.kernels.gemm(dev.put(x, "bf16"), K.DeviceBuffer(widened.ptr, (N, Kdim), "bf16"),
+                     K.DeviceBuffer(row_scales.ptr, (N,), "f32"), out, M)
+    err = rel(dev.get(out), x @ (q * s[:, None].astype(np.float64)).T)
+    assert err <= 1e-5, f"rel err {err:.2e}"
