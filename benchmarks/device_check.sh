@@ -24,7 +24,7 @@ for job in "$@"; do
     case "$job" in
     tests)
         timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -rs ${PYTEST_ARGS:-} tests/test_kernel_mirror.py \
-            tests/test_cuda_kernels.py tests/test_cuda_backend.py tests/test_bench_cli.py tests/test_nccl.py ${EXTRA_TESTS:-} 2>&1 | tee "$OUT/tests.log" |
+            tests/test_cuda_kernels.py tests/test_cuda_backend.py tests/test_bench_cli.py tests/test_nccl.py tests/test_cuda_quant_kernels.py ${EXTRA_TESTS:-} 2>&1 | tee "$OUT/tests.log" |
             grep -v "^tests/.*PASSED" ;;
     quant)
         timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -rs ${PYTEST_ARGS:-} tests/test_cuda_quant_kernels.py \
