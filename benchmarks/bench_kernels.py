@@ -3,13 +3,13 @@ replays (no host launch cost), inputs rotated over enough copies that together t
 cache (so weights come from DRAM, as in a real step), median of several replays.
 
 - projections (qkv N = 3·H·d, o_proj, gate_up with SiLU, down_proj): GEMV at M = 1 … 4 against the tensor-core
-  GEMM at M = 1, 2, 4, 8, 16, 32, 64, 128, 256: gemm.cu's stream-K kernels with each tile bm16/32/64/128/256 up to
+  GEMM at M = 1, 2, 3, 4, 8, 16, 32, 64, 128, 256: gemm.cu's stream-K kernels with each tile bm16/32/64/128/256 up to
   twice the rows, the planned tile also with grid split-K (column "split": gemm_splits' count, partials summed by
   the consumer, SiLU through silu_mul_parts), on sm_90 the wgmma kernel from M = 64 (column "sm90", gemm_sm90.cu),
   and the previous kernels (gemm_v1.cu) as the old plan ran them (column "v1": its tile and split count); µs, GB/s of the bytes a projection must move (weights + x + y) and
-  % of the measured device copy bandwidth (read + write); "plan" marks what gemv/gemm_plan would choose;
+  % of the measured device copy bandwidth (read + write); * marks what Kernels.plan (gemm_plan) chooses;
 - prefill projections at M = 512 and 2048: gemm.cu bm256 and bm128 (stream-K) against gemm_v1.cu bm128 and,
-  on sm_90, gemm_sm90.cu (wgmma; off in the runtime unless GEMM_HOPPER), TFLOP/s;
+  on sm_90, gemm_sm90.cu (wgmma), TFLOP/s;
 - paged decode attention at B = 1, 8, 16, 32, 64, 128 with contexts uniform in [128, 512]: µs and KV GB/s;
 - paged prefill of 2048 tokens (one prompt, and 4 × 512): µs and TFLOP/s (causal: the visible keys only);
 - QK-norm + RoPE + append, both variants, at T = 1 … 256; sampling rows (greedy, top-k/top-p) at R = 1, 8, 64.
@@ -42,7 +42,7 @@ MODELS = {  # D, H, Hkv, d, I (docs: OLMO2.md); "tiny" is a smoke run of the scr
     "7b": dict(D=4096, H=32, Hkv=32, d=128, I=11008),
     "tiny": dict(D=256, H=4, Hkv=2, d=64, I=512),
 }
-GEMM_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+GEMM_ROWS = (1, 2, 3, 4, 8, 16, 32, 64, 128, 256)
 PREFILL_GEMM_ROWS = (512, 2048)
 PREFILL_VARIANTS = (("stream", 256), ("stream", 128), ("v1", 128))  # (Kernels.gemm variant, bm)
 DECODE_BATCHES = (1, 8, 16, 32, 64, 128)
@@ -165,18 +165,19 @@ def bench_projections(b: Bench, model: str, cfg: dict, bandwidth: float, rows_li
         parts = b.alloc((part_rows, N), "f32")  # room for any split's partials
         for M in rows_list:
             moved = weight_bytes + M * Kdim * 2 + M * out_cols * (2 if silu else 4)
-            plan_bm, _ = K.gemm_plan(M, N, Kdim, b.sm, silu=silu)
+            plan = k.plan(M, N, Kdim, silu=silu)
+            plan_bm = K.gemm_stream_tile(M, N, Kdim, b.sm)  # the stream-K columns' own choice of tile
             variants = []  # (label, launch(w), planned, column, splits)
             if M <= K.GEMV_MAX_ROWS:
-                variants.append(("gemv", lambda w, M=M: k.gemv(w, None, x, y, M, silu=silu), True, "gemv", 1))
+                variants.append(("gemv", lambda w, M=M: k.gemv(w, None, x, y, M, silu=silu), plan.variant == "gemv",
+                                 "gemv", 1))
             for bm in K.GEMM_TILES:
                 if bm > 2 * max(M, 32):  # a tile more than twice the rows: wasted work, not worth timing
                     continue
-                planned = M > K.GEMV_MAX_ROWS and bm == plan_bm
                 variants.append((f"gemm bm{bm} stream-K" + (" silu" if silu else ""),
-                                 lambda w, M=M, bm=bm: k.gemm(x, w, None, y, M, silu=silu, bm=bm), planned, f"bm{bm}",
-                                 1))
-            # the planned tile with grid split-K instead (what the old plan did, on the new kernels)
+                                 lambda w, M=M, bm=bm: k.gemm(x, w, None, y, M, silu=silu, bm=bm),
+                                 plan == ("stream", bm, 1), f"bm{bm}", 1))
+            # the stream-K tile with grid split-K instead (what the old plan did, on the new kernels)
             splits = K.gemm_splits(plan_bm, M, N, Kdim, b.sm)
             if splits > 1:
                 if silu:
@@ -188,14 +189,15 @@ def bench_projections(b: Bench, model: str, cfg: dict, bandwidth: float, rows_li
                 variants.append((f"gemm bm{plan_bm} ×{splits}", launch, False, "split", splits))
             if b.kernels.hopper and M >= 64:  # the wgmma kernel (one 128 × 256 tile per CTA, no split)
                 variants.append(("gemm sm90 wgmma" + (" silu" if silu else ""),
-                                 lambda w, M=M: k.gemm(x, w, None, y, M, silu=silu, variant="sm90"), False, "sm90", 1))
-            # the previous kernels as the previous plan ran them
+                                 lambda w, M=M: k.gemm(x, w, None, y, M, silu=silu, variant="sm90"),
+                                 plan.variant == "sm90", "sm90", 1))
+            # the previous kernels with their own plan (gemm_v1_plan)
             v1_bm, v1_splits = K.gemm_v1_plan(M, N, Kdim, b.sm, silu=silu)
             target = y if v1_splits == 1 else parts
             variants.append((f"gemm v1 bm{v1_bm} ×{v1_splits}",
                              lambda w, M=M, bm=v1_bm, s=v1_splits, target=target: k.gemm(
                                  x, w, None, target, M, silu=silu, splits=s, bm=bm, variant="v1"),
-                             False, "v1", v1_splits))
+                             plan == ("v1", v1_bm, v1_splits), "v1", v1_splits))
             for label, launch, planned, column, splits in variants:
                 launches = [lambda w=w, launch=launch: launch(w) for w in weights]
                 launches = launches * max(1, 8 // len(launches))
@@ -222,8 +224,8 @@ def bench_prefill_gemm(b: Bench, model: str, cfg: dict, rows_list=PREFILL_GEMM_R
         x = b.alloc((M_max, Kdim), "bf16")
         y = b.alloc((M_max, N // 2), "bf16") if silu else b.alloc((M_max, N), "f32")
         for M in rows_list:
-            hopper = K.GEMM_HOPPER and b.kernels.hopper and M > K.GEMM_HOPPER_MIN_ROWS
-            planned = ("sm90", K.GEMM90_BM) if hopper else ("stream", K.gemm_plan(M, N, Kdim, b.sm)[0])
+            plan = k.plan(M, N, Kdim, silu=silu)
+            planned = (plan.variant, plan.bm)
             for variant, bm in prefill_variants(b):
                 us = b.time_us([lambda w=w, M=M, variant=variant, bm=bm: k.gemm(x, w, None, y, M, silu=silu, bm=bm,
                                                                                 variant=variant) for w in weights] * 2)

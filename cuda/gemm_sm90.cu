@@ -1,5 +1,5 @@
-// Hopper-only projection GEMM for prefill (sm_90a: wgmma), opt-in (kernels.py GEMM_HOPPER) until measured; the
-// default everywhere is gemm.cu's mma.sync family. C = A·Wᵀ, A [M, K] bf16, W [N, K] bf16, f32 accumulation.
+// Hopper-only projection GEMM (sm_90a: wgmma), which kernels.py gemm_plan picks on sm_90 GPUs for the shapes with
+// enough 128 × 256 tiles (GEMM_HOPPER, on by default). C = A·Wᵀ, A [M, K] bf16, W [N, K] bf16, f32 accumulation.
 //
 // CTA tile 128 × 256 × 64, 2 warpgroups (256 threads), each the owner of 64 rows × 256 columns: per k-tile four
 // wgmma.mma_async m64n256k16 read A and W straight from shared memory through matrix descriptors (K-major, 128-byte

@@ -110,11 +110,9 @@ MIRRORED = {
     "COPY_THREADS": ("kv_cache.cu", "COPY_THREADS"),
 }
 
-# The one switch of the Hopper GEMM (gemm_sm90.cu, wgmma): off until measured on an H200 (OLMOSCOPE_GEMM_HOPPER=1 turns
-# it on for a run). On, Kernels.gemm runs it for M > GEMM_HOPPER_MIN_ROWS rows (prefill) on sm_90 GPUs, one split;
-# gemm.cu's stream-K mma.sync family otherwise.
-GEMM_HOPPER = os.environ.get("OLMOSCOPE_GEMM_HOPPER", "0") == "1"
-GEMM_HOPPER_MIN_ROWS = 256
+# The switch of the Hopper GEMM (gemm_sm90.cu, wgmma): on by default on sm_90 GPUs, where gemm_plan picks it for the
+# shapes with enough 128 × 256 tiles (measured on an H200); OLMOSCOPE_GEMM_HOPPER=0 turns it off for a run.
+GEMM_HOPPER = os.environ.get("OLMOSCOPE_GEMM_HOPPER", "1") != "0"
 GEMM90_SMEM = GEMM90_STAGES * (GEMM90_BM + GEMM90_BN) * GEMM90_BK * 2 + 1024  # + 1024: aligned to 1 KB in the kernel
 
 # Host-side planning knobs (not in any .cu file).
@@ -262,15 +260,13 @@ def gemm_cost(bm: int, M: int, N: int, K: int, sm_count: int) -> float:
     return max(stream, loads, math_s) + fixup
 
 
-def gemm_plan(M: int, N: int, K: int, sm_count: int, silu: bool = False) -> tuple[int, int]:
-    """(bm, splits) for C = A·Wᵀ with A [M, K], W [N, K]: the tile for M (gemm_tile) unless the time model
-    (gemm_cost) finds a tile of at most twice the rows clearly cheaper (small matrices, whose few tiles stream-K
-    would cut into many parts), and 1 split: the stream-K schedule (gemm_stream_plan) already spreads the k-tiles
-    of every shape over the whole chip, with no partial sums for the consumers to add and the SiLU epilogue always
-    fused.
+def gemm_stream_tile(M: int, N: int, K: int, sm_count: int) -> int:
+    """The stream-K tile (bm) of gemm.cu for C = A·Wᵀ with A [M, K], W [N, K]: the tile for M (gemm_tile) unless the
+    time model (gemm_cost) finds a tile of at most twice the rows clearly cheaper (small matrices, whose few tiles
+    stream-K would cut into many parts).
 
-    >>> gemm_plan(16, 4096, 4096, 132), gemm_plan(64, 4096, 4096, 132), gemm_plan(64, 2048, 2048, 132)
-    ((16, 1), (64, 1), (16, 1))
+    >>> gemm_stream_tile(16, 4096, 4096, 132), gemm_stream_tile(64, 4096, 4096, 132), gemm_stream_tile(64, 2048, 2048, 132)
+    (16, 64, 16)
     """
     natural = gemm_tile(M)
     best, best_cost = natural, gemm_cost(natural, M, N, K, sm_count)
@@ -279,7 +275,77 @@ def gemm_plan(M: int, N: int, K: int, sm_count: int, silu: bool = False) -> tupl
             cost = gemm_cost(bm, M, N, K, sm_count)
             if cost < GEMM_MODEL_MARGIN * best_cost:
                 best, best_cost = bm, cost
-    return best, 1
+    return best
+
+
+class GemmPlan(NamedTuple):
+    """How one projection runs: variant "gemv" (gemv.cu), "v1" (gemm_v1.cu, grid split-K), "stream" (gemm.cu,
+    stream-K) or "sm90" (gemm_sm90.cu, wgmma); its row tile (0 for the GEMV) and split-K count (partials summed by the
+    consumer; with silu and splits > 1, by silu_mul_parts)."""
+
+    variant: str
+    bm: int
+    splits: int
+
+
+GEMM90_MIN_USEFUL_TILES = 40  # sm90 from this many useful 128 × 256 tiles (measured on an H200, 2026-12-02)
+GEMM90_MIN_ROWS = 33  # and from this many rows (v1's bm16/bm32 stream a thin batch faster; sm90 untimed below 64)
+GEMM_V1_MAX_ROWS = 256  # v1 (grid split-K) up to this many rows, stream-K above
+
+
+def gemm90_useful_tiles(M: int, N: int) -> float:
+    """The 128 × 256 tiles of gemm_sm90.cu for M rows, each counted by the share of its rows that are real."""
+    return math.ceil(M / GEMM90_BM) * math.ceil(N / GEMM90_BN) * min(M, GEMM90_BM) / GEMM90_BM
+
+
+def gemm_plan(M: int, N: int, K: int, sm_count: int, silu: bool = False, hopper: bool = False,
+              int8: bool = False) -> GemmPlan:
+    """The projection kernel for C = A·Wᵀ, A [M, K], W [N, K] (silu: W = [gate; up], the SiLU·up product), chosen by
+    the H200 measurements of benchmarks/bench_kernels.py (2026-12-02), one rule per regime, the same on every run:
+
+    - M = 1, or M = 2 with N ≥ 2K (qkv, gate_up), or int8 weights and M ≤ 4: the GEMV, which streams every weight
+      byte once for all rows (int8: half the bytes; the GEMMs would first widen the matrix). Beyond that v1's split
+      bm16 tile was faster (o_proj and down at M = 2: 4.6 against 5.7 µs; every shape at M = 4).
+    - hopper (an sm_90 GPU, GEMM_HOPPER on) and M ≥ GEMM90_MIN_ROWS and gemm90_useful_tiles ≥ GEMM90_MIN_USEFUL_TILES:
+      gemm_sm90.cu, one split (7B gate_up at M = 64: 63.6 µs against v1's 76.7; every prefill shape but 1B o_proj at
+      M = 512). Fewer tiles leave most multiprocessors idle (7B o_proj M = 128: 16 tiles, 53.1 against v1's 23.6).
+    - M ≤ GEMM_V1_MAX_ROWS: gemm_v1.cu with its own tile and grid split-K (gemm_v1_plan; silu fused, one split):
+      it beat the stream-K schedule at decode sizes (7B M = 64 o_proj 16.1 against 22.0, down 34.7 against 43.0).
+    - otherwise gemm.cu's stream-K schedule with gemm_stream_tile's tile (prefill without enough wgmma tiles).
+
+    >>> gemm_plan(1, 4096, 4096, 132), gemm_plan(2, 4096, 4096, 132), gemm_plan(2, 12288, 4096, 132)
+    (GemmPlan(variant='gemv', bm=0, splits=1), GemmPlan(variant='v1', bm=16, splits=8), GemmPlan(variant='gemv', bm=0, splits=1))
+    >>> gemm_plan(64, 12288, 4096, 132, hopper=True), gemm_plan(64, 22016, 4096, 132, silu=True, hopper=True)
+    (GemmPlan(variant='v1', bm=64, splits=2), GemmPlan(variant='sm90', bm=128, splits=1))
+    >>> gemm_plan(128, 4096, 4096, 132, hopper=True), gemm_plan(128, 12288, 4096, 132, hopper=True)
+    (GemmPlan(variant='v1', bm=64, splits=4), GemmPlan(variant='sm90', bm=128, splits=1))
+    >>> gemm_plan(8, 2048, 8192, 132), gemm_plan(512, 2048, 8192, 132, hopper=True)
+    (GemmPlan(variant='v1', bm=16, splits=16), GemmPlan(variant='stream', bm=256, splits=1))
+    """
+    if M == 1 or (M == 2 and N >= 2 * K) or (int8 and M <= GEMV_MAX_ROWS):
+        return GemmPlan("gemv", 0, 1)
+    if hopper and M >= GEMM90_MIN_ROWS and gemm90_useful_tiles(M, N) >= GEMM90_MIN_USEFUL_TILES:
+        return GemmPlan("sm90", GEMM90_BM, 1)
+    if M <= GEMM_V1_MAX_ROWS:
+        return GemmPlan("v1", *gemm_v1_plan(M, N, K, sm_count, silu))
+    return GemmPlan("stream", gemm_stream_tile(M, N, K, sm_count), 1)
+
+
+def gemm_workspace(shapes, max_rows: int, sm_count: int, hopper: bool = False, int8: bool = False) -> int:
+    """f32 elements the projection output (one [M, N] result, or a plan's split-K partials splits × [M, N]) needs for
+    every row count 1 … max_rows and every projection (N, K, silu) in shapes, under gemm_plan: a silu projection
+    needs room only when it is split (its fused output is bf16 elsewhere), the others always.
+
+    >>> gemm_workspace([(4096, 4096, False)], 64, 132) == 8 * 64 * 4096  # v1's 8 splits at M = 64
+    True
+    """
+    most = 0
+    for M in range(1, max_rows + 1):
+        for N, K, silu in shapes:
+            plan = gemm_plan(M, N, K, sm_count, silu=silu, hopper=hopper, int8=int8)
+            if not silu or plan.splits > 1:
+                most = max(most, plan.splits * M * N)
+    return most
 
 
 def gemm_stream_plan(tiles: int, kt: int, ctas: int) -> tuple[int, int]:
@@ -490,6 +556,10 @@ class Kernels:
         self.cuda.memset_d32(int(self._gemm_tickets), 0, self.gemm_ctas)
         self._gemm_slots = self.cuda.mem_alloc(4 * 2 * self.gemm_ctas * slot)
 
+    def plan(self, M: int, N: int, K: int, silu: bool = False, int8: bool = False) -> GemmPlan:
+        """gemm_plan for this GPU: the Hopper GEMM only on sm_90 with GEMM_HOPPER on."""
+        return gemm_plan(M, N, K, self.sm_count, silu=silu, hopper=self.hopper and GEMM_HOPPER, int8=int8)
+
     def launch(self, name: str, grid: tuple[int, ...], block: tuple[int, ...], *args, smem: int = 0) -> None:
         """One asynchronous launch; a refusal (bad configuration, earlier fault) becomes a DeviceError."""
         if min(grid) < 1:
@@ -641,14 +711,12 @@ class Kernels:
              silu: bool = False, splits: int = 1, bm: int | None = None, variant: str = "stream",
              ctas: int | None = None) -> None:
         """C = A·Wᵀ on the tensor cores, A [≥rows, K] bf16, W [N, K] bf16: C holds splits × [rows, N] f32 partials
-        (part stride rows·N), or with silu C [≥rows, N/2] bf16 = SiLU(gate)·up. bm: the tile (default gemm_plan's).
-        splits = 1 runs the stream-K schedule on `ctas` persistent CTAs (default: one per multiprocessor); more
-        splits the grid over K into partial sums. variant "v1": the previous kernels (gemm_v1.cu), for comparison;
-        "sm90": the Hopper wgmma kernel (sm_90 GPUs, one split, its own 128 × 256 tile), which GEMM_HOPPER makes the
-        default above GEMM_HOPPER_MIN_ROWS rows."""
+        (part stride rows·N), or with silu C [≥rows, N/2] bf16 = SiLU(gate)·up. variant (gemm_plan chooses it for
+        the runtime): "stream" (gemm.cu; bm default gemm_stream_tile's): splits = 1 runs the stream-K schedule on
+        `ctas` persistent CTAs (default: one per multiprocessor), more splits the grid over K into partial sums;
+        "v1": gemm_v1.cu's grid split-K kernels (bm default its gemm_tile); "sm90": the Hopper wgmma kernel (sm_90
+        GPUs, one split, its own 128 × 256 tile)."""
         N, K = weight.shape
-        if GEMM_HOPPER and self.hopper and variant == "stream" and rows > GEMM_HOPPER_MIN_ROWS and splits == 1:
-            variant = "sm90"
         _check_count("gemm", rows)
         if weight.dtype != "bf16":
             raise DeviceError(f"gemm: weights must be bf16 (widen int8 first), found {weight.dtype}")
@@ -663,7 +731,7 @@ class Kernels:
                 raise DeviceError(f"gemm sm90: tile {bm}, {splits} splits (its own {GEMM90_BM}-row tile, one split)")
             bm = GEMM90_BM
         tiles_of = GEMM_V1_TILES if variant == "v1" else GEMM_TILES
-        bm = bm or (gemm_tile(rows, GEMM_V1_TILES) if variant == "v1" else gemm_plan(rows, N, K, self.sm_count)[0])
+        bm = bm or (gemm_tile(rows, GEMM_V1_TILES) if variant == "v1" else gemm_stream_tile(rows, N, K, self.sm_count))
         if variant != "sm90" and bm not in tiles_of:
             raise DeviceError(f"gemm: tile {bm} (one of {sorted(tiles_of)})")
         if (max(rows, N) + 256) * K >= 2**31:  # a tile's rows past the end are addressed too (and not read)
@@ -877,6 +945,6 @@ class Kernels:
 
 __all__ = ["BLOCK_SIZE", "GEMV_MAX_ROWS", "HEAD_DIMS", "DECODE_GROUPS", "GEMM_TILES", "GEMM_V1_TILES", "GEMM_VARIANTS",
            "GEMM_HOPPER", "SIGNATURES", "MIRRORED", "DeviceBuffer", "ITEMSIZE", "Kernels", "decode_group",
-           "decode_smem", "decode_splits", "gemm_cost", "gemm_plan", "gemm_splits", "gemm_stream_chunks",
+           "decode_smem", "decode_splits", "gemm_cost", "gemm_plan", "GemmPlan", "gemm_stream_tile", "gemm_workspace", "gemm_splits", "gemm_stream_chunks",
            "gemm_stream_plan", "gemm_tile", "gemm_ktiles_per_split", "gemm_v1_plan", "gemv_split", "kernel_smem",
            "prefill_tiles"]
