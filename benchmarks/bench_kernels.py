@@ -5,9 +5,11 @@ cache (so weights come from DRAM, as in a real step), median of several replays.
 - projections (qkv N = 3·H·d, o_proj, gate_up with SiLU, down_proj): GEMV at M = 1 … 4 against the tensor-core
   GEMM at M = 1, 2, 3, 4, 8, 16, 32, 64, 128, 256: gemm.cu's stream-K kernels with each tile bm16/32/64/128/256 up to
   twice the rows, the planned tile also with grid split-K (column "split": gemm_splits' count, partials summed by
-  the consumer, SiLU through silu_mul_parts), on sm_90 the wgmma kernel from M = 64 (column "sm90", gemm_sm90.cu),
-  and the previous kernels (gemm_v1.cu) as the old plan ran them (column "v1": its tile and split count); µs, GB/s of the bytes a projection must move (weights + x + y) and
-  % of the measured device copy bandwidth (read + write); * marks what Kernels.plan (gemm_plan) chooses;
+  the consumer, SiLU through silu_mul_parts), on sm_90 the wgmma kernel (gemm_sm90.cu) as first measured from M = 64
+  (column "sm90": bm128, one split) and from M = 8 with grid split-K (column "sm90k": bm64 up to 64 rows, else
+  bm128, gemm90_splits' count; "sm90k alt": two waves' worth of splits), and gemm_v1.cu with its own tile and split
+  count (column "v1"); µs, % of the measured device copy bandwidth (read + write) for the bytes a projection must move
+  (weights + x + y); * marks what Kernels.plan (gemm_plan) chooses (OLMOSCOPE_GEMM_SKINNY=0: the measured plan);
 - prefill projections at M = 512 and 2048: gemm.cu bm256 and bm128 (stream-K) against gemm_v1.cu bm128 and,
   on sm_90, gemm_sm90.cu (wgmma), TFLOP/s;
 - paged decode attention at B = 1, 8, 16, 32, 64, 128 with contexts uniform in [128, 512]: µs and KV GB/s;
@@ -162,6 +164,7 @@ def bench_projections(b: Bench, model: str, cfg: dict, bandwidth: float, rows_li
         y = b.alloc((M_max, out_cols), "bf16" if silu else "f32")
         part_rows = max(K.gemm_splits(bm, M, N, Kdim, b.sm, tiles) * M for M in rows_list
                         for tiles in (K.GEMM_TILES, K.GEMM_V1_TILES) for bm in tiles)
+        part_rows = max(part_rows, *(max(skinny_splits(b, M, N, Kdim, silu)) * M for M in rows_list))
         parts = b.alloc((part_rows, N), "f32")  # room for any split's partials
         for M in rows_list:
             moved = weight_bytes + M * Kdim * 2 + M * out_cols * (2 if silu else 4)
@@ -187,10 +190,26 @@ def bench_projections(b: Bench, model: str, cfg: dict, bandwidth: float, rows_li
                     launch = lambda w, M=M, bm=plan_bm, splits=splits: k.gemm(x, w, None, parts, M, splits=splits,  # noqa: E731
                                                                              bm=bm)
                 variants.append((f"gemm bm{plan_bm} ×{splits}", launch, False, "split", splits))
-            if b.kernels.hopper and M >= 64:  # the wgmma kernel (one 128 × 256 tile per CTA, no split)
+            if b.kernels.hopper and M >= 64:  # the wgmma kernel as measured before (128 × 256 tiles, no split)
                 variants.append(("gemm sm90 wgmma" + (" silu" if silu else ""),
-                                 lambda w, M=M: k.gemm(x, w, None, y, M, silu=silu, variant="sm90"),
-                                 plan.variant == "sm90", "sm90", 1))
+                                 lambda w, M=M: k.gemm(x, w, None, y, M, silu=silu, bm=K.GEMM90_BM, variant="sm90"),
+                                 plan == ("sm90", K.GEMM90_BM, 1), "sm90", 1))
+            if b.kernels.hopper and M >= 8:  # the wgmma kernels with grid split-K (skinny M), two split counts
+                bm90 = K.gemm90_tile(M)
+                for column, s90 in zip(("sm90k", "sm90k alt"), skinny_splits(b, M, N, Kdim, silu)):
+                    if column == "sm90k alt" and s90 == skinny_splits(b, M, N, Kdim, silu)[0]:
+                        continue
+                    if s90 == 1:
+                        launch = lambda w, M=M, bm=bm90: k.gemm(x, w, None, y, M, silu=silu, bm=bm,  # noqa: E731
+                                                                variant="sm90")
+                    elif silu:
+                        launch = lambda w, M=M, bm=bm90, s=s90: (  # noqa: E731
+                            k.gemm(x, w, None, parts, M, splits=s, bm=bm, variant="sm90"),
+                            k.silu_mul_parts(parts, s, M * N, y, M))
+                    else:
+                        launch = lambda w, M=M, bm=bm90, s=s90: k.gemm(x, w, None, parts, M, splits=s, bm=bm,  # noqa: E731
+                                                                       variant="sm90")
+                    variants.append((f"gemm sm90 bm{bm90} ×{s90}", launch, plan == ("sm90", bm90, s90), column, s90))
             # the previous kernels with their own plan (gemm_v1_plan)
             v1_bm, v1_splits = K.gemm_v1_plan(M, N, Kdim, b.sm, silu=silu)
             target = y if v1_splits == 1 else parts
@@ -207,6 +226,14 @@ def bench_projections(b: Bench, model: str, cfg: dict, bandwidth: float, rows_li
                                     pct_copy=moved / us / 1e3 / (bandwidth / 1e9)))
         b.free()
     return results
+
+
+def skinny_splits(b: Bench, M: int, N: int, Kdim: int, silu: bool) -> tuple[int, int]:
+    """The wgmma kernel's split counts to time at M rows: gemm90_splits' (one resident wave of CTAs), and the
+    alternative of two waves (twice the CTAs; gate_up then through partials and silu_mul_parts)."""
+    bm = K.gemm90_tile(M)
+    planned = K.gemm90_splits(bm, M, N, Kdim, b.sm, silu)
+    return planned, K.gemm90_splits(bm, M, N, Kdim, 2 * b.sm)
 
 
 def prefill_variants(b: Bench) -> tuple[tuple[str, int], ...]:
@@ -384,15 +411,16 @@ def report(results: list[dict]) -> str:
     sections = []
     proj = [r for r in results if r["kind"] == "projection"]
     if proj:
-        columns = ["gemv", *(f"bm{bm}" for bm in K.GEMM_TILES), "split", "sm90", "v1"]
+        columns = ["gemv", *(f"bm{bm}" for bm in K.GEMM_TILES), "split", "sm90", "sm90k", "sm90k alt", "v1"]
         columns += sorted({r["column"] for r in proj} - set(columns))
         rows = {}
         for r in proj:
             rows.setdefault((r["model"], r["name"], f"{r['N']}×{r['K']}", r["M"]), {})[r["column"]] = _cell(r)
         table = [[*key, *(cells.get(c, "") for c in columns)] for key, cells in rows.items()]
         sections.append("projections: µs, % of copy bandwidth (weights + x + y bytes), ×splits, * = plan; bm…: "
-                        "stream-K (gemm.cu), split: the planned tile with grid split-K, sm90: gemm_sm90.cu (wgmma), "
-                        "v1: gemm_v1.cu as planned before\n" + tabulate(table, headers=["model", "proj", "N×K", "M", *columns], tablefmt="github"))
+                        "stream-K (gemm.cu), split: the planned tile with grid split-K, sm90: gemm_sm90.cu (wgmma) bm128 "
+                        "one split, sm90k: gemm_sm90.cu bm64 (M ≤ 64) / bm128 with gemm90_splits, sm90k alt: two waves of "
+                        "splits, v1: gemm_v1.cu with gemm_v1_plan\n" + tabulate(table, headers=["model", "proj", "N×K", "M", *columns], tablefmt="github"))
     pg = [r for r in results if r["kind"] == "gemm_prefill"]
     if pg:
         rows = {}

@@ -195,7 +195,7 @@ MEASURED_WINNERS = [
 
 @pytest.mark.parametrize("model,name,N,K,silu,M,winner", MEASURED_WINNERS)
 def test_gemm_plan_picks_what_the_h200_measured_fastest(model, name, N, K, silu, M, winner):
-    plan = kernels.gemm_plan(M, N, K, 132, silu=silu, hopper=True)
+    plan = kernels.gemm_plan(M, N, K, 132, silu=silu, hopper=True, skinny=False)  # the measured plan
     assert plan.variant == winner, f"{model} {name} M = {M}: {plan}, measured fastest: {winner}"
     if winner == "v1":
         assert (plan.bm, plan.splits) == kernels.gemm_v1_plan(M, N, K, 132, silu=silu), "v1 as it was measured"
@@ -203,16 +203,19 @@ def test_gemm_plan_picks_what_the_h200_measured_fastest(model, name, N, K, silu,
 
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 16, 33, 64, 100, 128, 256, 257, 300, 512, 2048])
 @pytest.mark.parametrize("N,K", SHAPES)
-@pytest.mark.parametrize("hopper", [False, True])
-def test_gemm_plan_is_launchable_and_the_same_on_every_call(M, N, K, hopper):
+@pytest.mark.parametrize("hopper,skinny", [(False, True), (True, False), (True, True)])
+def test_gemm_plan_is_launchable_and_the_same_on_every_call(M, N, K, hopper, skinny):
     for silu in (False, True):
-        plan = kernels.gemm_plan(M, N, K, 132, silu=silu, hopper=hopper)
-        assert plan == kernels.gemm_plan(M, N, K, 132, silu=silu, hopper=hopper)
+        plan = kernels.gemm_plan(M, N, K, 132, silu=silu, hopper=hopper, skinny=skinny)
+        assert plan == kernels.gemm_plan(M, N, K, 132, silu=silu, hopper=hopper, skinny=skinny)
         assert plan.variant in ("gemv", *kernels.GEMM_VARIANTS) and plan.splits >= 1
         if plan.variant == "gemv":
             assert M <= kernels.GEMV_MAX_ROWS and plan.splits == 1
         elif plan.variant == "sm90":
-            assert hopper and plan.bm == kernels.GEMM90_BM
+            assert hopper and plan.bm in kernels.GEMM90_TILES
+            if plan.splits > 1:
+                assert skinny
+                check_gemm90_splits(plan.bm, M, N, K, plan.splits)
         elif plan.variant == "v1":
             assert plan.bm in kernels.GEMM_V1_TILES and M <= kernels.GEMM_V1_MAX_ROWS
             assert plan.splits == 1 or not silu, "v1's SiLU is fused, one split"
@@ -224,12 +227,46 @@ def test_gemm_plan_is_launchable_and_the_same_on_every_call(M, N, K, hopper):
         assert kernels.gemm_plan(M_int8, N, K, 132, int8=True).variant == "gemv"
 
 
+def check_gemm90_splits(bm, M, N, K, splits, sm=132):
+    """gemm90_splits' promises: one resident wave, no empty split, long enough shares, bounded partial traffic."""
+    tiles = math.ceil(M / bm) * math.ceil(N / kernels.GEMM90_BN)
+    ktiles = math.ceil(K / kernels.GEMM90_BK)
+    per_split = math.ceil(ktiles / splits)
+    assert tiles * splits <= sm, "more CTAs than multiprocessors: a second wave"
+    assert (splits - 1) * per_split < ktiles, "an empty split"
+    assert per_split >= kernels.GEMM90_MIN_KTILES_PER_SPLIT
+    assert 8 * splits * M * N <= N * K, "partials cost more than half the weights' traffic"
+    assert tiles * splits >= kernels.GEMM90_SKINNY_MIN_CTAS
+
+
+@pytest.mark.parametrize("M", range(17, 257, 7))
+@pytest.mark.parametrize("N,K", SHAPES)
+def test_skinny_plan_streams_with_one_wave_of_wgmma_ctas(M, N, K):
+    for silu in (False, True):
+        plan = kernels.gemm_plan(M, N, K, 132, silu=silu, hopper=True)
+        if plan.variant != "sm90" or plan.splits == 1:
+            continue
+        assert plan.bm == kernels.gemm90_tile(M)
+        check_gemm90_splits(plan.bm, M, N, K, plan.splits)
+        if silu:
+            assert math.ceil(M / plan.bm) * math.ceil(N / kernels.GEMM90_BN) < kernels.GEMM90_FUSED_SILU_CTAS
+
+
+def test_skinny_plan_at_the_7b_decode_batch_of_64():
+    plans = {name: kernels.gemm_plan(64, N, K, 132, silu=name == "gate_up", hopper=True)
+             for name, (N, K) in {"qkv": (12288, 4096), "o_proj": (4096, 4096), "gate_up": (22016, 4096),
+                                  "down": (4096, 11008)}.items()}
+    assert plans == {"qkv": ("sm90", 64, 2), "o_proj": ("sm90", 64, 8), "gate_up": ("sm90", 64, 1),
+                     "down": ("sm90", 64, 8)}
+    assert kernels.gemm_plan(64, 4096, 4096, 132, hopper=True, skinny=False).variant == "v1"  # still reachable
+
+
 MODEL_DIMS = {"1b": dict(D=2048, I=8192, H=16, Hkv=16, d=128), "7b": dict(D=4096, I=11008, H=32, Hkv=32, d=128)}
 
 
 @pytest.mark.parametrize("model", MODEL_DIMS)
-@pytest.mark.parametrize("hopper", [False, True])
-def test_backend_projection_workspace_covers_every_plan(model, hopper):
+@pytest.mark.parametrize("hopper,skinny", [(False, True), (True, False), (True, True)])
+def test_backend_projection_workspace_covers_every_plan(model, hopper, skinny):
     """The backend sizes its projection buffer with gemm_workspace over its projections (backend.projection_shapes);
     every plan of every step size up to a 2048-row prefill chunk must fit: its partials, or its one [M, N] output."""
     from types import SimpleNamespace
@@ -243,10 +280,10 @@ def test_backend_projection_workspace_covers_every_plan(model, hopper):
     assert shapes["qkv"] == ((dims["H"] + 2 * dims["Hkv"]) * dims["d"], dims["D"], False)
     assert shapes["gate_up"] == (2 * dims["I"], dims["D"], True) and shapes["down"] == (dims["D"], dims["I"], False)
     for tokens in (256, 2048):
-        room = kernels.gemm_workspace(shapes.values(), tokens, 132, hopper=hopper)
+        room = kernels.gemm_workspace(shapes.values(), tokens, 132, hopper=hopper, skinny=skinny)
         for M in range(1, tokens + 1):
             for name, (N, K, silu) in shapes.items():
-                plan = kernels.gemm_plan(M, N, K, 132, silu=silu, hopper=hopper)
+                plan = kernels.gemm_plan(M, N, K, 132, silu=silu, hopper=hopper, skinny=skinny)
                 if not silu or plan.splits > 1:
                     assert plan.splits * M * N <= room, f"{name} M = {M}: {plan} needs {plan.splits * M * N} > {room}"
 
@@ -255,7 +292,7 @@ def test_planner_docstring_examples_hold():
     import doctest
 
     for function in (kernels.gemm_plan, kernels.gemm_stream_tile, kernels.gemm_workspace, kernels.gemm_stream_plan,
-                     kernels.decode_splits, kernels.prefill_tiles):
+                     kernels.gemm90_splits, kernels.decode_splits, kernels.prefill_tiles):
         runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
         for test in doctest.DocTestFinder().find(function, globs=vars(kernels).copy()):
             runner.run(test)
@@ -332,6 +369,7 @@ def test_shared_memory_fits_every_supported_gpu():
     assert max(tile.smem for tile in kernels.GEMM_TILES.values()) <= limit
     assert max(tile.smem for tile in kernels.GEMM_V1_TILES.values()) <= limit
     assert kernels.GEMM90_SMEM <= 227 * 1024  # the Hopper GEMM: sm_90 only
+    assert all(227 * 1024 // 2 < tile.smem <= 227 * 1024 for tile in kernels.GEMM90_TILES.values())  # one CTA per SM
     # one GEMM CTA per multiprocessor: the stream-K grid (one CTA each) is all resident, none waits for a slot
     assert min(tile.smem for tile in kernels.GEMM_TILES.values()) > 227 * 1024 // 2
     assert max(kernels.decode_smem(d) for d in kernels.HEAD_DIMS) <= limit

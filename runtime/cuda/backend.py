@@ -21,8 +21,8 @@ from olmoscope.runtime.backend import Backend, PendingStep, RuntimeOptions, plan
 from olmoscope.runtime.blocks import BLOCK_SIZE
 from olmoscope.runtime.cuda.driver import (ITEMSIZE, CudaGraph, DeviceBuffer, available, cuda, cuda_errors,
                                            free_pinned, gib)
-from olmoscope.runtime.cuda.kernels import (FA_QUERIES, GEMM_HOPPER, HEAD_DIMS, TOP_LOGPROBS, Kernels, decode_splits,
-                                            gemm_workspace, prefill_tiles)
+from olmoscope.runtime.cuda.kernels import (FA_QUERIES, HEAD_DIMS, TOP_LOGPROBS, Kernels, decode_splits,
+                                            prefill_tiles)
 from olmoscope.runtime.cuda.weights import DeviceWeight, decode_weight_bytes, device_bytes, upload
 from olmoscope.runtime.cuda.workspace import MetaSizes, StepMeta
 from olmoscope.runtime.engine import Engine
@@ -165,8 +165,7 @@ class CudaBackend(Backend):
     def _proj_elements(self) -> int:
         """f32 elements the projection output must hold: any step's rows of any projection, or its split-K partials,
         as the plan runs them."""
-        return gemm_workspace(projection_shapes(self.config).values(), self._sizes().tokens, self.sm_count,
-                              hopper=self.kernels.hopper and GEMM_HOPPER, int8=self._int8)
+        return self.kernels.workspace(projection_shapes(self.config).values(), self._sizes().tokens, int8=self._int8)
 
     def _decode_partials(self) -> int:
         """Rows (of head_dim) flash-decoding's partial results need at the largest split plan."""
