@@ -3,13 +3,15 @@ replays (no host launch cost), inputs rotated over enough copies that together t
 cache (so weights come from DRAM, as in a real step), median of several replays.
 
 - projections (qkv N = 3·H·d, o_proj, gate_up with SiLU, down_proj): GEMV at M = 1 … 4 against the tensor-core
-  GEMM at M = 1, 2, 4, 8, 16, 32, 64, 128, 256: gemm.cu's stream-K kernels with each tile bm16/32/64/128/256 up to
+  GEMM at M = 1, 2, 3, 4, 8, 16, 32, 64, 128, 256: gemm.cu's stream-K kernels with each tile bm16/32/64/128/256 up to
   twice the rows, the planned tile also with grid split-K (column "split": gemm_splits' count, partials summed by
-  the consumer, SiLU through silu_mul_parts), on sm_90 the wgmma kernel from M = 64 (column "sm90", gemm_sm90.cu),
-  and the previous kernels (gemm_v1.cu) as the old plan ran them (column "v1": its tile and split count); µs, GB/s of the bytes a projection must move (weights + x + y) and
-  % of the measured device copy bandwidth (read + write); "plan" marks what gemv/gemm_plan would choose;
+  the consumer, SiLU through silu_mul_parts), on sm_90 the wgmma kernel (gemm_sm90.cu) as first measured from M = 64
+  (column "sm90": bm128, one split) and from M = 8 with grid split-K (column "sm90k": bm64 up to 64 rows, else
+  bm128, gemm90_splits' count; "sm90k alt": two waves' worth of splits), and gemm_v1.cu with its own tile and split
+  count (column "v1"); µs, % of the measured device copy bandwidth (read + write) for the bytes a projection must move
+  (weights + x + y); * marks what Kernels.plan (gemm_plan) chooses (OLMOSCOPE_GEMM_SKINNY=0: the measured plan);
 - prefill projections at M = 512 and 2048: gemm.cu bm256 and bm128 (stream-K) against gemm_v1.cu bm128 and,
-  on sm_90, gemm_sm90.cu (wgmma; off in the runtime unless GEMM_HOPPER), TFLOP/s;
+  on sm_90, gemm_sm90.cu (wgmma), TFLOP/s;
 - paged decode attention at B = 1, 8, 16, 32, 64, 128 with contexts uniform in [128, 512]: µs and KV GB/s;
 - paged prefill of 2048 tokens (one prompt, and 4 × 512): µs and TFLOP/s (causal: the visible keys only);
 - QK-norm + RoPE + append, both variants, at T = 1 … 256; sampling rows (greedy, top-k/top-p) at R = 1, 8, 64;
@@ -47,7 +49,7 @@ MODELS = {  # D, H, Hkv, d, I (docs: OLMO2.md); "tiny" is a smoke run of the scr
     "7b": dict(D=4096, H=32, Hkv=32, d=128, I=11008),
     "tiny": dict(D=256, H=4, Hkv=2, d=64, I=512),
 }
-GEMM_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+GEMM_ROWS = (1, 2, 3, 4, 8, 16, 32, 64, 128, 256)
 PREFILL_GEMM_ROWS = (512, 2048)
 PREFILL_VARIANTS = (("stream", 256), ("stream", 128), ("v1", 128))  # (Kernels.gemm variant, bm)
 DECODE_BATCHES = (1, 8, 16, 32, 64, 128)
@@ -170,21 +172,23 @@ def bench_projections(b: Bench, model: str, cfg: dict, bandwidth: float, rows_li
         y = b.alloc((M_max, out_cols), "bf16" if silu else "f32")
         part_rows = max(K.gemm_splits(bm, M, N, Kdim, b.sm, tiles) * M for M in rows_list
                         for tiles in (K.GEMM_TILES, K.GEMM_V1_TILES) for bm in tiles)
+        part_rows = max(part_rows, *(max(skinny_splits(b, M, N, Kdim, silu)) * M for M in rows_list))
         parts = b.alloc((part_rows, N), "f32")  # room for any split's partials
         for M in rows_list:
             moved = weight_bytes + M * Kdim * 2 + M * out_cols * (2 if silu else 4)
-            plan_bm, _ = K.gemm_plan(M, N, Kdim, b.sm, silu=silu)
+            plan = k.plan(M, N, Kdim, silu=silu)
+            plan_bm = K.gemm_stream_tile(M, N, Kdim, b.sm)  # the stream-K columns' own choice of tile
             variants = []  # (label, launch(w), planned, column, splits)
             if M <= K.GEMV_MAX_ROWS:
-                variants.append(("gemv", lambda w, M=M: k.gemv(w, None, x, y, M, silu=silu), True, "gemv", 1))
+                variants.append(("gemv", lambda w, M=M: k.gemv(w, None, x, y, M, silu=silu), plan.variant == "gemv",
+                                 "gemv", 1))
             for bm in K.GEMM_TILES:
                 if bm > 2 * max(M, 32):  # a tile more than twice the rows: wasted work, not worth timing
                     continue
-                planned = M > K.GEMV_MAX_ROWS and bm == plan_bm
                 variants.append((f"gemm bm{bm} stream-K" + (" silu" if silu else ""),
-                                 lambda w, M=M, bm=bm: k.gemm(x, w, None, y, M, silu=silu, bm=bm), planned, f"bm{bm}",
-                                 1))
-            # the planned tile with grid split-K instead (what the old plan did, on the new kernels)
+                                 lambda w, M=M, bm=bm: k.gemm(x, w, None, y, M, silu=silu, bm=bm),
+                                 plan == ("stream", bm, 1), f"bm{bm}", 1))
+            # the stream-K tile with grid split-K instead (what the old plan did, on the new kernels)
             splits = K.gemm_splits(plan_bm, M, N, Kdim, b.sm)
             if splits > 1:
                 if silu:
@@ -194,16 +198,33 @@ def bench_projections(b: Bench, model: str, cfg: dict, bandwidth: float, rows_li
                     launch = lambda w, M=M, bm=plan_bm, splits=splits: k.gemm(x, w, None, parts, M, splits=splits,  # noqa: E731
                                                                              bm=bm)
                 variants.append((f"gemm bm{plan_bm} ×{splits}", launch, False, "split", splits))
-            if b.kernels.hopper and M >= 64:  # the wgmma kernel (one 128 × 256 tile per CTA, no split)
+            if b.kernels.hopper and M >= 64:  # the wgmma kernel as measured before (128 × 256 tiles, no split)
                 variants.append(("gemm sm90 wgmma" + (" silu" if silu else ""),
-                                 lambda w, M=M: k.gemm(x, w, None, y, M, silu=silu, variant="sm90"), False, "sm90", 1))
-            # the previous kernels as the previous plan ran them
+                                 lambda w, M=M: k.gemm(x, w, None, y, M, silu=silu, bm=K.GEMM90_BM, variant="sm90"),
+                                 plan == ("sm90", K.GEMM90_BM, 1), "sm90", 1))
+            if b.kernels.hopper and M >= 8:  # the wgmma kernels with grid split-K (skinny M), two split counts
+                bm90 = K.gemm90_tile(M)
+                for column, s90 in zip(("sm90k", "sm90k alt"), skinny_splits(b, M, N, Kdim, silu)):
+                    if column == "sm90k alt" and s90 == skinny_splits(b, M, N, Kdim, silu)[0]:
+                        continue
+                    if s90 == 1:
+                        launch = lambda w, M=M, bm=bm90: k.gemm(x, w, None, y, M, silu=silu, bm=bm,  # noqa: E731
+                                                                variant="sm90")
+                    elif silu:
+                        launch = lambda w, M=M, bm=bm90, s=s90: (  # noqa: E731
+                            k.gemm(x, w, None, parts, M, splits=s, bm=bm, variant="sm90"),
+                            k.silu_mul_parts(parts, s, M * N, y, M))
+                    else:
+                        launch = lambda w, M=M, bm=bm90, s=s90: k.gemm(x, w, None, parts, M, splits=s, bm=bm,  # noqa: E731
+                                                                       variant="sm90")
+                    variants.append((f"gemm sm90 bm{bm90} ×{s90}", launch, plan == ("sm90", bm90, s90), column, s90))
+            # the previous kernels with their own plan (gemm_v1_plan)
             v1_bm, v1_splits = K.gemm_v1_plan(M, N, Kdim, b.sm, silu=silu)
             target = y if v1_splits == 1 else parts
             variants.append((f"gemm v1 bm{v1_bm} ×{v1_splits}",
                              lambda w, M=M, bm=v1_bm, s=v1_splits, target=target: k.gemm(
                                  x, w, None, target, M, silu=silu, splits=s, bm=bm, variant="v1"),
-                             False, "v1", v1_splits))
+                             plan == ("v1", v1_bm, v1_splits), "v1", v1_splits))
             for label, launch, planned, column, splits in variants:
                 launches = [lambda w=w, launch=launch: launch(w) for w in weights]
                 launches = launches * max(1, 8 // len(launches))
@@ -213,6 +234,14 @@ def bench_projections(b: Bench, model: str, cfg: dict, bandwidth: float, rows_li
                                     pct_copy=moved / us / 1e3 / (bandwidth / 1e9)))
         b.free()
     return results
+
+
+def skinny_splits(b: Bench, M: int, N: int, Kdim: int, silu: bool) -> tuple[int, int]:
+    """The wgmma kernel's split counts to time at M rows: gemm90_splits' (one resident wave of CTAs), and the
+    alternative of two waves (twice the CTAs; gate_up then through partials and silu_mul_parts)."""
+    bm = K.gemm90_tile(M)
+    planned = K.gemm90_splits(bm, M, N, Kdim, b.sm, silu)
+    return planned, K.gemm90_splits(bm, M, N, Kdim, 2 * b.sm)
 
 
 def prefill_variants(b: Bench) -> tuple[tuple[str, int], ...]:
@@ -230,8 +259,8 @@ def bench_prefill_gemm(b: Bench, model: str, cfg: dict, rows_list=PREFILL_GEMM_R
         x = b.alloc((M_max, Kdim), "bf16")
         y = b.alloc((M_max, N // 2), "bf16") if silu else b.alloc((M_max, N), "f32")
         for M in rows_list:
-            hopper = K.GEMM_HOPPER and b.kernels.hopper and M > K.GEMM_HOPPER_MIN_ROWS
-            planned = ("sm90", K.GEMM90_BM) if hopper else ("stream", K.gemm_plan(M, N, Kdim, b.sm)[0])
+            plan = k.plan(M, N, Kdim, silu=silu)
+            planned = (plan.variant, plan.bm)
             for variant, bm in prefill_variants(b):
                 us = b.time_us([lambda w=w, M=M, variant=variant, bm=bm: k.gemm(x, w, None, y, M, silu=silu, bm=bm,
                                                                                 variant=variant) for w in weights] * 2)
@@ -277,12 +306,20 @@ def quant_weights(b: Bench, N: int, Kdim: int, kind: str, group: int = 0, asym: 
             N * Kdim // 2 + N * groups * 2 + (N * groups // 2 if asym else 0))
 
 
-def quant_launch(b: Bench, kind: str, w, x, y, M: int, N: int, silu: bool, split: int | None = None):
+def quant_launch(b: Bench, kind: str, w, x, y, M: int, N: int, silu: bool, split: int | None = None, parts=None):
+    """One projection as the runtime runs it; bf16 follows Kernels.plan (split partials, then silu_mul_parts)."""
     k = b.kernels
     if kind == "bf16":
-        if M <= K.GEMV_MAX_ROWS:
+        plan = k.plan(M, N, x.shape[1], silu=silu)
+        if plan.variant == "gemv":
             return lambda: k.gemv(w[0], None, x, y, M, silu=silu)
-        return lambda: k.gemm(x, w[0], None, y, M, silu=silu)
+        if plan.splits == 1:
+            return lambda: k.gemm(x, w[0], None, y, M, silu=silu, bm=plan.bm, variant=plan.variant)
+        target = DeviceBuffer(parts.ptr, (plan.splits * M, N), "f32")
+        if silu:
+            return lambda: (k.gemm(x, w[0], None, target, M, splits=plan.splits, bm=plan.bm, variant=plan.variant),
+                            k.silu_mul_parts(target, plan.splits, M * N, y, M))
+        return lambda: k.gemm(x, w[0], None, target, M, splits=plan.splits, bm=plan.bm, variant=plan.variant)
     if kind == "q8 gemv":
         return lambda: k.gemv(w[0], w[1], x, y, M, silu=silu)
     if kind == "q8":
@@ -301,6 +338,8 @@ def bench_quant(b: Bench, model: str, cfg: dict, bandwidth: float, rows_list=QUA
         for label, storage, group, asym in kinds:  # one kind's copies on the device at a time
             x = b.alloc((M_max, Kdim), "bf16")
             y = b.alloc((M_max, out_cols), "bf16" if silu else "f32")
+            most = max(b.kernels.plan(M, N, Kdim, silu=silu).splits for M in rows_list)
+            parts = b.alloc((most * M_max, N), "f32") if label == "bf16" and most > 1 else None  # split partials
             one = quant_weights(b, N, Kdim, storage, group, asym)
             copies = [one] + [quant_weights(b, N, Kdim, storage, group, asym) for _ in range(b.copies(one[1]) - 1)]
             for M in rows_list:
@@ -310,7 +349,7 @@ def bench_quant(b: Bench, model: str, cfg: dict, bandwidth: float, rows_list=QUA
                 # q4 g128 at M = 1 and 16 also with every split forced (the planner's choice is a model, not measured)
                 splits = [None] + ([1, 2, 4, 8] if label == "q4 g128" and M in (1, 16) else [])
                 for split in splits:
-                    launches = [quant_launch(b, label, w, x, y, M, N, silu, split) for w, _ in copies]
+                    launches = [quant_launch(b, label, w, x, y, M, N, silu, split, parts) for w, _ in copies]
                     us = b.time_us(launches * max(1, 8 // len(launches)))
                     results.append(dict(kind="quant", model=model, name=name, N=N, K=Kdim, M=M,
                                         variant=label if split is None else f"q4 g128 ×{split}", us=us,
@@ -449,15 +488,16 @@ def report(results: list[dict]) -> str:
     sections = []
     proj = [r for r in results if r["kind"] == "projection"]
     if proj:
-        columns = ["gemv", *(f"bm{bm}" for bm in K.GEMM_TILES), "split", "sm90", "v1"]
+        columns = ["gemv", *(f"bm{bm}" for bm in K.GEMM_TILES), "split", "sm90", "sm90k", "sm90k alt", "v1"]
         columns += sorted({r["column"] for r in proj} - set(columns))
         rows = {}
         for r in proj:
             rows.setdefault((r["model"], r["name"], f"{r['N']}×{r['K']}", r["M"]), {})[r["column"]] = _cell(r)
         table = [[*key, *(cells.get(c, "") for c in columns)] for key, cells in rows.items()]
         sections.append("projections: µs, % of copy bandwidth (weights + x + y bytes), ×splits, * = plan; bm…: "
-                        "stream-K (gemm.cu), split: the planned tile with grid split-K, sm90: gemm_sm90.cu (wgmma), "
-                        "v1: gemm_v1.cu as planned before\n" + tabulate(table, headers=["model", "proj", "N×K", "M", *columns], tablefmt="github"))
+                        "stream-K (gemm.cu), split: the planned tile with grid split-K, sm90: gemm_sm90.cu (wgmma) bm128 "
+                        "one split, sm90k: gemm_sm90.cu bm64 (M ≤ 64) / bm128 with gemm90_splits, sm90k alt: two waves of "
+                        "splits, v1: gemm_v1.cu with gemm_v1_plan\n" + tabulate(table, headers=["model", "proj", "N×K", "M", *columns], tablefmt="github"))
     quant = [r for r in results if r["kind"] == "quant"]
     if quant:
         variants = list(dict.fromkeys(r["variant"] for r in quant))

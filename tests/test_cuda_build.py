@@ -72,3 +72,26 @@ def test_broken_kernel_reports_file_and_line(tmp_path):
 def test_failure_text_without_a_diagnostic_line_still_names_the_file():
     line = describe_failure("nvcc fatal   : Unsupported gpu architecture 'sm_1'", Path("cuda/gemm.cu"), "sm_1")
     assert line.startswith("cuda/gemm.cu: nvcc failed for sm_1: nvcc fatal"), line
+
+
+@needs_nvcc
+@pytest.mark.slow
+def test_the_wgmma_entries_are_built_with_their_wgmma_for_sm_90a(tmp_path):
+    """gemm_sm90.cu's kernels compile empty for other targets: for compute_90a each entry must hold its
+    wgmma.mma_async, its waits and its cp.async copies (a wrong #if would leave a stub that writes nothing)."""
+    import re
+    import subprocess
+
+    from olmoscope.runtime.cuda.kernels import GEMM90_TILES, SIGNATURES
+
+    ptx = tmp_path / "gemm_sm90.ptx"
+    subprocess.run([NVCC, "-std=c++17", "-arch=compute_90a", "-ptx", "-o", str(ptx), str(kernel_dir() / "gemm_sm90.cu")],
+                   check=True, capture_output=True)
+    text = ptx.read_text()
+    bodies = dict(re.findall(r"\.entry (\w+)\((.*?)(?=\.entry |\Z)", text, re.S))
+    names = {name for name, (file, _) in SIGNATURES.items() if file == "gemm_sm90.cu"}
+    assert names == {f"gemm90_bf16{silu}_bm{bm}" for bm in GEMM90_TILES for silu in ("", "_silu")}
+    for name in names:
+        body = bodies[name]
+        assert body.count("wgmma.mma_async.sync.aligned.m64n256k16") == 4, f"{name}: not the 4 k16 steps per k-tile"
+        assert "wgmma.wait_group" in body and "cp.async.cg.shared.global" in body and "fence.proxy.async" in body, name

@@ -305,20 +305,52 @@ def test_gemv_refuses_more_rows_than_it_has(dev, rng):
 
 
 # ── GEMM (any M), split-K, SiLU ─────────────────────────────────────────────────────────────────────
-def gemm_parts(dev, a, w, wb, sb, M, N, splits, bm=None):
+def gemm_parts(dev, a, w, wb, sb, M, N, splits, bm=None, variant="stream"):
     """The summed split-K partials of A·Wᵀ, after checking that the kernel wrote every partial."""
     c = dev.poisoned((splits, M, N), "f32")
-    dev.kernels.gemm(dev.put(a, "bf16"), wb, sb, c, M, splits=splits, bm=bm)
+    dev.kernels.gemm(dev.put(a, "bf16"), wb, sb, c, M, splits=splits, bm=bm, variant=variant)
     return dev.get(c).sum(axis=0)
 
 
-@pytest.mark.parametrize("M", [1, 5, 16, 17, 33, 64, 100, 256, 300, 2048])
-@pytest.mark.parametrize("N,Kdim", [(1001, 776), (384, 2048)])
-def test_gemm_with_the_planned_tile_and_splits_matches_numpy(dev, rng, M, N, Kdim):
+def planned(dev, a, wb, sb, M, N, Kdim, silu=False):
+    """The projection as the backend runs it (Kernels.plan: GEMV, v1, stream-K or sm90; SiLU fused or through
+    silu_mul_parts): the f32 result [M, N], or the bf16 SiLU·up product [M, N/2]."""
+    plan = dev.kernels.plan(M, N, Kdim, silu=silu)
+    x = dev.put(a, "bf16")
+    if plan.variant == "gemv":
+        out = dev.poisoned((M, N // 2) if silu else (M, N), "bf16" if silu else "f32")
+        dev.kernels.gemv(wb, sb, x, out, M, silu=silu)
+        return dev.get(out), plan
+    if silu and plan.splits == 1:
+        out = dev.poisoned((M, N // 2), "bf16")
+        dev.kernels.gemm(x, wb, sb, out, M, silu=True, bm=plan.bm, variant=plan.variant)
+        return dev.get(out), plan
+    parts = dev.poisoned((plan.splits, M, N), "f32")
+    dev.kernels.gemm(x, wb, sb, parts, M, splits=plan.splits, bm=plan.bm, variant=plan.variant)
+    if not silu:
+        return dev.get(parts).sum(axis=0), plan
+    out = dev.poisoned((M, N // 2), "bf16")
+    dev.kernels.silu_mul_parts(parts, plan.splits, M * N, out, M)
+    return dev.get(out), plan
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 16, 17, 33, 64, 100, 256, 300, 2048])
+@pytest.mark.parametrize("N,Kdim", [(1001, 776), (384, 2048), (1600, 256)])
+def test_gemm_with_the_planned_kernel_and_splits_matches_numpy(dev, rng, M, N, Kdim):
     a, w = bf16(rng.standard_normal((M, Kdim))), bf16(rng.standard_normal((N, Kdim)))
-    bm, splits = K.gemm_plan(M, N, Kdim, dev.sm_count)
-    err = rel(gemm_parts(dev, a, w, dev.put(w, "bf16"), None, M, N, splits), a @ w.T)
-    assert err <= 1e-5, f"bm {bm}, {splits} splits: rel err {err:.2e}"
+    got, plan = planned(dev, a, dev.put(w, "bf16"), None, M, N, Kdim)
+    err = rel(got, a @ w.T)
+    assert err <= 1e-5, f"{plan}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("M", [2, 7, 64, 130])
+def test_gemm_planned_silu_matches_numpy(dev, rng, M):
+    I, Kdim = 1536, 512  # N = 2I ≥ 2K: the GEMV at M = 2
+    a, w = bf16(rng.standard_normal((M, Kdim))), bf16(rng.standard_normal((2 * I, Kdim)) / 8)
+    got, plan = planned(dev, a, dev.put(w, "bf16"), None, M, 2 * I, Kdim, silu=True)
+    gate, up = np.split(a @ w.T, 2, axis=-1)
+    err = rel(got, silu(gate) * up)
+    assert err <= 1e-2, f"{plan}: rel err {err:.2e}"
 
 
 @pytest.mark.parametrize("bm", [16, 32, 64, 128, 256])
@@ -436,8 +468,8 @@ def test_gemm_v1_kernels_still_match_numpy(dev, rng, bm):
     assert rel(dev.get(out), silu(gate) * up) <= 1e-2
 
 
-# The Hopper GEMM (gemm_sm90.cu: wgmma from swizzled shared memory; off by default, K.GEMM_HOPPER): checked here
-# only, on an sm_90 GPU (the CPU emulator does not model wgmma). Partial tiles in M, N and K, odd N, rows past M.
+# The Hopper GEMM (gemm_sm90.cu: wgmma from swizzled shared memory; planned on sm_90 unless GEMM_HOPPER is off): on an
+# sm_90 GPU, and on the CPU emulator's model of wgmma. Partial tiles in M, N and K, odd N, rows past M.
 @pytest.mark.parametrize("M,N,Kdim", [(1, 256, 64), (130, 1001, 776), (300, 512, 2048), (2048, 768, 1024),
                                       (77, 12288, 4096)])
 def test_gemm_hopper_wgmma_matches_numpy(dev, rng, M, N, Kdim):
@@ -467,10 +499,89 @@ def test_gemm_hopper_wgmma_fused_silu_and_int8_scales(dev, rng, M):
     assert err <= 1e-2, f"rel err {err:.2e}"
 
 
-def test_gemm_hopper_wgmma_refuses_splits_and_other_gpus(dev, rng):
-    a, w, c = dev.poisoned((8, 64), "bf16"), dev.poisoned((64, 64), "bf16"), dev.poisoned((2, 8, 64), "f32")
+# Grid split-K on both wgmma tiles (bm64: the skinny-M decode kernel, warpgroup 0 computing, warpgroup 1 copying;
+# bm128: two computing warpgroups): odd M and N, a partial last k-tile, split counts that leave splits empty (they
+# write zeros), every partial poisoned first.
+@pytest.mark.parametrize("bm,M", [(64, 37), (64, 64), (64, 100), (128, 100)])
+@pytest.mark.parametrize("splits", [1, 2, 3, 7])
+def test_gemm_hopper_wgmma_split_k_matches_numpy(dev, rng, bm, M, splits):
+    if not dev.kernels.hopper:
+        pytest.skip("the wgmma GEMM needs an sm_90 GPU (not emulated)")
+    N, Kdim = 1001, 64 * 9 + 8  # 4 column tiles, the last one partial; 10 k-tiles, the last one partial
+    a, w = bf16(rng.standard_normal((M, Kdim))), bf16(rng.standard_normal((N, Kdim)))
+    err = rel(gemm_parts(dev, a, w, dev.put(w, "bf16"), None, M, N, splits, bm=bm, variant="sm90"), a @ w.T)
+    assert err <= 1e-5, f"bm {bm}, {splits} splits: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("M", [3, 64])
+def test_gemm_hopper_wgmma_bm64_rows_past_m_and_int8_scales(dev, rng, M):
+    if not dev.kernels.hopper:
+        pytest.skip("the wgmma GEMM needs an sm_90 GPU (not emulated)")
+    N, Kdim = 520, 200
+    a = bf16(rng.standard_normal((M, Kdim)))
+    q, s = quantize_rows(rng.standard_normal((N, Kdim)))
+    c = dev.poisoned((M + 7, N), "f32")
+    dev.kernels.gemm(dev.put(a, "bf16"), dev.put(q.astype(np.float64), "bf16"), dev.put(s, "f32"), c, M, bm=64,
+                     variant="sm90")
+    got = dev.get(c)
+    assert np.all(np.isnan(got[M:])), "the bm64 wgmma GEMM wrote rows past M"
+    err = rel(got[:M], a @ (q * s[:, None].astype(np.float64)).T)
+    assert err <= 1e-5, f"rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("M", [9, 64])
+def test_gemm_hopper_wgmma_bm64_fused_silu_and_int8_scales(dev, rng, M):
+    if not dev.kernels.hopper:
+        pytest.skip("the wgmma GEMM needs an sm_90 GPU (not emulated)")
+    I, Kdim = 328, 1088
+    a = bf16(rng.standard_normal((M, Kdim)))
+    q, s = quantize_rows(rng.standard_normal((2 * I, Kdim)) / 8)
+    c = dev.poisoned((M, I), "bf16")
+    dev.kernels.gemm(dev.put(a, "bf16"), dev.put(q.astype(np.float64), "bf16"), dev.put(s, "f32"), c, M, silu=True,
+                     bm=64, variant="sm90")
+    gate, up = np.split(a @ (q * s[:, None].astype(np.float64)).T, 2, axis=-1)
+    err = rel(dev.get(c), silu(gate) * up)
+    assert err <= 1e-2, f"rel err {err:.2e}"
+
+
+def test_gemm_hopper_wgmma_split_partials_then_silu_mul_parts(dev, rng):
+    if not dev.kernels.hopper:
+        pytest.skip("the wgmma GEMM needs an sm_90 GPU (not emulated)")
+    M, I, Kdim = 21, 264, 704
+    a, w = bf16(rng.standard_normal((M, Kdim))), bf16(rng.standard_normal((2 * I, Kdim)) / 16)
+    parts, out = dev.poisoned((3, M, 2 * I), "f32"), dev.poisoned((M, I), "bf16")
+    dev.kernels.gemm(dev.put(a, "bf16"), dev.put(w, "bf16"), None, parts, M, splits=3, bm=64, variant="sm90")
+    dev.kernels.silu_mul_parts(parts, 3, M * 2 * I, out, M)
+    gate, up = np.split(a @ w.T, 2, axis=-1)
+    assert rel(dev.get(out), silu(gate) * up) <= 1e-2
+
+
+# The skinny plan at a shape big enough for it (16 column tiles × 4 splits = 64 CTAs), as the backend runs it.
+@pytest.mark.parametrize("M,gate_up", [(17, False), (64, False), (40, True)])
+def test_gemm_planned_skinny_wgmma_matches_numpy(dev, rng, M, gate_up):
+    if not dev.kernels.hopper:
+        pytest.skip("the wgmma GEMM needs an sm_90 GPU (not emulated)")
+    N, Kdim = 4096, 2048
+    if K.gemm_plan(M, N, Kdim, dev.sm_count, silu=gate_up, hopper=True).variant != "sm90":
+        pytest.skip(f"the skinny plan does not pick the wgmma kernel with {dev.sm_count} multiprocessors")
+    a, w = bf16(rng.standard_normal((M, Kdim))), bf16(rng.standard_normal((N, Kdim)) / 8)
+    got, plan = planned(dev, a, dev.put(w, "bf16"), None, M, N, Kdim, silu=gate_up)
+    if K.GEMM_HOPPER and K.GEMM_SKINNY:
+        assert plan.variant == "sm90" and plan.splits > 1, plan
+    ref = a @ w.T
+    if gate_up:
+        gate, up = np.split(ref, 2, axis=-1)
+        ref = silu(gate) * up
+    err = rel(got, ref)
+    assert err <= (1e-2 if gate_up else 1e-5), f"{plan}: rel err {err:.2e}"
+
+
+def test_gemm_hopper_wgmma_refuses_fused_silu_splits_other_tiles_and_other_gpus(dev, rng):
+    a, w = dev.poisoned((8, 64), "bf16"), dev.poisoned((64, 64), "bf16")
+    with pytest.raises(DeviceError, match="silu"):
+        dev.kernels.gemm(a, w, None, dev.poisoned((8, 32), "bf16"), 8, silu=True, splits=2, variant="sm90")
     with pytest.raises(DeviceError, match="sm90|sm_90"):
-        dev.kernels.gemm(a, w, None, c, 8, splits=2, variant="sm90")
+        dev.kernels.gemm(a, w, None, dev.poisoned((8, 64), "f32"), 8, bm=32, variant="sm90")
 
 
 def test_gemm_refuses_a_grid_beyond_its_scratch_and_unknown_variants(dev, rng):
@@ -489,11 +600,12 @@ def test_int8_gemm_widens_exactly_and_scales_rows(dev, rng, M):
     widened = dev.poisoned((N, Kdim), "bf16")
     dev.kernels.widen_int8(dev.put(q, "i8"), widened)
     assert np.array_equal(dev.get(widened), q.astype(np.float64)), "widening int8 to bf16 is not exact"
-    bm, splits = K.gemm_plan(M, N, Kdim, dev.sm_count)
-    c = dev.poisoned((splits, M, N), "f32")
-    dev.kernels.gemm(dev.put(a, "bf16"), widened, dev.put(s, "f32"), c, M, splits=splits)
+    plan = dev.kernels.plan(M, N, Kdim)
+    c = dev.poisoned((plan.splits, M, N), "f32")
+    dev.kernels.gemm(dev.put(a, "bf16"), widened, dev.put(s, "f32"), c, M, splits=plan.splits, bm=plan.bm,
+                     variant=plan.variant)
     err = rel(dev.get(c).sum(axis=0), a @ (q * s[:, None].astype(np.float64)).T)
-    assert err <= 1e-5, f"rel err {err:.2e}"
+    assert err <= 1e-5, f"{plan}: rel err {err:.2e}"
 
 
 # ── paged attention ─────────────────────────────────────────────────────────────────────────────────

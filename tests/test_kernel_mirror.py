@@ -4,7 +4,8 @@ device memory on a GPU.
 - Every SIGNATURES entry is an `.entry` of its file's PTX whose parameter sizes match its PyCUDA format (P and q:
   8 bytes, i and f: 4), and every kernel entry of every file is in SIGNATURES.
 - Every mirrored constant in kernels.py equals its `constexpr int` in the .cu/.cuh sources.
-- The host-side planners (gemm_plan, decode_splits, prefill_tiles, decode_group) keep their promises.
+- The host-side planners (gemm_plan, gemm_stream_tile, gemm_workspace, decode_splits, prefill_tiles, decode_group)
+  keep their promises, and their docstring examples hold.
 
 The PTX checks need nvcc (skipped, and said so, where it is absent); the planner checks run everywhere.
 """
@@ -143,14 +144,13 @@ SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (6144, 2048
 
 @pytest.mark.parametrize("M", [1, 5, 16, 17, 33, 64, 100, 256, 300, 2048])
 @pytest.mark.parametrize("N,K", SHAPES)
-def test_gemm_plan_streams_every_shape_over_the_whole_chip(M, N, K):
+def test_gemm_stream_tile_streams_every_shape_over_the_whole_chip(M, N, K):
     sm = 132
-    bm, splits = kernels.gemm_plan(M, N, K, sm)
-    assert splits == 1 and bm in kernels.GEMM_TILES and bm <= 2 * max(M, 16)
+    bm = kernels.gemm_stream_tile(M, N, K, sm)
+    assert bm in kernels.GEMM_TILES and bm <= 2 * max(M, 16)
     if bm != kernels.gemm_tile(M):  # the model's choice over gemm_tile's must be clearly cheaper
         assert kernels.gemm_cost(bm, M, N, K, sm) < kernels.GEMM_MODEL_MARGIN * kernels.gemm_cost(
             kernels.gemm_tile(M), M, N, K, sm)
-    assert kernels.gemm_plan(M, N, K, sm, silu=True) == (bm, 1)
     tile = kernels.GEMM_TILES[bm]
     tiles, kt = math.ceil(M / bm) * math.ceil(N / tile.bn), math.ceil(K / tile.bk)
     ctas, sk_tiles = kernels.gemm_stream_plan(tiles, kt, sm)
@@ -173,6 +173,130 @@ def test_gemm_plan_streams_every_shape_over_the_whole_chip(M, N, K):
             if count != kt:
                 first_ctas.setdefault(tile_index, b)
     assert len(set(first_ctas.values())) == len(first_ctas)
+
+
+# The plan by measurement (H200, 2026-12-02, benchmarks/bench_kernels.py): (model, projection, N, K, silu, M) → the
+# variant that was fastest there, or within 5 % of it. Every projection row of that run is in the doctests or here.
+MEASURED_WINNERS = [
+    ("1b", "qkv", 6144, 2048, False, 8, "v1"), ("1b", "o_proj", 2048, 2048, False, 8, "v1"),
+    ("1b", "down", 2048, 8192, False, 8, "v1"), ("1b", "o_proj", 2048, 2048, False, 2, "v1"),
+    ("1b", "gate_up", 16384, 2048, True, 2, "gemv"), ("1b", "gate_up", 16384, 2048, True, 4, "v1"),
+    ("1b", "qkv", 6144, 2048, False, 128, "v1"), ("1b", "qkv", 6144, 2048, False, 256, "sm90"),
+    ("1b", "gate_up", 16384, 2048, True, 64, "v1"), ("1b", "gate_up", 16384, 2048, True, 128, "sm90"),
+    ("1b", "down", 2048, 8192, False, 256, "v1"), ("1b", "down", 2048, 8192, False, 512, "stream"),
+    ("7b", "qkv", 12288, 4096, False, 64, "v1"), ("7b", "qkv", 12288, 4096, False, 128, "sm90"),
+    ("7b", "o_proj", 4096, 4096, False, 64, "v1"), ("7b", "o_proj", 4096, 4096, False, 256, "v1"),
+    ("7b", "gate_up", 22016, 4096, True, 16, "v1"), ("7b", "gate_up", 22016, 4096, True, 64, "sm90"),
+    ("7b", "down", 4096, 11008, False, 4, "v1"), ("7b", "down", 4096, 11008, False, 1, "gemv"),
+    ("7b", "down", 4096, 11008, False, 64, "v1"), ("7b", "down", 4096, 11008, False, 256, "v1"),
+    ("7b", "o_proj", 4096, 4096, False, 512, "sm90"), ("7b", "down", 4096, 11008, False, 2048, "sm90"),
+]
+
+
+@pytest.mark.parametrize("model,name,N,K,silu,M,winner", MEASURED_WINNERS)
+def test_gemm_plan_picks_what_the_h200_measured_fastest(model, name, N, K, silu, M, winner):
+    plan = kernels.gemm_plan(M, N, K, 132, silu=silu, hopper=True, skinny=False)  # the measured plan
+    assert plan.variant == winner, f"{model} {name} M = {M}: {plan}, measured fastest: {winner}"
+    if winner == "v1":
+        assert (plan.bm, plan.splits) == kernels.gemm_v1_plan(M, N, K, 132, silu=silu), "v1 as it was measured"
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 16, 33, 64, 100, 128, 256, 257, 300, 512, 2048])
+@pytest.mark.parametrize("N,K", SHAPES)
+@pytest.mark.parametrize("hopper,skinny", [(False, True), (True, False), (True, True)])
+def test_gemm_plan_is_launchable_and_the_same_on_every_call(M, N, K, hopper, skinny):
+    for silu in (False, True):
+        plan = kernels.gemm_plan(M, N, K, 132, silu=silu, hopper=hopper, skinny=skinny)
+        assert plan == kernels.gemm_plan(M, N, K, 132, silu=silu, hopper=hopper, skinny=skinny)
+        assert plan.variant in ("gemv", *kernels.GEMM_VARIANTS) and plan.splits >= 1
+        if plan.variant == "gemv":
+            assert M <= kernels.GEMV_MAX_ROWS and plan.splits == 1
+        elif plan.variant == "sm90":
+            assert hopper and plan.bm in kernels.GEMM90_TILES
+            if plan.splits > 1:
+                assert skinny
+                check_gemm90_splits(plan.bm, M, N, K, plan.splits)
+        elif plan.variant == "v1":
+            assert plan.bm in kernels.GEMM_V1_TILES and M <= kernels.GEMM_V1_MAX_ROWS
+            assert plan.splits == 1 or not silu, "v1's SiLU is fused, one split"
+        else:
+            assert plan.bm in kernels.GEMM_TILES and plan.splits == 1
+        if not hopper:
+            assert plan.variant != "sm90"
+    for M_int8 in range(1, kernels.GEMV_MAX_ROWS + 1):  # int8 weights: the GEMV reads them as they are
+        assert kernels.gemm_plan(M_int8, N, K, 132, int8=True).variant == "gemv"
+
+
+def check_gemm90_splits(bm, M, N, K, splits, sm=132):
+    """gemm90_splits' promises: one resident wave, no empty split, long enough shares, bounded partial traffic."""
+    tiles = math.ceil(M / bm) * math.ceil(N / kernels.GEMM90_BN)
+    ktiles = math.ceil(K / kernels.GEMM90_BK)
+    per_split = math.ceil(ktiles / splits)
+    assert tiles * splits <= sm, "more CTAs than multiprocessors: a second wave"
+    assert (splits - 1) * per_split < ktiles, "an empty split"
+    assert per_split >= kernels.GEMM90_MIN_KTILES_PER_SPLIT
+    assert 8 * splits * M * N <= N * K, "partials cost more than half the weights' traffic"
+    assert tiles * splits >= kernels.GEMM90_SKINNY_MIN_CTAS
+
+
+@pytest.mark.parametrize("M", range(17, 257, 7))
+@pytest.mark.parametrize("N,K", SHAPES)
+def test_skinny_plan_streams_with_one_wave_of_wgmma_ctas(M, N, K):
+    for silu in (False, True):
+        plan = kernels.gemm_plan(M, N, K, 132, silu=silu, hopper=True)
+        if plan.variant != "sm90" or plan.splits == 1:
+            continue
+        assert plan.bm == kernels.gemm90_tile(M)
+        check_gemm90_splits(plan.bm, M, N, K, plan.splits)
+        if silu:
+            assert math.ceil(M / plan.bm) * math.ceil(N / kernels.GEMM90_BN) < kernels.GEMM90_FUSED_SILU_CTAS
+
+
+def test_skinny_plan_at_the_7b_decode_batch_of_64():
+    plans = {name: kernels.gemm_plan(64, N, K, 132, silu=name == "gate_up", hopper=True)
+             for name, (N, K) in {"qkv": (12288, 4096), "o_proj": (4096, 4096), "gate_up": (22016, 4096),
+                                  "down": (4096, 11008)}.items()}
+    assert plans == {"qkv": ("sm90", 64, 2), "o_proj": ("sm90", 64, 8), "gate_up": ("sm90", 64, 1),
+                     "down": ("sm90", 64, 8)}
+    assert kernels.gemm_plan(64, 4096, 4096, 132, hopper=True, skinny=False).variant == "v1"  # still reachable
+
+
+MODEL_DIMS = {"1b": dict(D=2048, I=8192, H=16, Hkv=16, d=128), "7b": dict(D=4096, I=11008, H=32, Hkv=32, d=128)}
+
+
+@pytest.mark.parametrize("model", MODEL_DIMS)
+@pytest.mark.parametrize("hopper,skinny", [(False, True), (True, False), (True, True)])
+def test_backend_projection_workspace_covers_every_plan(model, hopper, skinny):
+    """The backend sizes its projection buffer with gemm_workspace over its projections (backend.projection_shapes);
+    every plan of every step size up to a 2048-row prefill chunk must fit: its partials, or its one [M, N] output."""
+    from types import SimpleNamespace
+
+    from olmoscope.runtime.cuda.backend import projection_shapes
+
+    dims = MODEL_DIMS[model]
+    cfg = SimpleNamespace(hidden_size=dims["D"], intermediate_size=dims["I"], q_width=dims["H"] * dims["d"],
+                          kv_width=dims["Hkv"] * dims["d"])
+    shapes = projection_shapes(cfg)
+    assert shapes["qkv"] == ((dims["H"] + 2 * dims["Hkv"]) * dims["d"], dims["D"], False)
+    assert shapes["gate_up"] == (2 * dims["I"], dims["D"], True) and shapes["down"] == (dims["D"], dims["I"], False)
+    for tokens in (256, 2048):
+        room = kernels.gemm_workspace(shapes.values(), tokens, 132, hopper=hopper, skinny=skinny)
+        for M in range(1, tokens + 1):
+            for name, (N, K, silu) in shapes.items():
+                plan = kernels.gemm_plan(M, N, K, 132, silu=silu, hopper=hopper, skinny=skinny)
+                if not silu or plan.splits > 1:
+                    assert plan.splits * M * N <= room, f"{name} M = {M}: {plan} needs {plan.splits * M * N} > {room}"
+
+
+def test_planner_docstring_examples_hold():
+    import doctest
+
+    for function in (kernels.gemm_plan, kernels.gemm_stream_tile, kernels.gemm_workspace, kernels.gemm_stream_plan,
+                     kernels.gemm90_splits, kernels.decode_splits, kernels.prefill_tiles):
+        runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+        for test in doctest.DocTestFinder().find(function, globs=vars(kernels).copy()):
+            runner.run(test)
+        assert runner.failures == 0 and runner.tries > 0, f"{function.__name__}'s examples"
 
 
 def test_gemm_stream_plan_keeps_whole_waves_whole():
@@ -245,6 +369,7 @@ def test_shared_memory_fits_every_supported_gpu():
     assert max(tile.smem for tile in kernels.GEMM_TILES.values()) <= limit
     assert max(tile.smem for tile in kernels.GEMM_V1_TILES.values()) <= limit
     assert kernels.GEMM90_SMEM <= 227 * 1024  # the Hopper GEMM: sm_90 only
+    assert all(227 * 1024 // 2 < tile.smem <= 227 * 1024 for tile in kernels.GEMM90_TILES.values())  # one CTA per SM
     # one GEMM CTA per multiprocessor: the stream-K grid (one CTA each) is all resident, none waits for a slot
     assert min(tile.smem for tile in kernels.GEMM_TILES.values()) > 227 * 1024 // 2
     assert max(kernels.decode_smem(d) for d in kernels.HEAD_DIMS) <= limit

@@ -23,8 +23,8 @@ from olmoscope.runtime.backend import Backend, PendingStep, RuntimeOptions, plan
 from olmoscope.runtime.blocks import BLOCK_SIZE
 from olmoscope.runtime.cuda.driver import (ITEMSIZE, CudaGraph, DeviceBuffer, available, cuda, cuda_errors,
                                            free_pinned, gib)
-from olmoscope.runtime.cuda.kernels import (FA_QUERIES, GEMV_MAX_ROWS, HEAD_DIMS, TOP_LOGPROBS, Kernels,
-                                            decode_splits, gemm_plan, prefill_tiles)
+from olmoscope.runtime.cuda.kernels import (FA_QUERIES, HEAD_DIMS, TOP_LOGPROBS, Kernels, decode_splits,
+                                            prefill_tiles)
 from olmoscope.runtime.cuda.weights import DeviceWeight, decode_weight_bytes, device_bytes, upload
 from olmoscope.runtime.cuda.workspace import MetaSizes, StepMeta
 from olmoscope.runtime.engine import Engine
@@ -39,6 +39,13 @@ def graph_sizes(limit: int) -> list[int]:
     """Decode batch sizes with a captured graph: powers of two up to `limit`, and `limit` itself."""
     sizes = [1 << i for i in range(limit.bit_length()) if 1 << i <= limit]
     return sizes + ([limit] if sizes[-1] != limit else [])
+
+
+def projection_shapes(cfg) -> dict[str, tuple[int, int, bool]]:
+    """Each layer projection's (N, K, silu) for a model config (lm_head aside: it writes the logits buffer)."""
+    return {"qkv": (cfg.q_width + 2 * cfg.kv_width, cfg.hidden_size, False), "o": (cfg.hidden_size, cfg.q_width, False),
+            "gate_up": (2 * cfg.intermediate_size, cfg.hidden_size, True),
+            "down": (cfg.hidden_size, cfg.intermediate_size, False)}
 
 
 @dataclass(frozen=True)
@@ -161,18 +168,9 @@ class CudaBackend(Backend):
                          tiles=-(-T // FA_QUERIES) + B, table_width=-(-context // BLOCK_SIZE))
 
     def _proj_elements(self) -> int:
-        """f32 elements the projection output must hold: T rows of the widest matrix, or split-K partials."""
-        cfg = self.config
-        widths = {"qkv": cfg.q_width + 2 * cfg.kv_width, "o": cfg.hidden_size, "gate_up": 2 * cfg.intermediate_size,
-                  "down": cfg.hidden_size}
-        inputs = {"qkv": cfg.hidden_size, "o": cfg.q_width, "gate_up": cfg.hidden_size, "down": cfg.intermediate_size}
-        most = self._sizes().tokens * max(widths["qkv"], widths["o"])
-        for rows in range(GEMV_MAX_ROWS + 1, min(self._sizes().tokens, 512) + 1):
-            for name, N in widths.items():
-                _, splits = gemm_plan(rows, N, inputs[name], self.sm_count)
-                if splits > 1 or name != "gate_up":
-                    most = max(most, splits * rows * N)
-        return most
+        """f32 elements the projection output must hold: any step's rows of any projection, or its split-K partials,
+        as the plan runs them."""
+        return self.kernels.workspace(projection_shapes(self.config).values(), self._sizes().tokens, int8=self._int8)
 
     def _decode_partials(self) -> int:
         """Rows (of head_dim) flash-decoding's partial results need at the largest split plan."""
@@ -534,34 +532,38 @@ class CudaBackend(Backend):
 
     def _linear(self, x: DeviceBuffer, weight: DeviceWeight, rows: int, out: DeviceBuffer | None = None,
                 can_split: bool = True) -> tuple[DeviceBuffer, int, int]:
-        """y = x·Wᵀ for `rows` rows: (output [parts·rows, N] f32, parts, part stride in elements)."""
+        """y = x·Wᵀ for `rows` rows by the plan's kernel: (output [parts·rows, N] f32, parts, part stride in elements)."""
         N, K = weight.data.shape
         x = x.rows(0, rows) if x.shape[0] != rows else x
-        if rows <= GEMV_MAX_ROWS:
+        plan = self.kernels.plan(rows, N, K, int8=weight.data.dtype == "i8")
+        if plan.variant == "gemv":
             y = out.rows(0, rows) if out is not None else DeviceBuffer(self.proj.ptr, (rows, N), "f32")
             self.kernels.gemv(weight.data, weight.scales, x, y, rows)
             return y, 1, rows * N
-        _, splits = gemm_plan(rows, N, K, self.sm_count)
-        splits = splits if can_split else 1
+        splits = plan.splits if can_split else 1
         y = out.rows(0, rows) if out is not None else DeviceBuffer(self.proj.ptr, (splits * rows, N), "f32")
-        self.kernels.gemm(x, self._matrix(weight), weight.scales, y, rows, splits=splits)
+        self.kernels.gemm(x, self._matrix(weight), weight.scales, y, rows, splits=splits, bm=plan.bm,
+                          variant=plan.variant)
         return y, splits, rows * N
 
     def _silu_linear(self, x: DeviceBuffer, weight: DeviceWeight, rows: int) -> None:
-        """act = SiLU(x·gateᵀ)·(x·upᵀ) (bf16) from the fused [gate; up] matrix."""
+        """act = SiLU(x·gateᵀ)·(x·upᵀ) (bf16) from the fused [gate; up] matrix, by the plan's kernel: fused in its
+        epilogue with one split, else split-K partials summed by silu_mul_parts."""
         N, K = weight.data.shape
         act = self.act.rows(0, rows)
         x = x.rows(0, rows)
-        if rows <= GEMV_MAX_ROWS:
+        plan = self.kernels.plan(rows, N, K, silu=True, int8=weight.data.dtype == "i8")
+        if plan.variant == "gemv":
             self.kernels.gemv(weight.data, weight.scales, x, act, rows, silu=True)
             return
-        _, splits = gemm_plan(rows, N, K, self.sm_count, silu=True)
-        if splits == 1:
-            self.kernels.gemm(x, self._matrix(weight), weight.scales, act, rows, silu=True)
+        if plan.splits == 1:
+            self.kernels.gemm(x, self._matrix(weight), weight.scales, act, rows, silu=True, bm=plan.bm,
+                              variant=plan.variant)
             return
-        parts = DeviceBuffer(self.proj.ptr, (splits * rows, N), "f32")
-        self.kernels.gemm(x, self._matrix(weight), weight.scales, parts, rows, splits=splits)
-        self.kernels.silu_mul_parts(parts, splits, rows * N, act, rows)
+        parts = DeviceBuffer(self.proj.ptr, (plan.splits * rows, N), "f32")
+        self.kernels.gemm(x, self._matrix(weight), weight.scales, parts, rows, splits=plan.splits, bm=plan.bm,
+                          variant=plan.variant)
+        self.kernels.silu_mul_parts(parts, plan.splits, rows * N, act, rows)
 
     def _attention(self, k_pool: DeviceBuffer, v_pool: DeviceBuffer, plan: Plan) -> None:
         """attn [T, H·d]: flash-decoding for the single-token sequences, flash attention for the prompt chunks."""

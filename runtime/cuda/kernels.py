@@ -48,11 +48,12 @@ GEMM_MID_STAGES = 4
 GEMM_LARGE_BN = 128  # bm256 (prefill): weight rows per tile, k-tile, stages
 GEMM_LARGE_BK = 64
 GEMM_LARGE_STAGES = 3
-GEMM90_BM = 128  # gemm_sm90.cu (Hopper wgmma, prefill): tile, k-tile, stages, threads
+GEMM90_BM = 128  # gemm_sm90.cu (Hopper wgmma) bm128: rows, columns, k-tile, stages, threads
 GEMM90_BN = 256
 GEMM90_BK = 64
 GEMM90_STAGES = 4
 GEMM90_THREADS = 256
+GEMM90_BM64_STAGES = 5  # gemm_sm90.cu bm64 (skinny M: decode batches)
 GEMM_V1_BN = 128  # the previous GEMM (gemm_v1.cu, timed next to gemm.cu's): columns per CTA, smem row padding
 GEMM_V1_PAD = 8
 GEMM_V1_LARGE_BK = 32  # v1 bm128: k-tile, stages, threads
@@ -97,7 +98,7 @@ MIRRORED = {
     "GEMM_LARGE_BK": ("gemm.cu", "GEMM_LARGE_BK"),
     "GEMM_LARGE_STAGES": ("gemm.cu", "GEMM_LARGE_STAGES"),
     **{name: ("gemm_sm90.cu", name) for name in ("GEMM90_BM", "GEMM90_BN", "GEMM90_BK", "GEMM90_STAGES",
-                                                 "GEMM90_THREADS")},
+                                                 "GEMM90_THREADS", "GEMM90_BM64_STAGES")},
     **{name: ("gemm_v1.cu", name) for name in ("GEMM_V1_BN", "GEMM_V1_PAD", "GEMM_V1_LARGE_BK", "GEMM_V1_LARGE_STAGES",
                                                "GEMM_V1_LARGE_THREADS", "GEMM_V1_SMALL_BK", "GEMM_V1_SMALL_STAGES",
                                                "GEMM_V1_SMALL_THREADS")},
@@ -119,12 +120,9 @@ MIRRORED = {
                                                   "Q4_MID_UNROLL", "Q4_WIDE_UNROLL", "Q8_CHUNK")},
 }
 
-# The one switch of the Hopper GEMM (gemm_sm90.cu, wgmma): off until measured on an H200 (OLMOSCOPE_GEMM_HOPPER=1 turns
-# it on for a run). On, Kernels.gemm runs it for M > GEMM_HOPPER_MIN_ROWS rows (prefill) on sm_90 GPUs, one split;
-# gemm.cu's stream-K mma.sync family otherwise.
-GEMM_HOPPER = os.environ.get("OLMOSCOPE_GEMM_HOPPER", "0") == "1"
-GEMM_HOPPER_MIN_ROWS = 256
-GEMM90_SMEM = GEMM90_STAGES * (GEMM90_BM + GEMM90_BN) * GEMM90_BK * 2 + 1024  # + 1024: aligned to 1 KB in the kernel
+# The switch of the Hopper GEMM (gemm_sm90.cu, wgmma): on by default on sm_90 GPUs, where gemm_plan picks it for the
+# shapes with enough 128 × 256 tiles (measured on an H200); OLMOSCOPE_GEMM_HOPPER=0 turns it off for a run.
+GEMM_HOPPER = os.environ.get("OLMOSCOPE_GEMM_HOPPER", "1") != "0"
 
 # Host-side planning knobs (not in any .cu file).
 GEMM_MIN_KTILES_PER_SPLIT = 4  # a split-K share streams at least this many k-tiles
@@ -161,6 +159,25 @@ GEMM_TILES = {
     128: GemmTile(128, GEMM_MID_BN, GEMM_MID_BK, GEMM_MID_STAGES),
     256: GemmTile(256, GEMM_LARGE_BN, GEMM_LARGE_BK, GEMM_LARGE_STAGES),
 }
+
+
+class Gemm90Tile(NamedTuple):
+    """One tile of gemm_sm90.cu: BM rows × 256 columns × 64, `stages` shared-memory stages (Gemm90Config)."""
+
+    bm: int
+    stages: int
+    bn: int = GEMM90_BN
+    bk: int = GEMM90_BK
+    threads: int = GEMM90_THREADS
+
+    @property
+    def smem(self) -> int:
+        """STAGES · (BM + 256) · 64 · sizeof(bf16), + 1024 bytes to align the stages to 1 KB in the kernel."""
+        return self.stages * (self.bm + self.bn) * self.bk * 2 + 1024
+
+
+GEMM90_TILES = {64: Gemm90Tile(64, GEMM90_BM64_STAGES), 128: Gemm90Tile(GEMM90_BM, GEMM90_STAGES)}
+GEMM90_SMEM = GEMM90_TILES[GEMM90_BM].smem
 
 
 class GemmV1Tile(NamedTuple):
@@ -207,8 +224,8 @@ SIGNATURES = {
        for kind in ("bf16", "int8") for silu in ("", "_silu") for m in range(1, GEMV_MAX_ROWS + 1)},
     **{f"gemm_bf16_bm{bm}": ("gemm.cu", "PPPPiiiiiPP") for bm in GEMM_TILES},
     **{f"gemm_bf16_silu_bm{bm}": ("gemm.cu", "PPPPiiiiPP") for bm in GEMM_TILES},
-    "gemm90_bf16": ("gemm_sm90.cu", "PPPPiii"),
-    "gemm90_bf16_silu": ("gemm_sm90.cu", "PPPPiii"),
+    **{f"gemm90_bf16_bm{bm}": ("gemm_sm90.cu", "PPPPiiii") for bm in GEMM90_TILES},
+    **{f"gemm90_bf16_silu_bm{bm}": ("gemm_sm90.cu", "PPPPiii") for bm in GEMM90_TILES},
     **{f"gemm_v1_bf16_bm{bm}": ("gemm_v1.cu", "PPPPiiii") for bm in GEMM_V1_TILES},
     **{f"gemm_v1_bf16_silu_bm{bm}": ("gemm_v1.cu", "PPPPiii") for bm in GEMM_V1_TILES},
     "silu_mul_parts": ("gemm.cu", "PiqPii"),
@@ -276,15 +293,13 @@ def gemm_cost(bm: int, M: int, N: int, K: int, sm_count: int) -> float:
     return max(stream, loads, math_s) + fixup
 
 
-def gemm_plan(M: int, N: int, K: int, sm_count: int, silu: bool = False) -> tuple[int, int]:
-    """(bm, splits) for C = A·Wᵀ with A [M, K], W [N, K]: the tile for M (gemm_tile) unless the time model
-    (gemm_cost) finds a tile of at most twice the rows clearly cheaper (small matrices, whose few tiles stream-K
-    would cut into many parts), and 1 split: the stream-K schedule (gemm_stream_plan) already spreads the k-tiles
-    of every shape over the whole chip, with no partial sums for the consumers to add and the SiLU epilogue always
-    fused.
+def gemm_stream_tile(M: int, N: int, K: int, sm_count: int) -> int:
+    """The stream-K tile (bm) of gemm.cu for C = A·Wᵀ with A [M, K], W [N, K]: the tile for M (gemm_tile) unless the
+    time model (gemm_cost) finds a tile of at most twice the rows clearly cheaper (small matrices, whose few tiles
+    stream-K would cut into many parts).
 
-    >>> gemm_plan(16, 4096, 4096, 132), gemm_plan(64, 4096, 4096, 132), gemm_plan(64, 2048, 2048, 132)
-    ((16, 1), (64, 1), (16, 1))
+    >>> gemm_stream_tile(16, 4096, 4096, 132), gemm_stream_tile(64, 4096, 4096, 132), gemm_stream_tile(64, 2048, 2048, 132)
+    (16, 64, 16)
     """
     natural = gemm_tile(M)
     best, best_cost = natural, gemm_cost(natural, M, N, K, sm_count)
@@ -293,7 +308,124 @@ def gemm_plan(M: int, N: int, K: int, sm_count: int, silu: bool = False) -> tupl
             cost = gemm_cost(bm, M, N, K, sm_count)
             if cost < GEMM_MODEL_MARGIN * best_cost:
                 best, best_cost = bm, cost
-    return best, 1
+    return best
+
+
+class GemmPlan(NamedTuple):
+    """How one projection runs: variant "gemv" (gemv.cu), "v1" (gemm_v1.cu, grid split-K), "stream" (gemm.cu,
+    stream-K) or "sm90" (gemm_sm90.cu, wgmma); its row tile (0 for the GEMV) and split-K count (partials summed by the
+    consumer; with silu and splits > 1, by silu_mul_parts)."""
+
+    variant: str
+    bm: int
+    splits: int
+
+
+GEMM90_MIN_USEFUL_TILES = 40  # sm90 from this many useful 128 × 256 tiles (measured on an H200, 2026-12-02)
+GEMM90_MIN_ROWS = 33  # and from this many rows (v1's bm16/bm32 stream a thin batch faster; sm90 untimed below 64)
+GEMM_V1_MAX_ROWS = 256  # v1 (grid split-K) up to this many rows, stream-K above
+# The skinny-M plan (GEMM_SKINNY): gemm_sm90.cu with grid split-K for the decode batches (model, not yet measured)
+GEMM_SKINNY = os.environ.get("OLMOSCOPE_GEMM_SKINNY", "1") != "0"
+GEMM90_SKINNY_ROWS = (17, 256)  # M range: v1 already streams 75–80 % of copy bandwidth up to 16 rows (7B, H200)
+GEMM90_MIN_KTILES_PER_SPLIT = 4  # a split streams at least 4 k-tiles (160 KB of bm64 stages: the pipeline fills)
+GEMM90_FUSED_SILU_CTAS = 64  # gate_up keeps its fused SiLU (no partials, no silu_mul_parts) from this many tiles
+GEMM90_SKINNY_MIN_CTAS = 64  # and the skinny plan needs this many CTAs: ~10 MB of copies in flight over the chip
+
+
+def gemm90_tile(M: int) -> int:
+    """gemm_sm90.cu's tile for M rows: bm64 (one warpgroup's wgmma, deeper copies) up to 64 rows, bm128 beyond."""
+    return 64 if M <= 64 else GEMM90_BM
+
+
+def gemm90_useful_tiles(M: int, N: int) -> float:
+    """The 128 × 256 tiles of gemm_sm90.cu for M rows, each counted by the share of its rows that are real."""
+    return math.ceil(M / GEMM90_BM) * math.ceil(N / GEMM90_BN) * min(M, GEMM90_BM) / GEMM90_BM
+
+
+def gemm90_splits(bm: int, M: int, N: int, K: int, sm_count: int, silu: bool = False) -> int:
+    """gemm_sm90.cu's grid split-K count for a skinny product: as many splits as keep every CTA of the grid resident
+    at once (one CTA per multiprocessor: ~200 KB of stages), each streaming ≥ GEMM90_MIN_KTILES_PER_SPLIT k-tiles,
+    the partials' traffic (written here, read back by the consumer: 8·splits·M·N bytes) at most half the weights'
+    (2·N·K), and no split left empty; gate_up with ≥ GEMM90_FUSED_SILU_CTAS tiles stays whole (fused SiLU).
+
+    >>> [gemm90_splits(64, 64, N, K, 132) for N, K in ((12288, 4096), (4096, 4096), (4096, 11008))]
+    [2, 8, 8]
+    >>> gemm90_splits(64, 64, 22016, 4096, 132, silu=True), gemm90_splits(64, 64, 6144, 2048, 132)
+    (1, 4)
+    """
+    tiles = math.ceil(M / bm) * math.ceil(N / GEMM90_BN)
+    ktiles = math.ceil(K / GEMM90_BK)
+    if silu and tiles >= GEMM90_FUSED_SILU_CTAS:
+        return 1
+    splits = min(sm_count // tiles, ktiles // GEMM90_MIN_KTILES_PER_SPLIT, K // (8 * M), GEMM_MAX_SPLITS)
+    if splits <= 1:
+        return 1
+    return math.ceil(ktiles / math.ceil(ktiles / splits))
+
+
+def gemm_plan(M: int, N: int, K: int, sm_count: int, silu: bool = False, hopper: bool = False,
+              int8: bool = False, skinny: bool = True) -> GemmPlan:
+    """The projection kernel for C = A·Wᵀ, A [M, K], W [N, K] (silu: W = [gate; up], the SiLU·up product), one rule
+    per regime, the same on every run; all but the skinny one chosen by the H200 measurements of
+    benchmarks/bench_kernels.py (2026-12-02):
+
+    - M = 1, or M = 2 with N ≥ 2K (qkv, gate_up), or int8 weights and M ≤ 4: the GEMV, which streams every weight
+      byte once for all rows (int8: half the bytes; the GEMMs would first widen the matrix). Beyond that v1's split
+      bm16 tile was faster (o_proj and down at M = 2: 4.6 against 5.7 µs; every shape at M = 4).
+    - skinny (GEMM_SKINNY) on a hopper GPU and M in GEMM90_SKINNY_ROWS: gemm_sm90.cu's tile for M (bm64 up to 64
+      rows) with gemm90_splits' grid split-K, when that makes ≥ GEMM90_SKINNY_MIN_CTAS CTAs: the weights streamed
+      once by a grid of resident CTAs with 160 KB of copies in flight each. A model, not a measurement yet:
+      skinny=False (OLMOSCOPE_GEMM_SKINNY=0) is the measured plan below.
+    - hopper (an sm_90 GPU, GEMM_HOPPER on) and M ≥ GEMM90_MIN_ROWS and gemm90_useful_tiles ≥ GEMM90_MIN_USEFUL_TILES:
+      gemm_sm90.cu, one split (7B gate_up at M = 64: 63.6 µs against v1's 76.7; every prefill shape but 1B o_proj at
+      M = 512). Fewer tiles leave most multiprocessors idle (7B o_proj M = 128: 16 tiles, 53.1 against v1's 23.6).
+    - M ≤ GEMM_V1_MAX_ROWS: gemm_v1.cu with its own tile and grid split-K (gemm_v1_plan; silu fused, one split):
+      it beat the stream-K schedule at decode sizes (7B M = 64 o_proj 16.1 against 22.0, down 34.7 against 43.0).
+    - otherwise gemm.cu's stream-K schedule with gemm_stream_tile's tile (prefill without enough wgmma tiles).
+
+    >>> gemm_plan(1, 4096, 4096, 132), gemm_plan(2, 4096, 4096, 132), gemm_plan(2, 12288, 4096, 132)
+    (GemmPlan(variant='gemv', bm=0, splits=1), GemmPlan(variant='v1', bm=16, splits=8), GemmPlan(variant='gemv', bm=0, splits=1))
+    >>> gemm_plan(64, 12288, 4096, 132, hopper=True, skinny=False), gemm_plan(64, 22016, 4096, 132, True, True, skinny=False)
+    (GemmPlan(variant='v1', bm=64, splits=2), GemmPlan(variant='sm90', bm=128, splits=1))
+    >>> gemm_plan(128, 4096, 4096, 132, hopper=True, skinny=False), gemm_plan(128, 12288, 4096, 132, hopper=True, skinny=False)
+    (GemmPlan(variant='v1', bm=64, splits=4), GemmPlan(variant='sm90', bm=128, splits=1))
+    >>> gemm_plan(8, 2048, 8192, 132), gemm_plan(512, 2048, 8192, 132, hopper=True)
+    (GemmPlan(variant='v1', bm=16, splits=16), GemmPlan(variant='stream', bm=256, splits=1))
+    >>> gemm_plan(64, 4096, 4096, 132, hopper=True), gemm_plan(128, 4096, 11008, 132, hopper=True)
+    (GemmPlan(variant='sm90', bm=64, splits=8), GemmPlan(variant='sm90', bm=128, splits=8))
+    >>> gemm_plan(64, 22016, 4096, 132, silu=True, hopper=True), gemm_plan(16, 4096, 4096, 132, hopper=True)
+    (GemmPlan(variant='sm90', bm=64, splits=1), GemmPlan(variant='v1', bm=16, splits=8))
+    """
+    if M == 1 or (M == 2 and N >= 2 * K) or (int8 and M <= GEMV_MAX_ROWS):
+        return GemmPlan("gemv", 0, 1)
+    if skinny and hopper and GEMM90_SKINNY_ROWS[0] <= M <= GEMM90_SKINNY_ROWS[1]:
+        bm = gemm90_tile(M)
+        splits = gemm90_splits(bm, M, N, K, sm_count, silu)
+        if math.ceil(M / bm) * math.ceil(N / GEMM90_BN) * splits >= GEMM90_SKINNY_MIN_CTAS:
+            return GemmPlan("sm90", bm, splits)
+    if hopper and M >= GEMM90_MIN_ROWS and gemm90_useful_tiles(M, N) >= GEMM90_MIN_USEFUL_TILES:
+        return GemmPlan("sm90", GEMM90_BM, 1)
+    if M <= GEMM_V1_MAX_ROWS:
+        return GemmPlan("v1", *gemm_v1_plan(M, N, K, sm_count, silu))
+    return GemmPlan("stream", gemm_stream_tile(M, N, K, sm_count), 1)
+
+
+def gemm_workspace(shapes, max_rows: int, sm_count: int, hopper: bool = False, int8: bool = False,
+                   skinny: bool = True) -> int:
+    """f32 elements the projection output (one [M, N] result, or a plan's split-K partials splits × [M, N]) needs for
+    every row count 1 … max_rows and every projection (N, K, silu) in shapes, under gemm_plan: a silu projection
+    needs room only when it is split (its fused output is bf16 elsewhere), the others always.
+
+    >>> gemm_workspace([(4096, 4096, False)], 64, 132) == 8 * 64 * 4096  # v1's 8 splits at M = 64
+    True
+    """
+    most = 0
+    for M in range(1, max_rows + 1):
+        for N, K, silu in shapes:
+            plan = gemm_plan(M, N, K, sm_count, silu=silu, hopper=hopper, int8=int8, skinny=skinny)
+            if not silu or plan.splits > 1:
+                most = max(most, plan.splits * M * N)
+    return most
 
 
 def gemm_stream_plan(tiles: int, kt: int, ctas: int) -> tuple[int, int]:
@@ -359,8 +491,11 @@ def gemm_ktiles_per_split(bm: int, K: int, splits: int, tiles: dict | None = Non
 
 def kernel_smem(hopper: bool = False) -> dict[str, int]:
     """Dynamic shared memory of every kernel that takes some (the limit its launches raise), by kernel name; the
-    Hopper GEMM's (193 KB, over sm_80's limit) only with hopper."""
-    smem = {"gemm90_bf16": GEMM90_SMEM, "gemm90_bf16_silu": GEMM90_SMEM} if hopper else {}
+    Hopper GEMM's (193 and 201 KB, over sm_80's limit) only with hopper."""
+    smem = {}
+    if hopper:
+        for bm, tile in GEMM90_TILES.items():
+            smem[f"gemm90_bf16_bm{bm}"] = smem[f"gemm90_bf16_silu_bm{bm}"] = tile.smem
     for bm, tile in GEMM_TILES.items():
         smem[f"gemm_bf16_bm{bm}"] = smem[f"gemm_bf16_silu_bm{bm}"] = tile.smem
     for bm, tile in GEMM_V1_TILES.items():
@@ -541,6 +676,16 @@ class Kernels:
         self.cuda.memset_d32(int(self._gemm_tickets), 0, self.gemm_ctas)
         self._gemm_slots = self.cuda.mem_alloc(4 * 2 * self.gemm_ctas * slot)
 
+    def plan(self, M: int, N: int, K: int, silu: bool = False, int8: bool = False) -> GemmPlan:
+        """gemm_plan for this GPU: the Hopper GEMM only on sm_90 with GEMM_HOPPER on, the skinny plan with GEMM_SKINNY."""
+        return gemm_plan(M, N, K, self.sm_count, silu=silu, hopper=self.hopper and GEMM_HOPPER, int8=int8,
+                         skinny=GEMM_SKINNY)
+
+    def workspace(self, shapes, max_rows: int, int8: bool = False) -> int:
+        """gemm_workspace under this GPU's plan (Kernels.plan): f32 elements of projection output or partials."""
+        return gemm_workspace(shapes, max_rows, self.sm_count, hopper=self.hopper and GEMM_HOPPER, int8=int8,
+                              skinny=GEMM_SKINNY)
+
     def launch(self, name: str, grid: tuple[int, ...], block: tuple[int, ...], *args, smem: int = 0) -> None:
         """One asynchronous launch; a refusal (bad configuration, earlier fault) becomes a DeviceError."""
         if min(grid) < 1:
@@ -692,14 +837,12 @@ class Kernels:
              silu: bool = False, splits: int = 1, bm: int | None = None, variant: str = "stream",
              ctas: int | None = None) -> None:
         """C = A·Wᵀ on the tensor cores, A [≥rows, K] bf16, W [N, K] bf16: C holds splits × [rows, N] f32 partials
-        (part stride rows·N), or with silu C [≥rows, N/2] bf16 = SiLU(gate)·up. bm: the tile (default gemm_plan's).
-        splits = 1 runs the stream-K schedule on `ctas` persistent CTAs (default: one per multiprocessor); more
-        splits the grid over K into partial sums. variant "v1": the previous kernels (gemm_v1.cu), for comparison;
-        "sm90": the Hopper wgmma kernel (sm_90 GPUs, one split, its own 128 × 256 tile), which GEMM_HOPPER makes the
-        default above GEMM_HOPPER_MIN_ROWS rows."""
+        (part stride rows·N), or with silu C [≥rows, N/2] bf16 = SiLU(gate)·up. variant (gemm_plan chooses it for
+        the runtime): "stream" (gemm.cu; bm default gemm_stream_tile's): splits = 1 runs the stream-K schedule on
+        `ctas` persistent CTAs (default: one per multiprocessor), more splits the grid over K into partial sums;
+        "v1": gemm_v1.cu's grid split-K kernels (bm default its gemm_tile); "sm90": the Hopper wgmma kernels
+        (sm_90 GPUs; bm 64 or 128 rows × 256 columns, default gemm90_tile's; grid split-K as v1's)."""
         N, K = weight.shape
-        if GEMM_HOPPER and self.hopper and variant == "stream" and rows > GEMM_HOPPER_MIN_ROWS and splits == 1:
-            variant = "sm90"
         _check_count("gemm", rows)
         if weight.dtype != "bf16":
             raise DeviceError(f"gemm: weights must be bf16 (widen int8 first), found {weight.dtype}")
@@ -710,11 +853,11 @@ class Kernels:
         if variant == "sm90":
             if not self.hopper:
                 raise DeviceError(f"gemm: the sm90 (wgmma) kernels need an sm_90 GPU, this is {self.arch}")
-            if bm not in (None, GEMM90_BM) or splits != 1:
-                raise DeviceError(f"gemm sm90: tile {bm}, {splits} splits (its own {GEMM90_BM}-row tile, one split)")
-            bm = GEMM90_BM
+            bm = bm or gemm90_tile(rows)
+            if bm not in GEMM90_TILES:
+                raise DeviceError(f"gemm sm90: tile {bm} (one of {sorted(GEMM90_TILES)})")
         tiles_of = GEMM_V1_TILES if variant == "v1" else GEMM_TILES
-        bm = bm or (gemm_tile(rows, GEMM_V1_TILES) if variant == "v1" else gemm_plan(rows, N, K, self.sm_count)[0])
+        bm = bm or (gemm_tile(rows, GEMM_V1_TILES) if variant == "v1" else gemm_stream_tile(rows, N, K, self.sm_count))
         if variant != "sm90" and bm not in tiles_of:
             raise DeviceError(f"gemm: tile {bm} (one of {sorted(tiles_of)})")
         if (max(rows, N) + 256) * K >= 2**31:  # a tile's rows past the end are addressed too (and not read)
@@ -731,10 +874,14 @@ class Kernels:
                 raise DeviceError(f"gemm: {splits} splits")
             _expect_elements(c, "gemm output" if splits == 1 else "gemm partials", "f32", splits * rows * N, last_dim=N)
         if variant == "sm90":
-            grid = (math.ceil(rows / GEMM90_BM) * math.ceil(N / GEMM90_BN),)
-            name = "gemm90_bf16_silu" if silu else "gemm90_bf16"
-            self.launch(name, grid, (GEMM90_THREADS, 1, 1), a.ptr, weight.ptr, _ptr(scales), c.ptr, rows, N, K,
-                        smem=GEMM90_SMEM)
+            tile = GEMM90_TILES[bm]
+            grid = (math.ceil(rows / bm) * math.ceil(N / GEMM90_BN), splits)
+            if silu:
+                self.launch(f"gemm90_bf16_silu_bm{bm}", grid[:1], (tile.threads, 1, 1), a.ptr, weight.ptr,
+                            _ptr(scales), c.ptr, rows, N, K, smem=tile.smem)
+            else:
+                self.launch(f"gemm90_bf16_bm{bm}", grid, (tile.threads, 1, 1), a.ptr, weight.ptr, _ptr(scales), c.ptr,
+                            rows, N, K, math.ceil(math.ceil(K / GEMM90_BK) / splits), smem=tile.smem)
             return
         tile = tiles_of[bm]
         if variant == "v1":
@@ -1040,7 +1187,7 @@ class Kernels:
 
 
 __all__ = ["BLOCK_SIZE", "GEMV_MAX_ROWS", "HEAD_DIMS", "DECODE_GROUPS", "GEMM_TILES", "GEMM_V1_TILES", "GEMM_VARIANTS",
-           "GEMM_HOPPER", "SIGNATURES", "MIRRORED", "DeviceBuffer", "ITEMSIZE", "Kernels", "decode_group",
-           "decode_smem", "decode_splits", "gemm_cost", "gemm_plan", "gemm_splits", "gemm_stream_chunks",
-           "gemm_stream_plan", "gemm_tile", "gemm_ktiles_per_split", "gemm_v1_plan", "gemv_split", "kernel_smem",
+           "GEMM_HOPPER", "GEMM90_TILES", "SIGNATURES", "MIRRORED", "DeviceBuffer", "ITEMSIZE", "Kernels", "decode_group",
+           "decode_smem", "decode_splits", "gemm_cost", "gemm_plan", "GemmPlan", "gemm_stream_tile", "gemm_workspace", "gemm_splits", "gemm_stream_chunks",
+           "gemm_stream_plan", "gemm_tile", "gemm90_tile", "gemm90_splits", "GEMM_SKINNY", "gemm_ktiles_per_split", "gemm_v1_plan", "gemv_split", "kernel_smem",
            "prefill_tiles", "q4_split", "q4_tiles", "q4_units"]
