@@ -69,12 +69,14 @@ def tensor_source(source: Source) -> TensorSource:
 
 
 def _engine_tensor_source(source: Source) -> TensorSource:
-    """An engine file's rows: fused tensors in file order, int8 scale vectors as rows of their own."""
+    """An engine file's rows: fused tensors in file order, a quantized matrix's scales and zeros as rows of their own."""
     from olmoscope import engine_format
 
     engine = engine_format.EngineFile.open(source.engine_path)  # stays mapped while the rows are in use
     return TensorSource(source, engine_format.engine_rows(engine), lambda name: engine_format.read_row(engine, name),
-                        str(source.engine_path), engine_format.check_engine_rows)
+                        str(source.engine_path),
+                        lambda rows, config: engine_format.check_engine_rows(rows, config, engine.weight_dtype,
+                                                                             engine.quantization))
 
 
 # ── statistics ─────────────────────────────────────────────────────────────────

@@ -1,0 +1,110 @@
+"""The weight-format table: one record per `--dtype`, read by the engine format, convert, verify, arch and the runtime.
+
+Everything that differs between bf16, fp16, fp32, int8 and int4 is here — what a matrix is stored as,
+its scales and zero points, how many bytes it takes, how it is quantized and dequantized, and which
+kernel variant the CUDA runtime dispatches on — so no other module spells a format's rules.
+
+    >>> FORMATS["int4"].matrix_bytes((4096, 4096), group=128)
+    8650752
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from olmoscope import quantize
+
+INT4_GROUPS = (32, 64, 128)  # --group-size choices: they divide every OLMo 2 width, and the kernels tile by 32
+INT4_DEFAULT_GROUP = 128  # what GPTQ and AWQ releases use
+INT4_SCHEMES = ("asym", "sym")
+# asym is the default: a zero point per group fits the group's actual range (weights are rarely centred
+# on zero within 32–128 inputs) for 1 byte per group, and it is what AWQ and most GPTQ releases store.
+INT4_DEFAULT_SCHEME = "asym"
+SOURCES = ("ours", "gptq", "awq")  # who chose q, s and z: convert itself, or an imported checkpoint
+ELEMENT_BITS = {"F32": 32, "BF16": 16, "F16": 16, "I8": 8, "U8": 8, "U4": 4}  # stored element types
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How one `--dtype` stores the matrices (qkv, o_proj, gate_up, down_proj, lm_head); norms are always F32."""
+
+    name: str  # the --dtype value and the header's weight_dtype
+    stored: str  # element type of a matrix's data: F32, BF16, F16, I8, or U4 (two 4-bit values per byte)
+    wide: str  # the format of the embedding (gathered by row, never quantized) and of an unquantized lm_head
+    group: str  # what one scale covers: "none", "row" (int8) or "group" (int4: --group-size inputs of a row)
+    scale_dtype: str | None  # element type of the scales, None when unquantized
+    zero_dtype: str | None  # element type of the zero points (asymmetric int4 only), else None
+    kernel: str  # the CUDA runtime's kernel variant ("bf16": the GPU computes in bf16 whatever the file holds)
+    quantized_head: bool  # whether lm_head is quantized by default (int4: on a flag, --int4-lm-head)
+    # the cast or quantization of a float32/bf16/fp16 block: (block, group, symmetric, name) → (data, scales, zeros)
+    encode: Callable | None
+    # float32 [rows, cols] from (data, scales, zeros, group); None: a plain upcast
+    decode: Callable | None
+
+    @property
+    def quantized(self) -> bool:
+        return self.scale_dtype is not None
+
+    def scale_shape(self, shape: tuple[int, ...], group: int | None) -> tuple[int, ...] | None:
+        """The scales' shape for a matrix [N, K]: [N] per row, [N, K/G] per group, None unquantized."""
+        if self.group == "row":
+            return (shape[0],)
+        if self.group == "group":
+            return (shape[0], shape[1] // group)
+        return None
+
+    def data_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The stored array's shape: [N, K/2] bytes for int4 (packed pairs), else the matrix's own."""
+        return (shape[0], shape[1] // 2) if self.stored == "U4" else tuple(shape)
+
+    def matrix_bytes(self, shape: tuple[int, ...], group: int | None = None, symmetric: bool = False) -> int:
+        """Bytes a matrix takes in this format: data, scales and zero points."""
+        rows, cols = shape
+        total = rows * cols * ELEMENT_BITS[self.stored] // 8
+        scales = self.scale_shape(shape, group)
+        if scales is not None:
+            count = int(np.prod(scales))
+            total += count * ELEMENT_BITS[self.scale_dtype] // 8
+            if self.zero_dtype is not None and not symmetric:
+                total += count * ELEMENT_BITS[self.zero_dtype] // 8
+        return total
+
+
+def _encode_int8(block, group, symmetric, name):
+    q, scales = quantize.quantize_int8_rows(block, name)
+    return q, scales, None
+
+
+def _decode_int8(data, scales, zeros, group):
+    return quantize.dequantize_int8(data, scales)
+
+
+def _encode_int4(block, group, symmetric, name):
+    q, scales, zeros = quantize.quantize_int4_groups(block, group, symmetric, name)
+    return quantize.pack_nibbles(q), scales, zeros
+
+
+def _decode_int4(data, scales, zeros, group):
+    return quantize.dequantize_int4(data, scales, zeros, group)
+
+
+FORMATS: dict[str, WeightFormat] = {
+    "bf16": WeightFormat("bf16", "BF16", "bf16", "none", None, None, "bf16", False, None, None),
+    "fp16": WeightFormat("fp16", "F16", "fp16", "none", None, None, "bf16", False, None, None),
+    "fp32": WeightFormat("fp32", "F32", "fp32", "none", None, None, "bf16", False, None, None),
+    # The embedding stays bf16 in quantized files: the runtime gathers single rows from it, where a
+    # quantized table saves memory but no time, and every lookup would need its row's scales.
+    "int8": WeightFormat("int8", "I8", "bf16", "row", "F32", None, "int8", True, _encode_int8, _decode_int8),
+    # fp16 scales, as GPTQ and AWQ store them, so an import is exact; lm_head stays bf16 unless asked:
+    # 4 bits on the head cost the most accuracy per byte saved (it is one matrix, read once per token).
+    "int4": WeightFormat("int4", "U4", "bf16", "group", "F16", "U8", "int4", False, _encode_int4, _decode_int4),
+}
+DEFAULT = "bf16"
+
+
+def weight_format(name: str) -> WeightFormat:
+    """The record for a --dtype; KeyError for an unknown one (callers check the choice first)."""
+    return FORMATS[name]
