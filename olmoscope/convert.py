@@ -210,22 +210,10 @@ def open_checkpoint(src: Source) -> tuple[Checkpoint, pre.Prequantized | None]:
 def _open_prequantized(src: Source, checkpoint: Checkpoint, qc: dict[str, Any]) -> pre.Prequantized:
     """A GPTQ/AWQ checkpoint: its config checked, then every tensor the packing implies, by name, shape and type."""
     pq = pre.read_prequantized(qc, {e.name for e in checkpoint.entries}, src.label)
-    pre.check_shapes_divide(src.config, pq, src.label)
-    expected = pre.expected_tensors(src.config, pq)
-    found = {e.name: e for e in checkpoint.entries}
-    missing = [n for n in expected if n not in found]
-    unexpected = [n for n in found if n not in expected]
-    wrong = [(n, expected[n][0], found[n].shape) for n in expected if n in found and found[n].shape != expected[n][0]]
-    from olmoscope.checkpoint import CheckResult
-
-    result = CheckResult(missing, unexpected, wrong, expected=len(expected))
+    result = pre.check_tensors(checkpoint, src.config, pq, src.label)
     if not result.ok:
         raise CheckpointError(f"{src.directory}: the {pq.method} checkpoint does not hold the tensors its config "
                               f"implies, so nothing was written: {_findings(result)}")
-    for name, (_, dtypes) in expected.items():
-        if found[name].dtype not in dtypes:
-            raise CheckpointError(f"{src.directory}: tensor {name} is {found[name].dtype}; a {pq.method} checkpoint "
-                                  f"stores it as {' or '.join(dtypes)}")
     return pq
 
 

@@ -56,6 +56,11 @@ class WeightFormat:
             return (shape[0], shape[1] // group)
         return None
 
+    def steps(self, scales: np.ndarray, group: int | None) -> np.ndarray:
+        """float64 quantization step of each element of a block of rows: [rows, 1] per row, [rows, K] per group."""
+        s = scales.astype(np.float64)
+        return s[:, None] if self.group == "row" else np.repeat(s, group, axis=1)
+
     def data_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The stored array's shape: [N, K/2] bytes for int4 (packed pairs), else the matrix's own."""
         return (shape[0], shape[1] // 2) if self.stored == "U4" else tuple(shape)
