@@ -57,6 +57,7 @@ class ConvertReport:
     weight_dtype: str
     tensors: int  # engine tensors (fused), not counting scales and zeros
     scale_vectors: int  # quantized files: one per quantized matrix
+    zero_arrays: int  # asymmetric int4 files: one per quantized matrix
     bytes_by_dtype: dict[str, int]  # stored bytes per element type ("F32 scales", "U8 zeros" for quantized parts)
     file_bytes: int
     source_bytes: int  # checkpoint bytes read
@@ -71,8 +72,7 @@ class ConvertReport:
         if self.quantization is not None:
             rows.append(["quantization", self.quantization.describe()])
         rows += [
-                ["tensors", f"{self.tensors}" + (f" (+ {self.scale_vectors} {self.weight_dtype} scale arrays)"
-                                                 if self.scale_vectors else "")]]
+                ["tensors", f"{self.tensors}" + self._parts()]]
         rows += [[f"{dtype} bytes", f"{n:,} ({n / gb:.3f} GB)"] for dtype, n in sorted(self.bytes_by_dtype.items())]
         rows += [
             ["file size", f"{self.file_bytes:,} ({self.file_bytes / gb:.3f} GB)"],
@@ -80,6 +80,13 @@ class ConvertReport:
             ["throughput", f"read {_rate(self.source_bytes, self.seconds)}, written {_rate(self.file_bytes, self.seconds)}"],
         ]
         return tabulate(rows, tablefmt="plain")
+
+
+    def _parts(self) -> str:
+        if not self.scale_vectors:
+            return ""
+        zeros = f", {self.zero_arrays} zero-point arrays" if self.zero_arrays else ""
+        return f" (+ {self.scale_vectors} scale arrays{zeros})"
 
 
 def _rate(nbytes: int, seconds: float) -> str:
@@ -144,7 +151,8 @@ def convert(
                 key = f"{part['dtype']} {kind}"
                 by_dtype[key] = by_dtype.get(key, 0) + part["size"]
     return ConvertReport(
-        output, dtype, len(placed), sum(t.quantization is not None for t in placed), by_dtype, file_bytes,
+        output, dtype, len(placed), sum(t.part("scales") is not None for t in placed),
+        sum(t.part("zeros") is not None for t in placed), by_dtype, file_bytes,
         source_bytes, max(time.perf_counter() - started, 1e-9), notes, quant,
     )
 
@@ -325,14 +333,21 @@ def write_engine(f: BinaryIO, base: dict[str, Any], plan: list[ef.EngineTensor],
 
 def encoded_blocks(shards: _Shards, entry: TensorEntry, target: ef.EngineTensor) -> Iterator[tuple]:
     """(stored block, its scales, its zeros, source bytes) for each row block of a float checkpoint tensor."""
-    quant = target.quantization
     for block in shards.blocks(entry):
-        if quant is None:
-            yield cast_block(block, ef.DTYPES[target.dtype], entry.name), None, None, block.nbytes
-        else:
-            fmt = FORMATS[quant["format"]]
-            data, scales, zeros = fmt.encode(block, quant["group_size"], quant["scheme"] == "sym", entry.name)
-            yield data, scales, zeros, block.nbytes
+        yield *encode_block(block, target, entry.name), block.nbytes
+
+
+def encode_block(block: np.ndarray, target: ef.EngineTensor, name: str) -> tuple[np.ndarray, np.ndarray | None,
+                                                                                   np.ndarray | None]:
+    """A block in the target's stored form, with its scales and zeros when the target is quantized.
+
+    >>> encode_block(np.ones((2, 4), np.float32), bf16_target, "w")[0].dtype
+    dtype(bfloat16)
+    """
+    quant = target.quantization
+    if quant is None:
+        return cast_block(block, ef.DTYPES[target.dtype], name), None, None
+    return FORMATS[quant["format"]].encode(block, quant["group_size"], quant["scheme"] == "sym", name)
 
 
 def imported_blocks(checkpoint: Checkpoint, pq: pre.Prequantized, part) -> Iterator[tuple]:
