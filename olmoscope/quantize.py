@@ -66,7 +66,7 @@ def quantize_int4_groups(block: np.ndarray, group: int, symmetric: bool, name: s
     rows, cols = w.shape
     g = w.reshape(rows, cols // group, group)  # [N, K/G, G]
     high, low = g.max(axis=2), g.min(axis=2)  # [N, K/G]
-    _refuse_non_finite(high - low, name, "int4")
+    _refuse_non_finite(np.maximum(high, -low), name, "int4")  # a NaN or ±inf makes an extreme non-finite
     if symmetric:
         span = 2 * np.maximum(high, -low).astype(np.float64)
     else:
