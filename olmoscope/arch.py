@@ -20,7 +20,9 @@ from olmoscope.atomic import write_text_atomically
 from olmoscope.config import ModelConfig
 from olmoscope.errors import UsageError
 from olmoscope.sources import SOURCE_HELP, Source, resolve
-from olmoscope.spec import ROLE_DESCRIPTIONS, TensorSpec, checkpoint_tensors
+from olmoscope.engine_format import NORM_DTYPE, Quantization, default_quantization, tensor_format
+from olmoscope.spec import ROLE_DESCRIPTIONS, TensorSpec, checkpoint_tensors, engine_tensors
+from olmoscope.weight_formats import ELEMENT_BITS, FORMATS, INT4_DEFAULT_GROUP, INT4_DEFAULT_SCHEME
 
 REPORT_VERSION = 1
 
@@ -39,18 +41,20 @@ GPUS: tuple[tuple[str, float, float], ...] = (
 
 ROPE_TYPE = "rotate-half (NeoX)"
 NORM_PLACEMENT = "post-norm inside the residual"
-INT4_GROUP = 128  # input elements sharing one int4 scale
 QUANT_NOTE = (
-    "int8/int4 assume symmetric quantization (no zero points) of every matrix, embedding and lm_head included, "
-    "with the scales as listed; norm weights stay fp32"
+    "int8 and int4 are the sizes of the engine files `convert --dtype int8|int4` writes with its defaults: the "
+    f"embedding stays bf16; int8 quantizes lm_head too, int4 keeps it bf16 (--int4-lm-head quantizes it) and "
+    f"stores {INT4_DEFAULT_SCHEME} groups of {INT4_DEFAULT_GROUP} (an fp16 scale and a 4-bit zero point each); "
+    "norm weights stay fp32"
 )
 
 WEIGHT_FORMATS = {
     "fp32": "every tensor 4 bytes per element",
     "bf16": "every tensor 2 bytes per element",
     "fp16": "every tensor 2 bytes per element",
-    "int8": "matrices 1 byte/element + one fp32 scale per row; norms fp32",
-    "int4": f"matrices 2 elements/byte + one fp16 scale per {INT4_GROUP} inputs of a row; norms fp32",
+    "int8": "matrices 1 byte/element + one fp32 scale per row; embedding bf16, norms fp32",
+    "int4": f"matrices 2 elements/byte + per {INT4_DEFAULT_GROUP} inputs of a row an fp16 scale and a zero point; "
+            f"embedding and lm_head bf16, norms fp32",
 }
 
 FLOPS_COUNTED = (
@@ -213,26 +217,25 @@ def _parameters(config: ModelConfig, tensors: list[TensorSpec]) -> dict[str, Any
     }
 
 
-def _weight_bytes(tensors: list[TensorSpec], fmt: str) -> int:
-    if fmt == "fp32":
-        return 4 * sum(t.elements for t in tensors)
-    if fmt in ("bf16", "fp16"):
-        return 2 * sum(t.elements for t in tensors)
+def _weight_bytes(config: ModelConfig, fmt: str) -> int:
+    """bf16/fp16/fp32: every tensor in that type (the checkpoint's size). int8/int4: the engine file's tensors
+    with convert's defaults, by the weight-format table."""
+    quant = default_quantization(fmt)
+    specs = engine_tensors(config)
+    if quant is None:
+        return sum(spec.elements for spec in specs) * ELEMENT_BITS[FORMATS[fmt].stored] // 8
     total = 0
-    for t in tensors:
-        if len(t.shape) == 1:
-            total += 4 * t.elements  # norms stay fp32
-            continue
-        rows, cols = t.shape
-        if fmt == "int8":
-            total += rows * cols + 4 * rows
-        else:  # int4: packed pairs + fp16 group scales
-            total += rows * -(-cols // 2) + 2 * rows * -(-cols // INT4_GROUP)  # ⌈cols/2⌉ bytes, ⌈cols/128⌉ scales
+    for spec in specs:
+        stored = tensor_format(spec, fmt, quant)
+        if stored is None:
+            total += spec.elements * ELEMENT_BITS[NORM_DTYPE] // 8
+        else:
+            total += stored.matrix_bytes(spec.shape, quant.group_size, symmetric=quant.symmetric)
     return total
 
 
 def _memory(config: ModelConfig, tensors: list[TensorSpec], context: int, batch: int) -> dict[str, Any]:
-    weights = [{"format": f, "bytes": _weight_bytes(tensors, f), "note": note} for f, note in WEIGHT_FORMATS.items()]
+    weights = [{"format": f, "bytes": _weight_bytes(config, f), "note": note} for f, note in WEIGHT_FORMATS.items()]
     # K and V, per layer, per kv head: 2·L·Hkv·d values per token.
     values_per_token = 2 * config.num_hidden_layers * config.kv_width
     per_token = {"bf16": 2 * values_per_token, "fp32": 4 * values_per_token}
@@ -348,9 +351,10 @@ def _engine_layout(source: Source) -> dict[str, Any]:
     from olmoscope import engine_format  # imported late: only engine sources need it
 
     with engine_format.EngineFile.open(source.engine_path) as engine:
-        weight_dtype, rows = engine.weight_dtype, engine_format.engine_rows(engine)
+        weight_dtype, rows, quant = engine.weight_dtype, engine_format.engine_rows(engine), engine.quantization
     return {
         "weight_dtype": weight_dtype,
+        "quantization": None if quant is None else quant.to_json(),
         "file_bytes": source.engine_path.stat().st_size,
         "tensor_bytes": sum(r.nbytes for r in rows),
         "tensors": [
@@ -390,7 +394,7 @@ def summary_lines(source: Source | str) -> list[str]:
     c = source.config
     tensors = checkpoint_tensors(c)
     total = sum(t.elements for t in tensors)
-    bf16 = _weight_bytes(tensors, "bf16")
+    bf16 = _weight_bytes(c, "bf16")
     kv_token = 2 * 2 * c.num_hidden_layers * c.kv_width
     heads = f"{c.num_attention_heads} heads × {c.head_dim}"
     if c.num_key_value_heads != c.num_attention_heads:
@@ -482,7 +486,9 @@ def _stored_dtype_row(o: dict[str, Any], engine: dict[str, Any] | None) -> list[
     if engine is None:
         return ["stored dtype", o["torch_dtype"] or "unknown", "torch_dtype in config.json"]
     source = f"; the source was {o['torch_dtype']}" if o["torch_dtype"] else ""
-    return ["stored dtype", engine["weight_dtype"], f"the engine file's --dtype (norms fp32){source}"]
+    quant = engine["quantization"]
+    how = f"; {Quantization.from_json(quant).describe()}" if quant else ""
+    return ["stored dtype", engine["weight_dtype"], f"the engine file's --dtype (norms fp32){how}{source}"]
 
 
 def _render_parameters(p: dict[str, Any], overview: dict[str, Any]) -> str:
@@ -564,8 +570,10 @@ def _render_engine(e: dict[str, Any]) -> str:
         for t in e["tensors"] if t["layer"] in (None, 0)
     ]
     table = _table(rows, ["tensor", "shape", "dtype", "bytes", "offset", "layout"], "lrlrrl")
+    quant = e["quantization"]
+    described = f" ({Quantization.from_json(quant).describe()})" if quant else ""
     summary = (
-        f"Weight dtype {e['weight_dtype']}; {len(e['tensors'])} stored arrays, {e['tensor_bytes']:,} bytes "
+        f"Weight dtype {e['weight_dtype']}{described}; {len(e['tensors'])} stored arrays, {e['tensor_bytes']:,} bytes "
         f"({human_bytes(e['tensor_bytes'])}) of tensor data in a {e['file_bytes']:,}-byte file. Every layer has "
         "layer 0's layout at its own offsets (`olmoscope tensors FILE` lists them all)."
     )

@@ -53,7 +53,7 @@ class WeightFormat:
         if self.group == "row":
             return (shape[0],)
         if self.group == "group":
-            return (shape[0], shape[1] // group)
+            return (shape[0], -(-shape[1] // group))  # whole groups (convert refuses a K they do not divide)
         return None
 
     def steps(self, scales: np.ndarray, group: int | None) -> np.ndarray:

@@ -188,3 +188,42 @@ def test_cuda_refuses_int4_in_one_line(make_snapshot, tmp_path, monkeypatch):
     with open_engine(tmp_path / "m.olmo") as engine, pytest.raises(UsageError) as caught:
         devices.open_backend(engine, "auto")
     assert "int4 engines need the int4 kernels, not in this build; run it with --device cpu" in str(caught.value)
+
+
+# ── reports ─────────────────────────────────────────────────────────────────────
+def test_tensors_lists_each_matrix_with_its_scales_and_zeros_and_the_check_passes(make_snapshot, tmp_path):
+    from click.testing import CliRunner
+
+    from olmoscope.cli import main
+
+    convert(str(make_snapshot()), tmp_path / "m.olmo", dtype="int4", int4=Int4Options(group_size=32))
+    result = CliRunner().invoke(main, ["tensors", str(tmp_path / "m.olmo"), "--check"])
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line.split() for line in result.output.splitlines() if line.startswith("layers.0.")}
+    assert rows["layers.0.gate_up"][1:3] == ["[256,", "64]"] and rows["layers.0.gate_up"][3] == "U4"
+    assert rows["layers.0.gate_up.scales"][1:4] == ["[256,", "2]", "F16"]
+    assert rows["layers.0.gate_up.zeros"][1:4] == ["[256,", "2]", "U8"]
+    assert "Check against config (35 tensors implied): ok" in result.output  # 19 tensors + 8 × (scales, zeros)
+
+
+def test_arch_of_an_int4_engine_shows_format_group_scheme_and_source(make_snapshot, tmp_path):
+    from olmoscope.arch import arch_report, render_text
+    from olmoscope.sources import resolve
+
+    convert(str(make_snapshot()), tmp_path / "m.olmo", dtype="int4",
+            int4=Int4Options(group_size=64, scheme="sym", lm_head=True))
+    report = arch_report(resolve(str(tmp_path / "m.olmo")))
+    assert report["engine"]["quantization"] == {"format": "int4", "scheme": "sym", "group_size": 64,
+                                                "lm_head": True, "source": "ours"}
+    assert "int4 sym, group 64, lm_head quantized, quantized by olmoscope" in render_text(report)
+
+
+def test_arch_of_an_imported_engine_names_its_source(tmp_path):
+    from int4_checkpoints import write_prequantized
+    from olmoscope.arch import arch_report
+    from olmoscope.sources import resolve
+
+    known = write_prequantized(tmp_path / "snapshot", "awq")
+    convert(str(known.directory), tmp_path / "m.olmo", dtype="int4")
+    quant = arch_report(resolve(str(tmp_path / "m.olmo")))["engine"]["quantization"]
+    assert (quant["source"], quant["scheme"], quant["group_size"]) == ("awq", "asym", 128)
