@@ -35,7 +35,8 @@ from olmoscope.display import display_name
 from olmoscope.errors import ConfigError, EngineError
 from olmoscope.readers import open_regular, parse_json
 from olmoscope.spec import EngineTensorSpec, engine_tensors
-from olmoscope.weight_formats import ELEMENT_BITS, FORMATS, INT4_DEFAULT_GROUP, INT4_DEFAULT_SCHEME, WeightFormat
+from olmoscope.weight_formats import (ELEMENT_BITS, FORMATS, INT4_DEFAULT_GROUP, INT4_DEFAULT_SCHEME, WeightFormat,
+                                      by_stored)
 
 MAGIC = b"OLMOSCPE"  # 8 bytes at offset 0 of every engine file
 # bumped on any change an older reader would misread (2: the header is checksummed; 3: int4, the
@@ -133,7 +134,7 @@ class EngineTensor:
     @property
     def data_shape(self) -> tuple[int, ...]:
         """The stored array's shape: [N, K/2] bytes for U4, else `shape`."""
-        return (self.shape[0], self.shape[1] // 2) if self.dtype == "U4" else self.shape
+        return by_stored(self.dtype).data_shape(self.shape)
 
     def part(self, kind: str) -> dict[str, Any] | None:
         """The "scales" or "zeros" record ({dtype, shape, offset, size, checksum}), None when absent."""
@@ -207,8 +208,8 @@ def layout_text(spec: EngineTensorSpec, dtype: str = "BF16") -> str:
     cols = spec.sources[0].formula[1]
     text = f"row-major [{rows}, {cols}]"
     text += " = [token, D]; row i embeds token i" if spec.role == "embedding" else " = [out, in]"
-    if dtype == "U4":
-        text += "; bytes [out, in/2], element k in byte k//2, low nibble for even k"
+    if by_stored(dtype).layout:
+        text += "; " + by_stored(dtype).layout
     if len(spec.sources) > 1:
         text += "; rows = [" + "; ".join(p.role for p in spec.sources) + "]"
     return text
@@ -848,13 +849,6 @@ class EngineRow:
         return int(np.prod(self.shape, dtype=np.int64))
 
 
-PART_LAYOUTS = {
-    ("I8", "scales"): "vector [rows]; {name}[r, :] ≈ q[r, :] · scale[r]",
-    ("U4", "scales"): "row-major [rows, in/G], G = {group}; {name}[r, k] = (q[r, k] − z[r, k//G]) · s[r, k//G]",
-    ("U4", "zeros"): "row-major [rows, in/G], one zero point 0..15 per group (symmetric files: none, z = 8)",
-}
-
-
 def engine_rows(engine: EngineFile) -> list[EngineRow]:
     """The engine's stored regions in file order: tensors, and a quantized matrix's scales ("NAME.scales")
     and zero points ("NAME.zeros") as rows of their own.
@@ -869,7 +863,8 @@ def engine_rows(engine: EngineFile) -> list[EngineRow]:
         for kind in PARTS:
             part = t.part(kind)
             if part is not None:
-                layout = PART_LAYOUTS[(t.dtype, kind)].format(name=t.name, group=t.quantization["group_size"])
+                layout = dict(by_stored(t.dtype).part_layouts)[kind].format(name=t.name,
+                                                                            group=t.quantization["group_size"])
                 rows.append(EngineRow(f"{t.name}.{kind}", part["dtype"], tuple(part["shape"]), shard, part["offset"],
                                       part["size"], f"{t.role} {kind}", t.layer, layout, part["checksum"]))
     return rows
@@ -880,11 +875,7 @@ def read_row(engine: EngineFile, name: str) -> np.ndarray:
     base, _, kind = name.rpartition(".")
     if kind in PARTS and name not in engine._by_name:
         return engine.scales(base) if kind == "scales" else engine.zeros(base)
-    if engine.entry(name).dtype == "U4":
-        from olmoscope.quantize import unpack_nibbles
-
-        return unpack_nibbles(engine.tensor(name))
-    return engine.tensor(name)
+    return by_stored(engine.entry(name).dtype).values(engine.tensor(name))
 
 
 def region_shapes(tensors: list[EngineTensor]) -> dict[str, tuple[int, ...]]:

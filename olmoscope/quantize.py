@@ -60,7 +60,7 @@ def quantize_int4_groups(block: np.ndarray, group: int, symmetric: bool, name: s
     round-to-nearest then clip to 0..15 keeps |w − (q − z)·s| ≤ s/2. An all-zero group has s = 0 (w = 0).
 
     >>> q, s, z = quantize_int4_groups(np.float32([[-1, 1]]), 2, True, "w"); q.tolist(), s.tolist(), z
-    ([[0, 15]], [0.13330078125], None)
+    ([[1, 15]], [[0.1334228515625]], None)
     """
     w = block.astype(np.float32, copy=False)
     rows, cols = w.shape

@@ -24,7 +24,7 @@ from olmoscope.checkpoint import Checkpoint, check_against_config
 from olmoscope.errors import EngineError, SourceError
 from olmoscope.sources import Source, resolve
 from olmoscope.spec import engine_tensors
-from olmoscope.weight_formats import FORMATS
+from olmoscope.weight_formats import FORMATS, by_stored
 
 BLOCK_ELEMENTS = 1 << 22  # compared at a time, in float64: 32 MiB per array
 # A narrowing cast rounds to nearest even: |y − x| ≤ half an ulp ≤ 2^−p·|x| for p significand bits,
@@ -53,10 +53,9 @@ def check_kind(source_dtype: str, stored: str) -> str:
     >>> check_kind("F32", "BF16")
     'round to nearest even'
     """
-    if stored == "I8":
-        return "int8 per-row"
-    if stored == "U4":
-        return "int4 per-group"
+    fmt = by_stored(stored)
+    if fmt.quantized:
+        return f"{fmt.name} per-{fmt.group}"  # "int8 per-row", "int4 per-group"
     if source_dtype == stored or stored == "F32":  # a copy, or a widening cast (exact)
         return "bit-exact"
     return "round to nearest even"

@@ -4,8 +4,8 @@ Everything that differs between bf16, fp16, fp32, int8 and int4 is here — what
 its scales and zero points, how many bytes it takes, how it is quantized and dequantized, and which
 kernel variant the CUDA runtime dispatches on — so no other module spells a format's rules.
 
-    >>> FORMATS["int4"].matrix_bytes((4096, 4096), group=128)
-    8650752
+    >>> FORMATS["int4"].matrix_bytes((4096, 4096), group=128)  # asym: packed pairs, fp16 scales, zero points
+    8781824
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ class WeightFormat:
     encode: Callable | None
     # float32 [rows, cols] from (data, scales, zeros, group); None: a plain upcast
     decode: Callable | None
+    layout: str = ""  # what the stored bytes of a matrix add to "row-major [out, in]", for the tensor table
+    part_layouts: tuple[tuple[str, str], ...] = ()  # ("scales" | "zeros", its layout; {name}, {group} filled in)
 
     @property
     def quantized(self) -> bool:
@@ -62,8 +64,13 @@ class WeightFormat:
         return s[:, None] if self.group == "row" else np.repeat(s, group, axis=1)
 
     def data_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The stored array's shape: [N, K/2] bytes for int4 (packed pairs), else the matrix's own."""
-        return (shape[0], shape[1] // 2) if self.stored == "U4" else tuple(shape)
+        """The stored array's shape: [N, K/2] bytes for int4 (packed pairs), else the tensor's own."""
+        bits = ELEMENT_BITS[self.stored]
+        return tuple(shape) if bits >= 8 or len(shape) != 2 else (shape[0], shape[1] * bits // 8)
+
+    def values(self, data: np.ndarray) -> np.ndarray:
+        """The stored elements one per array entry: int4's unpacked 0..15, else the data itself."""
+        return quantize.unpack_nibbles(data) if self.stored == "U4" else data
 
     def matrix_bytes(self, shape: tuple[int, ...], group: int | None = None, symmetric: bool = False) -> int:
         """Bytes a matrix takes in this format: data, scales and zero points."""
@@ -102,14 +109,23 @@ FORMATS: dict[str, WeightFormat] = {
     "fp32": WeightFormat("fp32", "F32", "fp32", "none", None, None, "bf16", False, None, None),
     # The embedding stays bf16 in quantized files: the runtime gathers single rows from it, where a
     # quantized table saves memory but no time, and every lookup would need its row's scales.
-    "int8": WeightFormat("int8", "I8", "bf16", "row", "F32", None, "int8", True, _encode_int8, _decode_int8),
+    "int8": WeightFormat("int8", "I8", "bf16", "row", "F32", None, "int8", True, _encode_int8, _decode_int8,
+                         part_layouts=(("scales", "vector [rows]; {name}[r, :] ≈ q[r, :] · scale[r]"),)),
     # fp16 scales, as GPTQ and AWQ store them, so an import is exact; lm_head stays bf16 unless asked:
     # 4 bits on the head cost the most accuracy per byte saved (it is one matrix, read once per token).
-    "int4": WeightFormat("int4", "U4", "bf16", "group", "F16", "U8", "int4", False, _encode_int4, _decode_int4),
+    "int4": WeightFormat(
+        "int4", "U4", "bf16", "group", "F16", "U8", "int4", False, _encode_int4, _decode_int4,
+        layout="bytes [out, in/2], element k in byte k//2, low nibble for even k",
+        part_layouts=(("scales", "row-major [rows, in/G], G = {group}; {name}[r, k] = (q[r, k] − z[r, k//G]) · s[r, k//G]"),
+                      ("zeros", "row-major [rows, in/G], one zero point 0..15 per group (symmetric files: none, z = 8)"))),
 }
-DEFAULT = "bf16"
+BY_STORED = {fmt.stored: fmt for fmt in FORMATS.values()}  # "U4" → int4: the format a stored matrix is in
 
 
-def weight_format(name: str) -> WeightFormat:
-    """The record for a --dtype; KeyError for an unknown one (callers check the choice first)."""
-    return FORMATS[name]
+def by_stored(dtype: str) -> WeightFormat:
+    """The format whose matrices are stored as `dtype` (F32 → fp32, I8 → int8, U4 → int4).
+
+    >>> by_stored("U4").name
+    'int4'
+    """
+    return BY_STORED[dtype]

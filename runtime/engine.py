@@ -110,7 +110,8 @@ class Weights:
         if name not in self._tensors:
             raise EngineError(f"{self.origin}: tensor {name!r} is missing")
         array = self._tensors[name]
-        expected = FORMATS["int4"].data_shape(spec.shape) if array.dtype == np.uint8 else spec.shape
+        fmt = FORMATS.get(WEIGHT_DTYPES.get(array.dtype, ""))
+        expected = fmt.data_shape(spec.shape) if fmt is not None else spec.shape
         if tuple(array.shape) != expected:
             raise EngineError(
                 f"{self.origin}: tensor {name!r} has shape {list(array.shape)}, expected {list(expected)}"
