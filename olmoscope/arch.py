@@ -97,7 +97,7 @@ def arch_report(
     if bandwidth is not None:
         bandwidth = _check_bandwidth(bandwidth)
     tensors = checkpoint_tensors(config)
-    notes = list(source.notes) + _notes(config, context, prefill)
+    notes = list(source.notes) + _notes(config, context, prefill) + _prequantized_note(source)
     parameters = _parameters(config, tensors)
     memory = _memory(config, tensors, context, batch)
     return {
@@ -344,6 +344,17 @@ def _tensor_rows(config: ModelConfig, tensors: list[TensorSpec]) -> list[dict[st
             }
         )
     return rows
+
+
+def _prequantized_note(source: Source) -> list[str]:
+    """A GPTQ/AWQ checkpoint says so: the sizes above are of the model, not of its int4 tensors."""
+    qc = source.raw_config.get("quantization_config") if isinstance(source.raw_config, dict) else None
+    if not isinstance(qc, dict):
+        return []
+    fields = ", ".join(f"{k} {qc[k]!r}" for k in ("quant_method", "bits", "group_size", "sym", "desc_act",
+                                                   "zero_point", "version", "checkpoint_format") if k in qc)
+    return [f"{source.label}: a pre-quantized checkpoint ({fields}); `olmoscope convert --dtype int4` imports "
+            f"GPTQ and AWQ int4 as stored"]
 
 
 def _engine_layout(source: Source) -> dict[str, Any]:

@@ -218,7 +218,7 @@ def open_checkpoint(src: Source) -> tuple[Checkpoint, pre.Prequantized | None]:
 def _open_prequantized(src: Source, checkpoint: Checkpoint, qc: dict[str, Any]) -> pre.Prequantized:
     """A GPTQ/AWQ checkpoint: its config checked, then every tensor the packing implies, by name, shape and type."""
     pq = pre.read_prequantized(qc, {e.name for e in checkpoint.entries}, src.label)
-    result = pre.check_tensors(checkpoint, src.config, pq, src.label)
+    result = pre.check_tensors(checkpoint.entries, src.config, pq, src.label)
     if not result.ok:
         raise CheckpointError(f"{src.directory}: the {pq.method} checkpoint does not hold the tensors its config "
                               f"implies, so nothing was written: {_findings(result)}")

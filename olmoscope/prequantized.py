@@ -141,21 +141,22 @@ def check_shapes_divide(config: ModelConfig, pq: Prequantized, label: str) -> No
                                   f"{pq.group_size} (inputs must divide by the group, outputs by 8)")
 
 
-def check_tensors(checkpoint, config: ModelConfig, pq: Prequantized, label: str):
-    """The checkpoint's tensors against what the config and the packing imply (a checkpoint.CheckResult); a
-    tensor of the wrong type is an error at once."""
+def check_tensors(entries, config: ModelConfig, pq: Prequantized, label: str):
+    """Checkpoint tensors (or rows) against what the config and the packing imply, as a checkpoint.CheckResult;
+    a tensor of the wrong type is an error at once."""
     from olmoscope.checkpoint import CheckResult
 
     check_shapes_divide(config, pq, label)
     expected = expected_tensors(config, pq)
-    found = {e.name: e for e in checkpoint.entries}
+    found = {e.name: e for e in entries}
     missing = [n for n in expected if n not in found]
     unexpected = [n for n in found if n not in expected]
-    wrong = [(n, expected[n][0], found[n].shape) for n in expected if n in found and found[n].shape != expected[n][0]]
+    wrong = [(n, expected[n][0], tuple(found[n].shape)) for n in expected
+             if n in found and tuple(found[n].shape) != expected[n][0]]
     for name, (_, dtypes) in expected.items():
         if name in found and found[name].dtype not in dtypes:
-            raise CheckpointError(f"{checkpoint.directory}: tensor {name} is {found[name].dtype}; a {pq.method} "
-                                  f"checkpoint stores it as {' or '.join(dtypes)}")
+            raise CheckpointError(f"{label}: tensor {name} is {found[name].dtype}; a {pq.method} checkpoint "
+                                  f"stores it as {' or '.join(dtypes)}")
     return CheckResult(missing, unexpected, wrong, expected=len(expected))
 
 

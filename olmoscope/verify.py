@@ -96,7 +96,7 @@ def _checkpoint_for(engine: ef.EngineFile, source: Source) -> tuple[Checkpoint, 
     imported = None
     if qc is not None:
         imported = pre.read_prequantized(qc, {e.name for e in checkpoint.entries}, source.label)
-        ok = pre.check_tensors(checkpoint, source.config, imported, source.label).ok
+        ok = pre.check_tensors(checkpoint.entries, source.config, imported, source.label).ok
     else:
         ok = check_against_config(checkpoint.entries, source.config).ok
     if not ok:

@@ -178,3 +178,15 @@ def test_header_records_the_import(imported):
     with ef.EngineFile.open(path) as engine:
         assert engine.header["quantization"]["source"] == KINDS[kind][0]
         assert "I32" in engine.provenance["source_dtypes"]
+
+
+def test_tensors_checks_a_gptq_snapshot_against_its_packing_and_arch_notes_it(tmp_path):
+    known = write_prequantized(tmp_path / "snapshot", "gptq", symmetric=True)
+    result = CliRunner().invoke(main, ["tensors", str(known.directory), "--check"])
+    assert result.exit_code == 0, result.output
+    assert "model.layers.0.mlp.down_proj.qweight" in result.output and "I32" in result.output
+    # per layer 7 Linears × (qweight, qzeros, scales, g_idx) + 4 norms; embedding, final norm, lm_head
+    assert "Check against config (67 tensors implied): ok" in result.output, result.output[-400:]
+    arch = CliRunner().invoke(main, ["arch", str(known.directory)])
+    assert arch.exit_code == 0
+    assert "a pre-quantized checkpoint (quant_method 'gptq', bits 4, group_size 128, sym True" in arch.output
