@@ -633,8 +633,8 @@ def _sha256(path: Path) -> str:
                    f"groups not centred on 0; 1 byte per group more) or sym (zero 8, steps of 2·max|w|/15) "
                    f"[default: {INT4_DEFAULT_SCHEME}, or the imported checkpoint's].")
 @click.option("--int4-lm-head", is_flag=True,
-              help="int4: quantize lm_head too (by default it stays bf16: the head is where 4 bits cost the "
-                   "most accuracy for what they save).")
+              help="int4: quantize lm_head too (by default it stays bf16, as in GPTQ and AWQ releases: its "
+                   "output is the logits themselves, with no later layer to average its rounding away).")
 @click.option("--force", is_flag=True, help="Overwrite FILE if it exists.")
 def convert_command(source: str, output: str, dtype: str, group_size: str | None, int4_scheme: str | None,
                     int4_lm_head: bool, force: bool) -> None:

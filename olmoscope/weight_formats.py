@@ -23,7 +23,6 @@ INT4_SCHEMES = ("asym", "sym")
 # asym is the default: a zero point per group fits the group's actual range (weights are rarely centred
 # on zero within 32–128 inputs) for 1 byte per group, and it is what AWQ and most GPTQ releases store.
 INT4_DEFAULT_SCHEME = "asym"
-SOURCES = ("ours", "gptq", "awq")  # who chose q, s and z: convert itself, or an imported checkpoint
 ELEMENT_BITS = {"F32": 32, "BF16": 16, "F16": 16, "I8": 8, "U8": 8, "U4": 4}  # stored element types
 
 
@@ -39,7 +38,7 @@ class WeightFormat:
     zero_dtype: str | None  # element type of the zero points (asymmetric int4 only), else None
     kernel: str  # the CUDA runtime's kernel variant ("bf16": the GPU computes in bf16 whatever the file holds)
     quantized_head: bool  # whether lm_head is quantized by default (int4: on a flag, --int4-lm-head)
-    # the cast or quantization of a float32/bf16/fp16 block: (block, group, symmetric, name) → (data, scales, zeros)
+    # the quantization of a float block: (block, group, symmetric, name) → (data, scales, zeros); None: a cast
     encode: Callable | None
     # float32 [rows, cols] from (data, scales, zeros, group); None: a plain upcast
     decode: Callable | None
@@ -111,8 +110,8 @@ FORMATS: dict[str, WeightFormat] = {
     # quantized table saves memory but no time, and every lookup would need its row's scales.
     "int8": WeightFormat("int8", "I8", "bf16", "row", "F32", None, "int8", True, _encode_int8, _decode_int8,
                          part_layouts=(("scales", "vector [rows]; {name}[r, :] ≈ q[r, :] · scale[r]"),)),
-    # fp16 scales, as GPTQ and AWQ store them, so an import is exact; lm_head stays bf16 unless asked:
-    # 4 bits on the head cost the most accuracy per byte saved (it is one matrix, read once per token).
+    # fp16 scales, as GPTQ and AWQ store them, so an import is exact; lm_head stays bf16 unless asked, as in
+    # GPTQ and AWQ releases: its output is the logits, with no later layer to average its rounding away.
     "int4": WeightFormat(
         "int4", "U4", "bf16", "group", "F16", "U8", "int4", False, _encode_int4, _decode_int4,
         layout="bytes [out, in/2], element k in byte k//2, low nibble for even k",
