@@ -20,9 +20,8 @@ from olmoscope.atomic import write_text_atomically
 from olmoscope.config import ModelConfig
 from olmoscope.errors import UsageError
 from olmoscope.sources import SOURCE_HELP, Source, resolve
-from olmoscope.engine_format import NORM_DTYPE, Quantization, default_quantization, tensor_format
 from olmoscope.spec import ROLE_DESCRIPTIONS, TensorSpec, checkpoint_tensors, engine_tensors
-from olmoscope.weight_formats import ELEMENT_BITS, FORMATS, INT4_DEFAULT_GROUP, INT4_DEFAULT_SCHEME
+from olmoscope.weight_formats import ELEMENT_BITS, FORMATS, INT4_DEFAULT_GROUP, INT4_DEFAULT_SCHEME, NORM_DTYPE
 
 REPORT_VERSION = 1
 
@@ -217,20 +216,22 @@ def _parameters(config: ModelConfig, tensors: list[TensorSpec]) -> dict[str, Any
     }
 
 
-def _weight_bytes(config: ModelConfig, fmt: str) -> int:
+def _weight_bytes(config: ModelConfig, name: str) -> int:
     """bf16/fp16/fp32: every tensor in that type (the checkpoint's size). int8/int4: the engine file's tensors
     with convert's defaults, by the weight-format table."""
-    quant = default_quantization(fmt)
+    fmt = FORMATS[name]
     specs = engine_tensors(config)
-    if quant is None:
-        return sum(spec.elements for spec in specs) * ELEMENT_BITS[FORMATS[fmt].stored] // 8
+    if not fmt.quantized:
+        return sum(spec.elements for spec in specs) * ELEMENT_BITS[fmt.stored] // 8
+    group = INT4_DEFAULT_GROUP if fmt.group == "group" else None
+    symmetric = fmt.group == "row" or INT4_DEFAULT_SCHEME == "sym"
     total = 0
     for spec in specs:
-        stored = tensor_format(spec, fmt, quant)
+        stored = fmt.for_tensor(spec.kind, spec.role, fmt.quantized_head)
         if stored is None:
             total += spec.elements * ELEMENT_BITS[NORM_DTYPE] // 8
         else:
-            total += stored.matrix_bytes(spec.shape, quant.group_size, symmetric=quant.symmetric)
+            total += stored.matrix_bytes(spec.shape, group, symmetric)
     return total
 
 
@@ -498,7 +499,7 @@ def _stored_dtype_row(o: dict[str, Any], engine: dict[str, Any] | None) -> list[
         return ["stored dtype", o["torch_dtype"] or "unknown", "torch_dtype in config.json"]
     source = f"; the source was {o['torch_dtype']}" if o["torch_dtype"] else ""
     quant = engine["quantization"]
-    how = f"; {Quantization.from_json(quant).describe()}" if quant else ""
+    how = f"; {_describe(quant)}" if quant else ""
     return ["stored dtype", engine["weight_dtype"], f"the engine file's --dtype (norms fp32){how}{source}"]
 
 
@@ -574,6 +575,12 @@ def _render_tensors(tensors: list[dict[str, Any]]) -> str:
     return _table(rows, ["scope", "tensor", "shape", "formula", "parameters", "role"], "llrlrl")
 
 
+def _describe(quantization: dict[str, Any]) -> str:
+    from olmoscope.engine_format import Quantization
+
+    return Quantization.from_json(quantization).describe()
+
+
 def _render_engine(e: dict[str, Any]) -> str:
     rows = [
         [t["name"], " × ".join(str(n) for n in t["shape"]), t["dtype"], f"{t['bytes']:,}", f"{t['offset']:,}",
@@ -582,7 +589,7 @@ def _render_engine(e: dict[str, Any]) -> str:
     ]
     table = _table(rows, ["tensor", "shape", "dtype", "bytes", "offset", "layout"], "lrlrrl")
     quant = e["quantization"]
-    described = f" ({Quantization.from_json(quant).describe()})" if quant else ""
+    described = f" ({_describe(quant)})" if quant else ""
     summary = (
         f"Weight dtype {e['weight_dtype']}{described}; {len(e['tensors'])} stored arrays, {e['tensor_bytes']:,} bytes "
         f"({human_bytes(e['tensor_bytes'])}) of tensor data in a {e['file_bytes']:,}-byte file. Every layer has "

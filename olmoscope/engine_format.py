@@ -35,8 +35,8 @@ from olmoscope.display import display_name
 from olmoscope.errors import ConfigError, EngineError
 from olmoscope.readers import open_regular, parse_json
 from olmoscope.spec import EngineTensorSpec, engine_tensors
-from olmoscope.weight_formats import (ELEMENT_BITS, FORMATS, INT4_DEFAULT_GROUP, INT4_DEFAULT_SCHEME, WeightFormat,
-                                      by_stored)
+from olmoscope.weight_formats import (ELEMENT_BITS, FORMATS, INT4_DEFAULT_GROUP, INT4_DEFAULT_SCHEME, NORM_DTYPE,
+                                      WeightFormat, by_stored)
 
 MAGIC = b"OLMOSCPE"  # 8 bytes at offset 0 of every engine file
 # bumped on any change an older reader would misread (2: the header is checksummed; 3: int4, the
@@ -59,7 +59,6 @@ DTYPES: dict[str, np.dtype] = {
     "U4": np.dtype("u1"),
 }
 WEIGHT_DTYPES = tuple(FORMATS)  # the --dtype choices
-NORM_DTYPE = "F32"  # norm weights are multiplied in float32 (OLMO2.md), so they are stored that way
 PARTS = ("scales", "zeros")  # a quantized matrix's own arrays besides its data, in file order
 SCALES_SUFFIX = ".scales"  # how a matrix's scales are named in listings and verify reports
 ZEROS_SUFFIX = ".zeros"  # and its int4 zero points
@@ -181,13 +180,8 @@ class EngineTensor:
 
 
 def tensor_format(spec: EngineTensorSpec, weight_dtype: str, quant: Quantization | None) -> WeightFormat | None:
-    """The weight format a matrix is stored in (None for norms): the file's, except where it stays wide."""
-    if spec.kind == "norm":
-        return None
-    fmt = FORMATS[weight_dtype]
-    if spec.role == "embedding" or (spec.role == "lm_head" and fmt.quantized and not (quant and quant.lm_head)):
-        return FORMATS[fmt.wide]
-    return fmt
+    """The weight format a tensor is stored in (None for norms): the file's, except where it stays wide."""
+    return FORMATS[weight_dtype].for_tensor(spec.kind, spec.role, quant is not None and quant.lm_head)
 
 
 def stored_dtype(spec: EngineTensorSpec, weight_dtype: str, quant: Quantization | None = None) -> str:

@@ -10,12 +10,12 @@ kernel variant the CUDA runtime dispatches on — so no other module spells a fo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-
-from olmoscope import quantize
+# numpy and olmoscope.quantize are imported where used: `arch` reads this table, and its start-up imports
+# no numpy (an interrupt inside numpy's C import is an ImportError, not a KeyboardInterrupt).
 
 INT4_GROUPS = (32, 64, 128)  # --group-size choices: they divide every OLMo 2 width, and the kernels tile by 32
 INT4_DEFAULT_GROUP = 128  # what GPTQ and AWQ releases use
@@ -23,6 +23,7 @@ INT4_SCHEMES = ("asym", "sym")
 # asym is the default: a zero point per group fits the group's actual range (weights are rarely centred
 # on zero within 32–128 inputs) for 1 byte per group, and it is what AWQ and most GPTQ releases store.
 INT4_DEFAULT_SCHEME = "asym"
+NORM_DTYPE = "F32"  # norm weights are multiplied in float32 (OLMO2.md), so every format stores them that way
 ELEMENT_BITS = {"F32": 32, "BF16": 16, "F16": 16, "I8": 8, "U8": 8, "U4": 4}  # stored element types
 
 
@@ -49,6 +50,15 @@ class WeightFormat:
     def quantized(self) -> bool:
         return self.scale_dtype is not None
 
+    def for_tensor(self, kind: str, role: str, head_quantized: bool) -> WeightFormat | None:
+        """The format one engine tensor takes in a file of this format: None for norms (NORM_DTYPE), the wide
+        one for the embedding and an unquantized lm_head, else this one."""
+        if kind == "norm":
+            return None
+        if role == "embedding" or (role == "lm_head" and self.quantized and not head_quantized):
+            return FORMATS[self.wide]
+        return self
+
     def scale_shape(self, shape: tuple[int, ...], group: int | None) -> tuple[int, ...] | None:
         """The scales' shape for a matrix [N, K]: [N] per row, [N, K/G] per group, None unquantized."""
         if self.group == "row":
@@ -57,8 +67,10 @@ class WeightFormat:
             return (shape[0], -(-shape[1] // group))  # whole groups (convert refuses a K they do not divide)
         return None
 
-    def steps(self, scales: np.ndarray, group: int | None) -> np.ndarray:
+    def steps(self, scales, group: int | None):
         """float64 quantization step of each element of a block of rows: [rows, 1] per row, [rows, K] per group."""
+        import numpy as np
+
         s = scales.astype(np.float64)
         return s[:, None] if self.group == "row" else np.repeat(s, group, axis=1)
 
@@ -67,8 +79,10 @@ class WeightFormat:
         bits = ELEMENT_BITS[self.stored]
         return tuple(shape) if bits >= 8 or len(shape) != 2 else (shape[0], shape[1] * bits // 8)
 
-    def values(self, data: np.ndarray) -> np.ndarray:
+    def values(self, data):
         """The stored elements one per array entry: int4's unpacked 0..15, else the data itself."""
+        from olmoscope import quantize
+
         return quantize.unpack_nibbles(data) if self.stored == "U4" else data
 
     def matrix_bytes(self, shape: tuple[int, ...], group: int | None = None, symmetric: bool = False) -> int:
@@ -77,7 +91,7 @@ class WeightFormat:
         total = rows * cols * ELEMENT_BITS[self.stored] // 8
         scales = self.scale_shape(shape, group)
         if scales is not None:
-            count = int(np.prod(scales))
+            count = math.prod(scales)
             total += count * ELEMENT_BITS[self.scale_dtype] // 8
             if self.zero_dtype is not None and not symmetric:
                 total += count * ELEMENT_BITS[self.zero_dtype] // 8
@@ -85,20 +99,28 @@ class WeightFormat:
 
 
 def _encode_int8(block, group, symmetric, name):
+    from olmoscope import quantize
+
     q, scales = quantize.quantize_int8_rows(block, name)
     return q, scales, None
 
 
 def _decode_int8(data, scales, zeros, group):
+    from olmoscope import quantize
+
     return quantize.dequantize_int8(data, scales)
 
 
 def _encode_int4(block, group, symmetric, name):
+    from olmoscope import quantize
+
     q, scales, zeros = quantize.quantize_int4_groups(block, group, symmetric, name)
     return quantize.pack_nibbles(q), scales, zeros
 
 
 def _decode_int4(data, scales, zeros, group):
+    from olmoscope import quantize
+
     return quantize.dequantize_int4(data, scales, zeros, group)
 
 
