@@ -20,7 +20,8 @@ from olmoscope.atomic import write_text_atomically
 from olmoscope.config import ModelConfig
 from olmoscope.errors import UsageError
 from olmoscope.sources import SOURCE_HELP, Source, resolve
-from olmoscope.spec import ROLE_DESCRIPTIONS, TensorSpec, checkpoint_tensors
+from olmoscope.spec import ROLE_DESCRIPTIONS, TensorSpec, checkpoint_tensors, engine_tensors
+from olmoscope.weight_formats import ELEMENT_BITS, FORMATS, INT4_DEFAULT_GROUP, INT4_DEFAULT_SCHEME, NORM_DTYPE
 
 REPORT_VERSION = 1
 
@@ -39,18 +40,20 @@ GPUS: tuple[tuple[str, float, float], ...] = (
 
 ROPE_TYPE = "rotate-half (NeoX)"
 NORM_PLACEMENT = "post-norm inside the residual"
-INT4_GROUP = 128  # input elements sharing one int4 scale
 QUANT_NOTE = (
-    "int8/int4 assume symmetric quantization (no zero points) of every matrix, embedding and lm_head included, "
-    "with the scales as listed; norm weights stay fp32"
+    "int8 and int4 are the sizes of the engine files `convert --dtype int8|int4` writes with its defaults: the "
+    f"embedding stays bf16; int8 quantizes lm_head too, int4 keeps it bf16 (--int4-lm-head quantizes it) and "
+    f"stores {INT4_DEFAULT_SCHEME} groups of {INT4_DEFAULT_GROUP} (an fp16 scale and a 4-bit zero point each); "
+    "norm weights stay fp32"
 )
 
 WEIGHT_FORMATS = {
     "fp32": "every tensor 4 bytes per element",
     "bf16": "every tensor 2 bytes per element",
     "fp16": "every tensor 2 bytes per element",
-    "int8": "matrices 1 byte/element + one fp32 scale per row; norms fp32",
-    "int4": f"matrices 2 elements/byte + one fp16 scale per {INT4_GROUP} inputs of a row; norms fp32",
+    "int8": "matrices 1 byte/element + one fp32 scale per row; embedding bf16, norms fp32",
+    "int4": f"matrices 2 elements/byte + per {INT4_DEFAULT_GROUP} inputs of a row an fp16 scale and a zero point; "
+            f"embedding and lm_head bf16, norms fp32",
 }
 
 FLOPS_COUNTED = (
@@ -93,7 +96,7 @@ def arch_report(
     if bandwidth is not None:
         bandwidth = _check_bandwidth(bandwidth)
     tensors = checkpoint_tensors(config)
-    notes = list(source.notes) + _notes(config, context, prefill)
+    notes = list(source.notes) + _notes(config, context, prefill) + _prequantized_note(source)
     parameters = _parameters(config, tensors)
     memory = _memory(config, tensors, context, batch)
     return {
@@ -213,26 +216,27 @@ def _parameters(config: ModelConfig, tensors: list[TensorSpec]) -> dict[str, Any
     }
 
 
-def _weight_bytes(tensors: list[TensorSpec], fmt: str) -> int:
-    if fmt == "fp32":
-        return 4 * sum(t.elements for t in tensors)
-    if fmt in ("bf16", "fp16"):
-        return 2 * sum(t.elements for t in tensors)
+def _weight_bytes(config: ModelConfig, name: str) -> int:
+    """bf16/fp16/fp32: every tensor in that type (the checkpoint's size). int8/int4: the engine file's tensors
+    with convert's defaults, by the weight-format table."""
+    fmt = FORMATS[name]
+    specs = engine_tensors(config)
+    if not fmt.quantized:
+        return sum(spec.elements for spec in specs) * ELEMENT_BITS[fmt.stored] // 8
+    group = INT4_DEFAULT_GROUP if fmt.group == "group" else None
+    symmetric = fmt.group == "row" or INT4_DEFAULT_SCHEME == "sym"
     total = 0
-    for t in tensors:
-        if len(t.shape) == 1:
-            total += 4 * t.elements  # norms stay fp32
-            continue
-        rows, cols = t.shape
-        if fmt == "int8":
-            total += rows * cols + 4 * rows
-        else:  # int4: packed pairs + fp16 group scales
-            total += rows * -(-cols // 2) + 2 * rows * -(-cols // INT4_GROUP)  # ⌈cols/2⌉ bytes, ⌈cols/128⌉ scales
+    for spec in specs:
+        stored = fmt.for_tensor(spec.kind, spec.role, fmt.quantized_head)
+        if stored is None:
+            total += spec.elements * ELEMENT_BITS[NORM_DTYPE] // 8
+        else:
+            total += stored.matrix_bytes(spec.shape, group, symmetric)
     return total
 
 
 def _memory(config: ModelConfig, tensors: list[TensorSpec], context: int, batch: int) -> dict[str, Any]:
-    weights = [{"format": f, "bytes": _weight_bytes(tensors, f), "note": note} for f, note in WEIGHT_FORMATS.items()]
+    weights = [{"format": f, "bytes": _weight_bytes(config, f), "note": note} for f, note in WEIGHT_FORMATS.items()]
     # K and V, per layer, per kv head: 2·L·Hkv·d values per token.
     values_per_token = 2 * config.num_hidden_layers * config.kv_width
     per_token = {"bf16": 2 * values_per_token, "fp32": 4 * values_per_token}
@@ -343,14 +347,26 @@ def _tensor_rows(config: ModelConfig, tensors: list[TensorSpec]) -> list[dict[st
     return rows
 
 
+def _prequantized_note(source: Source) -> list[str]:
+    """A GPTQ/AWQ checkpoint says so: the sizes above are of the model, not of its int4 tensors."""
+    qc = source.raw_config.get("quantization_config") if isinstance(source.raw_config, dict) else None
+    if not isinstance(qc, dict):
+        return []
+    fields = ", ".join(f"{k} {qc[k]!r}" for k in ("quant_method", "bits", "group_size", "sym", "desc_act",
+                                                   "zero_point", "version", "checkpoint_format") if k in qc)
+    return [f"{source.label}: a pre-quantized checkpoint ({fields}); `olmoscope convert --dtype int4` imports "
+            f"GPTQ and AWQ int4 as stored"]
+
+
 def _engine_layout(source: Source) -> dict[str, Any]:
     """An engine file as stored: weight dtype, sizes and every stored tensor (fused, cast, with offsets)."""
     from olmoscope import engine_format  # imported late: only engine sources need it
 
     with engine_format.EngineFile.open(source.engine_path) as engine:
-        weight_dtype, rows = engine.weight_dtype, engine_format.engine_rows(engine)
+        weight_dtype, rows, quant = engine.weight_dtype, engine_format.engine_rows(engine), engine.quantization
     return {
         "weight_dtype": weight_dtype,
+        "quantization": None if quant is None else quant.to_json(),
         "file_bytes": source.engine_path.stat().st_size,
         "tensor_bytes": sum(r.nbytes for r in rows),
         "tensors": [
@@ -390,7 +406,7 @@ def summary_lines(source: Source | str) -> list[str]:
     c = source.config
     tensors = checkpoint_tensors(c)
     total = sum(t.elements for t in tensors)
-    bf16 = _weight_bytes(tensors, "bf16")
+    bf16 = _weight_bytes(c, "bf16")
     kv_token = 2 * 2 * c.num_hidden_layers * c.kv_width
     heads = f"{c.num_attention_heads} heads × {c.head_dim}"
     if c.num_key_value_heads != c.num_attention_heads:
@@ -482,7 +498,9 @@ def _stored_dtype_row(o: dict[str, Any], engine: dict[str, Any] | None) -> list[
     if engine is None:
         return ["stored dtype", o["torch_dtype"] or "unknown", "torch_dtype in config.json"]
     source = f"; the source was {o['torch_dtype']}" if o["torch_dtype"] else ""
-    return ["stored dtype", engine["weight_dtype"], f"the engine file's --dtype (norms fp32){source}"]
+    quant = engine["quantization"]
+    how = f"; {_describe(quant)}" if quant else ""
+    return ["stored dtype", engine["weight_dtype"], f"the engine file's --dtype (norms fp32){how}{source}"]
 
 
 def _render_parameters(p: dict[str, Any], overview: dict[str, Any]) -> str:
@@ -557,6 +575,12 @@ def _render_tensors(tensors: list[dict[str, Any]]) -> str:
     return _table(rows, ["scope", "tensor", "shape", "formula", "parameters", "role"], "llrlrl")
 
 
+def _describe(quantization: dict[str, Any]) -> str:
+    from olmoscope.engine_format import Quantization
+
+    return Quantization.from_json(quantization).describe()
+
+
 def _render_engine(e: dict[str, Any]) -> str:
     rows = [
         [t["name"], " × ".join(str(n) for n in t["shape"]), t["dtype"], f"{t['bytes']:,}", f"{t['offset']:,}",
@@ -564,8 +588,10 @@ def _render_engine(e: dict[str, Any]) -> str:
         for t in e["tensors"] if t["layer"] in (None, 0)
     ]
     table = _table(rows, ["tensor", "shape", "dtype", "bytes", "offset", "layout"], "lrlrrl")
+    quant = e["quantization"]
+    described = f" ({_describe(quant)})" if quant else ""
     summary = (
-        f"Weight dtype {e['weight_dtype']}; {len(e['tensors'])} stored arrays, {e['tensor_bytes']:,} bytes "
+        f"Weight dtype {e['weight_dtype']}{described}; {len(e['tensors'])} stored arrays, {e['tensor_bytes']:,} bytes "
         f"({human_bytes(e['tensor_bytes'])}) of tensor data in a {e['file_bytes']:,}-byte file. Every layer has "
         "layer 0's layout at its own offsets (`olmoscope tensors FILE` lists them all)."
     )

@@ -92,7 +92,10 @@ class _Group(click.Group):
             import importlib
 
             module, attribute = COMMANDS[name]
-            self.add_command(getattr(importlib.import_module(module), attribute), name)
+            try:
+                self.add_command(getattr(importlib.import_module(module), attribute), name)
+            except KeyboardInterrupt:  # inside click's main, which would print a blank line before aborting
+                _interrupted()
         return self.commands.get(name)
 
 

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from olmoscope import __version__
 from olmoscope import engine_format as ef
+from olmoscope import prequantized as pre
 from olmoscope.atomic import OutputExists, atomic_output, output_path
 from olmoscope.checkpoint import INDEX_NAME, Checkpoint, TensorEntry, check_against_config, numpy_dtype
 from olmoscope.config import ModelConfig
@@ -37,6 +38,7 @@ from olmoscope.errors import CheckpointError, OlmoscopeError, SourceError, Usage
 from olmoscope.readers import decode_utf8, open_file, parse_json, read_capped, read_optional
 from olmoscope.sources import Source, resolve
 from olmoscope.spec import engine_tensors
+from olmoscope.weight_formats import FORMATS, INT4_DEFAULT_GROUP, INT4_DEFAULT_SCHEME, INT4_GROUPS, INT4_SCHEMES
 
 BLOCK_BYTES = 32 << 20  # source bytes per block: bounds memory whatever the tensor's size
 SOURCE_DTYPES = ("F32", "BF16", "F16")  # what a checkpoint's floats may be stored in
@@ -53,19 +55,24 @@ class ConvertReport:
 
     output: Path
     weight_dtype: str
-    tensors: int  # engine tensors (fused), not counting int8 scale vectors
-    scale_vectors: int  # int8 files: one per quantized matrix
-    bytes_by_dtype: dict[str, int]  # stored bytes per element type ("F32 scales" for int8 scales)
+    tensors: int  # engine tensors (fused), not counting scales and zeros
+    scale_vectors: int  # quantized files: one per quantized matrix
+    zero_arrays: int  # asymmetric int4 files: one per quantized matrix
+    bytes_by_dtype: dict[str, int]  # stored bytes per element type ("F32 scales", "U8 zeros" for quantized parts)
     file_bytes: int
     source_bytes: int  # checkpoint bytes read
     seconds: float
     notes: list[str] = field(default_factory=list)
+    quantization: ef.Quantization | None = None  # the file's quantization choices
 
     def table(self) -> str:
         """The summary: tensors, bytes per dtype, time, throughput, output path."""
         gb = 1e9
-        rows = [["output", str(self.output)], ["weight dtype", self.weight_dtype],
-                ["tensors", f"{self.tensors}" + (f" (+ {self.scale_vectors} int8 scale vectors)" if self.scale_vectors else "")]]
+        rows = [["output", str(self.output)], ["weight dtype", self.weight_dtype]]
+        if self.quantization is not None:
+            rows.append(["quantization", self.quantization.describe()])
+        rows += [
+                ["tensors", f"{self.tensors}" + self._parts()]]
         rows += [[f"{dtype} bytes", f"{n:,} ({n / gb:.3f} GB)"] for dtype, n in sorted(self.bytes_by_dtype.items())]
         rows += [
             ["file size", f"{self.file_bytes:,} ({self.file_bytes / gb:.3f} GB)"],
@@ -75,35 +82,53 @@ class ConvertReport:
         return tabulate(rows, tablefmt="plain")
 
 
+    def _parts(self) -> str:
+        if not self.scale_vectors:
+            return ""
+        zeros = f", {self.zero_arrays} zero-point arrays" if self.zero_arrays else ""
+        return f" (+ {self.scale_vectors} scale arrays{zeros})"
+
+
 def _rate(nbytes: int, seconds: float) -> str:
     per_second = nbytes / seconds
     return f"{per_second / 1e9:.2f} GB/s" if per_second >= 1e9 else f"{per_second / 1e6:.1f} MB/s"
 
 
 # ── the conversion ──────────────────────────────────────────────────────────────
+@dataclass(frozen=True)
+class Int4Options:
+    """convert's int4 options as given; None means "not given" (the default, or an import's own value)."""
+
+    group_size: int | None = None
+    scheme: str | None = None
+    lm_head: bool = False  # --int4-lm-head
+
+
 def convert(
     source: str | Source,
     output: str | Path,
     *,
     dtype: str = "bf16",
+    int4: Int4Options = Int4Options(),
     force: bool = False,
     progress: bool = False,
 ) -> ConvertReport:
     """Convert a checkpoint to an engine file; all checks pass before anything is written.
 
-    >>> convert("path/to/snapshot", "model.engine", dtype="bf16").tensors
+    >>> convert("path/to/snapshot", "model.engine", dtype="int4", int4=Int4Options(group_size=64)).tensors
     29
     """
     started = time.perf_counter()
-    if dtype not in ef.WEIGHT_DTYPES:
-        raise UsageError(f"--dtype {dtype!r}: choose from {', '.join(ef.WEIGHT_DTYPES)}")
+    if dtype not in FORMATS:
+        raise UsageError(f"--dtype {dtype!r}: choose from {', '.join(FORMATS)}")
     src = resolve(source) if isinstance(source, str) else source
-    checkpoint = open_checkpoint(src)
+    checkpoint, imported = open_checkpoint(src)
+    quant = choose_quantization(dtype, int4, imported, src.label)
     output = check_output(output, force)
     check_not_a_source_file(output, src, checkpoint)
     notes = list(src.notes)
-    base = header_base(src, checkpoint, dtype, notes)
-    plan = ef.plan_tensors(src.config, dtype)
+    base = header_base(src, checkpoint, dtype, quant, notes)
+    plan = ef.plan_tensors(src.config, dtype, quant)
     layout = ef.layout_file(base, plan)  # sizes are needed before writing; the writer takes this layout
     placed = layout[1]
     file_bytes = max(off + size for t in placed for off, size, _ in t.regions())
@@ -111,7 +136,7 @@ def convert(
 
     try:
         with atomic_output(output, overwrite=force) as f:
-            source_bytes = write_engine(f, base, plan, src.config, checkpoint, progress, layout)
+            source_bytes = write_engine(f, base, plan, src.config, checkpoint, progress, layout, imported)
     except OutputExists:
         raise UsageError(f"-o {output}: a file appeared there while converting and was left alone "
                          f"(pass --force to replace it); nothing was written") from None
@@ -120,16 +145,50 @@ def convert(
     by_dtype: dict[str, int] = {}
     for t in placed:
         by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.nbytes
-        if t.quantization is not None:
-            by_dtype["F32 scales"] = by_dtype.get("F32 scales", 0) + t.quantization["scale_size"]
+        for kind in ef.PARTS:
+            part = t.part(kind)
+            if part is not None:
+                key = f"{part['dtype']} {kind}"
+                by_dtype[key] = by_dtype.get(key, 0) + part["size"]
     return ConvertReport(
-        output, dtype, len(placed), sum(t.quantization is not None for t in placed), by_dtype, file_bytes,
-        source_bytes, max(time.perf_counter() - started, 1e-9), notes,
+        output, dtype, len(placed), sum(t.part("scales") is not None for t in placed),
+        sum(t.part("zeros") is not None for t in placed), by_dtype, file_bytes,
+        source_bytes, max(time.perf_counter() - started, 1e-9), notes, quant,
     )
 
 
-def open_checkpoint(src: Source) -> Checkpoint:
-    """The source's checkpoint, refused unless every tensor the config implies is there, shaped right, in a float type."""
+def choose_quantization(dtype: str, int4: Int4Options, imported: pre.Prequantized | None,
+                        label: str) -> ef.Quantization | None:
+    """The file's quantization: the --dtype's, the int4 options, or what an imported checkpoint holds."""
+    given = int4 != Int4Options()
+    if imported is not None:
+        return _imported_quantization(dtype, int4, imported, label)
+    if dtype != "int4":
+        if given:
+            raise UsageError("--group-size, --int4-scheme and --int4-lm-head apply to --dtype int4 only")
+        return ef.default_quantization(dtype)
+    return ef.Quantization("int4", int4.scheme or INT4_DEFAULT_SCHEME, int4.group_size or INT4_DEFAULT_GROUP,
+                           int4.lm_head, "ours")
+
+
+def _imported_quantization(dtype: str, int4: Int4Options, pq: pre.Prequantized, label: str) -> ef.Quantization:
+    """A GPTQ/AWQ checkpoint converts to int4 as it is: options may restate its choices, never change them."""
+    what = f"{label} is a {pq.method.upper()} int4 checkpoint (group {pq.group_size}, {pq.scheme})"
+    if dtype != "int4":
+        raise UsageError(f"{what}; convert it with --dtype int4 (imported exactly, nothing quantized again)")
+    if int4.group_size not in (None, pq.group_size):
+        raise UsageError(f"{what}; --group-size {int4.group_size} would quantize it again, which olmoscope does not do")
+    if int4.scheme not in (None, pq.scheme):
+        raise UsageError(f"{what}; --int4-scheme {int4.scheme} would quantize it again, which olmoscope does not do")
+    if int4.lm_head and not pq.lm_head:
+        raise UsageError(f"{what} whose lm_head is not quantized; --int4-lm-head would quantize it with olmoscope's "
+                         f"own rules in an imported file, which olmoscope does not mix")
+    return ef.Quantization("int4", pq.scheme, pq.group_size, pq.lm_head, pq.method)
+
+
+def open_checkpoint(src: Source) -> tuple[Checkpoint, pre.Prequantized | None]:
+    """The source's checkpoint (and, for GPTQ/AWQ, its checked quantization), refused unless every tensor
+    the config implies is there, shaped right, in a type convert reads."""
     if src.kind == "engine":
         raise SourceError(f"{src.label}: is already an engine file; convert reads safetensors checkpoints")
     if src.directory is None:
@@ -137,6 +196,13 @@ def open_checkpoint(src: Source) -> Checkpoint:
         raise SourceError(f"{src.label}: a {src.kind} has no tensors; convert needs a snapshot directory or a "
                           f"cached repo id{hint}")
     checkpoint = Checkpoint.open(src.directory)
+    qc = pre.quantization_config(src.raw_config, src.label)
+    if qc is not None:
+        return checkpoint, _open_prequantized(src, checkpoint, qc)
+    packed = next((e.name for e in checkpoint.entries if e.name.endswith(".qweight")), None)
+    if packed is not None:
+        raise CheckpointError(f"{src.directory}: holds packed quantized tensors ({packed}) but config.json has no "
+                              f"quantization_config saying how they are packed; refused")
     result = check_against_config(checkpoint.entries, src.config)
     if not result.ok:
         raise CheckpointError(f"{src.directory}: the checkpoint does not match its config.json, so nothing was "
@@ -146,7 +212,17 @@ def open_checkpoint(src: Source) -> Checkpoint:
             raise CheckpointError(
                 f"{src.directory}: tensor {entry.name} is {entry.dtype}; convert reads {', '.join(SOURCE_DTYPES)} checkpoints"
             )
-    return checkpoint
+    return checkpoint, None
+
+
+def _open_prequantized(src: Source, checkpoint: Checkpoint, qc: dict[str, Any]) -> pre.Prequantized:
+    """A GPTQ/AWQ checkpoint: its config checked, then every tensor the packing implies, by name, shape and type."""
+    pq = pre.read_prequantized(qc, {e.name for e in checkpoint.entries}, src.label)
+    result = pre.check_tensors(checkpoint.entries, src.config, pq, src.label)
+    if not result.ok:
+        raise CheckpointError(f"{src.directory}: the {pq.method} checkpoint does not hold the tensors its config "
+                              f"implies, so nothing was written: {_findings(result)}")
+    return pq
 
 
 def _findings(result) -> str:
@@ -225,7 +301,8 @@ def terminate_as_interrupt() -> Iterator[None]:
 
 
 def write_engine(f: BinaryIO, base: dict[str, Any], plan: list[ef.EngineTensor], config: ModelConfig,
-                 checkpoint: Checkpoint, progress: bool, layout: tuple[int, list[ef.EngineTensor]] | None = None) -> int:
+                 checkpoint: Checkpoint, progress: bool, layout: tuple[int, list[ef.EngineTensor]] | None = None,
+                 imported: pre.Prequantized | None = None) -> int:
     """Stream every engine tensor, block by block, through the writer; returns the source bytes read."""
     writer = ef.EngineWriter(f, base, plan, layout)
     specs = engine_tensors(config)
@@ -237,19 +314,52 @@ def write_engine(f: BinaryIO, base: dict[str, Any], plan: list[ef.EngineTensor],
         for count, (spec, target) in enumerate(zip(specs, writer.tensors), start=1):
             bar.set_postfix_str(f"tensor {count}/{len(specs)} {spec.name}", refresh=False)
             writer.begin(spec.name)
-            scales = []
+            scales, zeros = [], []
             for part in spec.sources:
-                entry = checkpoint.entry(part.name)
-                for block in shards.blocks(entry):
-                    stored, block_scales = encode_block(block, target.dtype, entry.name)
+                if imported is not None and pre.is_quantized(part.role, imported):
+                    blocks = imported_blocks(checkpoint, imported, part)
+                else:
+                    blocks = encoded_blocks(shards, checkpoint.entry(part.name), target)
+                for stored, block_scales, block_zeros, nbytes in blocks:
                     writer.write(stored)
-                    if block_scales is not None:
-                        scales.append(block_scales)
-                    read_bytes += block.nbytes
+                    scales += [] if block_scales is None else [block_scales]
+                    zeros += [] if block_zeros is None else [block_zeros]
+                    read_bytes += nbytes
                     bar.update(stored.nbytes)
-            writer.end(np.concatenate(scales) if scales else None)
+            writer.end(np.concatenate(scales) if scales else None, np.concatenate(zeros) if zeros else None)
     writer.finish()
     return read_bytes
+
+
+def encoded_blocks(shards: _Shards, entry: TensorEntry, target: ef.EngineTensor) -> Iterator[tuple]:
+    """(stored block, its scales, its zeros, source bytes) for each row block of a float checkpoint tensor."""
+    for block in shards.blocks(entry):
+        yield *encode_block(block, target, entry.name), block.nbytes
+
+
+def encode_block(block: np.ndarray, target: ef.EngineTensor, name: str) -> tuple[np.ndarray, np.ndarray | None,
+                                                                                   np.ndarray | None]:
+    """A block in the target's stored form, with its scales and zeros when the target is quantized.
+
+    >>> encode_block(np.ones((2, 4), np.float32), bf16_target, "w")[0].dtype
+    dtype(bfloat16)
+    """
+    quant = target.quantization
+    if quant is None:
+        return cast_block(block, ef.DTYPES[target.dtype], name), None, None
+    return FORMATS[quant["format"]].encode(block, quant["group_size"], quant["scheme"] == "sym", name)
+
+
+def imported_blocks(checkpoint: Checkpoint, pq: pre.Prequantized, part) -> Iterator[tuple]:
+    """(packed int4 rows, their scales, their zeros or None, source bytes) of a GPTQ/AWQ matrix, exactly as stored."""
+    from olmoscope.quantize import pack_nibbles
+
+    rows, cols = part.shape
+    step = max(pre.NIBBLES, BLOCK_BYTES // cols // pre.NIBBLES * pre.NIBBLES)  # rows of q per block: ~32 MiB
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        q, scales, zeros = pre.read_matrix_rows(checkpoint, pq, part.name, start, stop)
+        yield pack_nibbles(q), scales, None if pq.symmetric else zeros, q.size // 2 + scales.nbytes + zeros.size // 2
 
 
 class _Shards:
@@ -287,17 +397,6 @@ class _Shards:
 
 
 # ── element conversion ──────────────────────────────────────────────────────────
-def encode_block(block: np.ndarray, target: str, name: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """A block in the stored dtype, and its per-row scales when the target is int8.
-
-    >>> encode_block(np.ones((2, 4), np.float32), "BF16", "w")[0].dtype
-    dtype(bfloat16)
-    """
-    if target == "I8":
-        return quantize_rows(block, name)
-    return cast_block(block, ef.DTYPES[target], name), None
-
-
 def cast_block(block: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
     """Round to nearest even (ml_dtypes/numpy casts), NaN kept; a finite value that would become ±inf is an error."""
     if block.dtype == dtype:
@@ -327,31 +426,9 @@ def _range_error(block: np.ndarray, overflow: np.ndarray, dtype: np.dtype, name:
             f"convert with --dtype bf16 or fp32 instead; nothing was written")
 
 
-def quantize_rows(block: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per output row: scale = max|w[r, :]| / 127, q = round(w / scale) — |w − q·scale| ≤ scale/2.
-
-    >>> q, s = quantize_rows(np.array([[0.5, -1.0]], np.float32), "w"); q.tolist(), s.tolist()
-    ([[64, -127]], [0.007874015718698502])
-    """
-    w = block.astype(np.float32, copy=False)  # [rows, cols]
-    absmax = np.maximum(w.max(axis=1), -w.min(axis=1))  # [rows]; two reductions, no |w| temporary
-    if not np.isfinite(absmax).all():  # a NaN or ±inf anywhere in a row makes its max non-finite
-        raise OlmoscopeError(f"tensor {name}: holds NaN or Inf, which int8 cannot represent; "
-                             f"convert with --dtype bf16 instead; nothing was written")
-    scale = absmax / np.float32(127)  # [rows]
-    # Subnormal rows (absmax below ~1.5e-36): the scale has few bits, and rounding it down — to 0 when
-    # absmax/127 underflows — would break |w − q·scale| ≤ scale/2. One float32 step up restores it.
-    short = scale.astype(np.float64) * 127 < absmax.astype(np.float64) * (1 - 2.0**-20)
-    scale[short] = np.nextafter(scale[short], np.float32(np.inf))
-    safe = np.where(scale > 0, scale, np.float32(1))  # an all-zero row: q = 0, scale 0
-    q = np.divide(w, safe[:, None])  # [rows, cols], |q| ≤ 127 up to float32 rounding
-    np.rint(q, out=q)  # round half to even
-    np.clip(q, -127, 127, out=q)
-    return q.astype(np.int8), scale.astype(np.float32)
-
-
 # ── the header's metadata: tokenizer, generation defaults, provenance ──────────
-def header_base(src: Source, checkpoint: Checkpoint, dtype: str, notes: list[str]) -> dict[str, Any]:
+def header_base(src: Source, checkpoint: Checkpoint, dtype: str, quant: ef.Quantization | None,
+                notes: list[str]) -> dict[str, Any]:
     """Everything in the header but the tensor table."""
     directory = src.directory
     tokenizer, vocab = tokenizer_section(directory)
@@ -359,6 +436,7 @@ def header_base(src: Source, checkpoint: Checkpoint, dtype: str, notes: list[str
         "format": ef.FORMAT_NAME,
         "format_version": ef.FORMAT_VERSION,
         "weight_dtype": dtype,
+        "quantization": None if quant is None else quant.to_json(),
         "alignment": ef.ALIGNMENT,
         "config": ef.config_to_header(src.config),
         "tokenizer": tokenizer,
@@ -542,13 +620,27 @@ def _sha256(path: Path) -> str:
                "or a Hugging Face repo id (org/name[@revision]) found in the local cache.")
 @click.argument("source")
 @click.option("-o", "--output", required=True, metavar="FILE", help="The engine file to write.")
-@click.option("--dtype", type=click.Choice(list(ef.WEIGHT_DTYPES)), default="bf16", show_default=True,
-              help="Matrix dtype: bf16/fp16/fp32 (round to nearest even), or int8 (per-row symmetric; "
-                   "embedding stays bf16). Norms are always fp32.")
+@click.option("--dtype", type=click.Choice(list(FORMATS)), default="bf16", show_default=True,
+              help="Matrix dtype: bf16/fp16/fp32 (round to nearest even); int8 (per-row symmetric, lm_head "
+                   "included); int4 (per-group, see below; lm_head bf16 unless --int4-lm-head). The embedding "
+                   "stays bf16 in int8/int4 files; norms are always fp32. A GPTQ or AWQ int4 checkpoint needs "
+                   "--dtype int4 and is imported exactly as stored, nothing quantized again.")
+@click.option("--group-size", type=click.Choice([str(g) for g in INT4_GROUPS]), default=None,
+              help=f"int4: inputs of a row that share one fp16 scale [default: {INT4_DEFAULT_GROUP}, or the "
+                   f"imported checkpoint's]. Every matrix's input width must be a multiple of it.")
+@click.option("--int4-scheme", type=click.Choice(list(INT4_SCHEMES)), default=None,
+              help=f"int4: asym (a 4-bit zero point per group: the group's own min..max, finer steps for "
+                   f"groups not centred on 0; 1 byte per group more) or sym (zero 8, steps of 2·max|w|/15) "
+                   f"[default: {INT4_DEFAULT_SCHEME}, or the imported checkpoint's].")
+@click.option("--int4-lm-head", is_flag=True,
+              help="int4: quantize lm_head too (by default it stays bf16, as in GPTQ and AWQ releases: its "
+                   "output is the logits themselves, with no later layer to average its rounding away).")
 @click.option("--force", is_flag=True, help="Overwrite FILE if it exists.")
-def convert_command(source: str, output: str, dtype: str, force: bool) -> None:
+def convert_command(source: str, output: str, dtype: str, group_size: str | None, int4_scheme: str | None,
+                    int4_lm_head: bool, force: bool) -> None:
+    int4 = Int4Options(int(group_size) if group_size else None, int4_scheme, int4_lm_head)
     with terminate_as_interrupt():
-        report = convert(source, output, dtype=dtype, force=force, progress=sys.stderr.isatty())
+        report = convert(source, output, dtype=dtype, int4=int4, force=force, progress=sys.stderr.isatty())
     for note in report.notes:
         click.echo(f"olmoscope: note: {note}", err=True)
     click.echo(report.table())

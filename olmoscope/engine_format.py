@@ -3,8 +3,8 @@
     offset 0   preamble   magic b"OLMOSCPE" | u32 format version | u64 header length | 16-byte xxh3-128
                           of the version, the length, the header and its padding   (little-endian)
     offset 36  header     UTF-8 JSON, validated by schemas/engine-header.schema.json + semantic checks
-    aligned    tensors    in engine_tensors(config) order; each at a 4 KiB boundary; int8 scales follow
-                          their matrix, also aligned; the file ends with the last one
+    aligned    tensors    in engine_tensors(config) order; each at a 4 KiB boundary; a quantized matrix's
+                          scales (and int4 zero points) follow it, also aligned; the file ends with the last one
 
 Every byte is covered: the header (and the zeros after it) by the preamble's checksum, checked on every
 open; each tensor by its own checksum in the table, checked by verify() and when the runtime reads it;
@@ -35,33 +35,78 @@ from olmoscope.display import display_name
 from olmoscope.errors import ConfigError, EngineError
 from olmoscope.readers import open_regular, parse_json
 from olmoscope.spec import EngineTensorSpec, engine_tensors
+from olmoscope.weight_formats import (ELEMENT_BITS, FORMATS, INT4_DEFAULT_GROUP, INT4_DEFAULT_SCHEME, NORM_DTYPE,
+                                      WeightFormat, by_stored)
 
 MAGIC = b"OLMOSCPE"  # 8 bytes at offset 0 of every engine file
-FORMAT_VERSION = 2  # bumped on any change an older reader would misread (2: the header is checksummed)
+# bumped on any change an older reader would misread (2: the header is checksummed; 3: int4, the
+# weight-format table's quantization records, zero points)
+FORMAT_VERSION = 3
+VERSION_CHANGES = {1: "whose header is checksummed", 2: "which stores int4 and records each matrix's quantization"}
 PREAMBLE = struct.Struct("<8sIQ16s")  # magic, format version, header length in bytes, header checksum
-ALIGNMENT = 4096  # every tensor (and scale vector) starts at a multiple of this
+ALIGNMENT = 4096  # every tensor (and scale or zero-point array) starts at a multiple of this
 MAX_HEADER_BYTES = 256 << 20  # a header is config + tokenizer (~3 MB) + table; anything larger is hostile
 FORMAT_NAME = "olmoscope-engine"
 
-# Stored element types, safetensors-style names; all little-endian.
+# Stored element types, safetensors-style names; all little-endian. U4 is two 4-bit values per byte
+# (weight_formats.py), viewed as uint8.
 DTYPES: dict[str, np.dtype] = {
     "F32": np.dtype("<f4"),
     "BF16": np.dtype(ml_dtypes.bfloat16),
     "F16": np.dtype("<f2"),
     "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "U4": np.dtype("u1"),
 }
-# --dtype choices → the element type of the "matrix" tensors.
-WEIGHT_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32", "int8": "I8"}
-NORM_DTYPE = "F32"  # norm weights are multiplied in float32 (OLMO2.md), so they are stored that way
-# int8 files keep the embedding in bf16: the runtime gathers single rows from it, where a quantized
-# table would save memory but not time, and its rows would need their own scales at every lookup.
-INT8_UNQUANTIZED_DTYPE = "BF16"
-QUANT_SCHEME = "int8-symmetric-per-row"  # w[r, c] ≈ q[r, c] · scale[r], scale = max|w[r, :]| / 127
-SCALES_SUFFIX = ".scales"  # how an int8 matrix's scale vector is named in listings and verify reports
+WEIGHT_DTYPES = tuple(FORMATS)  # the --dtype choices
+PARTS = ("scales", "zeros")  # a quantized matrix's own arrays besides its data, in file order
+SCALES_SUFFIX = ".scales"  # how a matrix's scales are named in listings and verify reports
+ZEROS_SUFFIX = ".zeros"  # and its int4 zero points
 CHECKSUM_PLACEHOLDER = "0" * 32  # xxh3-128 hex is always 32 characters, so the header length is known early
 # The header's limits, also spelled in the schema (a test checks they agree); convert checks them first.
 MAX_EOS_IDS = 64
 MAX_TOKEN_ID = (1 << 22) - 1
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """A file's quantization choices (the header's `quantization`): what every quantized matrix shares."""
+
+    format: str  # "int8" or "int4" (weight_formats.FORMATS)
+    scheme: str  # "sym" (int8 always; int4 zero 8) or "asym" (int4 with a zero point per group)
+    group_size: int | None  # int4: inputs per scale (32, 64, 128); int8: None (one scale per row)
+    lm_head: bool  # whether lm_head is quantized too (int8: always; int4: --int4-lm-head or an import's)
+    source: str = "ours"  # "ours" (convert quantized it), "gptq" or "awq" (imported as found)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": self.format, "scheme": self.scheme, "group_size": self.group_size,
+                "lm_head": self.lm_head, "source": self.source}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any] | None) -> Quantization | None:
+        return None if raw is None else cls(raw["format"], raw["scheme"], raw["group_size"], raw["lm_head"],
+                                            raw["source"])
+
+    @property
+    def symmetric(self) -> bool:
+        return self.scheme == "sym"
+
+    def describe(self) -> str:
+        """e.g. 'int4 asym, group 128, lm_head bf16, quantized by olmoscope'."""
+        group = "per row" if self.group_size is None else f"group {self.group_size}"
+        head = "lm_head quantized" if self.lm_head else "lm_head bf16"
+        by = {"ours": "quantized by olmoscope", "gptq": "imported from GPTQ", "awq": "imported from AWQ"}[self.source]
+        return f"{self.format} {self.scheme}, {group}, {head}, {by}"
+
+
+def default_quantization(weight_dtype: str) -> Quantization | None:
+    """The quantization a --dtype implies with every option at its default (int8's are fixed)."""
+    fmt = FORMATS[weight_dtype]
+    if not fmt.quantized:
+        return None
+    if fmt.group == "row":
+        return Quantization(fmt.name, "sym", None, fmt.quantized_head)
+    return Quantization(fmt.name, INT4_DEFAULT_SCHEME, INT4_DEFAULT_GROUP, fmt.quantized_head)
 
 
 # ── the tensor table ────────────────────────────────────────────────────────────
@@ -72,17 +117,27 @@ class EngineTensor:
     name: str  # engine name, e.g. "layers.3.qkv"
     role: str  # qkv, gate_up, or a checkpoint role (spec.ROLE_DESCRIPTIONS)
     layer: int | None  # block index, None for model-level tensors
-    dtype: str  # stored element type: F32, BF16, F16 or I8
-    shape: tuple[int, ...]  # row-major; matrices are [out, in]
+    dtype: str  # stored element type: F32, BF16, F16, I8 or U4 (two per byte)
+    shape: tuple[int, ...]  # the matrix's logical shape, row-major; matrices are [out, in]
     offset: int  # absolute byte offset in the file, a multiple of ALIGNMENT
-    nbytes: int  # = prod(shape) · itemsize
+    nbytes: int  # = prod(shape) · bits(dtype) / 8
     checksum: str  # xxh3-128 of the stored bytes, 32 hex digits
     layout: str  # how the bytes are arranged, for humans and the runtime's authors
-    quantization: dict[str, Any] | None = None  # int8 only: scheme and where the float32 scales live
+    # quantized matrices: format, scheme, group_size, source, and where its "scales" (and "zeros") live
+    quantization: dict[str, Any] | None = None
 
     @property
     def elements(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        """The stored array's shape: [N, K/2] bytes for U4, else `shape`."""
+        return by_stored(self.dtype).data_shape(self.shape)
+
+    def part(self, kind: str) -> dict[str, Any] | None:
+        """The "scales" or "zeros" record ({dtype, shape, offset, size, checksum}), None when absent."""
+        return None if self.quantization is None else self.quantization[kind]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -106,28 +161,40 @@ class EngineTensor:
         )
 
     def regions(self) -> list[tuple[int, int, str]]:
-        """(offset, size, label) of every byte range this tensor owns: its data, then its scales."""
+        """(offset, size, label) of every byte range this tensor owns: its data, then its scales and zeros."""
         out = [(self.offset, self.nbytes, self.name)]
-        if self.quantization is not None:
-            q = self.quantization
-            out.append((q["scale_offset"], q["scale_size"], self.name + SCALES_SUFFIX))
+        for kind in PARTS:
+            part = self.part(kind)
+            if part is not None:
+                out.append((part["offset"], part["size"], f"{self.name}.{kind}"))
+        return out
+
+    def checksums(self) -> dict[str, str]:
+        """Region label → expected xxh3-128, as regions() names them."""
+        out = {self.name: self.checksum}
+        for kind in PARTS:
+            part = self.part(kind)
+            if part is not None:
+                out[f"{self.name}.{kind}"] = part["checksum"]
         return out
 
 
-def stored_dtype(spec: EngineTensorSpec, weight_dtype: str) -> str:
+def tensor_format(spec: EngineTensorSpec, weight_dtype: str, quant: Quantization | None) -> WeightFormat | None:
+    """The weight format a tensor is stored in (None for norms): the file's, except where it stays wide."""
+    return FORMATS[weight_dtype].for_tensor(spec.kind, spec.role, quant is not None and quant.lm_head)
+
+
+def stored_dtype(spec: EngineTensorSpec, weight_dtype: str, quant: Quantization | None = None) -> str:
     """The element type a tensor is stored in for a given --dtype.
 
     >>> stored_dtype(norm_spec, "int8")
     'F32'
     """
-    if spec.kind == "norm":
-        return NORM_DTYPE
-    if weight_dtype == "int8" and spec.role == "embedding":
-        return INT8_UNQUANTIZED_DTYPE
-    return WEIGHT_DTYPES[weight_dtype]
+    fmt = tensor_format(spec, weight_dtype, quant or default_quantization(weight_dtype))
+    return NORM_DTYPE if fmt is None else fmt.stored
 
 
-def layout_text(spec: EngineTensorSpec) -> str:
+def layout_text(spec: EngineTensorSpec, dtype: str = "BF16") -> str:
     """A one-line description of the bytes, e.g. 'row-major [Hd+Hkvd+Hkvd, D] = [out, in]; rows = [q_proj; k_proj; v_proj]'."""
     if len(spec.shape) == 1:
         return f"vector [{spec.sources[0].formula[0]}]"
@@ -135,32 +202,45 @@ def layout_text(spec: EngineTensorSpec) -> str:
     cols = spec.sources[0].formula[1]
     text = f"row-major [{rows}, {cols}]"
     text += " = [token, D]; row i embeds token i" if spec.role == "embedding" else " = [out, in]"
+    if by_stored(dtype).layout:
+        text += "; " + by_stored(dtype).layout
     if len(spec.sources) > 1:
         text += "; rows = [" + "; ".join(p.role for p in spec.sources) + "]"
     return text
 
 
-def plan_tensors(config: ModelConfig, weight_dtype: str) -> list[EngineTensor]:
-    """The tensor table for a config and --dtype, offsets not yet assigned (0) and checksums placeholders."""
-    if weight_dtype not in WEIGHT_DTYPES:
-        raise EngineError(f"unknown weight dtype {weight_dtype!r} (choose from {', '.join(WEIGHT_DTYPES)})")
+def _part(dtype: str, shape: tuple[int, ...]) -> dict[str, Any]:
+    return {"dtype": dtype, "shape": list(shape), "offset": 0,
+            "size": int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize, "checksum": CHECKSUM_PLACEHOLDER}
+
+
+def tensor_quantization(spec: EngineTensorSpec, fmt: WeightFormat, quant: Quantization) -> dict[str, Any]:
+    """A quantized matrix's table record: the file's choices and its scales' (and zeros') places, unplaced."""
+    if fmt.group == "group" and spec.shape[1] % quant.group_size:
+        raise EngineError(f"tensor {spec.name}: its {spec.shape[1]} inputs are not a multiple of group size "
+                          f"{quant.group_size}; choose a --group-size that divides {spec.shape[1]}")
+    shape = fmt.scale_shape(spec.shape, quant.group_size)
+    zeros = _part(fmt.zero_dtype, shape) if fmt.zero_dtype is not None and not quant.symmetric else None
+    return {"format": fmt.name, "scheme": quant.scheme, "group_size": quant.group_size, "source": quant.source,
+            "scales": _part(fmt.scale_dtype, shape), "zeros": zeros}
+
+
+def plan_tensors(config: ModelConfig, weight_dtype: str, quant: Quantization | None = None) -> list[EngineTensor]:
+    """The tensor table for a config, --dtype and quantization choices, offsets 0 and checksums placeholders.
+
+    `quant` None means the --dtype's defaults (default_quantization).
+    """
+    if weight_dtype not in FORMATS:
+        raise EngineError(f"unknown weight dtype {weight_dtype!r} (choose from {', '.join(FORMATS)})")
+    quant = quant or default_quantization(weight_dtype)
     out = []
     for spec in engine_tensors(config):
-        dtype = stored_dtype(spec, weight_dtype)
-        quant = None
-        if dtype == "I8":
-            rows = spec.shape[0]
-            quant = {
-                "scheme": QUANT_SCHEME,
-                "scale_dtype": "F32",
-                "scale_shape": [rows],
-                "scale_offset": 0,
-                "scale_size": rows * DTYPES["F32"].itemsize,
-                "scale_checksum": CHECKSUM_PLACEHOLDER,
-            }
-        nbytes = spec.elements * DTYPES[dtype].itemsize
+        fmt = tensor_format(spec, weight_dtype, quant)
+        dtype = NORM_DTYPE if fmt is None else fmt.stored
+        record = tensor_quantization(spec, fmt, quant) if fmt is not None and fmt.quantized else None
+        nbytes = spec.elements * ELEMENT_BITS[dtype] // 8
         out.append(EngineTensor(spec.name, spec.role, spec.layer, dtype, spec.shape, 0, nbytes,
-                                CHECKSUM_PLACEHOLDER, layout_text(spec), quant))
+                                CHECKSUM_PLACEHOLDER, layout_text(spec, dtype), record))
     return out
 
 
@@ -169,16 +249,19 @@ def align(n: int) -> int:
 
 
 def assign_offsets(tensors: list[EngineTensor], data_start: int) -> list[EngineTensor]:
-    """Lay tensors out back to back from data_start, each (and each scale vector) on an ALIGNMENT boundary."""
+    """Lay tensors out back to back from data_start, each (and each scale or zero array) on an ALIGNMENT boundary."""
     out, cursor = [], data_start
     for t in tensors:
         offset = align(cursor)
         cursor = offset + t.nbytes
         quant = t.quantization
         if quant is not None:
-            scale_offset = align(cursor)
-            cursor = scale_offset + quant["scale_size"]
-            quant = {**quant, "scale_offset": scale_offset}
+            quant = dict(quant)
+            for kind in PARTS:
+                if quant[kind] is not None:
+                    place = align(cursor)
+                    cursor = place + quant[kind]["size"]
+                    quant[kind] = {**quant[kind], "offset": place}
         out.append(replace(t, offset=offset, quantization=quant))
     return out
 
@@ -293,8 +376,8 @@ class EngineWriter:
         self._hasher.update(raw)
         self._written += raw.nbytes
 
-    def end(self, scales: np.ndarray | None = None) -> None:
-        """Finish the current tensor; int8 matrices pass their float32 per-row scales here."""
+    def end(self, scales: np.ndarray | None = None, zeros: np.ndarray | None = None) -> None:
+        """Finish the current tensor; a quantized matrix passes its scales (and int4 asym its zeros) here."""
         t = self._current
         if t is None:
             raise EngineError("engine writer: end() before begin()")
@@ -302,18 +385,28 @@ class EngineWriter:
             raise EngineError(f"engine writer: {t.name} got {self._written} of {t.nbytes} bytes")
         done = replace(t, checksum=self._hasher.hexdigest())
         if t.quantization is not None:
-            q = t.quantization
-            if scales is None or scales.dtype != DTYPES["F32"] or list(scales.shape) != q["scale_shape"]:
-                raise EngineError(f"engine writer: {t.name} needs float32 scales of shape {q['scale_shape']}")
-            raw = np.ascontiguousarray(scales).view(np.uint8)
-            self._pad_to(q["scale_offset"])
-            self._file.write(raw)
-            done = replace(done, quantization={**q, "scale_checksum": xxhash.xxh3_128_hexdigest(raw)})
-        elif scales is not None:
+            quant = dict(t.quantization)
+            for kind, array in (("scales", scales), ("zeros", zeros)):
+                quant[kind] = self._write_part(t.name, kind, quant[kind], array)
+            done = replace(done, quantization=quant)
+        elif scales is not None or zeros is not None:
             raise EngineError(f"engine writer: {t.name} is not quantized; no scales expected")
         self._done.append(done)
         self._current = None
         self._index += 1
+
+    def _write_part(self, name: str, kind: str, part: dict[str, Any] | None, array: np.ndarray | None):
+        """Write one scales/zeros array where the layout puts it; returns its record with the checksum."""
+        if part is None:
+            if array is not None:
+                raise EngineError(f"engine writer: {name} has no {kind}; none expected")
+            return None
+        if array is None or array.dtype != DTYPES[part["dtype"]] or list(array.shape) != part["shape"]:
+            raise EngineError(f"engine writer: {name} needs {part['dtype']} {kind} of shape {part['shape']}")
+        raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        self._pad_to(part["offset"])
+        self._file.write(raw)
+        return {**part, "checksum": xxhash.xxh3_128_hexdigest(raw)}
 
     def finish(self) -> dict[str, Any]:
         """Write the preamble and the header (with every checksum) into the reserved space; returns the header."""
@@ -369,7 +462,8 @@ class EngineFile:
     path: Path
     header: dict[str, Any]  # the validated JSON header
     config: ModelConfig  # from the header
-    weight_dtype: str  # "bf16" | "fp16" | "fp32" | "int8"
+    weight_dtype: str  # "bf16" | "fp16" | "fp32" | "int8" | "int4"
+    quantization: Quantization | None  # the file's quantization choices, None for float formats
     tokenizer_json: str | None  # the embedded tokenizer.json text, None when the source had none
     generation: dict[str, Any]  # eos_token_ids, pad/bos_token_id, chat_template, tokenizer_vocab_size
     entries: list[EngineTensor]  # the tensor table, in storage order
@@ -381,6 +475,7 @@ class EngineFile:
         self.header = header
         self.config = config
         self.weight_dtype = header["weight_dtype"]
+        self.quantization = Quantization.from_json(header["quantization"])
         tokenizer = header["tokenizer"]
         self.tokenizer_json = tokenizer["json"] if tokenizer is not None else None
         self.generation = header["generation"]
@@ -418,17 +513,20 @@ class EngineFile:
             raise EngineError(f"{self.path}: no tensor named {name!r}") from None
 
     def tensor(self, name: str) -> np.ndarray:
-        """A zero-copy, read-only view of a tensor in its stored dtype (bf16 via ml_dtypes, int8 as int8)."""
+        """A zero-copy, read-only view of a tensor as stored (bf16 via ml_dtypes, int8 as int8, int4 as its
+        packed uint8 [N, K/2] bytes)."""
         t = self.entry(name)
-        return self._view(t.offset, DTYPES[t.dtype], t.shape)
+        return self._view(t.offset, DTYPES[t.dtype], t.data_shape)
 
     def scales(self, name: str) -> np.ndarray:
-        """The float32 per-output-row scales of an int8 matrix: w[r, :] ≈ tensor(name)[r, :] · scales(name)[r]."""
-        t = self.entry(name)
-        if t.quantization is None:
-            raise EngineError(f"{self.path}: {name} is {t.dtype}, not quantized; it has no scales")
-        q = t.quantization
-        return self._view(q["scale_offset"], DTYPES[q["scale_dtype"]], tuple(q["scale_shape"]))
+        """A quantized matrix's scales: float32 [rows] for int8, float16 [rows, K/G] for int4."""
+        return self._part_view(name, "scales")
+
+    def zeros(self, name: str) -> np.ndarray | None:
+        """An asymmetric int4 matrix's zero points, uint8 [rows, K/G]; None when it has none (zero 8)."""
+        if self._part(name, "scales") is not None and self._part(name, "zeros") is None:
+            return None
+        return self._part_view(name, "zeros")
 
     def checked_tensor(self, name: str) -> np.ndarray:
         """tensor(name), its checksum recomputed the first time it is asked for: a mismatch is an EngineError."""
@@ -438,9 +536,28 @@ class EngineFile:
 
     def checked_scales(self, name: str) -> np.ndarray:
         """scales(name), checked like checked_tensor."""
-        view = self.scales(name)
-        q = self.entry(name).quantization
-        self._check_region(q["scale_offset"], q["scale_size"], q["scale_checksum"], name + SCALES_SUFFIX)
+        return self._checked_part(name, "scales")
+
+    def checked_zeros(self, name: str) -> np.ndarray | None:
+        """zeros(name), checked like checked_tensor."""
+        return self.zeros(name) if self._part(name, "zeros") is None else self._checked_part(name, "zeros")
+
+    def _part(self, name: str, kind: str) -> dict[str, Any] | None:
+        t = self.entry(name)
+        if t.quantization is None:
+            raise EngineError(f"{self.path}: {name} is {t.dtype}, not quantized; it has no {kind}")
+        return t.part(kind)
+
+    def _part_view(self, name: str, kind: str) -> np.ndarray:
+        part = self._part(name, kind)
+        if part is None:
+            raise EngineError(f"{self.path}: {name} is symmetric; it has no {kind}")
+        return self._view(part["offset"], DTYPES[part["dtype"]], tuple(part["shape"]))
+
+    def _checked_part(self, name: str, kind: str) -> np.ndarray:
+        view = self._part_view(name, kind)
+        part = self._part(name, kind)
+        self._check_region(part["offset"], part["size"], part["checksum"], f"{name}.{kind}")
         return view
 
     def _check_region(self, offset: int, size: int, checksum: str, label: str) -> None:
@@ -469,15 +586,11 @@ class EngineFile:
     def verify(self, progress: bool = False) -> list[str]:
         """Recompute every xxh3-128 checksum and check the padding between tensors is zeros.
 
-        Returns the names of what fails: tensors, "NAME.scales" for scale vectors, "padding after NAME".
+        Returns the names of what fails: tensors, "NAME.scales" / "NAME.zeros", "padding after NAME".
         """
         from tqdm import tqdm
 
-        expected = {}
-        for t in self.entries:
-            expected[t.name] = t.checksum
-            if t.quantization is not None:
-                expected[t.name + SCALES_SUFFIX] = t.quantization["scale_checksum"]
+        expected = {label: digest for t in self.entries for label, digest in t.checksums().items()}
         regions = [r for t in self.entries for r in t.regions()]
         bad = []
         with self._whole() as whole, tqdm(
@@ -544,7 +657,7 @@ def _check_preamble(path: Path, head: bytes, size: int) -> None:
     if version < FORMAT_VERSION:
         raise EngineError(
             f"{path}: engine format version {version} is older than this olmoscope reads (version "
-            f"{FORMAT_VERSION}, whose header is checksummed); convert the model again with this olmoscope"
+            f"{FORMAT_VERSION}, {VERSION_CHANGES[FORMAT_VERSION - 1]}); convert the model again with this olmoscope"
         )
     if size < PREAMBLE.size:
         raise EngineError(f"{path}: {size} bytes is too short to be an engine file")
@@ -585,7 +698,8 @@ def check_header(origin: str, header: dict[str, Any]) -> tuple[ModelConfig, list
     except ConfigError as exc:
         raise EngineError(str(exc)) from None
     entries = [EngineTensor.from_json(row) for row in header["tensors"]]
-    _check_table(origin, config, header["weight_dtype"], entries)
+    quant = _check_quantization(origin, header["weight_dtype"], header["quantization"])
+    _check_table(origin, config, header["weight_dtype"], quant, entries)
     _check_tokenizer(origin, header["tokenizer"])
     return config, entries
 
@@ -600,9 +714,33 @@ def _check_schema(origin: str, header: dict[str, Any]) -> None:
                           f"{display_name(error.message)[:200]}")
 
 
-def _check_table(path: str, config: ModelConfig, weight_dtype: str, entries: list[EngineTensor]) -> None:
-    """The table is exactly the tensors the config implies, in order, with the dtypes --dtype implies."""
-    expected = plan_tensors(config, weight_dtype)
+def _check_quantization(origin: str, weight_dtype: str, raw: dict[str, Any] | None) -> Quantization | None:
+    """The header's quantization choices agree with its weight_dtype (the schema has checked their types)."""
+    fmt = FORMATS[weight_dtype]
+    quant = Quantization.from_json(raw)
+    if (quant is None) == fmt.quantized or (quant is not None and quant.format != weight_dtype):
+        raise EngineError(f"{origin}: header quantization {raw!r} does not fit weight_dtype {weight_dtype!r}")
+    if quant is not None and fmt.group == "row" and quant != default_quantization(weight_dtype):
+        raise EngineError(f"{origin}: int8 files are symmetric per row with lm_head quantized; the header "
+                          f"says {quant.describe()}")
+    if quant is not None and fmt.group == "group" and quant.group_size is None:
+        raise EngineError(f"{origin}: an {weight_dtype} header needs a group size")
+    return quant
+
+
+def _placeless(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A tensor's quantization record without what placement and hashing fill in (offsets, checksums)."""
+    if record is None:
+        return None
+    strip = lambda part: None if part is None else {k: v for k, v in part.items() if k not in ("offset", "checksum")}
+    return {k: strip(v) if k in PARTS else v for k, v in record.items()}
+
+
+def _check_table(path: str, config: ModelConfig, weight_dtype: str, quant: Quantization | None,
+                 entries: list[EngineTensor]) -> None:
+    """The table is exactly the tensors the config implies, in order, with the dtypes and quantization the
+    header's weight_dtype and quantization imply."""
+    expected = plan_tensors(config, weight_dtype, quant)
     if len(entries) != len(expected):
         raise EngineError(f"{path}: tensor table has {len(entries)} tensors; the config implies {len(expected)}")
     for got, want in zip(entries, expected):
@@ -614,15 +752,9 @@ def _check_table(path: str, config: ModelConfig, weight_dtype: str, entries: lis
                 )
         if got.nbytes != want.nbytes:
             raise EngineError(f"{path}: tensor {got.name}: size {got.nbytes:,} bytes ≠ shape × dtype = {want.nbytes:,}")
-        if (got.quantization is None) != (want.quantization is None):
-            raise EngineError(f"{path}: tensor {got.name}: quantization parameters must be present iff dtype is I8")
-        if got.quantization is not None:
-            for key in ("scheme", "scale_dtype", "scale_shape", "scale_size"):
-                if got.quantization[key] != want.quantization[key]:
-                    raise EngineError(
-                        f"{path}: tensor {got.name}: quantization {key} {got.quantization[key]!r}, "
-                        f"expected {want.quantization[key]!r}"
-                    )
+        if _placeless(got.quantization) != _placeless(want.quantization):
+            raise EngineError(f"{path}: tensor {got.name}: quantization {_placeless(got.quantization)!r}, expected "
+                              f"{_placeless(want.quantization)!r}")
 
 
 def _check_regions(path: Path, entries: list[EngineTensor], data_start: int, size: int) -> None:
@@ -692,7 +824,7 @@ def source_from_engine(path: Path, label: str):
 
 @dataclass(frozen=True)
 class EngineRow:
-    """One stored byte range of an engine file (a tensor or an int8 scale vector), shaped like a
+    """One stored byte range of an engine file (a tensor, or a matrix's scales or zeros), shaped like a
     checkpoint.TensorRow so that listings take either."""
 
     name: str
@@ -712,7 +844,8 @@ class EngineRow:
 
 
 def engine_rows(engine: EngineFile) -> list[EngineRow]:
-    """The engine's stored tensors in file order, int8 scale vectors as rows of their own ("NAME.scales").
+    """The engine's stored regions in file order: tensors, and a quantized matrix's scales ("NAME.scales")
+    and zero points ("NAME.zeros") as rows of their own.
 
     >>> [r.name for r in engine_rows(engine)][:2]
     ['embedding', 'layers.0.qkv']
@@ -721,33 +854,44 @@ def engine_rows(engine: EngineFile) -> list[EngineRow]:
     rows = []
     for t in engine.entries:
         rows.append(EngineRow(t.name, t.dtype, t.shape, shard, t.offset, t.nbytes, t.role, t.layer, t.layout, t.checksum))
-        if t.quantization is not None:
-            q = t.quantization
-            rows.append(EngineRow(
-                t.name + SCALES_SUFFIX, q["scale_dtype"], tuple(q["scale_shape"]), shard, q["scale_offset"],
-                q["scale_size"], f"{t.role} scales", t.layer,
-                f"vector [rows]; {t.name}[r, :] ≈ q[r, :] · scale[r]", q["scale_checksum"],
-            ))
+        for kind in PARTS:
+            part = t.part(kind)
+            if part is not None:
+                layout = dict(by_stored(t.dtype).part_layouts)[kind].format(name=t.name,
+                                                                            group=t.quantization["group_size"])
+                rows.append(EngineRow(f"{t.name}.{kind}", part["dtype"], tuple(part["shape"]), shard, part["offset"],
+                                      part["size"], f"{t.role} {kind}", t.layer, layout, part["checksum"]))
     return rows
 
 
 def read_row(engine: EngineFile, name: str) -> np.ndarray:
-    """The data of an engine_rows row: a tensor, or an int8 matrix's scales ("NAME.scales")."""
-    if name.endswith(SCALES_SUFFIX) and name not in engine._by_name:
-        return engine.scales(name[: -len(SCALES_SUFFIX)])
-    return engine.tensor(name)
+    """The data of an engine_rows row: a tensor (int4: its values 0..15, unpacked), or a part ("NAME.scales")."""
+    base, _, kind = name.rpartition(".")
+    if kind in PARTS and name not in engine._by_name:
+        return engine.scales(base) if kind == "scales" else engine.zeros(base)
+    return by_stored(engine.entry(name).dtype).values(engine.tensor(name))
 
 
-def check_engine_rows(rows, config: ModelConfig):
-    """Engine rows against the tensors the config implies (engine names and fused shapes; int8 scales by row count).
+def region_shapes(tensors: list[EngineTensor]) -> dict[str, tuple[int, ...]]:
+    """Every region's label and shape, as engine_rows names them."""
+    out = {}
+    for t in tensors:
+        out[t.name] = t.shape
+        for kind in PARTS:
+            if t.part(kind) is not None:
+                out[f"{t.name}.{kind}"] = tuple(t.part(kind)["shape"])
+    return out
+
+
+def check_engine_rows(rows, config: ModelConfig, weight_dtype: str = "bf16", quant: Quantization | None = None):
+    """Engine rows against the regions the config, --dtype and quantization imply (fused shapes, scales, zeros).
 
     The reader has already refused any file where these differ; this gives `tensors --check` the same report.
     """
     from olmoscope.checkpoint import CheckResult
 
     found = {r.name: tuple(r.shape) for r in rows}
-    implied = {s.name: s.shape for s in engine_tensors(config)}
-    implied.update({r.name + SCALES_SUFFIX: (r.shape[0],) for r in rows if r.dtype == "I8" and r.name in implied})
+    implied = region_shapes(plan_tensors(config, weight_dtype, quant))
     missing = [n for n in implied if n not in found]
     unexpected = [n for n in found if n not in implied]
     wrong = [(n, implied[n], found[n]) for n in implied if n in found and found[n] != implied[n]]

@@ -22,6 +22,7 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from olmoscope.checkpoint import Checkpoint, CheckResult, TensorRow, check_against_config, display_name
+from olmoscope import prequantized
 from olmoscope.atomic import write_text_atomically
 from olmoscope.config import ModelConfig
 from olmoscope.errors import OlmoscopeError, SourceError, UsageError
@@ -65,16 +66,27 @@ def tensor_source(source: Source) -> TensorSource:
     if source.directory is None:
         raise SourceError(f"{source.label}: no tensors to list")
     checkpoint = Checkpoint.open(source.directory)
-    return TensorSource(source, list(checkpoint.entries), checkpoint.read, str(source.directory))
+    rows = list(checkpoint.entries)
+    qc = prequantized.quantization_config(source.raw_config, source.label)
+    if qc is None:
+        return TensorSource(source, rows, checkpoint.read, str(source.directory))
+
+    def check(found, config):  # a GPTQ/AWQ checkpoint is checked against its packing (listing needs no support)
+        pq = prequantized.read_prequantized(qc, {r.name for r in found}, source.label)
+        return prequantized.check_tensors(found, config, pq, source.label)
+
+    return TensorSource(source, rows, checkpoint.read, str(source.directory), check)
 
 
 def _engine_tensor_source(source: Source) -> TensorSource:
-    """An engine file's rows: fused tensors in file order, int8 scale vectors as rows of their own."""
+    """An engine file's rows: fused tensors in file order, a quantized matrix's scales and zeros as rows of their own."""
     from olmoscope import engine_format
 
     engine = engine_format.EngineFile.open(source.engine_path)  # stays mapped while the rows are in use
     return TensorSource(source, engine_format.engine_rows(engine), lambda name: engine_format.read_row(engine, name),
-                        str(source.engine_path), engine_format.check_engine_rows)
+                        str(source.engine_path),
+                        lambda rows, config: engine_format.check_engine_rows(rows, config, engine.weight_dtype,
+                                                                             engine.quantization))
 
 
 # ── statistics ─────────────────────────────────────────────────────────────────

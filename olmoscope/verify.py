@@ -2,7 +2,8 @@
 
 Each engine tensor is compared with the checkpoint tensors it was made from, within the bound its
 conversion promises: bit-exact for a copy or a widening cast, half an ulp (round to nearest even) for a
-narrowing cast, half a scale step for int8.
+narrowing cast, half a scale step for int8 and int4 quantized by convert, and bit-exact integers, scales
+and zero points for an int4 file imported from a GPTQ or AWQ checkpoint.
 """
 
 from __future__ import annotations
@@ -18,17 +19,19 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from olmoscope import engine_format as ef
+from olmoscope import prequantized as pre
 from olmoscope.checkpoint import Checkpoint, check_against_config
 from olmoscope.errors import EngineError, SourceError
 from olmoscope.sources import Source, resolve
 from olmoscope.spec import engine_tensors
+from olmoscope.weight_formats import FORMATS, by_stored
 
 BLOCK_ELEMENTS = 1 << 22  # compared at a time, in float64: 32 MiB per array
 # A narrowing cast rounds to nearest even: |y − x| ≤ half an ulp ≤ 2^−p·|x| for p significand bits,
 # plus half the smallest subnormal where x is tiny.
 RELATIVE_BOUND = {"BF16": 2.0**-8, "F16": 2.0**-11}
-# int8: |w − q·scale| ≤ scale/2, plus float32 rounding in w/scale and q·scale (≤ 127·2^−24 steps).
-INT8_BOUND = 0.5 + 1e-5
+# int8/int4: |w − dequantized| ≤ step/2, plus float32 rounding in w/step and q·step (≤ 127·2^−24 steps).
+QUANTIZED_BOUND = 0.5 + 1e-5
 
 
 @dataclass
@@ -38,7 +41,7 @@ class Comparison:
     name: str
     stored: str  # engine dtype
     source: str  # checkpoint dtype(s)
-    check: str  # "bit-exact", "round to nearest even", "int8 per-row"
+    check: str  # "bit-exact", "round to nearest even", "int8 per-row", "int4 per-group", "imported exactly"
     max_abs_err: float  # over all elements
     worst: float  # max over elements of |err| / bound (≤ 1 passes; 0 for exact matches)
     ok: bool
@@ -50,8 +53,9 @@ def check_kind(source_dtype: str, stored: str) -> str:
     >>> check_kind("F32", "BF16")
     'round to nearest even'
     """
-    if stored == "I8":
-        return "int8 per-row"
+    fmt = by_stored(stored)
+    if fmt.quantized:
+        return f"{fmt.name} per-{fmt.group}"  # "int8 per-row", "int4 per-group"
     if source_dtype == stored or stored == "F32":  # a copy, or a widening cast (exact)
         return "bit-exact"
     return "round to nearest even"
@@ -63,14 +67,12 @@ def compare_with_source(engine: ef.EngineFile, source: Source, progress: bool = 
     >>> [c.ok for c in compare_with_source(engine, resolve("snapshot"))]
     [True, True, ...]
     """
-    checkpoint = _checkpoint_for(engine, source)
+    checkpoint, imported = _checkpoint_for(engine, source)
     specs = engine_tensors(source.config)
-    total = sum(checkpoint.entry(p.name).nbytes for s in specs for p in s.sources)
     out = []
-    with tqdm(total=total, unit="B", unit_scale=True, desc="compare", disable=not progress,
-              file=sys.stderr, leave=False) as bar:
+    with tqdm(unit="B", unit_scale=True, desc="compare", disable=not progress, file=sys.stderr, leave=False) as bar:
         for spec in specs:
-            out.append(_compare_tensor(engine, checkpoint, spec, bar.update))
+            out.append(_compare_tensor(engine, checkpoint, spec, bar.update, imported))
     return out
 
 
@@ -86,11 +88,18 @@ def config_differences(engine: ef.EngineFile, source: Source) -> list[str]:
     return [f"{name} {ours[name]!r} ≠ {theirs[name]!r}" for name in ours if ours[name] != theirs[name]]
 
 
-def _checkpoint_for(engine: ef.EngineFile, source: Source) -> Checkpoint:
+def _checkpoint_for(engine: ef.EngineFile, source: Source) -> tuple[Checkpoint, pre.Prequantized | None]:
     if source.directory is None:
         raise SourceError(f"--against {source.label}: a {source.kind} has no tensors to compare with")
     checkpoint = Checkpoint.open(source.directory)
-    if not check_against_config(checkpoint.entries, source.config).ok:
+    qc = pre.quantization_config(source.raw_config, source.label)
+    imported = None
+    if qc is not None:
+        imported = pre.read_prequantized(qc, {e.name for e in checkpoint.entries}, source.label)
+        ok = pre.check_tensors(checkpoint.entries, source.config, imported, source.label).ok
+    else:
+        ok = check_against_config(checkpoint.entries, source.config).ok
+    if not ok:
         raise SourceError(f"--against {source.label}: the checkpoint does not match its config.json "
                           f"(see `olmoscope tensors {source.label} --check`)")
     implied = [(s.name, s.shape) for s in engine_tensors(source.config)]
@@ -98,39 +107,68 @@ def _checkpoint_for(engine: ef.EngineFile, source: Source) -> Checkpoint:
     if implied != stored:
         raise EngineError(f"{engine.path}: its tensors do not match --against {source.label} "
                           f"(a different model: compare `olmoscope arch` of both)")
-    return checkpoint
+    return checkpoint, imported
 
 
-def _compare_tensor(engine: ef.EngineFile, checkpoint: Checkpoint, spec, on_bytes) -> Comparison:
+def _compare_tensor(engine: ef.EngineFile, checkpoint: Checkpoint, spec, on_bytes,
+                    imported: pre.Prequantized | None = None) -> Comparison:
     entry = engine.entry(spec.name)
     stored = engine.tensor(spec.name)
-    scales = engine.scales(spec.name) if entry.quantization is not None else None
+    quant = entry.quantization
+    fmt = FORMATS[quant["format"]] if quant is not None else None
+    scales = engine.scales(spec.name) if quant is not None else None
+    zeros = engine.zeros(spec.name) if quant is not None else None
     max_err, worst, ok, row0 = 0.0, 0.0, True, 0
-    source_dtypes = []
+    source_dtypes, kinds = [], []
     for part in spec.sources:
+        if imported is not None and pre.is_quantized(part.role, imported):
+            source_dtypes.append("I32")
+            kinds.append("imported exactly")
+            good = _compare_imported(checkpoint, imported, part, stored, scales, zeros, row0)
+            max_err, worst, ok = (max_err, worst, ok) if good else (float("inf"), float("inf"), False)
+            on_bytes(checkpoint.entry(pre.module_of(part.name) + ".qweight").nbytes)
+            row0 += part.shape[0]
+            continue
         x_all = checkpoint.read(part.name)
         source_dtypes.append(checkpoint.entry(part.name).dtype)
         kind = check_kind(source_dtypes[-1], entry.dtype)
+        kinds.append(kind)
         rows = part.shape[0] if len(part.shape) == 2 else 1
         step = max(1, BLOCK_ELEMENTS // max(part.elements // rows, 1))
         for start in range(0, rows, step):
             stop = min(rows, start + step)
             if len(part.shape) == 2:
                 x, y = x_all[start:stop], stored[row0 + start:row0 + stop]
-                s = scales[row0 + start:row0 + stop] if scales is not None else None
+                if fmt is not None:  # the stored integers, dequantized, and each element's quantization step
+                    r = slice(row0 + start, row0 + stop)
+                    y = fmt.decode(y, scales[r], None if zeros is None else zeros[r], quant["group_size"])
+                    steps = fmt.steps(scales[r], quant["group_size"])
+                else:
+                    steps = None
             else:
-                x, y, s = x_all, stored, None
-            err, ratio, good = compare_block(x, y, kind, s)
+                x, y, steps = x_all, stored, None
+            err, ratio, good = compare_block(x, y, kind, steps)
             max_err, worst, ok = max(max_err, err), max(worst, ratio), ok and good
             on_bytes(x.nbytes)
         row0 += rows
-    kinds = {check_kind(d, entry.dtype) for d in source_dtypes}
-    return Comparison(spec.name, entry.dtype, "+".join(dict.fromkeys(source_dtypes)), "/".join(sorted(kinds)),
+    return Comparison(spec.name, entry.dtype, "+".join(dict.fromkeys(source_dtypes)), "/".join(sorted(set(kinds))),
                       max_err, worst, ok)
 
 
-def compare_block(x: np.ndarray, y: np.ndarray, kind: str, scales: np.ndarray | None = None) -> tuple[float, float, bool]:
-    """(max |y − x|, max |y − x| / bound, within bound) for a source block x and its stored block y.
+def _compare_imported(checkpoint: Checkpoint, pq: pre.Prequantized, part, stored: np.ndarray, scales: np.ndarray,
+                      zeros: np.ndarray | None, row0: int) -> bool:
+    """A GPTQ/AWQ matrix's integers, scales and zero points, unpacked again, against the engine's bytes."""
+    from olmoscope.quantize import INT4_SYMMETRIC_ZERO, pack_nibbles
+
+    rows = slice(row0, row0 + part.shape[0])
+    q, s, z = pre.read_matrix_rows(checkpoint, pq, part.name, 0, part.shape[0])
+    same = np.array_equal(pack_nibbles(q), stored[rows]) and np.array_equal(s.view(np.uint16), scales[rows].view(np.uint16))
+    return same and (np.all(z == INT4_SYMMETRIC_ZERO) if zeros is None else np.array_equal(z, zeros[rows]))
+
+
+def compare_block(x: np.ndarray, y: np.ndarray, kind: str, steps: np.ndarray | None = None) -> tuple[float, float, bool]:
+    """(max |y − x|, max |y − x| / bound, within bound) for a source block x and its stored block y (for a
+    quantized block: y dequantized, and `steps` each element's quantization step, broadcastable to x).
 
     >>> compare_block(np.float32([1, 2]), np.float32([1, 2]), "bit-exact")
     (0.0, 0.0, True)
@@ -142,10 +180,8 @@ def compare_block(x: np.ndarray, y: np.ndarray, kind: str, scales: np.ndarray | 
             err = _max_finite_err(x.astype(np.float64), y.astype(np.float64))
             return err, 0.0 if same else float("inf"), same
         x64, y64 = x.astype(np.float64), y.astype(np.float64)
-        if kind == "int8 per-row":
-            step = scales.astype(np.float64)[:, None]  # [rows, 1]
-            y64 = y64 * step
-            bound = np.broadcast_to(step * INT8_BOUND, x64.shape)
+        if steps is not None:
+            bound = np.broadcast_to(steps * QUANTIZED_BOUND, x64.shape)
         else:
             dtype = ef.DTYPES[_dtype_name(y.dtype)]
             tiny = float(ml_dtypes.finfo(dtype).smallest_subnormal) / 2
@@ -161,7 +197,7 @@ def compare_block(x: np.ndarray, y: np.ndarray, kind: str, scales: np.ndarray | 
         if err.size == 0:
             return 0.0, 0.0, True
         b = bound[finite]
-        ratio = np.divide(err, b, out=np.full_like(err, np.inf), where=b > 0)  # b = 0 only for an all-zero int8 row
+        ratio = np.divide(err, b, out=np.full_like(err, np.inf), where=b > 0)  # b = 0 only for an all-zero row/group
         ratio[err == 0] = 0.0
         worst = float(ratio.max())
         return float(err.max()), worst, worst <= 1.0

@@ -14,6 +14,8 @@ from olmoscope.runtime.engine import Engine
 
 DEVICES = ("auto", "cpu", "cuda")
 CUDA_MODULE = "olmoscope.runtime.cuda.backend"  # provides available() -> (bool, reason) and CudaBackend
+# The weight_formats kernel variants this build's CUDA kernels implement (cuda/gemv.cu, cuda/gemm.cu).
+CUDA_KERNEL_VARIANTS = ("bf16", "int8")
 
 
 def cuda_availability() -> tuple[bool, str]:
@@ -43,6 +45,14 @@ def resolve_device(device: str) -> str:
     return "cpu"
 
 
+def check_cuda_kernels(engine: Engine) -> None:
+    """The one place that refuses an engine whose weight format has no CUDA kernels in this build."""
+    variant = engine.weights.format.kernel
+    if variant not in CUDA_KERNEL_VARIANTS:
+        raise UsageError(f"{engine.label}: {engine.weights.dtype} engines need the {variant} kernels, not in this "
+                         f"build; run it with --device cpu (the NumPy reference) or convert with --dtype bf16 or int8")
+
+
 def open_backend(engine: Engine, device: str = "auto", options: RuntimeOptions | None = None) -> Backend:
     """Build the backend for `device` (auto|cpu|cuda) on an open engine.
 
@@ -52,6 +62,7 @@ def open_backend(engine: Engine, device: str = "auto", options: RuntimeOptions |
     options = options or RuntimeOptions()
     if device == "cuda" or resolve_device(device) == "cuda":
         resolve_device("cuda")
+        check_cuda_kernels(engine)
         module = importlib.import_module(CUDA_MODULE)
         return module.CudaBackend(engine, options)
     from olmoscope.runtime.numpy_backend import NumpyBackend

@@ -35,7 +35,7 @@ def available_memory() -> int:
 
 
 class LazyFloat32:
-    """A weight kept as stored and upcast (int8: dequantized) to float32 each time the math reads it."""
+    """A weight kept as stored and upcast (int8/int4: dequantized) to float32 each time the math reads it."""
 
     def __init__(self, weights: Weights, name: str):
         self._weights, self._name = weights, name
@@ -46,10 +46,7 @@ class LazyFloat32:
 
     def __getitem__(self, rows) -> np.ndarray:
         """Rows as float32 (the embedding gather): only those rows are upcast."""
-        stored = self._weights.tensor(self._name)[rows]
-        if stored.dtype == np.int8:
-            return stored.astype(np.float32) * self._weights.scales(self._name)[rows, None].astype(np.float32)
-        return stored.astype(np.float32)
+        return self._weights.float32(self._name, rows)
 
 
 class NumpyBackend(Backend):
@@ -79,11 +76,14 @@ class NumpyBackend(Backend):
         self.last_sampled = np.zeros(self.max_seqs, np.int32)  # [slots]: what a FED token becomes
 
     def _loader(self, weights: Weights):
-        """float32 arrays for the reference: upcast once when they fit in memory, else upcast at each use."""
+        """float32 arrays for the reference: a quantized file's matrices stay as stored and are dequantized at
+        each use (layer by layer: their point is the memory they save); others are upcast once when they fit
+        in memory, else at each use too."""
         matrices = [spec for spec in weights.specs.values() if spec.kind == "matrix"]
         upcast_bytes = 4 * sum(spec.elements for spec in matrices)
-        eager = weights.dtype == "fp32" or upcast_bytes <= WEIGHT_SHARE * available_memory()
-        if not eager:
+        eager = not weights.format.quantized and (weights.dtype == "fp32"
+                                                  or upcast_bytes <= WEIGHT_SHARE * available_memory())
+        if not eager and not weights.format.quantized:
             self.notes.append(f"{weights.dtype} weights stay as stored and are upcast layer by layer "
                               f"({upcast_bytes / 2**30:.1f} GiB as float32 would not fit in memory)")
         return lambda spec: weights.float32(spec.name) if eager or spec.kind != "matrix" else LazyFloat32(weights,

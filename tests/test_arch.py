@@ -130,13 +130,15 @@ def test_weight_bytes_per_format():
     assert weights["fp32"] == 4 * P
     assert weights["bf16"] == weights["fp16"] == 2 * P
     norms = 32 * (4096 + 4096 + 2 * 4096) + 4096
-    matrices = P - norms
-    # rows of every matrix: embedding and lm_head V each; per layer q,k,v,o 4·D, gate,up I each, down D.
-    rows = 2 * 100352 + 32 * (4 * 4096 + 2 * 11008 + 4096)
-    assert weights["int8"] == matrices + 4 * rows + 4 * norms
-    # every matrix has 4096 or 11008 input columns: whole groups of 128 (11008 = 86·128)
-    groups = (2 * 100352 * 4096 + 32 * (4 * 4096 * 4096 + 2 * 11008 * 4096 + 4096 * 11008)) // 128
-    assert weights["int4"] == matrices // 2 + 2 * groups + 4 * norms
+    table = 100352 * 4096  # the embedding, and lm_head of the same shape: bf16 in int8 and int4 files
+    layers = P - norms - 2 * table
+    # rows of every quantized matrix: lm_head V; per layer q,k,v,o 4·D, gate,up I each, down D.
+    layer_rows = 32 * (4 * 4096 + 2 * 11008 + 4096)
+    assert weights["int8"] == 2 * table + (table + layers) + 4 * (100352 + layer_rows) + 4 * norms
+    # every layer matrix has 4096 or 11008 input columns: whole groups of 128 (11008 = 86·128); each group
+    # an fp16 scale and a one-byte zero point (asym, convert's default)
+    groups = 32 * (4 * 4096 * 4096 + 2 * 11008 * 4096 + 4096 * 11008) // 128
+    assert weights["int4"] == 2 * 2 * table + layers // 2 + (2 + 1) * groups + 4 * norms
 
 
 def test_serving_total_is_bf16_weights_plus_kv_cache():

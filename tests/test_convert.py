@@ -19,6 +19,7 @@ from safetensors.numpy import load_file
 from olmoscope import convert as cv
 from olmoscope import engine_format as ef
 from olmoscope.cli import main
+from olmoscope.quantize import quantize_int8_rows
 from olmoscope.errors import CheckpointError, OlmoscopeError, SourceError, UsageError
 from olmoscope.sources import resolve
 from olmoscope.spec import engine_tensors
@@ -242,7 +243,7 @@ def test_int8_refuses_non_finite_values(make_snapshot, tmp_path):
 
 def test_int8_quantizes_each_row_to_absmax_over_127():
     rows = np.array([[0.5, -1.0, 0.25], [0.0, 0.0, 0.0], [3.0, 1.0, -2.0]], np.float32)
-    q, scale = cv.quantize_rows(rows, "w")
+    q, scale = quantize_int8_rows(rows, "w")
     assert scale.dtype == np.float32 and q.dtype == np.int8
     assert np.allclose(scale, [1 / 127, 0.0, 3 / 127], rtol=1e-7)
     assert q.tolist() == [[64, -127, 32], [0, 0, 0], [127, 42, -85]]
@@ -698,9 +699,38 @@ def test_cli_prints_a_summary_table(tiny_snapshots, tmp_path):
     out = tmp_path / "m.engine"
     result = CliRunner().invoke(main, ["convert", str(tiny_snapshots("float32", 2)), "-o", str(out), "--dtype", "int8"])
     assert result.exit_code == 0, result.output
-    for pattern in (rf"output\s+{re.escape(str(out))}", r"tensors\s+19 \(\+ 9 int8 scale vectors\)", r"I8 bytes\s+131,072",
+    for pattern in (rf"output\s+{re.escape(str(out))}", r"tensors\s+19 \(\+ 9 scale arrays\)", r"I8 bytes\s+131,072",
                     r"BF16 bytes\s+65,536", r"F32 scales bytes", r"time\s+[\d.]+ s", r"throughput\s+read [\d.]+ [MG]B/s"):
         assert re.search(pattern, result.output), (pattern, result.output)
+
+
+def test_cli_int4_summary_names_the_quantization_and_its_parts(tiny_snapshots, tmp_path):
+    out = tmp_path / "m.engine"
+    result = CliRunner().invoke(main, ["convert", str(tiny_snapshots("float32", 2)), "-o", str(out), "--dtype", "int4",
+                                       "--group-size", "32"])
+    assert result.exit_code == 0, result.output
+    # 8 int4 matrices (qkv, o_proj, gate_up, down_proj × 2 layers); the embedding and lm_head stay bf16
+    for pattern in (r"quantization\s+int4 asym, group 32, lm_head bf16, quantized by olmoscope",
+                    r"tensors\s+19 \(\+ 8 scale arrays, 8 zero-point arrays\)", r"U4 bytes", r"F16 scales bytes",
+                    r"U8 zeros bytes"):
+        assert re.search(pattern, result.output), (pattern, result.output)
+
+
+def test_cli_int4_group_that_does_not_divide_a_width_is_one_line_and_writes_nothing(tiny_snapshots, tmp_path):
+    out = tmp_path / "m.engine"
+    result = CliRunner().invoke(main, ["convert", str(tiny_snapshots("float32", 2)), "-o", str(out), "--dtype", "int4"])
+    assert result.exit_code != 0
+    assert result.output.strip().splitlines() == [
+        "olmoscope: error: tensor layers.0.qkv: its 64 inputs are not a multiple of group size 128; choose a "
+        "--group-size that divides 64"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_int4_options_without_int4_are_refused(tiny_snapshots, tmp_path):
+    result = CliRunner().invoke(main, ["convert", str(tiny_snapshots("float32", 2)), "-o", str(tmp_path / "m.engine"),
+                                       "--group-size", "32"])
+    assert result.exit_code == 2
+    assert "apply to --dtype int4 only" in result.output and "Traceback" not in result.output
 
 
 def test_cli_errors_are_one_line_without_traceback(tiny_snapshots, tmp_path):

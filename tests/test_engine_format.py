@@ -26,12 +26,23 @@ CONFIG = {
 }
 
 
-def base_header(config: ModelConfig, weight_dtype: str, tokenizer: str | None = None) -> dict:
+# int4 synthetic files: group 32 divides every width of CONFIG (I = 96)
+INT4 = ef.Quantization("int4", "asym", 32, False)
+
+
+def quantization_of(weight_dtype: str, quant: ef.Quantization | None = None) -> ef.Quantization | None:
+    return quant or (INT4 if weight_dtype == "int4" else ef.default_quantization(weight_dtype))
+
+
+def base_header(config: ModelConfig, weight_dtype: str, tokenizer: str | None = None,
+                quant: ef.Quantization | None = None) -> dict:
     """A header without its tensor table, as convert would build it."""
     import hashlib
 
+    quant = quantization_of(weight_dtype, quant)
     return {
         "format": ef.FORMAT_NAME, "format_version": ef.FORMAT_VERSION, "weight_dtype": weight_dtype,
+        "quantization": None if quant is None else quant.to_json(),
         "alignment": ef.ALIGNMENT, "config": ef.config_to_header(config),
         "tokenizer": None if tokenizer is None else {"json": tokenizer, "sha256": hashlib.sha256(tokenizer.encode()).hexdigest()},
         "generation": {"eos_token_ids": [255], "pad_token_id": 254, "bos_token_id": None, "chat_template": None,
@@ -43,26 +54,36 @@ def base_header(config: ModelConfig, weight_dtype: str, tokenizer: str | None = 
 
 
 def write_synthetic(path: Path, weight_dtype: str = "bf16", raw_config: dict | None = None, seed: int = 0,
-                    tokenizer: str | None = None) -> dict[str, np.ndarray]:
-    """Write an engine file of random tensors straight through EngineWriter; returns what was stored by name."""
+                    tokenizer: str | None = None, quant: ef.Quantization | None = None) -> dict[str, np.ndarray]:
+    """Write an engine file of random tensors straight through EngineWriter; returns what was stored by name
+    (a quantized matrix's scales and zeros as "NAME.scales", "NAME.zeros")."""
     config = ModelConfig.from_dict(raw_config or CONFIG)
+    quant = quantization_of(weight_dtype, quant)
     rng = np.random.default_rng(seed)
     stored = {}
     with open(path, "wb") as f:
-        writer = ef.EngineWriter(f, base_header(config, weight_dtype, tokenizer), ef.plan_tensors(config, weight_dtype))
+        writer = ef.EngineWriter(f, base_header(config, weight_dtype, tokenizer, quant),
+                                 ef.plan_tensors(config, weight_dtype, quant))
         for t in writer.tensors:
+            parts = {}
             if t.dtype == "I8":
                 values = rng.integers(-127, 128, t.shape, dtype=np.int8)
-                scales = rng.random(t.shape[0], dtype=np.float32)
-                stored[t.name + ef.SCALES_SUFFIX] = scales
+            elif t.dtype == "U4":
+                values = rng.integers(0, 256, t.data_shape, dtype=np.uint8)
             else:
                 values = rng.standard_normal(t.shape, dtype=np.float32).astype(ef.DTYPES[t.dtype])
-                scales = None
+            for kind in ef.PARTS:
+                part = t.part(kind)
+                if part is not None:
+                    dtype = ef.DTYPES[part["dtype"]]
+                    parts[kind] = (rng.integers(0, 16, part["shape"]).astype(dtype) if kind == "zeros"
+                                   else rng.random(part["shape"], dtype=np.float32).astype(dtype))
+                    stored[f"{t.name}.{kind}"] = parts[kind]
             writer.begin(t.name)
             half = t.shape[0] // 2 if len(t.shape) == 2 else t.shape[0]
             writer.write(values[:half])  # in two blocks, as convert streams them
             writer.write(values[half:])
-            writer.end(scales)
+            writer.end(parts.get("scales"), parts.get("zeros"))
             stored[t.name] = values
         writer.finish()
     return stored
@@ -93,7 +114,7 @@ def engine_path(tmp_path) -> Path:
 
 
 # ── round trip and layout ───────────────────────────────────────────────────────
-@pytest.mark.parametrize("weight_dtype", ["bf16", "fp16", "fp32", "int8"])
+@pytest.mark.parametrize("weight_dtype", ["bf16", "fp16", "fp32", "int8", "int4"])
 def test_reader_returns_exactly_what_writer_stored(tmp_path, weight_dtype):
     path = tmp_path / "m.engine"
     stored = write_synthetic(path, weight_dtype)
@@ -102,11 +123,62 @@ def test_reader_returns_exactly_what_writer_stored(tmp_path, weight_dtype):
         assert [t.name for t in engine.entries] == [s.name for s in engine_tensors(engine.config)]
         for t in engine.entries:
             view = engine.tensor(t.name)
-            assert view.dtype == ef.DTYPES[t.dtype] and view.shape == t.shape
+            packed = (t.shape[0], t.shape[1] // 2) if t.dtype == "U4" else t.shape
+            assert view.dtype == ef.DTYPES[t.dtype] and view.shape == packed
             assert np.array_equal(view.view(np.uint8), stored[t.name].view(np.uint8)), t.name
             if t.quantization is not None:
                 assert np.array_equal(engine.scales(t.name), stored[t.name + ef.SCALES_SUFFIX]), t.name
+                zeros = engine.zeros(t.name)
+                assert (zeros is None) == (t.name + ef.ZEROS_SUFFIX not in stored), t.name
+                if zeros is not None:
+                    assert np.array_equal(zeros, stored[t.name + ef.ZEROS_SUFFIX]), t.name
         assert engine.verify() == []
+
+
+def test_int4_files_record_format_group_scheme_and_the_shapes_of_scales_and_zeros(tmp_path):
+    path = tmp_path / "m.engine"
+    write_synthetic(path, "int4")
+    with ef.EngineFile.open(path) as engine:
+        assert engine.quantization == INT4
+        qkv = engine.entry("layers.0.qkv")  # [Hd + 2·Hkvd, D] = [128, 64], groups of 32 inputs
+        assert (qkv.dtype, qkv.shape, qkv.nbytes) == ("U4", (128, 64), 128 * 32)
+        q = qkv.quantization
+        assert (q["format"], q["scheme"], q["group_size"], q["source"]) == ("int4", "asym", 32, "ours")
+        assert (q["scales"]["dtype"], q["scales"]["shape"], q["scales"]["size"]) == ("F16", [128, 2], 512)
+        assert (q["zeros"]["dtype"], q["zeros"]["shape"], q["zeros"]["size"]) == ("U8", [128, 2], 256)
+        down = engine.entry("layers.0.down_proj")  # [D, I] = [64, 96]: three groups per row
+        assert down.quantization["scales"]["shape"] == [64, 3]
+        assert engine.entry("lm_head").dtype == "BF16" and engine.entry("lm_head").quantization is None
+        assert engine.entry("embedding").dtype == "BF16"
+
+
+def test_symmetric_int4_with_a_quantized_head_stores_no_zeros(tmp_path):
+    path = tmp_path / "m.engine"
+    write_synthetic(path, "int4", quant=ef.Quantization("int4", "sym", 32, True))
+    with ef.EngineFile.open(path) as engine:
+        head = engine.entry("lm_head")
+        assert head.dtype == "U4" and head.quantization["zeros"] is None
+        assert engine.zeros("lm_head") is None
+        assert [label for _, _, label in head.regions()] == ["lm_head", "lm_head.scales"]
+
+
+def test_int4_zero_regions_are_checksummed_and_named_by_verify(tmp_path):
+    path = tmp_path / "m.engine"
+    write_synthetic(path, "int4")
+    header, _, data = read_header(path)
+    zeros = header["tensors"][1]["quantization"]["zeros"]
+    damaged = bytearray(data)
+    damaged[zeros["offset"]] ^= 0x01
+    path.write_bytes(bytes(damaged))
+    with ef.EngineFile.open(path) as engine:
+        assert engine.verify() == ["layers.0.qkv.zeros"]
+        with pytest.raises(EngineError, match="tensor layers.0.qkv.zeros fails its checksum"):
+            engine.checked_zeros("layers.0.qkv")
+
+
+def test_a_group_that_does_not_divide_k_is_an_error_naming_the_tensor():
+    with pytest.raises(EngineError, match=r"tensor layers.0.qkv: its 64 inputs are not a multiple of group size 128"):
+        ef.plan_tensors(ModelConfig.from_dict(CONFIG), "int4", ef.Quantization("int4", "asym", 128, False))
 
 
 def test_dtype_rules_norms_float32_int8_keeps_embedding_bf16(tmp_path):
@@ -120,7 +192,9 @@ def test_dtype_rules_norms_float32_int8_keeps_embedding_bf16(tmp_path):
             elif t.role == "embedding":
                 assert t.dtype == "BF16" and t.quantization is None
             else:
-                assert t.dtype == "I8" and t.quantization["scheme"] == ef.QUANT_SCHEME, t.name
+                q = t.quantization
+                assert t.dtype == "I8" and (q["format"], q["scheme"], q["group_size"]) == ("int8", "sym", None), t.name
+                assert q["scales"]["dtype"] == "F32" and q["scales"]["shape"] == [t.shape[0]] and q["zeros"] is None
         assert engine.tensor("embedding").dtype == np.dtype(ml_dtypes.bfloat16)
 
 
@@ -129,7 +203,7 @@ def test_preamble_is_magic_version_length_and_header_checksum_little_endian(engi
 
     data = engine_path.read_bytes()
     assert data[:8] == b"OLMOSCPE"
-    assert struct.unpack_from("<I", data, 8)[0] == ef.FORMAT_VERSION == 2
+    assert struct.unpack_from("<I", data, 8)[0] == ef.FORMAT_VERSION == 3
     length = struct.unpack_from("<Q", data, 12)[0]
     header = json.loads(data[36:36 + length].decode("utf-8"))
     assert header["format"] == "olmoscope-engine"
@@ -352,8 +426,11 @@ HOSTILE = [
     ("tensors_reordered", _header(lambda h: h["tensors"].insert(1, h["tensors"].pop(2))), "expected"),
     ("tensor_missing", _header(lambda h: h["tensors"].pop()), "the config implies"),
     ("quantization_on_bf16", _tensor_field(1, "quantization", {
-        "scheme": "int8-symmetric-per-row", "scale_dtype": "F32", "scale_shape": [128], "scale_offset": 0,
-        "scale_size": 512, "scale_checksum": "0" * 32}), "iff dtype is I8"),
+        "format": "int8", "scheme": "sym", "group_size": None, "source": "ours", "zeros": None,
+        "scales": {"dtype": "F32", "shape": [128], "offset": 0, "size": 512, "checksum": "0" * 32}}),
+     "quantization {'format': 'int8'"),
+    ("quantization_on_a_bf16_file", _header(lambda h: h.update(quantization=INT4.to_json())),
+     "does not fit weight_dtype 'bf16'"),
     ("checksum_not_hex", _tensor_field(1, "checksum", "xyz"), "fails the engine schema"),
     ("offset_a_float", _tensor_field(1, "offset", 4096.0 * 3), "fails the engine schema"),
     ("eos_id_a_float", _header(lambda h: h["generation"].update(eos_token_ids=[5.0])), "fails the engine schema"),
@@ -375,7 +452,7 @@ def test_reader_refuses_inconsistent_files_with_one_engine_error(engine_path, da
 
 def test_newer_version_is_a_clear_error_saying_upgrade(engine_path):
     _set_version(ef.FORMAT_VERSION + 1)(engine_path)
-    with pytest.raises(EngineError, match=r"engine format version 3 is newer than this olmoscope reads \(version 2\); upgrade"):
+    with pytest.raises(EngineError, match=r"engine format version 4 is newer than this olmoscope reads \(version 3\); upgrade"):
         ef.EngineFile.open(engine_path)
 
 
@@ -384,9 +461,21 @@ def test_version_1_file_is_a_clear_error_naming_both_versions(tmp_path):
     path = tmp_path / "old.engine"
     body = json.dumps({"format": "olmoscope-engine", "format_version": 1}).encode()
     path.write_bytes(struct.pack("<8sIQ", b"OLMOSCPE", 1, len(body)) + body + bytes(8192))
-    with pytest.raises(EngineError, match=r"engine format version 1 is older than this olmoscope reads \(version 2, "
-                                          r"whose header is checksummed\); convert the model again"):
+    with pytest.raises(EngineError, match=r"engine format version 1 is older than this olmoscope reads \(version 3, "
+                                          r"which stores int4 and records each matrix's quantization\); "
+                                          r"convert the model again"):
         ef.EngineFile.open(path)
+
+
+def test_version_2_file_is_a_clear_error_telling_to_convert_again(engine_path):
+    """A version-2 file (int8 at most, no quantization records) as convert wrote it before int4."""
+    header, data_start, data = read_header(engine_path)
+    header["format_version"] = 2
+    body = ef.encode_header(header)
+    engine_path.write_bytes(ef.sealed_header(body, data_start, version=2) + data[data_start:])
+    with pytest.raises(EngineError, match=r"engine format version 2 is older than this olmoscope reads \(version 3, "
+                                          r".*\); convert the model again with this olmoscope"):
+        ef.EngineFile.open(engine_path)
 
 
 @pytest.mark.parametrize("edit", [
@@ -462,7 +551,7 @@ def test_int8_scale_regions_are_checked_too(tmp_path):
     write_synthetic(path, "int8")
 
     def misplace(h):
-        h["tensors"][1]["quantization"]["scale_offset"] = h["tensors"][1]["offset"]
+        h["tensors"][1]["quantization"]["scales"]["offset"] = h["tensors"][1]["offset"]
 
     rewrite_header(path, misplace)
     with pytest.raises(EngineError, match=r"layers.0.qkv.scales at offset .* overlaps layers.0.qkv|layers.0.qkv at offset .* overlaps"):

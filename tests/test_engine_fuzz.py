@@ -27,9 +27,9 @@ class Original(tuple):
 
 @pytest.fixture(scope="module")
 def original(tmp_path_factory) -> Original:
-    """A small int8 engine file: every region kind, scales included."""
+    """A small asymmetric int4 engine file: every region kind, scales and zero points included."""
     path = tmp_path_factory.mktemp("fuzz") / "original.engine"
-    write_synthetic(path, "int8", tokenizer='{"model": {"vocab": {"a": 0}}}')
+    write_synthetic(path, "int4", tokenizer='{"model": {"vocab": {"a": 0}}}')
     header, data_start, data = read_header(path)
     return Original((data, header, data_start))
 
@@ -45,9 +45,10 @@ def open_and_use(path: Path) -> list[str] | None:
         with ef.EngineFile.open(path) as engine:
             for t in engine.entries:
                 view = engine.tensor(t.name)
-                assert view.shape == t.shape
+                assert view.shape == t.data_shape
                 if t.quantization is not None:
-                    assert engine.scales(t.name).shape == (t.shape[0],)
+                    assert list(engine.scales(t.name).shape) == t.quantization["scales"]["shape"]
+                    assert list(engine.zeros(t.name).shape) == t.quantization["zeros"]["shape"]
             return engine.verify()
     except EngineError as exc:
         assert str(exc) and "\n" not in str(exc)
@@ -140,18 +141,19 @@ def test_mutated_header_fields_give_only_engine_errors(original, scratch, choice
 @given(index=st.integers(0, 18),
        offset=st.one_of(st.integers(0, 1 << 40), st.integers(0, 64).map(lambda p: p * 4096),
                         st.integers(0, 64).map(lambda p: p * 4096.0)),
-       field=st.sampled_from(["offset", "size", "scale_offset"]))
+       field=st.sampled_from(["offset", "size", "scales.offset", "zeros.offset"]))
 def test_moved_offsets_are_refused_or_caught_by_verify(original, scratch, index, offset, field):
     data, header, data_start = original
     header = json.loads(json.dumps(header))
     row = header["tensors"][index]
-    target = row["quantization"] if field == "scale_offset" else row
-    assume(target is not None and not (target[field] == offset and type(target[field]) is type(offset)))
-    target[field] = offset
+    kind, _, key = field.rpartition(".")
+    target = row if not kind else row["quantization"] and row["quantization"][kind]
+    assume(target is not None and not (target[key] == offset and type(target[key]) is type(offset)))
+    target[key] = offset
     scratch.write_bytes(with_header(data, data_start, ef.encode_header(header)))
     bad = open_and_use(scratch)
     if bad is not None:  # accepted: the region is aligned, in the file, disjoint — so its bytes must differ
-        label = row["name"] + (ef.SCALES_SUFFIX if field == "scale_offset" else "")
+        label = row["name"] + (f".{kind}" if kind else "")
         assert label in bad, f"moving {label} to {offset} went unnoticed"
 
 

@@ -16,6 +16,7 @@ from olmoscope import engine_format as ef
 from olmoscope import verify as vf
 from olmoscope.cli import main
 from olmoscope.errors import EngineError
+from olmoscope.quantize import quantize_int8_rows
 from olmoscope.sources import resolve
 
 
@@ -31,17 +32,18 @@ def converted(tmp_path_factory):
     def get(dtype: str = "bf16") -> tuple[Path, Path]:
         if dtype not in cache:
             cache[dtype] = root / f"{dtype}.engine"
-            cv.convert(str(snapshot), cache[dtype], dtype=dtype)
+            int4 = cv.Int4Options(group_size=32) if dtype == "int4" else cv.Int4Options()
+            cv.convert(str(snapshot), cache[dtype], dtype=dtype, int4=int4)
         return snapshot, cache[dtype]
 
     return get
 
 
-def damaged_copy(engine: Path, tmp_path: Path, tensor: str, scales: bool = False) -> Path:
-    """A copy of the engine file with one bit flipped in the middle of a tensor (or its scales)."""
+def damaged_copy(engine: Path, tmp_path: Path, tensor: str, part: str | None = None) -> Path:
+    """A copy of the engine file with one bit flipped in the middle of a tensor (or its "scales" or "zeros")."""
     with ef.EngineFile.open(engine) as e:
         t = e.entry(tensor)
-        offset, size = (t.quantization["scale_offset"], t.quantization["scale_size"]) if scales else (t.offset, t.nbytes)
+        offset, size = (t.part(part)["offset"], t.part(part)["size"]) if part else (t.offset, t.nbytes)
     data = bytearray(engine.read_bytes())
     data[offset + size // 2] ^= 0x01
     out = tmp_path / "damaged.engine"
@@ -71,13 +73,32 @@ def test_flipped_bit_fails_verify_naming_the_tensor(converted, tmp_path, tensor)
 
 def test_flipped_bit_in_int8_scales_is_named(converted, tmp_path):
     _, engine = converted("int8")
-    result = run(damaged_copy(engine, tmp_path, "layers.0.gate_up", scales=True))
+    result = run(damaged_copy(engine, tmp_path, "layers.0.gate_up", "scales"))
     assert result.exit_code == 1
     assert "  layers.0.gate_up.scales\n" in result.output
 
 
+@pytest.mark.parametrize("part", ["scales", "zeros"])
+def test_flipped_bit_in_int4_scales_or_zeros_is_named(converted, tmp_path, part):
+    _, engine = converted("int4")
+    result = run(damaged_copy(engine, tmp_path, "layers.1.down_proj", part))
+    assert result.exit_code == 1
+    assert f"checksums: 1 of 35 fail:\n  layers.1.down_proj.{part}\n" in result.output
+
+
+def test_int4_from_our_quantization_against_its_source_is_within_half_a_step(converted):
+    snapshot, engine = converted("int4")
+    with ef.EngineFile.open(engine) as e:
+        comparisons = {c.name: c for c in vf.compare_with_source(e, resolve(str(snapshot)))}
+    assert all(c.ok for c in comparisons.values())
+    qkv = comparisons["layers.0.qkv"]
+    assert qkv.check == "int4 per-group" and 0.5 < qkv.worst <= 1.0, qkv  # rounding reaches near half a step
+    assert comparisons["lm_head"].check == "round to nearest even"  # the head stays bf16 by default
+
+
 @pytest.mark.parametrize("dtype,promise", [("bf16", "round to nearest even"), ("fp32", "bit-exact"),
-                                           ("fp16", "round to nearest even"), ("int8", "int8 per-row")])
+                                           ("fp16", "round to nearest even"), ("int8", "int8 per-row"),
+                                           ("int4", "int4 per-group")])
 def test_against_source_reports_max_error_per_tensor_within_bound(converted, dtype, promise):
     snapshot, engine = converted(dtype)
     result = run(engine, "--against", snapshot)
@@ -171,12 +192,13 @@ def test_nan_must_stay_nan_and_infinities_exact():
 
 def test_int8_bound_is_half_a_step():
     x = np.float32([[0.5, -1.0, 0.25]])
-    q, scale = cv.quantize_rows(x, "w")
-    err, worst, ok = vf.compare_block(x, q, "int8 per-row", scale)
+    q, scale = quantize_int8_rows(x, "w")
+    steps = scale.astype(np.float64)[:, None]
+    err, worst, ok = vf.compare_block(x, q * scale[:, None], "int8 per-row", steps)
     assert ok and err <= scale[0] / 2, f"err {err:.3e} vs scale/2 {scale[0] / 2:.3e}"
-    off_by_one = q.copy()
+    off_by_one = q.astype(np.float32)
     off_by_one[0, 0] += 1
-    assert not vf.compare_block(x, off_by_one, "int8 per-row", scale)[2]
+    assert not vf.compare_block(x, off_by_one * scale[:, None], "int8 per-row", steps)[2]
 
 
 def test_bit_exact_means_bits():
