@@ -15,7 +15,7 @@ from olmoscope.runtime.engine import Engine
 DEVICES = ("auto", "cpu", "cuda")
 CUDA_MODULE = "olmoscope.runtime.cuda.backend"  # provides available() -> (bool, reason) and CudaBackend
 # The weight_formats kernel variants this build's CUDA kernels implement (cuda/gemv.cu, cuda/gemm.cu).
-CUDA_KERNEL_VARIANTS = ("bf16", "int8")
+CUDA_KERNEL_VARIANTS = ("bf16", "int8", "int4")
 
 
 def cuda_availability() -> tuple[bool, str]:

@@ -244,6 +244,32 @@ def test_int8_engine_matches_numpy_on_the_same_int8_weights():
     assert max(prompt_err, decode_err) <= TOLERANCE, f"rel err prompt {prompt_err:.2e}, decode {decode_err:.2e}"
 
 
+@pytest.mark.parametrize("scheme,group,lm_head", [("asym", 128, False), ("sym", 64, True), ("asym", 32, False)])
+def test_int4_engine_matches_numpy_on_the_same_int4_weights(tmp_path, scheme, group, lm_head):
+    """int4 through the GPU's kernels (gemm_q4 up to 64 rows, dequantize_q4 + the bf16 GEMM past them, the SiLU
+    pairs epilogue) against the NumPy reference on the same packed weights: a 24-token and a 100-token prompt,
+    then decode steps. Bound: the bf16 runtime's TOLERANCE (activations are rounded to bf16 the same way)."""
+    from olmoscope.convert import Int4Options, convert
+    from olmoscope.runtime.engine import open_engine
+
+    model = random_model(SHAPES["gqa2-d64-odd-vocab"], seed=9)
+    model.save_pretrained(tmp_path / "snapshot")
+    convert(str(tmp_path / "snapshot"), tmp_path / "m.olmo", dtype="int4",
+            int4=Int4Options(group_size=group, scheme=scheme, lm_head=lm_head))
+    with open_engine(tmp_path / "m.olmo") as engine:
+        for prompt in (PROMPT_TOKENS, 100):
+            tokens = np.random.default_rng(prompt).integers(0, engine.config.vocab_size, prompt + 16)
+            with CudaBackend(engine, OPTIONS) as gpu:
+                ours = teacher_forced_logits(gpu, tokens, prompt)
+            with NumpyBackend(engine, OPTIONS) as cpu:
+                reference = teacher_forced_logits(cpu, tokens, prompt)
+            prompt_err, decode_err = worst(ours, reference)
+            print(f"int4 {scheme} g{group} lm_head={lm_head}, prompt {prompt}: vs numpy prompt {prompt_err:.2e}, "
+                  f"worst decode step {decode_err:.2e}")
+            assert max(prompt_err, decode_err) <= TOLERANCE, (
+                f"int4 {scheme} g{group}, prompt {prompt}: rel err prompt {prompt_err:.2e}, decode {decode_err:.2e}")
+
+
 @pytest.mark.slow
 def test_olmo2_1b_sized_model_matches_numpy_reference_and_transformers():
     model = random_model(OLMO2_1B, seed=11)

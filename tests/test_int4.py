@@ -180,10 +180,12 @@ def test_numpy_backend_keeps_int4_matrices_packed(make_snapshot, tmp_path):
         backend.close()
 
 
-def test_cuda_refuses_int4_in_one_line(make_snapshot, tmp_path, monkeypatch):
+def test_a_build_without_a_formats_kernels_refuses_it_in_one_line(make_snapshot, tmp_path, monkeypatch):
+    """The one refusal (devices.check_cuda_kernels), shown on int4 as a build without its kernels would see it."""
     from olmoscope.runtime import devices
 
     monkeypatch.setattr(devices, "cuda_availability", lambda: (True, "pretend"))
+    monkeypatch.setattr(devices, "CUDA_KERNEL_VARIANTS", ("bf16", "int8"))
     convert(str(make_snapshot()), tmp_path / "m.olmo", dtype="int4", int4=Int4Options(group_size=32))
     with open_engine(tmp_path / "m.olmo") as engine, pytest.raises(UsageError) as caught:
         devices.open_backend(engine, "auto")

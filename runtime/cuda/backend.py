@@ -23,7 +23,7 @@ from olmoscope.runtime.backend import Backend, PendingStep, RuntimeOptions, plan
 from olmoscope.runtime.blocks import BLOCK_SIZE
 from olmoscope.runtime.cuda.driver import (ITEMSIZE, CudaGraph, DeviceBuffer, available, cuda, cuda_errors,
                                            free_pinned, gib)
-from olmoscope.runtime.cuda.kernels import (FA_QUERIES, HEAD_DIMS, TOP_LOGPROBS, Kernels, decode_splits,
+from olmoscope.runtime.cuda.kernels import (FA_QUERIES, HEAD_DIMS, Q4_MAX_ROWS, TOP_LOGPROBS, Kernels, decode_splits,
                                             prefill_tiles)
 from olmoscope.runtime.cuda.weights import DeviceWeight, decode_weight_bytes, device_bytes, upload
 from olmoscope.runtime.cuda.workspace import MetaSizes, StepMeta
@@ -134,7 +134,7 @@ class CudaBackend(Backend):
         if cfg.head_dim not in HEAD_DIMS:
             raise UsageError(f"the CUDA backend supports head_dim {', '.join(map(str, HEAD_DIMS))}; "
                              f"this model has {cfg.head_dim}")
-        step = 16 if engine.weights.dtype == "int8" else 8
+        step = {"int8": 16, "int4": 64}.get(engine.weights.dtype, 8)  # int4: a 64-input chunk per load (quant_layout)
         for name, value in (("hidden_size", cfg.hidden_size), ("intermediate_size", cfg.intermediate_size)):
             if value % step:
                 raise UsageError(f"the CUDA backend needs {name} to be a multiple of {step}; this model has {value}")
@@ -145,6 +145,7 @@ class CudaBackend(Backend):
         self.sm_count = self.kernels.sm_count
         self.graph_sizes = graph_sizes(min(self.max_seqs, self.max_step_tokens))
         self._int8 = engine.weights.dtype == "int8"
+        self._quantized = engine.weights.dtype in ("int8", "int4")  # matrices widened to bf16 for the big GEMMs
         weights = device_bytes(engine.weights)
         free, total = cuda.mem_get_info()
         self._max_context_guess = min(options.max_context or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -185,8 +186,8 @@ class CudaBackend(Backend):
         T, R, D, I, V = sizes.tokens, self.max_seqs, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
         per_token = 4 * D + 2 * D + 2 * cfg.q_width * 2 + 2 * I
         widened = 0
-        if self._int8:
-            widened = 2 * max(s.elements for s in engine.weights.specs.values() if s.kind == "matrix")
+        if self._quantized:
+            widened = 2 * max(s.elements for s in engine.weights.specs.values() if engine.weights.is_quantized(s.name))
         meta = 4 * (15 * T + sizes.seqs * sizes.table_width)
         state = (self.max_seqs + 1) * (4 * -(-V // 32) + 4 * V + 4)
         scoring = self._score_rows() * (4 * V + 2 * D) + 4 * T
@@ -258,9 +259,9 @@ class CudaBackend(Backend):
         self.raw_logits = None  # made at the first step that asks for logprobs (_keep_raw)
         self.upkeep = self._alloc((2, UPKEEP_IDS), "i32")
         self.widened = None
-        if self._int8:
-            matrices = [w for layer in self.weights.layers for w in vars(layer).values()]
-            largest = max(w.data.nbytes for w in matrices + [self.weights.lm_head] if w.data.dtype == "i8")
+        if self._quantized:
+            matrices = [w for layer in self.weights.layers for w in vars(layer).values()] + [self.weights.lm_head]
+            largest = max(math.prod(w.matrix_shape) for w in matrices if w.data.dtype in ("i8", "u8"))
             self.widened = self._alloc((largest,), "bf16")
         self._results = [cuda.pagelocked_empty(R, np.int32) for _ in range(RESULT_RING)]
         self._score_results = [cuda.pagelocked_empty(self.max_step_tokens, np.float32) for _ in range(RESULT_RING)]
@@ -523,18 +524,31 @@ class CudaBackend(Backend):
                 DeviceBuffer(base + plane, (blocks, Hkv, size, d), "bf16"))
 
     def _matrix(self, weight: DeviceWeight) -> DeviceBuffer:
-        """A weight matrix for the GEMM: bf16 as is, int8 widened into the scratch (scales go to the epilogue)."""
-        if weight.data.dtype != "i8":
+        """A weight matrix for the GEMM: bf16 as is, int8 widened into the scratch (scales go to the epilogue),
+        int4 dequantized into it (past Q4_MAX_ROWS rows, where the GEMM's math outweighs the weights' bytes)."""
+        if weight.data.dtype == "bf16":
             return weight.data
-        widened = DeviceBuffer(self.widened.ptr, weight.data.shape, "bf16")
-        self.kernels.widen_int8(weight.data, widened)
+        widened = DeviceBuffer(self.widened.ptr, weight.matrix_shape, "bf16")
+        if weight.int4:
+            self.kernels.dequantize_q4(weight.data, weight.scales, weight.zeros, widened, weight.matrix_shape[0],
+                                       pairs=weight.pairs)
+        else:
+            self.kernels.widen_int8(weight.data, widened)
         return widened
+
+    def _scales(self, weight: DeviceWeight) -> DeviceBuffer | None:
+        """The per-row scales the bf16 GEMM's epilogue applies: int8's; int4 is dequantized whole."""
+        return None if weight.int4 else weight.scales
 
     def _linear(self, x: DeviceBuffer, weight: DeviceWeight, rows: int, out: DeviceBuffer | None = None,
                 can_split: bool = True) -> tuple[DeviceBuffer, int, int]:
         """y = x·Wᵀ for `rows` rows by the plan's kernel: (output [parts·rows, N] f32, parts, part stride in elements)."""
-        N, K = weight.data.shape
+        N, K = weight.matrix_shape
         x = x.rows(0, rows) if x.shape[0] != rows else x
+        if weight.int4 and rows <= Q4_MAX_ROWS:  # weights dequantized in registers, one complete output
+            y = out.rows(0, rows) if out is not None else DeviceBuffer(self.proj.ptr, (rows, N), "f32")
+            self.kernels.gemm_q4(x, weight.data, weight.scales, weight.zeros, y, rows, N)
+            return y, 1, rows * N
         plan = self.kernels.plan(rows, N, K, int8=weight.data.dtype == "i8")
         if plan.variant == "gemv":
             y = out.rows(0, rows) if out is not None else DeviceBuffer(self.proj.ptr, (rows, N), "f32")
@@ -542,26 +556,29 @@ class CudaBackend(Backend):
             return y, 1, rows * N
         splits = plan.splits if can_split else 1
         y = out.rows(0, rows) if out is not None else DeviceBuffer(self.proj.ptr, (splits * rows, N), "f32")
-        self.kernels.gemm(x, self._matrix(weight), weight.scales, y, rows, splits=splits, bm=plan.bm,
+        self.kernels.gemm(x, self._matrix(weight), self._scales(weight), y, rows, splits=splits, bm=plan.bm,
                           variant=plan.variant)
         return y, splits, rows * N
 
     def _silu_linear(self, x: DeviceBuffer, weight: DeviceWeight, rows: int) -> None:
         """act = SiLU(x·gateᵀ)·(x·upᵀ) (bf16) from the fused [gate; up] matrix, by the plan's kernel: fused in its
         epilogue with one split, else split-K partials summed by silu_mul_parts."""
-        N, K = weight.data.shape
+        N, K = weight.matrix_shape
         act = self.act.rows(0, rows)
         x = x.rows(0, rows)
+        if weight.int4 and rows <= Q4_MAX_ROWS:
+            self.kernels.gemm_q4(x, weight.data, weight.scales, weight.zeros, act, rows, N, silu=True)
+            return
         plan = self.kernels.plan(rows, N, K, silu=True, int8=weight.data.dtype == "i8")
         if plan.variant == "gemv":
             self.kernels.gemv(weight.data, weight.scales, x, act, rows, silu=True)
             return
         if plan.splits == 1:
-            self.kernels.gemm(x, self._matrix(weight), weight.scales, act, rows, silu=True, bm=plan.bm,
+            self.kernels.gemm(x, self._matrix(weight), self._scales(weight), act, rows, silu=True, bm=plan.bm,
                               variant=plan.variant)
             return
         parts = DeviceBuffer(self.proj.ptr, (plan.splits * rows, N), "f32")
-        self.kernels.gemm(x, self._matrix(weight), weight.scales, parts, rows, splits=plan.splits, bm=plan.bm,
+        self.kernels.gemm(x, self._matrix(weight), self._scales(weight), parts, rows, splits=plan.splits, bm=plan.bm,
                           variant=plan.variant)
         self.kernels.silu_mul_parts(parts, plan.splits, rows * N, act, rows)
 

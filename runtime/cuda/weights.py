@@ -1,6 +1,7 @@
-"""The model's weights on the GPU, by role: matrices bf16 (int8 engines stay int8 with f32 per-row scales; fp16
-and fp32 engines are rounded to bf16 on the way), norms f32. Uploaded through two pinned staging buffers so the
-copy of one slab overlaps the host's filling of the next.
+"""The model's weights on the GPU, by role: matrices bf16 (int8 engines stay int8 with f32 per-row scales; int4
+matrices are repacked into the kernels' layout, runtime/cuda/quant_layout.py; fp16 and fp32 engines are rounded to
+bf16 on the way), norms f32. Uploaded through two pinned staging buffers so the copy of one slab overlaps the host's
+filling of the next.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from olmoscope.runtime.cuda.driver import ITEMSIZE, DeviceBuffer, cuda, free_pinned
+from olmoscope.runtime.cuda.quant_layout import Q4Device, pack_q4
 from olmoscope.runtime.engine import Weights
 from olmoscope.runtime.weights import ModelWeights, model_weights
 from olmoscope.spec import EngineTensorSpec
@@ -22,29 +24,59 @@ STAGING_BYTES = 64 << 20  # each of the two pinned upload buffers
 
 @dataclass
 class DeviceWeight:
-    """One tensor on the device; int8 matrices carry their per-row scales."""
+    """One tensor on the device; int8 matrices carry their per-row scales, int4 ones their group scales and zeros
+    in the kernels' layout (pack_q4), with the matrix's own [N, K] beside the packed buffer's shape."""
 
-    data: DeviceBuffer  # bf16 / i8 matrix [rows, cols], or f32 norm [n]
-    scales: DeviceBuffer | None = None  # f32 [rows], int8 only
+    data: DeviceBuffer  # bf16 / i8 matrix [rows, cols], f32 norm [n], or int4 u8 [Np, K/2] (pack_q4)
+    scales: DeviceBuffer | None = None  # f32 [rows] (int8), f16 [Np, K/G] (int4)
+    zeros: DeviceBuffer | None = None  # int4 asymmetric: u8 [Np/2, K/G]
+    shape: tuple[int, int] | None = None  # int4: [N, K] of the matrix the packed data holds
+    pairs: bool = False  # int4 gate_up: rows packed as gate/up pairs for the SiLU epilogue
+
+    @property
+    def int4(self) -> bool:
+        return self.data.dtype == "u8"
+
+    @property
+    def matrix_shape(self) -> tuple[int, ...]:
+        return self.shape or self.data.shape
 
     @property
     def nbytes(self) -> int:
-        return self.data.nbytes + (self.scales.nbytes if self.scales else 0)
+        return sum(b.nbytes for b in (self.data, self.scales, self.zeros) if b is not None)
 
 
 def device_dtype(spec: EngineTensorSpec, weights: Weights) -> str:
-    """How a tensor is held on the GPU: norms f32, quantized matrices int8, every other matrix bf16."""
+    """How a tensor is held on the GPU: norms f32, int8 matrices i8, int4 ones u8 (packed), every other bf16."""
     if spec.kind != "matrix":
         return "f32"
-    return "i8" if weights.tensor(spec.name).dtype == np.int8 else "bf16"
+    return {np.dtype(np.int8): "i8", np.dtype(np.uint8): "u8"}.get(weights.tensor(spec.name).dtype, "bf16")
+
+
+def int4_packed(spec: EngineTensorSpec, weights: Weights) -> Q4Device:
+    """An int4 matrix in the kernels' layout; gate_up paired for the fused SiLU·up."""
+    m = weights.matrix(spec.name)
+    return pack_q4(np.asarray(m.data), np.asarray(m.scales), None if m.zeros is None else np.asarray(m.zeros),
+                   pairs=spec.role == "gate_up")
+
+
+def int4_device_bytes(spec: EngineTensorSpec, weights: Weights) -> int:
+    """What pack_q4 makes of an int4 matrix: rows padded to 16, u8 nibbles, f16 scales, u8 zero pairs."""
+    m = weights.matrix(spec.name)
+    N, K = spec.shape
+    padded, groups = -(-N // 16) * 16, K // m.group_size
+    return padded * K // 2 + padded * groups * 2 + (padded // 2 * groups if m.zeros is not None else 0)
 
 
 def device_bytes(weights: Weights) -> int:
-    """Device memory the weights take, scales included."""
+    """Device memory the weights take, scales and zeros included."""
     total = 0
     for spec in weights.specs.values():
         dtype = device_dtype(spec, weights)
-        total += spec.elements * ITEMSIZE[dtype] + (spec.shape[0] * 4 if dtype == "i8" else 0)
+        if dtype == "u8":
+            total += int4_device_bytes(spec, weights)
+        else:
+            total += spec.elements * ITEMSIZE[dtype] + (spec.shape[0] * 4 if dtype == "i8" else 0)
     return total
 
 
@@ -73,6 +105,8 @@ class Uploader:
     def tensor(self, spec: EngineTensorSpec, weights: Weights) -> DeviceWeight:
         array = weights.tensor(spec.name)
         dtype = device_dtype(spec, weights)
+        if dtype == "u8":
+            return self.int4(int4_packed(spec, weights))
         buffer = self.alloc(tuple(array.shape), dtype)
         if dtype == "f32":
             self.send(buffer.ptr, np.asarray(array, dtype=np.float32))
@@ -88,6 +122,17 @@ class Uploader:
             part = np.asarray(array[r:r + rows_per_part]).astype(ml_dtypes.bfloat16, copy=False)
             self.send(buffer.ptr + r * array.shape[1] * 2, part)
         return DeviceWeight(buffer)
+
+    def int4(self, packed: Q4Device) -> DeviceWeight:
+        parts = []
+        for array, dtype in ((packed.qweight, "u8"), (packed.scales, "f16"), (packed.zeros, "u8")):
+            if array is None:
+                parts.append(None)
+                continue
+            buffer = self.alloc(tuple(array.shape), dtype)
+            self.send(buffer.ptr, array)
+            parts.append(buffer)
+        return DeviceWeight(*parts, shape=(packed.N, packed.K), pairs=packed.pairs)
 
     def close(self) -> None:
         self.stream.synchronize()
