@@ -26,6 +26,7 @@ from transformers import Olmo2Config, Olmo2ForCausalLM, StaticCache
 
 from olmoscope.bench import CONTEXTS, PROMPT_LENGTHS, BenchResult, bench_backend, copy_bandwidth, table
 from olmoscope.config import ModelConfig
+from olmoscope.engine_format import Quantization
 from olmoscope.runtime.backend import RuntimeOptions
 from olmoscope.runtime.cuda.backend import CudaBackend
 from olmoscope.runtime.engine import Engine
@@ -33,6 +34,7 @@ from olmoscope.spec import engine_tensors
 
 PRESETS = Path(__file__).resolve().parents[1] / "olmoscope" / "data" / "presets"
 DECODE_STEPS = 64
+INT4_GROUP = 128  # --int4: convert's default group size
 
 
 def random_hf_model(preset: str) -> tuple[Olmo2ForCausalLM, ModelConfig]:
@@ -52,15 +54,33 @@ def random_hf_model(preset: str) -> tuple[Olmo2ForCausalLM, ModelConfig]:
     return model.eval(), config
 
 
-def engine_from(model: Olmo2ForCausalLM, config: ModelConfig, int8: bool = False) -> Engine:
+def int4_groups(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric int4 per group of `group` inputs on the GPU, convert's rule (range widened to hold 0, s = range/15
+    rounded up to fp16, z = round(−min/s)): (packed nibbles u8 [N, K/2], scales f16 [N, K/G], zeros u8 [N, K/G])."""
+    N, K = w.shape
+    g = w.float().view(N, K // group, group)
+    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+    s16 = ((hi - lo) / 15).to(torch.float16)
+    s16 = torch.where(s16.float() < (hi - lo) / 15, torch.nextafter(s16, torch.full_like(s16, torch.inf)), s16)
+    s = s16.float().clamp_min(torch.finfo(torch.float32).tiny)
+    z = torch.round(-lo / s).clamp(0, 15)
+    q = (torch.round(g / s[..., None]) + z[..., None]).clamp(0, 15).to(torch.uint8).view(N, K)
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)
+    return packed.cpu().numpy(), s16.cpu().numpy(), z.to(torch.uint8).cpu().numpy()
+
+
+def engine_from(model: Olmo2ForCausalLM, config: ModelConfig, int8: bool = False, int4: bool = False) -> Engine:
     """The same weights under engine names (fused on the GPU, then to host memory as bf16 / f32), or quantized
-    to int8 with one f32 scale per row (w ≈ q·scale, scale = max|row| / 127), as `convert --dtype int8` does."""
+    to int8 with one f32 scale per row (w ≈ q·scale, scale = max|row| / 127), as `convert --dtype int8` does, or
+    to int4 (int4_groups; the lm_head stays bf16, as convert's default)."""
     state = model.state_dict()
-    tensors, scales = {}, {}
+    tensors, scales, zeros = {}, {}, {}
     for spec in engine_tensors(config):
         fused = torch.cat([state[part.name] for part in spec.sources])
         if spec.kind != "matrix":
             tensors[spec.name] = fused.float().cpu().numpy()
+        elif int4 and spec.role not in ("embedding", "lm_head"):
+            tensors[spec.name], scales[spec.name], zeros[spec.name] = int4_groups(fused)
         elif int8:
             scale = fused.float().abs().amax(dim=1).clamp_min(1e-12) / 127
             tensors[spec.name] = torch.round(fused.float() / scale[:, None]).to(torch.int8).cpu().numpy()
@@ -68,6 +88,9 @@ def engine_from(model: Olmo2ForCausalLM, config: ModelConfig, int8: bool = False
         else:
             tensors[spec.name] = fused.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(ml_dtypes.bfloat16)
         del fused
+    if int4:
+        return Engine.from_arrays(config, tensors, scales, zeros=zeros,
+                                  quantization=Quantization("int4", "asym", INT4_GROUP, False))
     return Engine.from_arrays(config, tensors, scales or None)
 
 
@@ -225,6 +248,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for bench.json and cuda_section.md")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--int8", action="store_true", help="also time an int8-weight engine of the same model")
+    parser.add_argument("--int4", action="store_true", help=f"also time an int4 engine (asymmetric, groups of "
+                        f"{INT4_GROUP}) of the same model")
     parser.add_argument("--docs", type=Path, help="rewrite this file's CUDA runtime section (docs/PERFORMANCE.md)")
     parser.add_argument("--render", type=Path, metavar="BENCH_JSON", help="only render a saved run's section")
     args = parser.parse_args()
@@ -252,10 +277,12 @@ def run(args) -> dict:
             device = backend.device
             results = [bench_backend(backend, bandwidth=bandwidth, label="olmoscope cuda (bf16)")]
         del engine
-        if args.int8:
-            engine = engine_from(model, config, int8=True)
+        for flag, label in ((args.int8, "int8"), (args.int4, "int4")):
+            if not flag:
+                continue
+            engine = engine_from(model, config, int8=label == "int8", int4=label == "int4")
             with CudaBackend(engine, RuntimeOptions(max_context=4096), progress=False) as backend:
-                results.append(bench_backend(backend, bandwidth=bandwidth, label="olmoscope cuda (int8 weights)"))
+                results.append(bench_backend(backend, bandwidth=bandwidth, label=f"olmoscope cuda ({label} weights)"))
             del engine
         print(f"[{size}] olmoscope done at {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
         if not args.skip_transformers:
