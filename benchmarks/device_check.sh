@@ -13,7 +13,7 @@
 set -o pipefail
 if [ -z "${OUT:-}" ]; then echo "device_check.sh runs on the device machine only (it links packages into the tree)"; exit 2; fi
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+[ -d /tmp/site/fastapi ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 link_packages() { ln -sfn ../runtime olmoscope/runtime && ln -sfn ../cuda olmoscope/kernels && ln -sfn ../schemas olmoscope/schemas; }
 link_packages || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OLMOSCOPE_CACHE=/tmp/olmoscope-cache
