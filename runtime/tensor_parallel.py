@@ -107,7 +107,7 @@ def all_reduce(parts: list[np.ndarray]) -> np.ndarray:
 def sharded_forward(plan: ShardPlan, shards: list[ModelWeights], step: StepArrays, token_ids: np.ndarray,
                     caches: list[PagedKV], window: int = 0) -> np.ndarray:
     """reference.forward over plan.ranks ranks, each with its own weights (plan.model) and KV cache (its kv heads);
-    logits [R, V] gathered from the ranks' vocabulary slices."""
+    logits [R, V] gathered from the ranks' vocabulary slices (the logits only: prompt scoring stays unsharded)."""
     with np.errstate(all="ignore"):
         cfg, eps = plan.config, plan.config.rms_norm_eps
         h = np.asarray(shards[0].embedding[token_ids], np.float32)  # replicated on every rank

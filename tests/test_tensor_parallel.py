@@ -51,7 +51,7 @@ def test_n_ranks_emulated_equal_the_unsharded_reference(heads, kv_heads, ranks):
     with NumpyBackend(model, RuntimeOptions(max_context=128, max_num_seqs=4)) as backend:
         arrays, ids = two_sequence_step(backend, np.random.default_rng(heads + ranks))
         cfg = backend.config
-        whole = reference.forward(cfg, backend.weights, arrays, ids,
+        whole, _ = reference.forward(cfg, backend.weights, arrays, ids,
                                   reference.PagedKV(cfg.num_hidden_layers, backend.num_blocks, kv_heads, cfg.head_dim))
         plan = ShardPlan(cfg, ranks)
         shards = [plan.model(backend.weights, r) for r in range(ranks)]
