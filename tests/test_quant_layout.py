@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from olmoscope.errors import DeviceError
-from olmoscope.runtime.cuda.quant_layout import (Q4_GROUPS, dequantize_q4, pack_q4, pack_q8, tile_rows, unpack_nibbles,
+from olmoscope.quantize import unpack_nibbles
+from olmoscope.runtime.cuda.quant_layout import (Q4_GROUPS, dequantize_q4, pack_q4, pack_q8, tile_rows,
                                                 unpack_q4, unpack_q8)
 
 

@@ -30,11 +30,11 @@ from typing import NamedTuple
 import numpy as np
 
 from olmoscope.errors import DeviceError
+from olmoscope.quantize import dequantize_int4, pack_nibbles, unpack_nibbles
 
 Q4_GROUPS = (32, 64, 128)  # group sizes the kernels are built for (gemm_quant.cu)
 Q4_TILE_ROWS = 16  # weight rows per tile (one m16 mma tile)
 Q4_CHUNK = 64  # k per chunk: one 16-byte load per lane
-SYMMETRIC_ZERO = 8
 
 # nibble i of a device word ↔ (h, e): row g + 8h of the tile, k offset e within the word's 4 consecutive k
 _NIBBLE_H = np.array([i & 1 for i in range(8)])
@@ -53,25 +53,9 @@ class Q4Device(NamedTuple):
     pairs: bool  # rows paired as [gate; up] (SiLU epilogue)
 
 
-def unpack_nibbles(qweight: np.ndarray) -> np.ndarray:
-    """uint8 [N, K/2] → uint8 [N, K] values 0 … 15 (canonical: low nibble first)."""
-    q = np.empty((qweight.shape[0], qweight.shape[1] * 2), np.uint8)
-    q[:, 0::2] = qweight & 15
-    q[:, 1::2] = qweight >> 4
-    return q
-
-
-def pack_nibbles(q: np.ndarray) -> np.ndarray:
-    """uint8 [N, K] values 0 … 15 → uint8 [N, K/2] (canonical)."""
-    return (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
-
-
 def dequantize_q4(qweight: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None) -> np.ndarray:
-    """The canonical int4 matrix as float32 [N, K]: (q − z)·s in fp32 (the kernels' reference)."""
-    q = unpack_nibbles(qweight).astype(np.float32)
-    G = q.shape[1] // scales.shape[1]
-    z = np.float32(SYMMETRIC_ZERO) if zeros is None else np.repeat(zeros.astype(np.float32), G, axis=1)
-    return (q - z) * np.repeat(scales.astype(np.float32), G, axis=1)
+    """The canonical int4 matrix as float32 [N, K]: (q − z)·s in fp32 (the kernels' reference; the engine's rule)."""
+    return dequantize_int4(qweight, scales, zeros, qweight.shape[1] * 2 // scales.shape[1])
 
 
 def tile_rows(N: int, pairs: bool) -> np.ndarray:
