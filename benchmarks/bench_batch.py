@@ -23,7 +23,7 @@ import torch
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cuda import engine_from, random_hf_model, software, write_section  # noqa: E402
+from bench_cuda import engine_from, publish, random_hf_model, software  # noqa: E402
 
 from olmoscope.bench import copy_bandwidth  # noqa: E402
 from olmoscope.runtime.backend import RuntimeOptions, kv_block_bytes  # noqa: E402
@@ -212,33 +212,30 @@ def main() -> int:
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--docs", type=Path, help="rewrite this benchmark's section of docs/PERFORMANCE.md")
     parser.add_argument("--render", type=Path, metavar="JSON", help="only render a saved run")
-    args = parser.parse_args()
-    if args.render:
-        everything = json.loads(args.render.read_text())
-    else:
-        args.out.mkdir(parents=True, exist_ok=True)
-        everything = {"bandwidth_bytes_per_s": copy_bandwidth(), "software": software(), "models": {}}
-        for size in args.models.split(","):
-            started = time.perf_counter()
-            model, config = random_hf_model(f"olmo2-{size}")
-            engine = engine_from(model, config)
-            work = prompts(config.vocab_size)
-            result = {"olmoscope": olmoscope_side(engine, config, everything["bandwidth_bytes_per_s"], work)}
-            del engine
-            print(f"[{size}] olmoscope done at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-            if not args.skip_transformers:
-                result["generate_batch"] = transformers_batch(model, work)
-                result["padded"] = transformers_padded(model, work)
-            del model
-            torch.cuda.empty_cache()
-            everything["models"][size] = result
-            (args.out / "batch.json").write_text(json.dumps(everything, indent=2))
-            print(f"[{size}] done at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-    text = render(everything)
-    if args.docs:
-        write_section(args.docs, text, SECTION)
-    print(text)
-    return 0
+    return publish(parser.parse_args(), run, render, SECTION)
+
+
+def run(args) -> dict:
+    """Each model: olmoscope's engine loop, then (unless skipped) transformers' two runners; batch.json after each."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    everything = {"bandwidth_bytes_per_s": copy_bandwidth(), "software": software(), "models": {}}
+    for size in args.models.split(","):
+        started = time.perf_counter()
+        model, config = random_hf_model(f"olmo2-{size}")
+        engine = engine_from(model, config)
+        work = prompts(config.vocab_size)
+        result = {"olmoscope": olmoscope_side(engine, config, everything["bandwidth_bytes_per_s"], work)}
+        del engine
+        print(f"[{size}] olmoscope done at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+        if not args.skip_transformers:
+            result["generate_batch"] = transformers_batch(model, work)
+            result["padded"] = transformers_padded(model, work)
+        del model
+        torch.cuda.empty_cache()
+        everything["models"][size] = result
+        (args.out / "batch.json").write_text(json.dumps(everything, indent=2))
+        print(f"[{size}] done at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    return everything
 
 
 if __name__ == "__main__":

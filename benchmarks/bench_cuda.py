@@ -252,14 +252,16 @@ def main() -> int:
                         f"{INT4_GROUP}) of the same model")
     parser.add_argument("--docs", type=Path, help="rewrite this file's CUDA runtime section (docs/PERFORMANCE.md)")
     parser.add_argument("--render", type=Path, metavar="BENCH_JSON", help="only render a saved run's section")
-    args = parser.parse_args()
-    if args.render:
-        everything = json.loads(args.render.read_text())
-    else:
-        everything = run(args)
+    return publish(parser.parse_args(), run, render, SECTION)
+
+
+def publish(args, run, render, section: str) -> int:
+    """Every benchmark's ending: a saved run (--render JSON) or a new one (run(args)), rendered, written into its
+    section of --docs when given, and printed."""
+    everything = json.loads(args.render.read_text()) if args.render else run(args)
     text = render(everything)
     if args.docs:
-        write_section(args.docs, text)
+        write_section(args.docs, text, section)
     print(text)
     return 0
 

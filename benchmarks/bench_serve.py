@@ -279,18 +279,9 @@ def main() -> int:
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--docs", type=Path, help="rewrite this benchmark's section of docs/PERFORMANCE.md")
     parser.add_argument("--render", type=Path, metavar="JSON", help="only render a saved run")
-    args = parser.parse_args()
-    if args.render:
-        everything = json.loads(args.render.read_text())
-    else:
-        everything = run(args)
-    text = render(everything)
-    if args.docs:
-        from bench_cuda import write_section
+    from bench_cuda import publish
 
-        write_section(args.docs, text, SECTION)
-    print(text)
-    return 0
+    return publish(parser.parse_args(), run, render, SECTION)
 
 
 def run(args) -> dict:
