@@ -9,7 +9,7 @@ import pytest
 
 from olmoscope.errors import DeviceError
 from olmoscope.quantize import unpack_nibbles
-from olmoscope.runtime.cuda.quant_layout import (Q4_GROUPS, dequantize_q4, pack_q4, pack_q8, tile_rows,
+from olmoscope.runtime.cuda.quant_layout import (Q4_GROUPS, dequantize_q4, pack_q4, pack_q8, q4_device_bytes, tile_rows,
                                                 unpack_q4, unpack_q8)
 
 
@@ -116,3 +116,16 @@ def test_int8_elements_sit_where_the_kernels_read_them():
             c, rest = divmod(rest, 8)
             j, e = divmod(rest, 4)
             assert words[t, chunk, 4 * g + c, 2 * j + h, e] == q[n, k], f"row {n} k {k}"
+
+
+@pytest.mark.parametrize("N,asymmetric", [(333, True), (48, False), (32, True)])
+def test_q4_device_bytes_is_what_pack_q4_makes(N, asymmetric):
+    """The upload's memory plan (runtime/cuda/weights.py) counts exactly the bytes pack_q4 returns."""
+    rng = np.random.default_rng(N)
+    K, G = 256, 64
+    qweight = rng.integers(0, 256, (N, K // 2), dtype=np.uint8)
+    scales = rng.random((N, K // G)).astype(np.float16)
+    zeros = rng.integers(0, 16, (N, K // G), dtype=np.uint8) if asymmetric else None
+    packed = pack_q4(qweight, scales, zeros)
+    made = sum(a.nbytes for a in (packed.qweight, packed.scales, packed.zeros) if a is not None)
+    assert q4_device_bytes(N, K, G, asymmetric) == made

@@ -72,6 +72,12 @@ def tile_rows(N: int, pairs: bool) -> np.ndarray:
     return rows
 
 
+def q4_device_bytes(N: int, K: int, group: int, asymmetric: bool) -> int:
+    """Device bytes pack_q4 makes of an [N, K] int4 matrix: Np·K/2 nibbles, f16 scales, u8 zero pairs."""
+    padded, groups = -(-N // Q4_TILE_ROWS) * Q4_TILE_ROWS, K // group
+    return padded * K // 2 + padded * groups * 2 + (padded // 2 * groups if asymmetric else 0)
+
+
 def check_q4_shapes(N: int, K: int, group: int) -> None:
     if group not in Q4_GROUPS:
         raise DeviceError(f"int4: group size {group} (one of {Q4_GROUPS})")

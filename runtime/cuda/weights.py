@@ -14,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from olmoscope.runtime.cuda.driver import ITEMSIZE, DeviceBuffer, cuda, free_pinned
-from olmoscope.runtime.cuda.quant_layout import Q4Device, pack_q4
+from olmoscope.runtime.cuda.quant_layout import Q4Device, pack_q4, q4_device_bytes
 from olmoscope.runtime.engine import Weights
 from olmoscope.runtime.weights import ModelWeights, model_weights
 from olmoscope.spec import EngineTensorSpec
@@ -60,21 +60,14 @@ def int4_packed(spec: EngineTensorSpec, weights: Weights) -> Q4Device:
                    pairs=spec.role == "gate_up")
 
 
-def int4_device_bytes(spec: EngineTensorSpec, weights: Weights) -> int:
-    """What pack_q4 makes of an int4 matrix: rows padded to 16, u8 nibbles, f16 scales, u8 zero pairs."""
-    m = weights.matrix(spec.name)
-    N, K = spec.shape
-    padded, groups = -(-N // 16) * 16, K // m.group_size
-    return padded * K // 2 + padded * groups * 2 + (padded // 2 * groups if m.zeros is not None else 0)
-
-
 def device_bytes(weights: Weights) -> int:
     """Device memory the weights take, scales and zeros included."""
     total = 0
     for spec in weights.specs.values():
         dtype = device_dtype(spec, weights)
         if dtype == "u8":
-            total += int4_device_bytes(spec, weights)
+            m = weights.matrix(spec.name)
+            total += q4_device_bytes(*spec.shape, m.group_size, m.zeros is not None)
         else:
             total += spec.elements * ITEMSIZE[dtype] + (spec.shape[0] * 4 if dtype == "i8" else 0)
     return total
