@@ -208,6 +208,7 @@ OS_DEVICE void paged_prefill_body(const bf16* __restrict__ q, const bf16* __rest
         const bf16* q, const bf16* k_pool, const bf16* v_pool, bf16* out, const int* tile_seq,                 \
         const int* tile_first_row, const int* first_row, const int* rows, const int* context_len,              \
         const int* block_tables, int table_width, int H, int Hkv, int window) {                                \
+        grid_dependency_sync();                                                                                \
         paged_prefill_body<D>(q, k_pool, v_pool, out, tile_seq, tile_first_row, first_row, rows, context_len,  \
                               block_tables, table_width, H, Hkv, window);                                      \
     }
@@ -431,6 +432,7 @@ OS_DEVICE void paged_decode_body(const bf16* __restrict__ q, const bf16* __restr
         const bf16* q, const bf16* k_pool, const bf16* v_pool, bf16* out, float* part_o, float* part_ml,         \
         int* counters, const int* context_len, const int* block_tables, int table_width, int H, int Hkv,         \
         int splits, int window) {                                                                                \
+        grid_dependency_sync();                                                                                  \
         paged_decode_body<D, G>(q, k_pool, v_pool, out, part_o, part_ml, counters, context_len, block_tables,    \
                                 table_width, H, Hkv, splits, window);                                            \
     }

@@ -7,6 +7,19 @@
 
 typedef __nv_bfloat16 bf16;
 
+// Programmatic dependent launch (sm_90+). A decode graph's kernel→kernel edges are programmatic
+// (runtime/cuda/driver.py CudaGraph): the next grid may launch while this one still runs, so its CTAs are resident when
+// ours drain instead of after our completion plus a launch gap. The trigger lets the next grid launch once every CTA
+// of ours has started; the wait holds until the previous grid has completed and its writes are visible. Every kernel
+// calls this first, before any early return: a CTA that left without waiting could let this grid complete ahead of its
+// predecessor, and the next grid would then read unfinished data. Outside such a graph (and before sm_90) it is free.
+OS_DEVICE void grid_dependency_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // The paged KV cache: a block holds KV_BLOCK consecutive positions of one sequence. A pool plane is
 // [num_blocks, Hkv, KV_BLOCK, d] bf16 and a cache slot is block·KV_BLOCK + offset (runtime/cuda/kernels.py mirrors it).
 constexpr int KV_BLOCK = 16;

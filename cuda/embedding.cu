@@ -6,6 +6,7 @@
 // h [T, D] f32 residual stream; h_bf16 [T, D] bf16 copy for the next GEMM, or null. Needs D % 8 == 0.
 extern "C" __global__ void embedding_gather_bf16(const bf16* __restrict__ table, const int* __restrict__ ids,
                                                  float* __restrict__ h, bf16* __restrict__ h_bf16, int D, int V) {
+    grid_dependency_sync();
     const int t = blockIdx.x;
     const int id = min(max(ids[t], 0), V - 1);  // the host validates ids; clamping keeps a bad one in bounds
     const uint4* row = reinterpret_cast<const uint4*>(table + (size_t)id * D);
@@ -26,6 +27,7 @@ extern "C" __global__ void embedding_gather_bf16(const bf16* __restrict__ table,
 extern "C" __global__ void embedding_gather_int8(const int8_t* __restrict__ table, const float* __restrict__ scales,
                                                  const int* __restrict__ ids, float* __restrict__ h,
                                                  bf16* __restrict__ h_bf16, int D, int V) {
+    grid_dependency_sync();
     const int t = blockIdx.x;
     const int id = min(max(ids[t], 0), V - 1);
     const float s = scales[id];
@@ -53,6 +55,7 @@ OS_DEVICE void mark_one(unsigned* __restrict__ seen, int seen_words, int state, 
 extern "C" __global__ void prepare_tokens(int* __restrict__ ids, const int* __restrict__ last_sampled,
                                           const int* __restrict__ token_state, unsigned* __restrict__ seen,
                                           int seen_words, int T) {
+    grid_dependency_sync();
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= T) return;
     const int state = token_state[t];
@@ -68,6 +71,7 @@ extern "C" __global__ void prepare_tokens(int* __restrict__ ids, const int* __re
 // states[i] (a history reused from the prefix cache, which never went through prepare_tokens).
 extern "C" __global__ void mark_seen(const int* __restrict__ ids, const int* __restrict__ states,
                                      unsigned* __restrict__ seen, int seen_words, int n) {
+    grid_dependency_sync();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) mark_one(seen, seen_words, states[i], ids[i]);
 }
@@ -77,6 +81,7 @@ extern "C" __global__ void mark_seen(const int* __restrict__ ids, const int* __r
 // generated tokens come back as history (recomputed after preemption) instead of being sampled again.
 extern "C" __global__ void count_tokens(const int* __restrict__ ids, const int* __restrict__ states,
                                         int* __restrict__ counts, int V, int n) {
+    grid_dependency_sync();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     const int state = states[i], id = ids[i];

@@ -428,12 +428,14 @@ OS_DEVICE void gemm_body(const bf16* __restrict__ A, const bf16* __restrict__ W,
     extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1)                                                 \
         gemm_bf16_bm##BMV(const bf16* A, const bf16* W, const float* scales, float* C, int M, int N, int K,       \
                           int ktiles_per_split, int sk_tiles, int* counters, float* slots) {                      \
+        grid_dependency_sync();                                                                                   \
         gemm_body<GemmBM##BMV, false>(A, W, scales, C, M, N, K, ktiles_per_split, sk_tiles, counters, slots);     \
     }                                                                                                             \
     /* Grid: (ctas); C [M, N/2] bf16 = SiLU(A·gateᵀ)·(A·upᵀ), W = [gate; up] (N = 2I, even); stream-K as above. */ \
     extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1)                                                 \
         gemm_bf16_silu_bm##BMV(const bf16* A, const bf16* W, const float* scales, bf16* C, int M, int N, int K,   \
                                int sk_tiles, int* counters, float* slots) {                                       \
+        grid_dependency_sync();                                                                                   \
         gemm_body<GemmBM##BMV, true>(A, W, scales, C, M, N, K, 1 << 30, sk_tiles, counters, slots);               \
     }
 GEMM_KERNEL(16)
@@ -449,6 +451,7 @@ GEMM_KERNEL(256)
 // parts + p·part_stride; out [M, I] bf16. Needs I % 4 == 0 and part_stride % 4 == 0.
 extern "C" __global__ void silu_mul_parts(const float* __restrict__ parts, int n_parts, long long part_stride,
                                           bf16* __restrict__ out, int M, int I) {
+    grid_dependency_sync();
     const long long e = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 4;
     if (e >= (long long)M * I) return;
     const int m = (int)(e / I), i = (int)(e % I);
@@ -463,6 +466,7 @@ extern "C" __global__ void silu_mul_parts(const float* __restrict__ parts, int n
 // scratch buffer, then run the GEMMs above with the per-row scales in their epilogue.
 // Grid: (ceil(n / 4096)); block: 256 threads, 16 elements each. q [n] int8, out [n] bf16, n % 16 == 0.
 extern "C" __global__ void widen_int8(const int8_t* __restrict__ q, bf16* __restrict__ out, long long n) {
+    grid_dependency_sync();
     const long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 16;
     if (i >= n) return;
     const uint4 w = *reinterpret_cast<const uint4*>(q + i);

@@ -200,11 +200,13 @@ OS_DEVICE void q4_body(const uint4* __restrict__ qweight, const uint32_t* __rest
     extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32)                                                   \
         q4_mma_g##G##_n##NT(const uint4* qweight, const uint32_t* scales, const uint8_t* zeros, const bf16* x,    \
                             float* y, int M, int N, int K, int split) {                                           \
+        grid_dependency_sync();                                                                                   \
         q4_body<NT, G, false>(qweight, scales, zeros, x, y, M, N, K, split);                                      \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32)                                                   \
         q4_mma_silu_g##G##_n##NT(const uint4* qweight, const uint32_t* scales, const uint8_t* zeros,              \
                                  const bf16* x, bf16* y, int M, int N, int K, int split) {                        \
+        grid_dependency_sync();                                                                                   \
         q4_body<NT, G, true>(qweight, scales, zeros, x, y, M, N, K, split);                                       \
     }
 #define Q4_GROUP(G) Q4_KERNEL(G, 1) Q4_KERNEL(G, 2) Q4_KERNEL(G, 4) Q4_KERNEL(G, 8)
@@ -291,11 +293,13 @@ OS_DEVICE void q8_body(const uint4* __restrict__ qweight, const float* __restric
     extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32)                                                   \
         q8_mma_n##NT(const uint4* qweight, const float* scales, const bf16* x, float* y, int M, int N, int K,     \
                      int split) {                                                                                 \
+        grid_dependency_sync();                                                                                   \
         q8_body<NT, false>(qweight, scales, x, y, M, N, K, split);                                                \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32)                                                   \
         q8_mma_silu_n##NT(const uint4* qweight, const float* scales, const bf16* x, bf16* y, int M, int N, int K, \
                           int split) {                                                                            \
+        grid_dependency_sync();                                                                                   \
         q8_body<NT, true>(qweight, scales, x, y, M, N, K, split);                                                 \
     }
 Q8_KERNEL(1)
@@ -310,6 +314,7 @@ Q8_KERNEL(8)
 extern "C" __global__ void dequantize_q4(const uint4* __restrict__ qweight, const uint32_t* __restrict__ scales,
                                          const uint8_t* __restrict__ zeros, bf16* __restrict__ out, int N, int K,
                                          int G, int pairs) {
+    grid_dependency_sync();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const int chunks = K / Q4_CHUNK, tiles = (N + Q4_TILE_ROWS - 1) / Q4_TILE_ROWS;
     const long long unit = (long long)blockIdx.x * Q4_WARPS + warp;
@@ -353,6 +358,7 @@ extern "C" __global__ void dequantize_q4(const uint4* __restrict__ qweight, cons
 extern "C" __global__ void dequantize_q8(const uint4* __restrict__ qweight, const float* __restrict__ scales,
                                          bf16* __restrict__ out, float* __restrict__ out_scales, int N, int K,
                                          int pairs) {
+    grid_dependency_sync();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const int chunks = K / Q8_CHUNK, tiles = (N + Q4_TILE_ROWS - 1) / Q4_TILE_ROWS;
     const long long unit = (long long)blockIdx.x * Q4_WARPS + warp;

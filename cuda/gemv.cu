@@ -178,6 +178,7 @@ OS_DEVICE void gemv_body(const W* __restrict__ weight, const float* __restrict__
 #define GEMV_KERNEL(NAME, W, M, SILU, YT)                                                                          \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                                  \
         NAME(const W* w, const float* scales, const bf16* x, YT* y, int N, int K, int split) {                     \
+        grid_dependency_sync();                                                                                    \
         gemv_body<W, M, SILU>(w, scales, x, y, N, K, split);                                                       \
     }
 #define GEMV_FAMILY(M)                                                 \

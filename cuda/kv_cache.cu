@@ -10,6 +10,7 @@ constexpr int COPY_THREADS = 256;
 extern "C" __global__ void __launch_bounds__(COPY_THREADS)
     copy_blocks(bf16* __restrict__ pool, const int* __restrict__ pairs, int n_pairs, long long plane_elems, int planes,
                 int block_elems) {
+    grid_dependency_sync();
     if ((int)blockIdx.x >= n_pairs || (int)blockIdx.y >= planes) return;
     const int src = pairs[2 * blockIdx.x], dst = pairs[2 * blockIdx.x + 1];
     bf16* plane = pool + blockIdx.y * plane_elems;

@@ -26,6 +26,7 @@ OS_DEVICE float row_sum_squares(const float* __restrict__ row, int n_parts, long
 extern "C" __global__ void __launch_bounds__(NORM_THREADS)
     residual_rmsnorm_add(float* __restrict__ h, const float* __restrict__ a, int parts, long long part_stride,
                          const float* __restrict__ w, bf16* __restrict__ h_bf16, int D, float eps) {
+    grid_dependency_sync();
     __shared__ float scratch[32];
     const size_t base = (size_t)blockIdx.x * D;
     const float r = rsqrtf(row_sum_squares(a + base, parts, part_stride, D, scratch) / D + eps);
@@ -52,6 +53,7 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS)
 extern "C" __global__ void __launch_bounds__(NORM_THREADS)
     rmsnorm_rows_bf16(const float* __restrict__ x, const int* __restrict__ rows, const float* __restrict__ w,
                       bf16* __restrict__ out, int D, float eps) {
+    grid_dependency_sync();
     __shared__ float scratch[32];
     const float* row = x + (size_t)rows[blockIdx.x] * D;
     const float r = rsqrtf(row_sum_squares(row, 1, 0, D, scratch) / D + eps);

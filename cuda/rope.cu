@@ -65,6 +65,7 @@ extern "C" __global__ void __launch_bounds__(ROPE_THREADS, 1)
                         const float* __restrict__ inv_freq, bf16* __restrict__ q_out, bf16* __restrict__ k_pool,
                         bf16* __restrict__ v_pool, const int* __restrict__ positions, const int* __restrict__ slots,
                         int H, int Hkv, int d, float eps) {
+    grid_dependency_sync();
     __shared__ float scratch[32];
     const int t = blockIdx.x;
     const int pos = positions[t], slot = slots[t];
@@ -103,6 +104,7 @@ extern "C" __global__ void __launch_bounds__(ROPE_HEAD_THREADS, 1)
                               bf16* __restrict__ k_pool, bf16* __restrict__ v_pool,
                               const int* __restrict__ positions, const int* __restrict__ slots, int H, int Hkv,
                               int d, float eps) {
+    grid_dependency_sync();
     __shared__ float scratch[32];
     const int t = blockIdx.x, j = blockIdx.y;
     const int pos = positions[t], slot = slots[t];

@@ -394,6 +394,7 @@ extern "C" __global__ void penalize_rows(float* __restrict__ logits, int V, cons
                                          const float* __restrict__ presence, const float* __restrict__ frequency,
                                          const int* __restrict__ row_state, const unsigned* __restrict__ seen,
                                          int seen_words, const int* __restrict__ counts) {
+    grid_dependency_sync();
     const int r = blockIdx.x, word = blockIdx.y * blockDim.x + threadIdx.x;
     const float p = penalty[r], pres = presence[r], freq = frequency[r];
     const int state = row_state[r];
@@ -495,6 +496,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS, 1)  // 1 block per 
                 const int* __restrict__ top_k, const float* __restrict__ top_p, const float* __restrict__ u,
                 const int* __restrict__ row_state, int* __restrict__ tokens_out, int* __restrict__ last_sampled,
                 int* __restrict__ counts) {
+    grid_dependency_sync();
     const int r = blockIdx.x;
     const int token = sample_row(logits + (size_t)r * V, vocab_limit, temperature[r], top_k[r], top_p[r], u[r]);
     if (threadIdx.x == 0) {
@@ -514,6 +516,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS, 1)  // 1 block per 
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     row_logprobs(const float* __restrict__ logits, int V, int vocab_limit, const int* __restrict__ tokens, int k,
                  float* __restrict__ logprob, int* __restrict__ top_ids, float* __restrict__ top_logprobs) {
+    grid_dependency_sync();
     __shared__ float sv[32];
     __shared__ int si[32];
     const int r = blockIdx.x;

@@ -774,6 +774,37 @@ def test_paged_decode_replays_from_a_graph_with_new_contexts(dev, rng):
         graph.close()
 
 
+def test_a_programmatic_graph_keeps_every_dependency(dev, rng):
+    """Programmatic edges (PDL) let a kernel launch before the one it depends on has finished; grid_dependency_sync
+    must still hold it until the data is there. A chain where each kernel reads what the previous one wrote, over
+    matrices large enough that an early reader would see the last replay's values, replayed with new inputs."""
+    N, Kd = 4096, 4096
+    q = dev.put(np.zeros((N, Kd)), "i8")
+    widened, x = dev.poisoned((N, Kd), "bf16"), dev.put(bf16(rng.standard_normal((1, Kd))), "bf16")
+    y, widened_again = dev.poisoned((1, N), "f32"), dev.poisoned((N, Kd), "bf16")
+
+    def chain():
+        dev.kernels.widen_int8(q, widened)  # y depends on it through widened
+        dev.kernels.gemv(widened, None, x, y, 1)
+        dev.kernels.widen_int8(q, widened_again)  # the same values again: a write after the gemv's reads
+
+    programmatic = cuda.Device(0).compute_capability() >= (9, 0)  # whatever OLMOSCOPE_PDL says for the backend
+    graph = CudaGraph(dev.stream, programmatic=programmatic)
+    graph.capture(chain)
+    try:
+        if programmatic:
+            assert graph.programmatic_edges == 2, f"{graph.programmatic_edges} edges made programmatic, expected 2"
+        for seed in range(3):
+            values = np.random.default_rng(seed).integers(-127, 128, (N, Kd), dtype=np.int8)
+            dev.set(q, values)
+            graph.launch()
+            want = values.astype(np.float64) @ dev.get(x)[0]
+            assert rel(dev.get(y)[0], want) <= 1e-5, f"replay {seed}: {rel(dev.get(y)[0], want):.2e}"
+            assert np.array_equal(dev.get(widened_again), values), f"replay {seed}: the last kernel's output"
+    finally:
+        graph.close()
+
+
 def ragged_batch(rng, decode_contexts, prefill: list[tuple[int, int]]):
     """(contexts, first_row, rows) of a step: decode sequences (one row each) first, then prefill sequences given as
     (cached prefix, new rows)."""

@@ -98,6 +98,37 @@ def test_every_kernel_in_the_sources_is_in_signatures(ptx):
     assert not unlisted, "kernels without a SIGNATURES entry (or listed under another file):\n" + "\n".join(unlisted)
 
 
+def kernel_openings(text: str) -> list[tuple[str, list[str]]]:
+    """(kernel name, the statements of its body up to and with the first grid_dependency_sync() — or only the first
+    statement when none of the first eight is that) for every __global__ function in a source text."""
+    found = []
+    for match in re.finditer(r"__global__", text):
+        head_end = text.index("{", match.end())
+        name = re.findall(r"(\w+(?:##\w+)*)\s*\(", text[match.end():head_end])[-1]
+        body = text[head_end + 1:].replace("\\\n", " ")
+        statements = [" ".join(part.split()) + ";" for part in body.split(";", 8)[:8]]
+        until = next((i for i, st in enumerate(statements) if st == "grid_dependency_sync();"), 0)
+        found.append((name, statements[:until + 1]))
+    return found
+
+
+def test_every_kernel_waits_for_its_predecessor_first():
+    """Graph edges may be programmatic (driver.py CudaGraph, OLMOSCOPE_PDL=1): a kernel that reads or writes anything
+    before grid_dependency_sync() (common.cuh), or returns without it, races the kernel before it."""
+    late = [f"{path.name}: {name}: {opening}" for path in sorted(kernel_dir().glob("*.cu"))
+            for name, opening in kernel_openings(path.read_text()) if opening != ["grid_dependency_sync();"]]
+    assert not late, "kernels that do not start with grid_dependency_sync():\n" + "\n".join(late)
+
+
+def test_the_kernel_opening_parser_sees_a_late_wait():
+    text = ('extern "C" __global__ void __launch_bounds__(128) a(int* x) {\n    grid_dependency_sync();\n    x[0] = 1;\n}\n'
+            '#define K(N) extern "C" __global__ void b##N(int* x) { \\\n    if (x[0]) return; \\\n'
+            '    grid_dependency_sync(); \\\n}\n')
+    assert kernel_openings(text) == [("a", ["grid_dependency_sync();"]),
+                                     ("b##N", ["if (x[0]) return;", "grid_dependency_sync();"])]
+    assert kernel_openings('__global__ void c(int* x) { x[0] = 1; }') == [("c", ["x[0] = 1;"])]
+
+
 def test_every_mirrored_constant_matches_its_constexpr():
     sources = {path.name: path.read_text() for path in kernel_dir().iterdir() if path.suffix in (".cu", ".cuh")}
     values = {name: constexprs(text) for name, text in sources.items()}

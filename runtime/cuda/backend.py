@@ -404,7 +404,7 @@ class CudaBackend(Backend):
             cfg = self.config
             plan = Plan.decode_graph(size, decode_splits(size, cfg.num_key_value_heads, self.sm_count,
                                                          self.meta.sizes.table_width))
-            graph = CudaGraph(self.stream)
+            graph = CudaGraph(self.stream, programmatic=self.kernels.programmatic)
             try:
                 graph.capture(lambda: self._forward(plan, None, False))
             except BaseException:

@@ -71,12 +71,29 @@ def gib(n: int) -> str:
     return f"{n / GiB:.1f} GiB"
 
 
+class _EdgeData(ctypes.Structure):
+    """CUgraphEdgeData: which ports of the two nodes an edge joins, and its type."""
+
+    _fields_ = [("from_port", ctypes.c_ubyte), ("to_port", ctypes.c_ubyte), ("type", ctypes.c_ubyte),
+                ("reserved", ctypes.c_ubyte * 5)]
+
+
 class CudaGraph:
-    """A captured stream of launches, replayed with one call (PyCUDA has no graph API: the driver's, via ctypes)."""
+    """A captured stream of launches, replayed with one call (PyCUDA has no graph API: the driver's, via ctypes).
+
+    programmatic=True (sm_90+) turns every kernel-to-kernel edge of the captured graph into a programmatic one
+    (programmatic dependent launch): the next kernel launches while the previous one drains, and its
+    grid_dependency_sync (cuda/common.cuh, first in every kernel) waits for the data. The backend asks for it only
+    with OLMOSCOPE_PDL=1 (kernels.py PDL: what it measured).
+    """
 
     CAPTURE_MODE_RELAXED = 2
+    NODE_KERNEL = 0  # CU_GRAPH_NODE_TYPE_KERNEL
+    PORT_PROGRAMMATIC, DEPENDENCY_PROGRAMMATIC = 1, 1  # CU_GRAPH_KERNEL_NODE_PORT_…, CU_GRAPH_DEPENDENCY_TYPE_…
 
-    def __init__(self, stream):
+    def __init__(self, stream, programmatic: bool = False):
+        self.programmatic = programmatic
+        self.programmatic_edges = 0  # kernel→kernel edges made programmatic at capture
         self._lib = ctypes.CDLL("libcuda.so.1")
         handle = getattr(stream, "handle", None)
         self._stream = ctypes.c_void_p(handle if handle is not None else stream.handle_int)
@@ -97,8 +114,42 @@ class CudaGraph:
         finally:
             status = self._lib.cuStreamEndCapture(self._stream, ctypes.byref(self._graph))
         self._check(status, "cuStreamEndCapture")
+        if self.programmatic:
+            self.programmatic_edges = self._make_programmatic()
         self._check(self._lib.cuGraphInstantiateWithFlags(ctypes.byref(self._exec), self._graph, ctypes.c_ulonglong(0)),
                     "cuGraphInstantiate")
+
+    def _make_programmatic(self) -> int:
+        """Replace each default kernel→kernel edge by a programmatic one; the number replaced."""
+        lib, count = self._lib, ctypes.c_size_t(0)
+        self._check(lib.cuGraphGetEdges_v2(self._graph, None, None, None, ctypes.byref(count)), "cuGraphGetEdges")
+        n = count.value
+        sources, targets, data = (ctypes.c_void_p * n)(), (ctypes.c_void_p * n)(), (_EdgeData * n)()
+        self._check(lib.cuGraphGetEdges_v2(self._graph, sources, targets, data, ctypes.byref(count)), "cuGraphGetEdges")
+        kernel = {}
+
+        def is_kernel(node) -> bool:
+            if node not in kernel:
+                kind = ctypes.c_int()
+                self._check(lib.cuGraphNodeGetType(ctypes.c_void_p(node), ctypes.byref(kind)), "cuGraphNodeGetType")
+                kernel[node] = kind.value == self.NODE_KERNEL
+            return kernel[node]
+
+        picked = [i for i in range(n) if data[i].type == 0 and is_kernel(sources[i]) and is_kernel(targets[i])]
+        if not picked:
+            return 0
+        m = len(picked)
+        old, new = (_EdgeData * m)(), (_EdgeData * m)()
+        frm = (ctypes.c_void_p * m)(*[sources[i] for i in picked])
+        to = (ctypes.c_void_p * m)(*[targets[i] for i in picked])
+        for j, i in enumerate(picked):
+            old[j] = data[i]
+            new[j].from_port, new[j].type = self.PORT_PROGRAMMATIC, self.DEPENDENCY_PROGRAMMATIC
+        self._check(lib.cuGraphRemoveDependencies_v2(self._graph, frm, to, old, ctypes.c_size_t(m)),
+                    "cuGraphRemoveDependencies")
+        self._check(lib.cuGraphAddDependencies_v2(self._graph, frm, to, new, ctypes.c_size_t(m)),
+                    "cuGraphAddDependencies")
+        return m
 
     def launch(self) -> None:
         self._check(self._lib.cuGraphLaunch(self._exec, self._stream), "cuGraphLaunch")

@@ -123,6 +123,11 @@ MIRRORED = {
 # The switch of the Hopper GEMM (gemm_sm90.cu, wgmma): on by default on sm_90 GPUs, where gemm_plan picks it for the
 # shapes with enough 128 × 256 tiles (measured on an H200); OLMOSCOPE_GEMM_HOPPER=0 turns it off for a run.
 GEMM_HOPPER = os.environ.get("OLMOSCOPE_GEMM_HOPPER", "1") != "0"
+# Programmatic dependent launch inside decode graphs (driver.py CudaGraph) on sm_90+ GPUs: off unless OLMOSCOPE_PDL=1.
+# Measured on an H200 (bench_cuda, batch-1 decode, 2026-12-02): 1B 1.02 → 1.00 ms, 7B 4.04 → 4.10 ms — no clear gain
+# while every kernel waits at its first line; an L2 prefetch of the GEMV's first weights before the wait made both
+# slower (1.13 / 4.38 ms without PDL). The gain needs kernels with independent work ahead of the wait.
+PDL = os.environ.get("OLMOSCOPE_PDL", "0") == "1"
 
 # Host-side planning knobs (not in any .cu file).
 GEMM_MIN_KTILES_PER_SPLIT = 4  # a split-K share streams at least this many k-tiles
@@ -645,6 +650,7 @@ class Kernels:
         self.stream = stream
         self.arch = arch_of(device.compute_capability())
         self.hopper = self.arch == "sm_90"  # gemm_sm90.cu runs here (built for sm_90a)
+        self.programmatic = PDL and device.compute_capability() >= (9, 0)  # graphs' edges: see CudaGraph
         self.sm_count = device.get_attribute(driver.device_attribute.MULTIPROCESSOR_COUNT)
         sources = sorted({source for source, _ in SIGNATURES.values()})
         with ThreadPoolExecutor() as pool:  # nvcc runs, one per file, in parallel at first use

@@ -152,6 +152,7 @@ def _install() -> None:
         def __init__(self, cuda, device, stream):
             self.cuda, self.stream, self.arch = cuda, stream, "sm_90"
             self.hopper = True  # gemm_sm90.cu runs on emu.h's model of wgmma
+            self.programmatic = False  # no CUDA graphs here (graph tests are skipped)
             self.sm_count = device.get_attribute(cuda.device_attribute.MULTIPROCESSOR_COUNT)
             libraries = {}
             self.functions = {}
