@@ -269,18 +269,25 @@ class _Handlers:
                 elif prepared.echo:
                     yield _sse(chunk(prepared, rid, created, model, index, prepared.echo))
             while left:
-                delta: Delta = await submission.queue.get()
-                generated += len(delta.token_ids)
-                if delta.finish_reason in ("error", "abort"):
-                    yield _sse(_failure(delta).body())
+                events, failed = [], False
+                for delta in _coalesced(await _arrived(submission.queue)):
+                    generated += len(delta.token_ids)
+                    if delta.finish_reason in ("error", "abort"):
+                        events.append(_sse(_failure(delta).body()))
+                        failed = True
+                        break
+                    logprobs = shapers[delta.index].shape(delta.logprobs) if prepared.logprobs is not None \
+                        and delta.token_ids else None
+                    if delta.text or logprobs:
+                        events.append(_sse(chunk(prepared, rid, created, model, delta.index, delta.text, logprobs)))
+                    if delta.finish_reason:
+                        left -= 1
+                        events.append(_sse(chunk(prepared, rid, created, model, delta.index, "", None,
+                                                 delta.finish_reason)))
+                if events:
+                    yield "".join(events)
+                if failed:
                     break
-                logprobs = shapers[delta.index].shape(delta.logprobs) if prepared.logprobs is not None \
-                    and delta.token_ids else None
-                if delta.text or logprobs:
-                    yield _sse(chunk(prepared, rid, created, model, delta.index, delta.text, logprobs))
-                if delta.finish_reason:
-                    left -= 1
-                    yield _sse(chunk(prepared, rid, created, model, delta.index, "", None, delta.finish_reason))
             else:
                 if prepared.include_usage:
                     yield _sse(usage_chunk(prepared, rid, created, model, generated))
@@ -288,6 +295,35 @@ class _Handlers:
         finally:
             if left:
                 self.engine.abort(submission)
+
+
+async def _arrived(queue: asyncio.Queue) -> list[Delta]:
+    """The next delta and every one queued behind it."""
+    deltas = [await queue.get()]
+    while not queue.empty():
+        deltas.append(queue.get_nowait())
+    return deltas
+
+
+def _coalesced(deltas: list[Delta]) -> list[Delta]:
+    """Adjacent plain deltas of one choice as one: when the stream falls behind the engine (a fast model, many
+    clients), a client gets one event with the tokens it missed instead of one event per token, which would cost
+    the server the most exactly when it is busiest. Deltas with logprobs stay as they are, and nothing merges past a
+    finish or into an error."""
+    merged: list[Delta] = []
+    for delta in deltas:
+        if merged and _joins(merged[-1], delta):
+            last = merged[-1]
+            merged[-1] = Delta(delta.index, last.text + delta.text, last.token_ids + delta.token_ids, (),
+                               delta.finish_reason, delta.error)
+        else:
+            merged.append(delta)
+    return merged
+
+
+def _joins(last: Delta, delta: Delta) -> bool:
+    return (last.index == delta.index and not (last.finish_reason or last.logprobs or delta.logprobs)
+            and delta.finish_reason not in ("error", "abort"))
 
 
 def _sse(body: dict[str, Any]) -> str:

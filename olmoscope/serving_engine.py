@@ -90,10 +90,25 @@ class Submission:
     last_token: dict[int, float] = field(default_factory=dict)  # choice → when its last token came
 
     def push(self, delta: Delta) -> None:
+        deliver([(self, delta)])
+
+
+def deliver(deltas: list[tuple[Submission, Delta]]) -> None:
+    """Each delta into its request's queue, from the engine thread: one hand-over per event loop for the whole list
+    (a step's news for every request), since each call_soon_threadsafe wakes the loop through a pipe write."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Delta]]] = {}
+    for submission, delta in deltas:
+        by_loop.setdefault(submission.aloop, []).append((submission.queue, delta))
+    for aloop, items in by_loop.items():
         try:
-            self.aloop.call_soon_threadsafe(self.queue.put_nowait, delta)
+            aloop.call_soon_threadsafe(_put_all, items)
         except RuntimeError:  # the server's event loop is closed: nobody is listening any more
             pass
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Delta]]) -> None:
+    for destination, delta in items:
+        destination.put_nowait(delta)
 
 
 class ServingEngine:
@@ -209,7 +224,7 @@ class ServingEngine:
 
     def _forward(self, changed: list[RequestOutput]) -> None:
         """Each changed output's news as a delta to its request's queue."""
-        now = time.perf_counter()
+        now, news = time.perf_counter(), []
         for output in changed:
             owner = self._owner.get(id(output))
             if owner is None:
@@ -223,9 +238,10 @@ class ServingEngine:
             logprobs = ()
             if submission.prepared.logprobs is not None and tokens:
                 logprobs = tuple(output.logprobs[len(output.token_ids) - len(tokens):])
-            submission.push(Delta(index, text, tuple(tokens), logprobs, output.finish_reason, output.error))
+            news.append((submission, Delta(index, text, tuple(tokens), logprobs, output.finish_reason, output.error)))
             if output.finished:
                 self._close_choice(submission, output, now)
+        deliver(news)
 
     def _observe_tokens(self, submission: Submission, index: int, now: float) -> None:
         last = submission.last_token.get(index)

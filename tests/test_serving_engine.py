@@ -10,9 +10,9 @@ import httpx2 as httpx
 from olmoscope.runtime.backend import RuntimeOptions
 from olmoscope.runtime.numpy_backend import NumpyBackend
 from olmoscope.runtime.tokenizer import Tokenizer
-from olmoscope.serve_app import Served, create_app
+from olmoscope.serve_app import Served, _coalesced, create_app
 from olmoscope.serve_metrics import Metrics
-from olmoscope.serving_engine import ServingEngine
+from olmoscope.serving_engine import Delta, ServingEngine
 from test_batched_reference import ENGINE, VOCAB
 
 
@@ -81,3 +81,16 @@ def test_the_engine_thread_steps_the_backend_inside_its_thread_binding():
     engine.stop(10)
     assert reply.status_code == 200, reply.text
     assert stepped and all(stepped), f"{stepped.count(False)} of {len(stepped)} steps ran outside the thread binding"
+
+
+def test_a_stream_behind_the_engine_gets_the_missed_tokens_in_one_event():
+    """serve_app._coalesced: adjacent plain deltas of a choice join; logprobs, finishes and failures keep their own."""
+    plain = [Delta(0, "a", (1,)), Delta(0, "b", (2,)), Delta(1, "x", (9,)), Delta(1, "y", (8,), finish_reason="eos"),
+             Delta(1, "z", (7,))]
+    assert _coalesced(plain) == [Delta(0, "ab", (1, 2)), Delta(1, "xy", (9, 8), finish_reason="eos"),
+                                 Delta(1, "z", (7,))]
+    failing = [Delta(0, "a", (1,)), Delta(0, "", (), finish_reason="error", error="boom")]
+    assert _coalesced(failing) == failing, "text before a failure must reach the client before the error"
+    with_logprobs = [Delta(0, "a", (1,), ("lp",)), Delta(0, "b", (2,), ("lp",))]
+    assert _coalesced(with_logprobs) == with_logprobs
+    assert _coalesced([Delta(0, "a", (1,))]) == [Delta(0, "a", (1,))]
