@@ -15,8 +15,9 @@
 //   softmax:   online, in registers; the causal / window mask only on the tiles that cross a row's edge.
 // Intra-warpgroup overlap (FlashAttention-3's): in step t a warpgroup issues S(t) and then P(t−1)·V(t−1), does the
 // softmax of S(t) while the tensor cores run P(t−1)·V(t−1), then waits, rescales O and packs P(t) for step t + 1.
-// K/V tiles of 128 keys (8 blocks of 16 through the block table) go through a 3-stage cp.async ring, one tile ahead:
-// stage t mod 3 is refilled at the top of step t + 2, after the barrier that follows the retirement of P(t)·V(t).
+// K/V tiles of 128 keys (8 blocks of 16 through the block table, one per warp) go through 3-stage cp.async rings:
+// K two tiles ahead (K(t + 2) into K(t − 1)'s stage at the top of step t), V one tile ahead (V(t + 1) into V(t − 2)'s:
+// V(t − 1) is read by the P·V that step t issues); one barrier per step, after the wait for K(t) and V(t − 1).
 // Shared memory: Q [2 warpgroups][d/64][64 rows][128 B], then 3 × (K, V) [d/64][128 keys][128 B]; every 8-row block
 // of 128-byte rows 1024-byte aligned, the 16-byte chunk c of row r at c ^ (r mod 8) (the 128-byte swizzle the
 // descriptors name), so the copies and the tensor cores are free of bank conflicts. d = 128: 225 KB, one CTA per SM.
@@ -109,22 +110,29 @@ OS_DEVICE size_t fa90_kv_offset(int block, int head, int Hkv, int offset, int D)
     return (((size_t)block * Hkv + head) * KV_BLOCK + offset) * D;
 }
 
-// One K/V tile (keys kv0 … kv0 + 127, kv0 % 16 == 0) of one plane into `dst` ([d/64][128 keys][128 B], swizzled):
-// 8 blocks through the block table, all 256 threads; keys ≥ n_keys are zeros (their table entries may be garbage,
-// and 0·NaN would poison o).
+// A K/V tile (keys kv0 … kv0 + 127, kv0 % 16 == 0) is 8 cache blocks: warp w of the CTA copies block w, so each
+// thread needs one block-table entry per tile (read a tile ahead, off the copies' critical path). The entry of this
+// warp's block of the tile at kv0; 0 (never read) past the keys.
+OS_DEVICE int fa90_block(const int* __restrict__ table, int kv0, int n_keys) {
+    const int key0 = kv0 + KV_BLOCK * (threadIdx.x >> 5);
+    return key0 < n_keys ? __ldg(table + (key0 >> KV_BLOCK_SHIFT)) : 0;
+}
+
+// This warp's block (physical id `block`, the tile's keys from kv0) of one plane into `dst` ([d/64][128 keys][128 B],
+// swizzled); keys ≥ n_keys are zeros (0·NaN would poison o).
 template <int D>
-OS_DEVICE void fa90_load_kv(uint32_t dst, const bf16* __restrict__ pool, const int* __restrict__ table, int kvh,
-                            int Hkv, int kv0, int n_keys) {
-    constexpr int CPR = D / 8;                           // 16-byte chunks per key
-    constexpr int ROWS_PER_PASS = FA90_THREADS / CPR;
-    const int c = threadIdx.x % CPR, half = c >> 3, cc = c & 7;
+OS_DEVICE void fa90_load_kv(uint32_t dst, const bf16* __restrict__ pool, int block, int kvh, int Hkv, int kv0,
+                            int n_keys) {
+    constexpr int CPR = D / 8, STEP = 32 / CPR;  // 16-byte chunks per key; rows of the block per pass of the warp
+    const int lane = threadIdx.x & 31, b = threadIdx.x >> 5, c = lane % CPR, half = c >> 3, cc = c & 7;
+    const int key0 = kv0 + KV_BLOCK * b;
+    const bf16* base = pool + fa90_kv_offset(block, kvh, Hkv, 0, D) + c * 8;
 #pragma unroll
-    for (int i = 0; i < FA90_BKV / ROWS_PER_PASS; i++) {
-        const int row = threadIdx.x / CPR + i * ROWS_PER_PASS, key = kv0 + row;
-        const bool ok = key < n_keys;
-        const bf16* src = pool;
-        if (ok) src = pool + fa90_kv_offset(__ldg(table + (key >> KV_BLOCK_SHIFT)), kvh, Hkv, key & (KV_BLOCK - 1), D) + c * 8;
-        cp_async16_s(dst + half * Fa90Layout<D>::HALF_BYTES + row * 128 + ((cc ^ (row & 7)) << 4), src, ok ? 16 : 0);
+    for (int i = 0; i < KV_BLOCK / STEP; i++) {
+        const int r = lane / CPR + STEP * i, row = KV_BLOCK * b + r;
+        const bool ok = key0 + r < n_keys;
+        cp_async16_s(dst + half * Fa90Layout<D>::HALF_BYTES + row * 128 + ((cc ^ (row & 7)) << 4),
+                     ok ? base + r * D : pool, ok ? 16 : 0);
     }
 }
 
@@ -219,10 +227,16 @@ OS_DEVICE void paged_prefill90_body(const bf16* __restrict__ q, const bf16* __re
         const int steps = (n_keys - kv_begin + FA90_BKV - 1) / FA90_BKV;
         const int* table = block_tables + (size_t)lead.seq * table_width;
 
+        // Commit groups: {Q, K(0), V(0)}, {K(1)}, then in step t {K(t + 2), V(t + 1)}: the top of step t waits for
+        // all but the newest, i.e. for K(t) and V(t − 1). b1, b2: this warp's block ids of tiles t + 1, t + 2.
         __syncthreads();  // the previous pass is done with every stage
         if (active) fa90_load_q<D>(q_smem, q, mine.r_begin, mine.r_end, h, H);
-        fa90_load_kv<D>(ring, k_pool, table, kvh, Hkv, kv_begin, n_keys);
-        fa90_load_kv<D>(ring + L::PLANE_BYTES, v_pool, table, kvh, Hkv, kv_begin, n_keys);
+        const int b0 = fa90_block(table, kv_begin, n_keys);
+        int b1 = fa90_block(table, kv_begin + FA90_BKV, n_keys), b2 = fa90_block(table, kv_begin + 2 * FA90_BKV, n_keys);
+        fa90_load_kv<D>(ring, k_pool, b0, kvh, Hkv, kv_begin, n_keys);
+        fa90_load_kv<D>(ring + L::PLANE_BYTES, v_pool, b0, kvh, Hkv, kv_begin, n_keys);
+        cp_async_commit();
+        if (steps > 1) fa90_load_kv<D>(ring + L::STAGE_BYTES, k_pool, b1, kvh, Hkv, kv_begin + FA90_BKV, n_keys);
         cp_async_commit();
 
         float o[D / 2];
@@ -242,15 +256,18 @@ OS_DEVICE void paged_prefill90_body(const bf16* __restrict__ q, const bf16* __re
 
         for (int t = 0; t < steps; t++) {
             const int kv0 = kv_begin + t * FA90_BKV, stage = t % FA90_STAGES;
-            cp_async_wait<0>();
+            cp_async_wait<1>();
             fence_proxy_async();
-            __syncthreads();  // tile t landed for everyone; every P·V of tile t − 2 retired (its stage is refilled next)
-            if (t + 1 < steps) {
-                const uint32_t next = ring + ((t + 1) % FA90_STAGES) * L::STAGE_BYTES;
-                fa90_load_kv<D>(next, k_pool, table, kvh, Hkv, kv0 + FA90_BKV, n_keys);
-                fa90_load_kv<D>(next + L::PLANE_BYTES, v_pool, table, kvh, Hkv, kv0 + FA90_BKV, n_keys);
-            }
+            __syncthreads();  // K(t), V(t − 1) landed for everyone; S(t − 1) and P(t − 2)·V(t − 2) retired everywhere
+            if (t + 2 < steps)  // into K(t − 1)'s stage
+                fa90_load_kv<D>(ring + ((t + 2) % FA90_STAGES) * L::STAGE_BYTES, k_pool, b2, kvh, Hkv,
+                                kv0 + 2 * FA90_BKV, n_keys);
+            if (t + 1 < steps)  // into V(t − 2)'s stage
+                fa90_load_kv<D>(ring + ((t + 1) % FA90_STAGES) * L::STAGE_BYTES + L::PLANE_BYTES, v_pool, b1, kvh,
+                                Hkv, kv0 + FA90_BKV, n_keys);
             cp_async_commit();
+            b1 = b2;
+            b2 = t + 3 < steps ? fa90_block(table, kv0 + 3 * FA90_BKV, n_keys) : 0;
             // Does any of this warpgroup's rows see a key of the tile? (uniform over the warpgroup)
             const bool sees = active && kv0 <= mine.hi && kv0 + FA90_BKV - 1 >= mine.lo;
             if (!sees) {
@@ -322,13 +339,15 @@ OS_DEVICE void paged_prefill90_body(const bf16* __restrict__ q, const bf16* __re
                 for (int r = 0; r < 4; r++) p[kk][r] = pack_bf16x2(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
             pending = stage;
         }
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads();  // the last V landed for everyone
         if (pending >= 0) {
             wgmma_fence();
             issue_pv(pending);
             wgmma_commit();
             wgmma_wait<0>();
         }
-        cp_async_wait<0>();
         if (!active) continue;
 
         // Normalise and write this warpgroup's rows (a real row always sees itself: l > 0).
