@@ -13,17 +13,19 @@ cache (so weights come from DRAM, as in a real step), median of several replays.
 - prefill projections at M = 512 and 2048: gemm.cu bm256 and bm128 (stream-K) against gemm_v1.cu bm128 and,
   on sm_90, gemm_sm90.cu (wgmma), TFLOP/s;
 - paged decode attention at B = 1, 8, 16, 32, 64, 128 with contexts uniform in [128, 512]: µs and KV GB/s;
-- paged prefill of 2048 tokens (one prompt, and 4 × 512): µs and TFLOP/s (causal: the visible keys only);
+- paged prefill of 2048 tokens (one prompt, and 4 × 512): µs and TFLOP/s (causal: the visible keys only) of
+  attention.cu's mma.sync kernel and, on sm_90, attention_sm90.cu's wgmma kernel (* = what Kernels.paged_prefill runs);
 - QK-norm + RoPE + append, both variants, at T = 1 … 256; sampling rows (greedy, top-k/top-p) at R = 1, 8, 64;
 - quantized projections (gemm_quant.cu) at M = 1, 2, 4, 8, 16, 32, 64 next to bf16 (gemv / planned gemm): int4
   (group 128 symmetric and asymmetric, group 32 asymmetric), int8 on the tensor cores (q8) and the int8 GEMV (M ≤ 4);
   µs and % of copy bandwidth of the bytes each must move (weights + scales + zeros + x + y), and the speed-up of
   int4 g128 over bf16.
 
-    python3 benchmarks/bench_kernels.py [--models 1b,7b] [--out DIR] [--quick] [--gemm-only | --quant-only]
+    python3 benchmarks/bench_kernels.py [--models 1b,7b] [--out DIR] [--quick] [--gemm-only | --quant-only |
+                                        --attention-only]
 
 Prints one compact table; with --out writes DIR/bench_kernels.json. Finishes in a few minutes on an H200 (--gemm-only: the GEMM tables alone;
---quant-only: the quantized projections alone, about a minute).
+--quant-only: the quantized projections alone, about a minute; --attention-only: the paged prefill alone).
 """
 
 from __future__ import annotations
@@ -422,9 +424,12 @@ def bench_prefill(b: Bench, model: str, cfg: dict) -> list[dict]:
         args = (b.alloc(tile_seq.shape, "i32", tile_seq), b.alloc(tile_first.shape, "i32", tile_first),
                 b.alloc(first.shape, "i32", first), b.alloc(rows.shape, "i32", rows),
                 b.alloc(rows.shape, "i32", rows), tables[0], len(tile_seq))
-        us = b.time_us([lambda: k.paged_prefill(q, kp, vp, out, *args)] * 4)
         flops = sum(4 * H * d * n * (n + 1) / 2 for n in lengths)
-        results.append(dict(kind="prefill", model=model, batch=label, tokens=T, us=us, tflops=flops / us / 1e6))
+        planned = K.prefill_kernel(d, k.hopper and K.ATTENTION_HOPPER)
+        for variant in ("mma", "sm90") if k.hopper and d in K.HEAD_DIMS_SM90 else ("mma",):
+            us = b.time_us([lambda: k.paged_prefill(q, kp, vp, out, *args, variant=variant)] * 4)
+            results.append(dict(kind="prefill", model=model, batch=label, tokens=T, variant=variant, us=us,
+                                tflops=flops / us / 1e6, planned=planned == K.prefill_kernel(d, variant == "sm90")))
         b.free()
     return results
 
@@ -536,9 +541,21 @@ def report(results: list[dict]) -> str:
             table, headers=["model", "B", "contexts", "1 split", "planned splits", "plan"], tablefmt="github"))
     pre = [r for r in results if r["kind"] == "prefill"]
     if pre:
-        table = [[r["model"], r["batch"], r["tokens"], f"{r['us']:.1f}", f"{r['tflops']:.0f}"] for r in pre]
-        sections.append(tabulate(table, headers=["model", "paged prefill", "tokens", "µs", "TFLOP/s"],
-                                 tablefmt="github"))
+        rows = {}
+        for r in pre:
+            rows.setdefault((r["model"], r["batch"], r["tokens"]), {})[r["variant"]] = r
+        table = []
+        for key, cells in rows.items():
+            row = [*key]
+            for variant in ("mma", "sm90"):
+                r = cells.get(variant)
+                row += [f"{r['us']:.1f}" + (" *" if r["planned"] else "") if r else "", f"{r['tflops']:.0f}" if r else ""]
+            row.append(f"{cells['mma']['us'] / cells['sm90']['us']:.2f}×" if "sm90" in cells else "")
+            table.append(row)
+        sections.append("paged prefill attention: µs, TFLOP/s, * = what Kernels.paged_prefill runs; mma: attention.cu "
+                        "(mma.sync), sm90: attention_sm90.cu (wgmma)\n" + tabulate(
+                            table, headers=["model", "batch", "tokens", "mma µs", "mma TFLOP/s", "sm90 µs",
+                                            "sm90 TFLOP/s", "speed-up"], tablefmt="github"))
     rope = [r for r in results if r["kind"] == "rope"]
     if rope:
         rows = {}
@@ -566,6 +583,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer rows and batches (a smoke run)")
     parser.add_argument("--gemm-only", action="store_true", help="the projections and prefill GEMMs only")
     parser.add_argument("--quant-only", action="store_true", help="the quantized projections (int4, int8) only")
+    parser.add_argument("--attention-only", action="store_true", help="the paged prefill attention only")
     args = parser.parse_args()
     started = time.perf_counter()
     b = Bench()
@@ -592,10 +610,12 @@ def main() -> int:
                                                                  (1, 64) if args.quick else DECODE_BATCHES)),
                            ("paged prefill", lambda: bench_prefill(b, model, cfg)),
                            ("qk_norm_rope_append", lambda: bench_rope(b, model, cfg, ROPE_ROWS))]
+            if args.attention_only:
+                stages = [("paged prefill", lambda: bench_prefill(b, model, cfg))]
             for stage, run in stages:
                 results += run()
                 print(f"  {model} {stage} done at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-        if not (args.gemm_only or args.quant_only):
+        if not (args.gemm_only or args.quant_only or args.attention_only):
             results += bench_sampling(b)
     finally:
         b.close()

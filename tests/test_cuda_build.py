@@ -95,3 +95,29 @@ def test_the_wgmma_entries_are_built_with_their_wgmma_for_sm_90a(tmp_path):
         body = bodies[name]
         assert body.count("wgmma.mma_async.sync.aligned.m64n256k16") == 4, f"{name}: not the 4 k16 steps per k-tile"
         assert "wgmma.wait_group" in body and "cp.async.cg.shared.global" in body and "fence.proxy.async" in body, name
+
+
+@needs_nvcc
+@pytest.mark.slow
+def test_the_wgmma_prefill_attention_is_built_with_its_wgmma_for_sm_90a(tmp_path):
+    """attention_sm90.cu's entries, for compute_90a: S = Q·Kᵀ as d/16 m64n128k16 steps, P·V as 8 k16 steps (N = d)
+    wherever a tile's P·V is issued, their waits and the cp.async copies (not the empty stubs of other targets)."""
+    import re
+    import subprocess
+
+    from olmoscope.runtime.cuda.kernels import HEAD_DIMS_SM90, SIGNATURES
+
+    ptx = tmp_path / "attention_sm90.ptx"
+    subprocess.run([NVCC, "-std=c++17", "-arch=compute_90a", "-ptx", "-o", str(ptx),
+                    str(kernel_dir() / "attention_sm90.cu")], check=True, capture_output=True)
+    bodies = dict(re.findall(r"\.entry (\w+)\((.*?)(?=\.entry |\Z)", ptx.read_text(), re.S))
+    names = {name for name, (file, _) in SIGNATURES.items() if file == "attention_sm90.cu"}
+    assert names == {f"paged_prefill90_d{d}" for d in HEAD_DIMS_SM90}
+    for d in HEAD_DIMS_SM90:
+        body = bodies[f"paged_prefill90_d{d}"]
+        mmas = re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m64n\d+k16)[^;]*?\}\s*,\s*(\{?)", body, re.S)
+        s_steps = sum(1 for shape, registers in mmas if shape == "m64n128k16" and not registers)  # A: a descriptor
+        pv_steps = sum(1 for shape, registers in mmas if shape == f"m64n{d}k16" and registers)   # A: registers
+        assert s_steps == d // 16 and pv_steps > 0 and pv_steps % 8 == 0 and len(mmas) == s_steps + pv_steps, (
+            d, s_steps, pv_steps, len(mmas))
+        assert "wgmma.wait_group" in body and "cp.async.cg.shared.global" in body and "fence.proxy.async" in body, d

@@ -23,6 +23,8 @@ SUBSET = " or ".join([
     "gemm_hopper_wgmma_split_k_matches_numpy[3-128", "gemm_hopper_wgmma_bm64_rows_past_m",
     "gemm_hopper_wgmma_split_partials_then", "gemm_planned_skinny_wgmma_matches_numpy[64", "split_gemm_then", "paged_decode_matches_numpy[40-8-128", "paged_decode_sliding_window[1-", "paged_decode_sees",
     "padding_sequences", "paged_prefill_ragged_batch_matches_numpy[37-", "paged_prefill_windows", "paged_prefill_sees",
+    "paged_prefill_wgmma_pairs_tiles_across_sequences[0-8-2-128]", "paged_prefill_wgmma_pairs_tiles_across_sequences[129-4-4",
+    "paged_prefill_picks_the_wgmma",
     "copy_blocks", "sampling_rows_each", "penalties_per_row", "sampled_tokens_feed", "counted_back", "row_logprobs",
     "sampling_edge_values",
     "q4_matches_numpy_dequantize_then_matmul[asym-128-1]", "q4_matches_numpy_dequantize_then_matmul[sym-32-17]",
@@ -31,13 +33,14 @@ SUBSET = " or ".join([
 ])
 
 
-# The GEMMs again with every cp.async landing when issued (the default lands it at the wait that retires it): one
+# The GEMMs and the wgmma prefill attention again with every cp.async landing when issued (the default lands it at the wait that retires it): one
 # schedule shows a read before its data is waited for, the other a stage refilled while a warp (or an asynchronous
 # wgmma) may still read it.
 EAGER_SUBSET = " or ".join([
     "gemm_every_tile_and_split_count", "gemm_stream_k_with_any_number_of_ctas", "gemm_stream_k_fused_silu",
     "gemm_hopper_wgmma_matches_numpy[300", "gemm_hopper_wgmma_fused_silu", "gemm_hopper_wgmma_split_k_matches_numpy[1-",
     "gemm_hopper_wgmma_split_k_matches_numpy[2-64-100", "gemm_hopper_wgmma_fused_silu_and_int8_scales[64-64", "q4_beyond_64",
+    "paged_prefill_wgmma_pairs_tiles_across_sequences[0-", "paged_prefill_ragged_batch_matches_numpy[37-16-2-128-sm90]",
     "q8_beyond_64",
 ])
 needs_gxx = pytest.mark.skipif(shutil.which("g++") is None or platform.machine() != "x86_64" or sys.platform != "linux",

@@ -159,6 +159,8 @@ def test_every_kernel_family_has_its_instantiations():
         assert f"paged_prefill_d{d}" in names
         for g in kernels.DECODE_GROUPS:
             assert f"paged_decode_d{d}_g{g}" in names
+    for d in kernels.HEAD_DIMS_SM90:
+        assert d in kernels.HEAD_DIMS and f"paged_prefill90_d{d}" in names
     for m in range(1, kernels.GEMV_MAX_ROWS + 1):
         for variant in ("bf16", "int8", "bf16_silu", "int8_silu"):
             assert f"gemv_{variant}_m{m}" in names
@@ -382,6 +384,28 @@ def test_prefill_tiles_cover_every_prefill_row_once():
         covered += list(range(r, min(r + kernels.FA_QUERIES, first[s] + rows[s])))
     assert sorted(covered) == list(range(first[2], first[-1] + rows[-1])), "a prefill row missing or twice"
     assert seq[0] == 2 and start[0] == first[2] + 128, "the longest sequence's last tile goes first"
+
+
+def test_prefill_kernel_is_the_wgmma_one_on_sm90_where_it_has_the_head_size():
+    for d in kernels.HEAD_DIMS:
+        assert kernels.prefill_kernel(d, hopper=False) == f"paged_prefill_d{d}"
+        want = f"paged_prefill90_d{d}" if d in kernels.HEAD_DIMS_SM90 else f"paged_prefill_d{d}"
+        assert kernels.prefill_kernel(d, hopper=True) == want
+    import doctest
+
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    for test in doctest.DocTestFinder().find(kernels.prefill_kernel, globs=vars(kernels).copy()):
+        runner.run(test)
+    assert runner.failures == 0 and runner.tries > 0, "prefill_kernel's examples"
+
+
+def test_the_wgmma_prefill_pairs_two_query_tiles_and_fits_sm90():
+    assert kernels.FA90_QUERIES == 2 * kernels.FA_QUERIES, "a CTA takes two of prefill_tiles' tiles"
+    assert kernels.FA90_KEYS % kernels.BLOCK_SIZE == 0 and kernels.FA90_THREADS == 2 * 128
+    for d in kernels.HEAD_DIMS_SM90:  # sm_90 only (the kernel is launched nowhere else)
+        assert kernels.prefill90_smem(d) <= 227 * 1024
+    assert set(kernels.kernel_smem(hopper=True)) >= {f"paged_prefill90_d{d}" for d in kernels.HEAD_DIMS_SM90}
+    assert not any(name.startswith("paged_prefill90") for name in kernels.kernel_smem(hopper=False))
 
 
 @pytest.mark.parametrize("H,Hkv,group", [(32, 32, 1), (16, 8, 2), (8, 2, 4), (40, 8, 8), (10, 2, 8)])

@@ -64,6 +64,11 @@ GEMM_V1_SMALL_STAGES = 4
 GEMM_V1_SMALL_THREADS = 128
 FA_QUERIES = 64  # paged_prefill's query tile (attention.cu FA_BQ)
 FA_THREADS = 128
+FA90_QUERIES = 128  # attention_sm90.cu (Hopper wgmma prefill): query rows per CTA (two FA_QUERIES tiles), keys per
+FA90_KEYS = 128  # step, K/V ring stages, threads (2 warpgroups)
+FA90_STAGES = 3
+FA90_THREADS = 256
+HEAD_DIMS_SM90 = (64, 128)  # its instantiations (other head sizes run attention.cu's kernel)
 DECODE_THREADS = 128  # paged_decode (attention.cu DEC_*)
 DECODE_WARPS = 4
 DECODE_STAGES = 3
@@ -104,6 +109,10 @@ MIRRORED = {
                                                "GEMM_V1_SMALL_THREADS")},
     "FA_QUERIES": ("attention.cu", "FA_BQ"),
     "FA_THREADS": ("attention.cu", "FA_THREADS"),
+    "FA90_QUERIES": ("attention_sm90.cu", "FA90_BQ"),
+    "FA90_KEYS": ("attention_sm90.cu", "FA90_BKV"),
+    "FA90_STAGES": ("attention_sm90.cu", "FA90_STAGES"),
+    "FA90_THREADS": ("attention_sm90.cu", "FA90_THREADS"),
     "DECODE_THREADS": ("attention.cu", "DEC_THREADS"),
     "DECODE_WARPS": ("attention.cu", "DEC_WARPS"),
     "DECODE_STAGES": ("attention.cu", "DEC_STAGES"),
@@ -128,6 +137,11 @@ GEMM_HOPPER = os.environ.get("OLMOSCOPE_GEMM_HOPPER", "1") != "0"
 # while every kernel waits at its first line; an L2 prefetch of the GEMV's first weights before the wait made both
 # slower (1.13 / 4.38 ms without PDL). The gain needs kernels with independent work ahead of the wait.
 PDL = os.environ.get("OLMOSCOPE_PDL", "0") == "1"
+# The switch of the Hopper prefill attention (attention_sm90.cu, wgmma): on by default on sm_90 GPUs, where
+# Kernels.paged_prefill runs it for d = 64 and 128 (NVIDIA H200, 2048 tokens at OLMo-2-7B shapes: 134 µs, 256 TFLOP/s
+# against attention.cu's 306 µs for one prompt, 58 against 97 µs for 4 × 512; bench_kernels.py --attention-only);
+# OLMOSCOPE_ATTENTION_HOPPER=0 keeps attention.cu's mma.sync kernel.
+ATTENTION_HOPPER = os.environ.get("OLMOSCOPE_ATTENTION_HOPPER", "1") != "0"
 
 # Host-side planning knobs (not in any .cu file).
 GEMM_MIN_KTILES_PER_SPLIT = 4  # a split-K share streams at least this many k-tiles
@@ -210,6 +224,21 @@ GEMM_V1_TILES = {
 GEMM_VARIANTS = ("stream", "v1", "sm90")
 
 
+def prefill90_smem(d: int) -> int:
+    """attention_sm90.cu's dynamic shared memory: Q of both warpgroups, FA90_STAGES (K, V) tiles, 1 KB alignment slack."""
+    return 2 * 64 * d * 2 + FA90_STAGES * 2 * FA90_KEYS * d * 2 + 1024
+
+
+def prefill_kernel(d: int, hopper: bool) -> str:
+    """The paged_prefill kernel for head size d: attention_sm90.cu's (wgmma) on an sm_90 GPU (`hopper`) for d = 64
+    and 128, else attention.cu's (mma.sync).
+
+    >>> prefill_kernel(128, hopper=True), prefill_kernel(32, hopper=True), prefill_kernel(128, hopper=False)
+    ('paged_prefill90_d128', 'paged_prefill_d32', 'paged_prefill_d128')
+    """
+    return f"paged_prefill90_d{d}" if hopper and d in HEAD_DIMS_SM90 else f"paged_prefill_d{d}"
+
+
 def decode_smem(d: int) -> int:
     """paged_decode's dynamic shared memory: each warp's ring of DECODE_STAGES (K, V) blocks."""
     return DECODE_WARPS * DECODE_STAGES * 2 * BLOCK_SIZE * (d + KV_PAD) * 2
@@ -241,6 +270,7 @@ SIGNATURES = {
     **{f"q8_mma{silu}_n{nt}": ("gemm_quant.cu", "PPPPiiii") for silu in ("", "_silu") for nt in Q4_NT},
     "dequantize_q8": ("gemm_quant.cu", "PPPPiii"),
     **{f"paged_prefill_d{d}": ("attention.cu", "PPPPPPPPPPiiii") for d in HEAD_DIMS},
+    **{f"paged_prefill90_d{d}": ("attention_sm90.cu", "PPPPPPPPPPiiiii") for d in HEAD_DIMS_SM90},
     **{f"paged_decode_d{d}_g{g}": ("attention.cu", "PPPPPPPPPiiiii") for d in HEAD_DIMS for g in DECODE_GROUPS},
     "penalize_rows": ("sampling.cu", "PiPPPPPiP"),
     "sample_rows": ("sampling.cu", "PiiPPPPPPPP"),
@@ -496,11 +526,13 @@ def gemm_ktiles_per_split(bm: int, K: int, splits: int, tiles: dict | None = Non
 
 def kernel_smem(hopper: bool = False) -> dict[str, int]:
     """Dynamic shared memory of every kernel that takes some (the limit its launches raise), by kernel name; the
-    Hopper GEMM's (193 and 201 KB, over sm_80's limit) only with hopper."""
+    Hopper GEMM's (193 and 201 KB, over sm_80's limit) and prefill attention's only with hopper."""
     smem = {}
     if hopper:
         for bm, tile in GEMM90_TILES.items():
             smem[f"gemm90_bf16_bm{bm}"] = smem[f"gemm90_bf16_silu_bm{bm}"] = tile.smem
+        for d in HEAD_DIMS_SM90:
+            smem[f"paged_prefill90_d{d}"] = prefill90_smem(d)
     for bm, tile in GEMM_TILES.items():
         smem[f"gemm_bf16_bm{bm}"] = smem[f"gemm_bf16_silu_bm{bm}"] = tile.smem
     for bm, tile in GEMM_V1_TILES.items():
@@ -1073,9 +1105,11 @@ class Kernels:
     def paged_prefill(self, q: DeviceBuffer, k_pool: DeviceBuffer, v_pool: DeviceBuffer, out: DeviceBuffer,
                       tile_seq: DeviceBuffer, tile_first_row: DeviceBuffer, first_row: DeviceBuffer,
                       rows: DeviceBuffer, context_len: DeviceBuffer, block_tables: DeviceBuffer, n_tiles: int,
-                      window: int = 0) -> None:
+                      window: int = 0, variant: str | None = None) -> None:
         """Causal attention of the prefill rows of q [T, H, d] over the paged cache → out [≥T, H·d] bf16; tiles from
-        prefill_tiles (tile_seq, tile_first_row [≥n_tiles]); per-sequence arrays [B], block_tables [B, width]."""
+        prefill_tiles (tile_seq, tile_first_row [≥n_tiles]); per-sequence arrays [B], block_tables [B, width].
+        variant: "sm90" (attention_sm90.cu, wgmma: sm_90 GPUs, d = 64 or 128), "mma" (attention.cu), or None for
+        prefill_kernel's choice (sm90 where it runs, unless ATTENTION_HOPPER is off)."""
         _check_count("paged_prefill", n_tiles)
         seqs = first_row.shape[0]
         H, Hkv, d, width = self._attention_shapes("paged_prefill", q, k_pool, v_pool, out, context_len,
@@ -1086,9 +1120,23 @@ class Kernels:
         _expect(tile_first_row, "tile first rows", "i32", (n_tiles,), min_rows=n_tiles)
         if window < 0:
             raise DeviceError(f"paged_prefill: window {window}")
-        self.launch(f"paged_prefill_d{d}", (n_tiles, H), (FA_THREADS, 1, 1), q.ptr, k_pool.ptr, v_pool.ptr, out.ptr,
-                    tile_seq.ptr, tile_first_row.ptr, first_row.ptr, rows.ptr, context_len.ptr, block_tables.ptr,
-                    width, H, Hkv, window)
+        if variant is None:
+            name = prefill_kernel(d, self.hopper and ATTENTION_HOPPER)
+        elif variant == "sm90":
+            if not self.hopper or d not in HEAD_DIMS_SM90:
+                raise DeviceError(f"paged_prefill: the sm90 (wgmma) kernel needs an sm_90 GPU and d in {HEAD_DIMS_SM90}"
+                                  f" (this is {self.arch}, d = {d})")
+            name = prefill_kernel(d, True)
+        elif variant == "mma":
+            name = prefill_kernel(d, False)
+        else:
+            raise DeviceError(f"paged_prefill: variant {variant!r} (sm90, mma or None)")
+        args = (q.ptr, k_pool.ptr, v_pool.ptr, out.ptr, tile_seq.ptr, tile_first_row.ptr, first_row.ptr, rows.ptr,
+                context_len.ptr, block_tables.ptr, width, H, Hkv, window)
+        if name.startswith("paged_prefill90"):  # a CTA per pair of tiles
+            self.launch(name, (-(-n_tiles // 2), H), (FA90_THREADS, 1, 1), *args, n_tiles, smem=self.smem[name])
+        else:
+            self.launch(name, (n_tiles, H), (FA_THREADS, 1, 1), *args)
 
     def paged_decode(self, q: DeviceBuffer, k_pool: DeviceBuffer, v_pool: DeviceBuffer, out: DeviceBuffer,
                      part_o: DeviceBuffer | None, part_ml: DeviceBuffer | None, counters: DeviceBuffer | None,
@@ -1193,7 +1241,7 @@ class Kernels:
 
 
 __all__ = ["BLOCK_SIZE", "GEMV_MAX_ROWS", "HEAD_DIMS", "DECODE_GROUPS", "GEMM_TILES", "GEMM_V1_TILES", "GEMM_VARIANTS",
-           "GEMM_HOPPER", "GEMM90_TILES", "SIGNATURES", "MIRRORED", "DeviceBuffer", "ITEMSIZE", "Kernels", "decode_group",
+           "GEMM_HOPPER", "ATTENTION_HOPPER", "GEMM90_TILES", "SIGNATURES", "MIRRORED", "DeviceBuffer", "ITEMSIZE", "Kernels", "decode_group",
            "decode_smem", "decode_splits", "gemm_cost", "gemm_plan", "GemmPlan", "gemm_stream_tile", "gemm_workspace", "gemm_splits", "gemm_stream_chunks",
            "gemm_stream_plan", "gemm_tile", "gemm90_tile", "gemm90_splits", "GEMM_SKINNY", "gemm_ktiles_per_split", "gemm_v1_plan", "gemv_split", "kernel_smem",
-           "prefill_tiles", "q4_split", "q4_tiles", "q4_units"]
+           "prefill_kernel", "prefill90_smem", "prefill_tiles", "q4_split", "q4_tiles", "q4_units"]

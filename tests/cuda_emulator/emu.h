@@ -161,7 +161,10 @@ inline void emu_check_dynamic(const void* p, const char* what) {
 
 // ── cp.async: queued per thread, performed at the wait that retires its group ──
 struct EmuCopy { void* dst; const void* src; int bytes; };
-struct EmuWgmma { float* d; uint64_t desc_a, desc_b; int accumulate; };
+struct EmuWgmma {
+    float* d; uint64_t desc_a, desc_b; int accumulate;
+    std::function<void()> form;  // set: another shape or form (the attention block below), run in place of m64n256k16
+};
 struct EmuQueues {
     std::vector<std::vector<EmuCopy>> groups;
     std::vector<EmuCopy> open;
@@ -291,6 +294,7 @@ inline float emu_wgmma_elem(uint64_t desc, int row, int k) {
     return f;
 }
 inline void emu_wgmma_run(const EmuWgmma& op) {
+    if (op.form) return op.form();
     const int t = threadIdx.x % 128, w = t / 32, l = t % 32;
     for (int j = 0; j < 32; j++)
         for (int e = 0; e < 4; e++) {
@@ -313,6 +317,90 @@ inline void wgmma_wait() {
     }
 }
 inline void fence_proxy_async() {}
+
+// ── attention_sm90.cu's wgmma forms (its own block): m64nNk16, bf16 → f32, queued like m64n256k16 above and run at
+// the wait that retires them.
+//   wgmma_ss_m64n128k16:     A and B K-major from descriptors (128-byte swizzle, as above).
+//   wgmma_rs_m64n{64,128}k16_tb: A from four bf16x2 registers per thread (the m16n8k16 A fragment of warp w's rows
+//       16w … 16w + 15: a[0] row g cols 2c, 2c+1; a[1] row g + 8; a[2], a[3] the same rows at cols + 8), B N-major
+//       (imm-trans-b = 1) from a descriptor: element (n, k) at start + (n / 64)·LBO + (k / 8)·SBO + (k mod 8)·128 +
+//       (n mod 64)·2 before the swizzle (LBO: bits 16-29, the next 64 columns of N). The warp's A registers are
+//       gathered when issued (through the exchange, as the hardware collects them); a thread that changes its A
+//       registers before the wait that retires the wgmma aborts (the PTX ISA leaves the result undefined then). ──
+inline void emu_wgmma_check_desc(uint64_t desc) {
+    if ((desc >> 62) != 1 || ((desc >> 49) & 7) != 0) {
+        std::fprintf(stderr, "emulator: wgmma descriptor %llx: only the 128-byte swizzle at base offset 0 is modelled\n",
+                     (unsigned long long)desc);
+        std::abort();
+    }
+}
+inline float emu_wgmma_smem_bf16(uint32_t a) {  // the bf16 at shared-window offset a, after the 128-byte swizzle
+    a ^= ((a >> 7) & 7) << 4;
+    emu_check_dynamic(emu_dynamic_smem + (a & ~15u), "wgmma");
+    uint16_t bits;
+    std::memcpy(&bits, emu_dynamic_smem + a, 2);
+    return __uint_as_float((uint32_t)bits << 16);
+}
+inline float emu_wgmma_elem_nmajor(uint64_t desc, int n, int k) {
+    emu_wgmma_check_desc(desc);
+    const uint32_t start = (uint32_t)(desc & 0x3FFF) << 4, lbo = (uint32_t)((desc >> 16) & 0x3FFF) << 4;
+    const uint32_t sbo = (uint32_t)((desc >> 32) & 0x3FFF) << 4;
+    return emu_wgmma_smem_bf16(start + (uint32_t)(n >> 6) * lbo + (uint32_t)(k >> 3) * sbo + (uint32_t)(k & 7) * 128 +
+                               (uint32_t)(n & 63) * 2);
+}
+template <int N>
+inline void emu_wgmma_ss(float* d, uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    const int t = threadIdx.x % 128, w = t / 32, l = t % 32;
+    EmuWgmma op{d, desc_a, desc_b, accumulate};
+    op.form = [=] {
+        for (int j = 0; j < N / 8; j++)
+            for (int e = 0; e < 4; e++) {
+                const int row = 16 * w + l / 4 + 8 * (e / 2), col = 8 * j + 2 * (l % 4) + (e % 2);
+                float s = 0.f;
+                for (int k = 0; k < 16; k++) s += emu_wgmma_elem(desc_a, row, k) * emu_wgmma_elem(desc_b, col, k);
+                d[4 * j + e] = accumulate ? d[4 * j + e] + s : s;
+            }
+    };
+    emu_q->wg_open.push_back(std::move(op));
+}
+template <int N>
+inline void emu_wgmma_rs_tb(float* d, const uint32_t (&a)[4], uint64_t desc_b) {
+    uint64_t mine[4] = {a[0], a[1], a[2], a[3]};
+    emu_publish(mine, 4);
+    const int l = emu_lane, g = l / 4;
+    std::vector<float> A(2 * 16);  // this thread's rows g and g + 8 of its warp's 16, k = 0 … 15
+    auto bf = [](uint64_t w, int hi) { return __uint_as_float(hi ? ((uint32_t)w & 0xffff0000u) : ((uint32_t)w << 16)); };
+    for (int c = 0; c < 4; c++)
+        for (int hi = 0; hi < 2; hi++) {
+            A[0 * 16 + 2 * c + hi] = bf(emu_read(4 * g + c, 0), hi);
+            A[1 * 16 + 2 * c + hi] = bf(emu_read(4 * g + c, 1), hi);
+            A[0 * 16 + 2 * c + 8 + hi] = bf(emu_read(4 * g + c, 2), hi);
+            A[1 * 16 + 2 * c + 8 + hi] = bf(emu_read(4 * g + c, 3), hi);
+        }
+    const uint32_t* regs = a;
+    const uint32_t issued[4] = {a[0], a[1], a[2], a[3]};
+    EmuWgmma op{d, 0, desc_b, 1};
+    op.form = [=] {
+        for (int i = 0; i < 4; i++)
+            if (regs[i] != issued[i]) {
+                std::fprintf(stderr, "emulator: a wgmma's A registers changed before the wait that retires it\n");
+                std::abort();
+            }
+        for (int j = 0; j < N / 8; j++)
+            for (int e = 0; e < 4; e++) {
+                const int row = e / 2, col = 8 * j + 2 * (l % 4) + (e % 2);
+                float s = 0.f;
+                for (int k = 0; k < 16; k++) s += A[row * 16 + k] * emu_wgmma_elem_nmajor(desc_b, col, k);
+                d[4 * j + e] += s;
+            }
+    };
+    emu_q->wg_open.push_back(std::move(op));
+}
+inline void wgmma_ss_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    emu_wgmma_ss<128>(d, desc_a, desc_b, accumulate);
+}
+inline void wgmma_rs_m64n128k16_tb(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b) { emu_wgmma_rs_tb<128>(d, a, desc_b); }
+inline void wgmma_rs_m64n64k16_tb(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) { emu_wgmma_rs_tb<64>(d, a, desc_b); }
 
 // ── the launcher the Python side calls through ctypes ──
 
