@@ -2,7 +2,7 @@
 device memory on a GPU.
 
 - Every SIGNATURES entry is an `.entry` of its file's PTX whose parameter sizes match its PyCUDA format (P and q:
-  8 bytes, i and f: 4), and every kernel entry of every file is in SIGNATURES.
+  8 bytes, i and f: 4, 128s: a 128-byte struct by value, a TMA tensor map), and every kernel entry of every file is in SIGNATURES.
 - Every mirrored constant in kernels.py equals its `constexpr int` in the .cu/.cuh sources.
 - The host-side planners (gemm_plan, gemm_stream_tile, gemm_workspace, decode_splits, prefill_tiles, decode_group)
   keep their promises, and their docstring examples hold.
@@ -40,6 +40,9 @@ def ptx_entries(ptx: str) -> dict[str, list[int]]:
     for name, params in _ENTRY.findall(ptx):
         sizes = []
         for kind, array in _PARAM.findall(params):
+            if array and kind == "b8":  # a struct by value (a TMA tensor map: format "128s")
+                sizes.append(int(array[1:-1]))
+                continue
             if array or kind not in PTX_TYPE_BYTES:
                 raise AssertionError(f"{name}: a by-value struct or array parameter ({kind}{array}) cannot be mirrored")
             sizes.append(PTX_TYPE_BYTES[kind])
@@ -85,7 +88,7 @@ def test_every_signature_is_an_entry_with_matching_parameter_sizes(ptx):
         elif name not in entries[file]:
             problems.append(f"{name}: no .entry in {file}")
         else:
-            want = [PARAM_BYTES[c] for c in argtypes]
+            want = [int(c[:-1]) if c.endswith("s") else PARAM_BYTES[c] for c in kernels.argument_codes(argtypes)]
             if entries[file][name] != want:
                 problems.append(f"{name}: PTX parameters {entries[file][name]} bytes, SIGNATURES '{argtypes}' = {want}")
     assert not problems, "\n".join(problems)
@@ -225,6 +228,23 @@ def test_gemm_plan_is_launchable_and_the_same_on_every_call(M, N, K, hopper, ski
             assert plan.variant != "sm90"
     for M_int8 in range(1, kernels.GEMV_MAX_ROWS + 1):  # int8 weights: the GEMV reads them as they are
         assert kernels.gemm_plan(M_int8, N, K, 132, int8=True).variant == "gemv"
+
+
+@pytest.mark.parametrize("M", [1, 8, 17, 40, 64, 100, 128, 256, 512, 2048])
+@pytest.mark.parametrize("N,K", SHAPES)
+def test_gemm_plan_with_tma_moves_only_wgmma_regimes_to_the_tma_kernels(M, N, K):
+    for silu in (False, True):
+        for skinny in (False, True):
+            base = kernels.gemm_plan(M, N, K, 132, silu=silu, hopper=True, skinny=skinny)
+            plan = kernels.gemm_plan(M, N, K, 132, silu=silu, hopper=True, skinny=skinny, tma=True)
+            assert base.variant != "tma", "the TMA kernels only where tma says they are available"
+            if base.variant == "sm90":
+                assert plan.variant in ("sm90", "tma") and plan._replace(variant="sm90") == base, (base, plan)
+                assert plan.bm in kernels.GEMM90T_TILES
+            else:
+                assert plan == base, "a regime without wgmma keeps its kernel"
+            assert kernels.gemm_plan(M, N, K, 132, silu=silu, hopper=False, skinny=skinny, tma=True).variant not in (
+                "sm90", "tma")
 
 
 def check_gemm90_splits(bm, M, N, K, splits, sm=132):
