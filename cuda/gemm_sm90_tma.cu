@@ -21,7 +21,9 @@
 // halves of each output: C [M, N/2] bf16 = SiLU(gate)·up, no interleaving. Plain: both boxes from W, rows n0 … +255.
 // Out-of-range rows and columns are the TMA's zero fill (no masking on the loads; the epilogue masks the stores).
 // The tensor maps are kernel parameters (`const __grid_constant__`): the driver keeps them in the constant bank with
-// the other arguments, no fence or global copy, and a CUDA graph captures them with the launch.
+// the other arguments, no fence or global copy, and a CUDA graph captures them with the launch. ptxas aligns them to
+// 64 bytes in the constant bank, shifting every parameter (48 bytes on sm_90), so the host launches these kernels
+// with one pointer per argument (runtime/cuda/driver.py DriverFunction), never a packed buffer.
 // Built for compute_90a only (runtime/cuda/build.py ARCH_FILES); for other targets the kernels are empty. The CPU
 // emulator (tests/cuda_emulator/emu.h) models the mbarriers, the bulk copies (landing when the barrier's phase
 // completes, swizzled, zero-filled) and its own layout of the 128-byte map (plugin.py encodes it).

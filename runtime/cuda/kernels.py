@@ -27,7 +27,7 @@ import numpy as np
 
 from olmoscope.errors import DeviceError
 from olmoscope.runtime.cuda.build import arch_of, build_arch, compile_kernel
-from olmoscope.runtime.cuda.driver import ITEMSIZE, DeviceBuffer
+from olmoscope.runtime.cuda.driver import ITEMSIZE, DeviceBuffer, DriverFunction
 from olmoscope.runtime.cuda.quant_layout import Q4_CHUNK, Q4_GROUPS, Q4_TILE_ROWS, Q8_CHUNK
 from olmoscope.runtime.cuda.tensor_map import MAP_FORMAT, TensorMaps
 from olmoscope.runtime.step import SAMPLE_NAN, SAMPLE_NO_MASS  # noqa: F401  (mirrored from sampling.cu)
@@ -715,6 +715,9 @@ class Kernels:
                 raise DeviceError(f"cuda/{source}: cannot load the {self.arch} cubin ({exc})") from None
         self.functions = {}
         for name, (source, argtypes) in SIGNATURES.items():
+            if "s" in argtypes:  # a struct by value (a TMA map): the driver places the parameters (DriverFunction)
+                self.functions[name] = DriverFunction(cubins[source], name, argument_codes(argtypes))
+                continue
             function = modules[source].get_function(name)
             function.prepare(argtypes)
             self.functions[name] = function
