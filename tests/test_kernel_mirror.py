@@ -281,6 +281,37 @@ def test_skinny_plan_at_the_7b_decode_batch_of_64():
     assert kernels.gemm_plan(64, 4096, 4096, 132, hopper=True, skinny=False).variant == "v1"  # still reachable
 
 
+# The TMA kernels against the cp.async ones on the same plan (H200, 2026-12-02, bench_kernels.py columns sm90k/tmak and
+# sm90/tma): (model, projection, N, K, silu, M) → the faster of the two.
+MEASURED_TMA_WINNERS = [
+    ("7b", "qkv", 12288, 4096, False, 32, "tma"), ("7b", "qkv", 12288, 4096, False, 64, "tma"),
+    ("7b", "o_proj", 4096, 4096, False, 32, "sm90"), ("7b", "o_proj", 4096, 4096, False, 64, "sm90"),
+    ("7b", "o_proj", 4096, 4096, False, 128, "tma"), ("7b", "o_proj", 4096, 4096, False, 256, "tma"),
+    ("7b", "gate_up", 22016, 4096, True, 64, "tma"), ("7b", "gate_up", 22016, 4096, True, 128, "tma"),
+    ("7b", "down", 4096, 11008, False, 32, "tma"), ("7b", "down", 4096, 11008, False, 64, "tma"),
+    ("7b", "down", 4096, 11008, False, 256, "tma"), ("7b", "down", 4096, 11008, False, 2048, "tma"),
+    ("7b", "gate_up", 22016, 4096, True, 2048, "tma"), ("7b", "o_proj", 4096, 4096, False, 512, "tma"),
+    ("1b", "qkv", 6144, 2048, False, 32, "sm90"), ("1b", "qkv", 6144, 2048, False, 64, "sm90"),
+    ("1b", "down", 2048, 8192, False, 32, "sm90"), ("1b", "down", 2048, 8192, False, 64, "sm90"),
+    ("1b", "down", 2048, 8192, False, 128, "tma"), ("1b", "gate_up", 16384, 2048, True, 64, "tma"),
+    ("1b", "qkv", 6144, 2048, False, 256, "tma"), ("1b", "down", 2048, 8192, False, 2048, "tma"),
+]
+
+
+@pytest.mark.parametrize("model,name,N,K,silu,M,winner", MEASURED_TMA_WINNERS)
+def test_gemm_plan_picks_the_tma_kernel_where_the_h200_measured_it_faster(model, name, N, K, silu, M, winner):
+    plan = kernels.gemm_plan(M, N, K, 132, silu=silu, hopper=True, tma=True)
+    assert plan.variant == winner, f"{model} {name} M = {M}: {plan}, measured faster: {winner}"
+
+
+def test_skinny_plan_with_tma_at_the_7b_decode_batch_of_64():
+    plans = {name: kernels.gemm_plan(64, N, K, 132, silu=name == "gate_up", hopper=True, tma=True)
+             for name, (N, K) in {"qkv": (12288, 4096), "o_proj": (4096, 4096), "gate_up": (22016, 4096),
+                                  "down": (4096, 11008)}.items()}
+    assert plans == {"qkv": ("tma", 64, 2), "o_proj": ("sm90", 64, 8), "gate_up": ("tma", 64, 1),
+                     "down": ("tma", 64, 8)}
+
+
 MODEL_DIMS = {"1b": dict(D=2048, I=8192, H=16, Hkv=16, d=128), "7b": dict(D=4096, I=11008, H=32, Hkv=32, d=128)}
 
 

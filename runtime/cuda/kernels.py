@@ -430,7 +430,8 @@ def gemm_plan(M: int, N: int, K: int, sm_count: int, silu: bool = False, hopper:
     - otherwise gemm.cu's stream-K schedule with gemm_stream_tile's tile (prefill without enough wgmma tiles).
 
     tma (the TMA kernels available: sm_90 and GEMM_TMA): the wgmma regimes above run gemm_sm90_tma.cu's kernels
-    (variant "tma", the same tiles and split counts) where gemm90_tma_wins says they measured faster.
+    (variant "tma", the same tiles and split counts) where gemm90_tma_wins says they measured faster: every bm128
+    plan, and bm64 splits that stream enough k-tiles each.
 
     >>> gemm_plan(1, 4096, 4096, 132), gemm_plan(2, 4096, 4096, 132), gemm_plan(2, 12288, 4096, 132)
     (GemmPlan(variant='gemv', bm=0, splits=1), GemmPlan(variant='v1', bm=16, splits=8), GemmPlan(variant='gemv', bm=0, splits=1))
@@ -444,6 +445,10 @@ def gemm_plan(M: int, N: int, K: int, sm_count: int, silu: bool = False, hopper:
     (GemmPlan(variant='sm90', bm=64, splits=8), GemmPlan(variant='sm90', bm=128, splits=8))
     >>> gemm_plan(64, 22016, 4096, 132, silu=True, hopper=True), gemm_plan(16, 4096, 4096, 132, hopper=True)
     (GemmPlan(variant='sm90', bm=64, splits=1), GemmPlan(variant='v1', bm=16, splits=8))
+    >>> gemm_plan(64, 12288, 4096, 132, hopper=True, tma=True), gemm_plan(64, 4096, 4096, 132, hopper=True, tma=True)
+    (GemmPlan(variant='tma', bm=64, splits=2), GemmPlan(variant='sm90', bm=64, splits=8))
+    >>> gemm_plan(2048, 4096, 11008, 132, hopper=True, tma=True)
+    GemmPlan(variant='tma', bm=128, splits=1)
     """
     if M == 1 or (M == 2 and N >= 2 * K) or (int8 and M <= GEMV_MAX_ROWS):
         return GemmPlan("gemv", 0, 1)
@@ -451,18 +456,30 @@ def gemm_plan(M: int, N: int, K: int, sm_count: int, silu: bool = False, hopper:
         bm = gemm90_tile(M)
         splits = gemm90_splits(bm, M, N, K, sm_count, silu)
         if math.ceil(M / bm) * math.ceil(N / GEMM90_BN) * splits >= GEMM90_SKINNY_MIN_CTAS:
-            return GemmPlan("tma" if tma and gemm90_tma_wins(M, True) else "sm90", bm, splits)
+            kps = math.ceil(math.ceil(K / GEMM90_BK) / splits)
+            return GemmPlan("tma" if tma and gemm90_tma_wins(bm, kps) else "sm90", bm, splits)
     if hopper and M >= GEMM90_MIN_ROWS and gemm90_useful_tiles(M, N) >= GEMM90_MIN_USEFUL_TILES:
-        return GemmPlan("tma" if tma and gemm90_tma_wins(M, False) else "sm90", GEMM90_BM, 1)
+        return GemmPlan("tma" if tma else "sm90", GEMM90_BM, 1)
     if M <= GEMM_V1_MAX_ROWS:
         return GemmPlan("v1", *gemm_v1_plan(M, N, K, sm_count, silu))
     return GemmPlan("stream", gemm_stream_tile(M, N, K, sm_count), 1)
 
 
-def gemm90_tma_wins(M: int, skinny: bool) -> bool:
-    """Whether gemm_sm90_tma.cu's kernel beat gemm_sm90.cu's at M rows in a wgmma regime (skinny: split-K decode
-    batches; else one split, prefill): not yet measured, so everywhere (to be replaced by the H200's tables)."""
-    return True
+GEMM90T_MIN_STREAM_KTILES = 20  # bm64: the TMA kernel from this many k-tiles per split (measured: ≤ 16 lose, ≥ 22 win)
+
+
+def gemm90_tma_wins(bm: int, ktiles_per_split: int) -> bool:
+    """Whether gemm_sm90_tma.cu's kernel beats gemm_sm90.cu's on the same plan (tile bm, k-tiles per split), as the
+    H200 measured (bench_kernels.py, 2026-12-02): with bm128 always (7B prefill at 2048 rows 767–880 TFLOP/s against
+    468–566; M = 128, 256: 7B o_proj 17.0 against 20.2 µs, gate_up 55.3 against 73.8); with bm64 when every split
+    streams ≥ GEMM90T_MIN_STREAM_KTILES k-tiles (7B qkv M = 64, 32 k-tiles: 31.5 against 33.7 µs; down, 22: 29.3
+    against 29.9), the cp.async kernel when the shares are short (7B o_proj M = 64, 8 k-tiles: 13.6 against 14.2;
+    1B down, 16: 13.3 against 14.0): the TMA pipeline's fill by one thread costs more than it gains there.
+
+    >>> gemm90_tma_wins(128, 4), gemm90_tma_wins(64, 32), gemm90_tma_wins(64, 8)
+    (True, True, False)
+    """
+    return bm == GEMM90_BM or ktiles_per_split >= GEMM90T_MIN_STREAM_KTILES
 
 
 def gemm_workspace(shapes, max_rows: int, sm_count: int, hopper: bool = False, int8: bool = False,
@@ -1278,7 +1295,8 @@ class Kernels:
 
 
 __all__ = ["BLOCK_SIZE", "GEMV_MAX_ROWS", "HEAD_DIMS", "DECODE_GROUPS", "GEMM_TILES", "GEMM_V1_TILES", "GEMM_VARIANTS",
-           "GEMM_HOPPER", "GEMM_TMA", "GEMM90_TILES", "GEMM90T_TILES", "SIGNATURES", "argument_codes", "gemm90_tma_wins", "MIRRORED", "DeviceBuffer", "ITEMSIZE", "Kernels", "decode_group",
+           "GEMM_HOPPER", "GEMM_TMA", "GEMM90_TILES", "GEMM90T_TILES", "GEMM90T_MIN_STREAM_KTILES", "SIGNATURES", "argument_codes",
+           "gemm90_tma_wins", "MIRRORED", "DeviceBuffer", "ITEMSIZE", "Kernels", "decode_group",
            "decode_smem", "decode_splits", "gemm_cost", "gemm_plan", "GemmPlan", "gemm_stream_tile", "gemm_workspace", "gemm_splits", "gemm_stream_chunks",
            "gemm_stream_plan", "gemm_tile", "gemm90_tile", "gemm90_splits", "GEMM_SKINNY", "gemm_ktiles_per_split", "gemm_v1_plan", "gemv_split", "kernel_smem",
            "prefill_tiles", "q4_split", "q4_tiles", "q4_units"]
