@@ -8,9 +8,10 @@ cache (so weights come from DRAM, as in a real step), median of several replays.
   the consumer, SiLU through silu_mul_parts), on sm_90 the wgmma kernel (gemm_sm90.cu) as first measured from M = 64
   (column "sm90": bm128, one split) and from M = 8 with grid split-K (column "sm90k": bm64 up to 64 rows, else
   bm128, gemm90_splits' count; "sm90k alt": two waves' worth of splits), the same three on gemm_sm90_tma.cu (TMA
-  copies by a producer warp into an mbarrier ring, persistent CTAs: "tma", "tmak", "tmak alt"), and gemm_v1.cu with its own tile and split
-  count (column "v1"); µs, % of the measured device copy bandwidth (read + write) for the bytes a projection must move
-  (weights + x + y); * marks what Kernels.plan (gemm_plan) chooses (OLMOSCOPE_GEMM_SKINNY=0: the measured plan);
+  copies by a producer warp into an mbarrier ring, persistent CTAs: "tma", "tmak", "tmak alt"), and gemm_v1.cu
+  with its own tile and split count (column "v1"); µs, % of the measured device copy bandwidth (read + write) for the
+  bytes a projection must move (weights + x + y); * marks what Kernels.plan (gemm_plan) chooses
+  (OLMOSCOPE_GEMM_SKINNY=0: the measured plan);
 - prefill projections at M = 512 and 2048: gemm.cu bm256 and bm128 (stream-K) against gemm_v1.cu bm128 and,
   on sm_90, gemm_sm90.cu (wgmma) and gemm_sm90_tma.cu (TMA + wgmma), TFLOP/s;
 - paged decode attention at B = 1, 8, 16, 32, 64, 128 with contexts uniform in [128, 512]: µs and KV GB/s;
@@ -256,7 +257,8 @@ def tma_variants(k, x, y, parts, M: int, N: int, Kdim: int, silu: bool, plan, sk
                 launch = lambda w, M=M, bm=bm: k.gemm(x, w, None, y, M, silu=silu, bm=bm, variant="tma")  # noqa: E731
             elif silu:
                 launch = lambda w, M=M, bm=bm, s=s: (  # noqa: E731
-                    k.gemm(x, w, None, parts, M, splits=s, bm=bm, variant="tma"), k.silu_mul_parts(parts, s, M * N, y, M))
+                    k.gemm(x, w, None, parts, M, splits=s, bm=bm, variant="tma"),
+                    k.silu_mul_parts(parts, s, M * N, y, M))
             else:
                 launch = lambda w, M=M, bm=bm, s=s: k.gemm(x, w, None, parts, M, splits=s, bm=bm,  # noqa: E731
                                                            variant="tma")
@@ -527,8 +529,8 @@ def report(results: list[dict]) -> str:
         sections.append("projections: µs, % of copy bandwidth (weights + x + y bytes), ×splits, * = plan; bm…: "
                         "stream-K (gemm.cu), split: the planned tile with grid split-K, sm90: gemm_sm90.cu (wgmma) bm128 "
                         "one split, sm90k: gemm_sm90.cu bm64 (M ≤ 64) / bm128 with gemm90_splits, sm90k alt: two waves of "
-                        "splits, tma/tmak/tmak alt: the same on gemm_sm90_tma.cu (TMA producer, mbarrier ring), v1: gemm_v1.cu with "
-                        "gemm_v1_plan\n" + tabulate(table, headers=["model", "proj", "N×K", "M", *columns], tablefmt="github"))
+                        "splits, tma/tmak/tmak alt: the same on gemm_sm90_tma.cu (TMA producer, mbarrier ring), "
+                        "v1: gemm_v1.cu with gemm_v1_plan\n" + tabulate(table, headers=["model", "proj", "N×K", "M", *columns], tablefmt="github"))
     quant = [r for r in results if r["kind"] == "quant"]
     if quant:
         variants = list(dict.fromkeys(r["variant"] for r in quant))

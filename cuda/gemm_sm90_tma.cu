@@ -134,7 +134,8 @@ OS_DEVICE void gemm90t_store(const float (&acc)[128], const float* __restrict__ 
                 const int row = row0 + 16 * w + g + 8 * half;
                 if (row >= M) continue;
                 const int e = 4 * j + 2 * half, eu = e + 4 * (GEMM90T_WBOX / 8);
-                const float v0 = silu(acc[e] * sg0) * (acc[eu] * su0), v1 = silu(acc[e + 1] * sg1) * (acc[eu + 1] * su1);
+                const float v0 = silu(acc[e] * sg0) * (acc[eu] * su0);
+                const float v1 = silu(acc[e + 1] * sg1) * (acc[eu + 1] * su1);
                 bf16* p = o + (size_t)row * I + col;
                 if ((I & 1) == 0) {  // even I: the pair is 4-byte aligned and col + 1 < I
                     *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(v0, v1);
@@ -195,7 +196,8 @@ OS_DEVICE void gemm90t_body(const TensorMap* tmA, const TensorMap* tmW0, const T
         for (int u = blockIdx.x; u < units; u += gridDim.x) {
             const Gemm90TUnit unit = gemm90t_unit<C>(u, M, N, K, kps);
             // plain: rows n0 … n0 + 255 of W; silu: gate and up rows n_tile·128 … + 127 (two maps)
-            const int w0 = unit.n_tile * (SILU_PAIR ? GEMM90T_WBOX : GEMM90T_BN), w1 = w0 + (SILU_PAIR ? 0 : GEMM90T_WBOX);
+            const int w0 = unit.n_tile * (SILU_PAIR ? GEMM90T_WBOX : GEMM90T_BN);
+            const int w1 = w0 + (SILU_PAIR ? 0 : GEMM90T_WBOX);
             for (int i = 0; i < unit.kt; i++) {
                 mbar_wait(bars + 8 * (C::STAGES + s), phase ^ 1);  // the consumers released this stage
                 const uint32_t full = bars + 8 * s, stage = smem0 + s * C::STAGE_BYTES;

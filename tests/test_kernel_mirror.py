@@ -2,7 +2,8 @@
 device memory on a GPU.
 
 - Every SIGNATURES entry is an `.entry` of its file's PTX whose parameter sizes match its PyCUDA format (P and q:
-  8 bytes, i and f: 4, 128s: a 128-byte struct by value, a TMA tensor map), and every kernel entry of every file is in SIGNATURES.
+  8 bytes, i and f: 4, 128s: a 128-byte struct by value, a TMA tensor map), and every kernel entry of every file
+  is in SIGNATURES.
 - Every mirrored constant in kernels.py equals its `constexpr int` in the .cu/.cuh sources.
 - The host-side planners (gemm_plan, gemm_stream_tile, gemm_workspace, decode_splits, prefill_tiles, decode_group)
   keep their promises, and their docstring examples hold.

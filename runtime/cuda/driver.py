@@ -113,6 +113,9 @@ class CudaGraph:
 
 
 
+_LAUNCH_CTYPES = {"P": ctypes.c_void_p, "i": ctypes.c_int, "f": ctypes.c_float, "q": ctypes.c_longlong}
+
+
 class DriverFunction:
     """A kernel launched through the driver's cuLaunchKernel with kernelParams, one pointer per argument, which the
     driver copies to the offsets the cubin records; PyCUDA's launch passes one packed buffer that the driver copies as
@@ -122,7 +125,6 @@ class DriverFunction:
     codes as kernels.SIGNATURES: P, i, f, q, and 128s for 128 bytes by value); the module is loaded into the current
     context from the same cubin."""
 
-    _CTYPES = {"P": ctypes.c_void_p, "i": ctypes.c_int, "f": ctypes.c_float, "q": ctypes.c_longlong}
     _MAX_DYNAMIC_SHARED_SIZE_BYTES = 8  # CUfunction_attribute
 
     def __init__(self, cubin: str, name: str, codes: list[str]):
@@ -143,13 +145,13 @@ class DriverFunction:
 
     def set_attribute(self, attribute, value: int) -> None:
         """The one attribute the kernels raise: their dynamic shared memory limit (PyCUDA's name is ignored)."""
-        self._check(self._lib.cuFuncSetAttribute(self._function, self._MAX_DYNAMIC_SHARED_SIZE_BYTES, ctypes.c_int(value)),
-                    "cuFuncSetAttribute")
+        status = self._lib.cuFuncSetAttribute(self._function, self._MAX_DYNAMIC_SHARED_SIZE_BYTES, ctypes.c_int(value))
+        self._check(status, "cuFuncSetAttribute")
 
     def _value(self, code: str, arg):
         if code.endswith("s"):
             return (ctypes.c_char * int(code[:-1])).from_buffer_copy(arg)
-        return self._CTYPES[code](arg)
+        return _LAUNCH_CTYPES[code](arg)
 
     def prepared_async_call(self, grid, block, stream, *args, shared_size: int = 0) -> None:
         if len(args) != len(self.codes):

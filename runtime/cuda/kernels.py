@@ -207,7 +207,7 @@ class Gemm90TmaTile(NamedTuple):
 
     @property
     def smem(self) -> int:
-        """STAGES · (BM + 256) · 64 · sizeof(bf16), + 1 KB to align the stages, + a full and an empty mbarrier per stage."""
+        """STAGES · (BM + 256) · 64 · sizeof(bf16), + 1 KB to align the stages, + two mbarriers per stage."""
         return self.stages * (self.bm + self.bn) * self.bk * 2 + 1024 + 2 * self.stages * 8
 
 
@@ -1295,7 +1295,8 @@ class Kernels:
 
 
 __all__ = ["BLOCK_SIZE", "GEMV_MAX_ROWS", "HEAD_DIMS", "DECODE_GROUPS", "GEMM_TILES", "GEMM_V1_TILES", "GEMM_VARIANTS",
-           "GEMM_HOPPER", "GEMM_TMA", "GEMM90_TILES", "GEMM90T_TILES", "GEMM90T_MIN_STREAM_KTILES", "SIGNATURES", "argument_codes",
+           "GEMM_HOPPER", "GEMM_TMA", "GEMM90_TILES", "GEMM90T_TILES", "GEMM90T_MIN_STREAM_KTILES", "SIGNATURES",
+           "argument_codes",
            "gemm90_tma_wins", "MIRRORED", "DeviceBuffer", "ITEMSIZE", "Kernels", "decode_group",
            "decode_smem", "decode_splits", "gemm_cost", "gemm_plan", "GemmPlan", "gemm_stream_tile", "gemm_workspace", "gemm_splits", "gemm_stream_chunks",
            "gemm_stream_plan", "gemm_tile", "gemm90_tile", "gemm90_splits", "GEMM_SKINNY", "gemm_ktiles_per_split", "gemm_v1_plan", "gemv_split", "kernel_smem",

@@ -4,8 +4,9 @@ read, encoded on the host by the driver's cuTensorMapEncodeTiled through ctypes 
 A map names a bf16 matrix (address, rows, columns, row pitch) and the box one copy moves (box_rows × 64 columns:
 128 bytes, the width of the 128-byte swizzle the wgmma descriptors read). Kernels take maps by value, as
 `const __grid_constant__` parameters (format "128s", launched through driver.DriverFunction: the driver places such
-parameters itself), copied with the other arguments at each launch; a CUDA graph keeps the bytes it was captured with, valid as long as the matrices stay where they are (the backend's
-buffers do). `TensorMaps` caches the encoded bytes per (address, shape, box), so a step encodes each map once.
+parameters itself), copied with the other arguments at each launch; a CUDA graph keeps the bytes it was captured
+with, valid as long as the matrices stay where they are (the backend's buffers do). `TensorMaps` caches the encoded
+bytes per (address, shape, box), so a step encodes each map once.
 """
 
 from __future__ import annotations

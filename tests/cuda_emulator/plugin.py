@@ -116,7 +116,8 @@ def emulated_tensor_map(address: int, rows: int, cols: int, pitch: int, box_rows
     from olmoscope.runtime.cuda import tensor_map
 
     tensor_map.check_matrix(address, rows, cols, pitch, box_rows)
-    packed = struct.pack("<5Q4I", EMU_TENSOR_MAP_MAGIC, address, cols, rows, pitch, tensor_map.BOX_COLS, box_rows, 2, 128)
+    packed = struct.pack("<5Q4I", EMU_TENSOR_MAP_MAGIC, address, cols, rows, pitch, tensor_map.BOX_COLS, box_rows,
+                         2, 128)
     return packed.ljust(tensor_map.MAP_BYTES, b"\0")
 DEFAULT_SMEM = 48 * 1024
 MAX_SMEM = 227 * 1024  # sm_90's per-block opt-in maximum
