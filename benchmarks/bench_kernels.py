@@ -7,11 +7,13 @@ cache (so weights come from DRAM, as in a real step), median of several replays.
   twice the rows, the planned tile also with grid split-K (column "split": gemm_splits' count, partials summed by
   the consumer, SiLU through silu_mul_parts), on sm_90 the wgmma kernel (gemm_sm90.cu) as first measured from M = 64
   (column "sm90": bm128, one split) and from M = 8 with grid split-K (column "sm90k": bm64 up to 64 rows, else
-  bm128, gemm90_splits' count; "sm90k alt": two waves' worth of splits), and gemm_v1.cu with its own tile and split
-  count (column "v1"); µs, % of the measured device copy bandwidth (read + write) for the bytes a projection must move
-  (weights + x + y); * marks what Kernels.plan (gemm_plan) chooses (OLMOSCOPE_GEMM_SKINNY=0: the measured plan);
+  bm128, gemm90_splits' count; "sm90k alt": two waves' worth of splits), the same three on gemm_sm90_tma.cu (TMA
+  copies by a producer warp into an mbarrier ring, persistent CTAs: "tma", "tmak", "tmak alt"), and gemm_v1.cu
+  with its own tile and split count (column "v1"); µs, % of the measured device copy bandwidth (read + write) for the
+  bytes a projection must move (weights + x + y); * marks what Kernels.plan (gemm_plan) chooses
+  (OLMOSCOPE_GEMM_SKINNY=0: the measured plan);
 - prefill projections at M = 512 and 2048: gemm.cu bm256 and bm128 (stream-K) against gemm_v1.cu bm128 and,
-  on sm_90, gemm_sm90.cu (wgmma), TFLOP/s;
+  on sm_90, gemm_sm90.cu (wgmma) and gemm_sm90_tma.cu (TMA + wgmma), TFLOP/s;
 - paged decode attention at B = 1, 8, 16, 32, 64, 128 with contexts uniform in [128, 512]: µs and KV GB/s;
 - paged prefill of 2048 tokens (one prompt, and 4 × 512): µs and TFLOP/s (causal: the visible keys only) of
   attention.cu's mma.sync kernel and, on sm_90, attention_sm90.cu's wgmma kernel (* = what Kernels.paged_prefill runs);
@@ -220,6 +222,8 @@ def bench_projections(b: Bench, model: str, cfg: dict, bandwidth: float, rows_li
                         launch = lambda w, M=M, bm=bm90, s=s90: k.gemm(x, w, None, parts, M, splits=s, bm=bm,  # noqa: E731
                                                                        variant="sm90")
                     variants.append((f"gemm sm90 bm{bm90} ×{s90}", launch, plan == ("sm90", bm90, s90), column, s90))
+            if b.kernels.hopper:  # the TMA-fed wgmma kernels (gemm_sm90_tma.cu): as sm90 and sm90k, same tiles, splits
+                variants += tma_variants(k, x, y, parts, M, N, Kdim, silu, plan, skinny_splits(b, M, N, Kdim, silu))
             # the previous kernels with their own plan (gemm_v1_plan)
             v1_bm, v1_splits = K.gemm_v1_plan(M, N, Kdim, b.sm, silu=silu)
             target = y if v1_splits == 1 else parts
@@ -238,6 +242,32 @@ def bench_projections(b: Bench, model: str, cfg: dict, bandwidth: float, rows_li
     return results
 
 
+def tma_variants(k, x, y, parts, M: int, N: int, Kdim: int, silu: bool, plan, skinny) -> list[tuple]:
+    """gemm_sm90_tma.cu's columns: "tma" (bm128, one split) from M = 64, "tmak" (gemm90_tile's tile with the skinny
+    split counts) from M = 8, "tmak alt" (two waves' worth of splits)."""
+    variants = []
+    if M >= 64:
+        variants.append(("gemm tma" + (" silu" if silu else ""),
+                         lambda w, M=M: k.gemm(x, w, None, y, M, silu=silu, bm=K.GEMM90_BM, variant="tma"),
+                         plan == ("tma", K.GEMM90_BM, 1), "tma", 1))
+    if M >= 8:
+        bm = K.gemm90_tile(M)
+        for column, s in zip(("tmak", "tmak alt"), skinny):
+            if column == "tmak alt" and s == skinny[0]:
+                continue
+            if s == 1:
+                launch = lambda w, M=M, bm=bm: k.gemm(x, w, None, y, M, silu=silu, bm=bm, variant="tma")  # noqa: E731
+            elif silu:
+                launch = lambda w, M=M, bm=bm, s=s: (  # noqa: E731
+                    k.gemm(x, w, None, parts, M, splits=s, bm=bm, variant="tma"),
+                    k.silu_mul_parts(parts, s, M * N, y, M))
+            else:
+                launch = lambda w, M=M, bm=bm, s=s: k.gemm(x, w, None, parts, M, splits=s, bm=bm,  # noqa: E731
+                                                           variant="tma")
+            variants.append((f"gemm tma bm{bm} ×{s}", launch, plan == ("tma", bm, s), column, s))
+    return variants
+
+
 def skinny_splits(b: Bench, M: int, N: int, Kdim: int, silu: bool) -> tuple[int, int]:
     """The wgmma kernel's split counts to time at M rows: gemm90_splits' (one resident wave of CTAs), and the
     alternative of two waves (twice the CTAs; gate_up then through partials and silu_mul_parts)."""
@@ -247,8 +277,9 @@ def skinny_splits(b: Bench, M: int, N: int, Kdim: int, silu: bool) -> tuple[int,
 
 
 def prefill_variants(b: Bench) -> tuple[tuple[str, int], ...]:
-    """PREFILL_VARIANTS, and the Hopper wgmma kernel (gemm_sm90.cu, its 128 × 256 tile) on an sm_90 GPU."""
-    return PREFILL_VARIANTS + ((("sm90", K.GEMM90_BM),) if b.kernels.hopper else ())
+    """PREFILL_VARIANTS, and the Hopper wgmma kernels (gemm_sm90.cu, gemm_sm90_tma.cu: their 128 × 256 tile) on an
+    sm_90 GPU."""
+    return PREFILL_VARIANTS + ((("sm90", K.GEMM90_BM), ("tma", K.GEMM90_BM)) if b.kernels.hopper else ())
 
 
 def bench_prefill_gemm(b: Bench, model: str, cfg: dict, rows_list=PREFILL_GEMM_ROWS) -> list[dict]:
@@ -493,7 +524,8 @@ def report(results: list[dict]) -> str:
     sections = []
     proj = [r for r in results if r["kind"] == "projection"]
     if proj:
-        columns = ["gemv", *(f"bm{bm}" for bm in K.GEMM_TILES), "split", "sm90", "sm90k", "sm90k alt", "v1"]
+        columns = ["gemv", *(f"bm{bm}" for bm in K.GEMM_TILES), "split", "sm90", "sm90k", "sm90k alt", "tma", "tmak",
+                   "tmak alt", "v1"]
         columns += sorted({r["column"] for r in proj} - set(columns))
         rows = {}
         for r in proj:
@@ -502,7 +534,8 @@ def report(results: list[dict]) -> str:
         sections.append("projections: µs, % of copy bandwidth (weights + x + y bytes), ×splits, * = plan; bm…: "
                         "stream-K (gemm.cu), split: the planned tile with grid split-K, sm90: gemm_sm90.cu (wgmma) bm128 "
                         "one split, sm90k: gemm_sm90.cu bm64 (M ≤ 64) / bm128 with gemm90_splits, sm90k alt: two waves of "
-                        "splits, v1: gemm_v1.cu with gemm_v1_plan\n" + tabulate(table, headers=["model", "proj", "N×K", "M", *columns], tablefmt="github"))
+                        "splits, tma/tmak/tmak alt: the same on gemm_sm90_tma.cu (TMA producer, mbarrier ring), "
+                        "v1: gemm_v1.cu with gemm_v1_plan\n" + tabulate(table, headers=["model", "proj", "N×K", "M", *columns], tablefmt="github"))
     quant = [r for r in results if r["kind"] == "quant"]
     if quant:
         variants = list(dict.fromkeys(r["variant"] for r in quant))

@@ -468,24 +468,32 @@ def test_gemm_v1_kernels_still_match_numpy(dev, rng, bm):
     assert rel(dev.get(out), silu(gate) * up) <= 1e-2
 
 
-# The Hopper GEMM (gemm_sm90.cu: wgmma from swizzled shared memory; planned on sm_90 unless GEMM_HOPPER is off): on an
-# sm_90 GPU, and on the CPU emulator's model of wgmma. Partial tiles in M, N and K, odd N, rows past M.
+# The Hopper GEMMs (planned on sm_90 unless GEMM_HOPPER is off), each test over both: "sm90" (gemm_sm90.cu: cp.async
+# copies by every thread, wgmma from swizzled shared memory) and "tma" (gemm_sm90_tma.cu: a TMA producer warp, an
+# mbarrier ring, consumer warpgroups, persistent CTAs; out-of-range rows and columns are the TMA's zero fill). On an
+# sm_90 GPU, and on the CPU emulator's models of wgmma, mbarriers and bulk tensor copies. Partial tiles in M, N and K,
+# odd N, rows past M.
+HOPPER_VARIANTS = ("sm90", "tma")
+
+
+@pytest.mark.parametrize("variant", HOPPER_VARIANTS)
 @pytest.mark.parametrize("M,N,Kdim", [(1, 256, 64), (130, 1001, 776), (300, 512, 2048), (2048, 768, 1024),
                                       (77, 12288, 4096)])
-def test_gemm_hopper_wgmma_matches_numpy(dev, rng, M, N, Kdim):
+def test_gemm_hopper_wgmma_matches_numpy(dev, rng, M, N, Kdim, variant):
     if not dev.kernels.hopper:
         pytest.skip("the wgmma GEMM needs an sm_90 GPU (not emulated)")
     a, w = bf16(rng.standard_normal((M, Kdim))), bf16(rng.standard_normal((N, Kdim)))
     c = dev.poisoned((M + 5, N), "f32")
-    dev.kernels.gemm(dev.put(a, "bf16"), dev.put(w, "bf16"), None, c, M, variant="sm90")
+    dev.kernels.gemm(dev.put(a, "bf16"), dev.put(w, "bf16"), None, c, M, variant=variant)
     got = dev.get(c)
     assert np.all(np.isnan(got[M:])), "the wgmma GEMM wrote rows past M"
     err = rel(got[:M], a @ w.T)
     assert err <= 1e-5, f"rel err {err:.2e}"
 
 
+@pytest.mark.parametrize("variant", HOPPER_VARIANTS)
 @pytest.mark.parametrize("M,bm", [(5, None), (520, None), (9, 64), (64, 64)])  # bm 64: the skinny tile
-def test_gemm_hopper_wgmma_fused_silu_and_int8_scales(dev, rng, M, bm):
+def test_gemm_hopper_wgmma_fused_silu_and_int8_scales(dev, rng, M, bm, variant):
     if not dev.kernels.hopper:
         pytest.skip("the wgmma GEMM needs an sm_90 GPU (not emulated)")
     I, Kdim = 328, 1088
@@ -493,7 +501,7 @@ def test_gemm_hopper_wgmma_fused_silu_and_int8_scales(dev, rng, M, bm):
     q, s = quantize_rows(rng.standard_normal((2 * I, Kdim)) / 8)
     c = dev.poisoned((M, I), "bf16")
     dev.kernels.gemm(dev.put(a, "bf16"), dev.put(q.astype(np.float64), "bf16"), dev.put(s, "f32"), c, M, silu=True,
-                     bm=bm, variant="sm90")
+                     bm=bm, variant=variant)
     gate, up = np.split(a @ (q * s[:, None].astype(np.float64)).T, 2, axis=-1)
     err = rel(dev.get(c), silu(gate) * up)
     assert err <= 1e-2, f"rel err {err:.2e}"
@@ -502,19 +510,21 @@ def test_gemm_hopper_wgmma_fused_silu_and_int8_scales(dev, rng, M, bm):
 # Grid split-K on both wgmma tiles (bm64: the skinny-M decode kernel, warpgroup 0 computing, warpgroup 1 copying;
 # bm128: two computing warpgroups): odd M and N, a partial last k-tile, split counts that leave splits empty (they
 # write zeros), every partial poisoned first.
+@pytest.mark.parametrize("variant", HOPPER_VARIANTS)
 @pytest.mark.parametrize("bm,M", [(64, 37), (64, 64), (64, 100), (128, 100)])
 @pytest.mark.parametrize("splits", [1, 2, 3, 7])
-def test_gemm_hopper_wgmma_split_k_matches_numpy(dev, rng, bm, M, splits):
+def test_gemm_hopper_wgmma_split_k_matches_numpy(dev, rng, bm, M, splits, variant):
     if not dev.kernels.hopper:
         pytest.skip("the wgmma GEMM needs an sm_90 GPU (not emulated)")
     N, Kdim = 1001, 64 * 9 + 8  # 4 column tiles, the last one partial; 10 k-tiles, the last one partial
     a, w = bf16(rng.standard_normal((M, Kdim))), bf16(rng.standard_normal((N, Kdim)))
-    err = rel(gemm_parts(dev, a, w, dev.put(w, "bf16"), None, M, N, splits, bm=bm, variant="sm90"), a @ w.T)
+    err = rel(gemm_parts(dev, a, w, dev.put(w, "bf16"), None, M, N, splits, bm=bm, variant=variant), a @ w.T)
     assert err <= 1e-5, f"bm {bm}, {splits} splits: rel err {err:.2e}"
 
 
+@pytest.mark.parametrize("variant", HOPPER_VARIANTS)
 @pytest.mark.parametrize("M", [3, 64])
-def test_gemm_hopper_wgmma_bm64_rows_past_m_and_int8_scales(dev, rng, M):
+def test_gemm_hopper_wgmma_bm64_rows_past_m_and_int8_scales(dev, rng, M, variant):
     if not dev.kernels.hopper:
         pytest.skip("the wgmma GEMM needs an sm_90 GPU (not emulated)")
     N, Kdim = 520, 200
@@ -522,20 +532,21 @@ def test_gemm_hopper_wgmma_bm64_rows_past_m_and_int8_scales(dev, rng, M):
     q, s = quantize_rows(rng.standard_normal((N, Kdim)))
     c = dev.poisoned((M + 7, N), "f32")
     dev.kernels.gemm(dev.put(a, "bf16"), dev.put(q.astype(np.float64), "bf16"), dev.put(s, "f32"), c, M, bm=64,
-                     variant="sm90")
+                     variant=variant)
     got = dev.get(c)
     assert np.all(np.isnan(got[M:])), "the bm64 wgmma GEMM wrote rows past M"
     err = rel(got[:M], a @ (q * s[:, None].astype(np.float64)).T)
     assert err <= 1e-5, f"rel err {err:.2e}"
 
 
-def test_gemm_hopper_wgmma_split_partials_then_silu_mul_parts(dev, rng):
+@pytest.mark.parametrize("variant", HOPPER_VARIANTS)
+def test_gemm_hopper_wgmma_split_partials_then_silu_mul_parts(dev, rng, variant):
     if not dev.kernels.hopper:
         pytest.skip("the wgmma GEMM needs an sm_90 GPU (not emulated)")
     M, I, Kdim = 21, 264, 704
     a, w = bf16(rng.standard_normal((M, Kdim))), bf16(rng.standard_normal((2 * I, Kdim)) / 16)
     parts, out = dev.poisoned((3, M, 2 * I), "f32"), dev.poisoned((M, I), "bf16")
-    dev.kernels.gemm(dev.put(a, "bf16"), dev.put(w, "bf16"), None, parts, M, splits=3, bm=64, variant="sm90")
+    dev.kernels.gemm(dev.put(a, "bf16"), dev.put(w, "bf16"), None, parts, M, splits=3, bm=64, variant=variant)
     dev.kernels.silu_mul_parts(parts, 3, M * 2 * I, out, M)
     gate, up = np.split(a @ w.T, 2, axis=-1)
     assert rel(dev.get(out), silu(gate) * up) <= 1e-2
@@ -552,7 +563,7 @@ def test_gemm_planned_skinny_wgmma_matches_numpy(dev, rng, M, gate_up):
     a, w = bf16(rng.standard_normal((M, Kdim))), bf16(rng.standard_normal((N, Kdim)) / 8)
     got, plan = planned(dev, a, dev.put(w, "bf16"), None, M, N, Kdim, silu=gate_up)
     if K.GEMM_HOPPER and K.GEMM_SKINNY:
-        assert plan.variant == "sm90" and plan.splits > 1, plan
+        assert plan.variant in HOPPER_VARIANTS and plan.splits > 1, plan
     ref = a @ w.T
     if gate_up:
         gate, up = np.split(ref, 2, axis=-1)
@@ -561,12 +572,66 @@ def test_gemm_planned_skinny_wgmma_matches_numpy(dev, rng, M, gate_up):
     assert err <= (1e-2 if gate_up else 1e-5), f"{plan}: rel err {err:.2e}"
 
 
-def test_gemm_hopper_wgmma_refuses_fused_silu_splits_other_tiles_and_other_gpus(dev, rng):
+@pytest.mark.parametrize("variant", HOPPER_VARIANTS)
+def test_gemm_hopper_wgmma_refuses_fused_silu_splits_other_tiles_and_other_gpus(dev, rng, variant):
     a, w = dev.poisoned((8, 64), "bf16"), dev.poisoned((64, 64), "bf16")
     with pytest.raises(DeviceError, match="silu"):
-        dev.kernels.gemm(a, w, None, dev.poisoned((8, 32), "bf16"), 8, silu=True, splits=2, variant="sm90")
-    with pytest.raises(DeviceError, match="sm90|sm_90"):
-        dev.kernels.gemm(a, w, None, dev.poisoned((8, 64), "f32"), 8, bm=32, variant="sm90")
+        dev.kernels.gemm(a, w, None, dev.poisoned((8, 32), "bf16"), 8, silu=True, splits=2, variant=variant)
+    with pytest.raises(DeviceError, match=f"{variant}|sm_90"):
+        dev.kernels.gemm(a, w, None, dev.poisoned((8, 64), "f32"), 8, bm=32, variant=variant)
+
+
+# The TMA GEMM's persistent CTAs: few CTAs walk many work units (tiles × splits), so the mbarrier ring wraps through
+# many phases and the producer runs into the next unit while the consumers store the last one; plain and SiLU.
+@pytest.mark.parametrize("bm,ctas", [(64, 1), (64, 5), (128, 2), (128, 7)])
+def test_gemm_tma_persistent_ctas_walk_every_unit(dev, rng, bm, ctas):
+    if not dev.kernels.hopper:
+        pytest.skip("the TMA GEMM needs an sm_90 GPU (not emulated)")
+    M, N, Kdim, splits = 150, 600, 64 * 5 + 24, 2  # 3 (bm64) or 2 row tiles × 3 column tiles × 2 splits
+    a, w = bf16(rng.standard_normal((M, Kdim))), bf16(rng.standard_normal((N, Kdim)) / 8)
+    c = dev.poisoned((splits, M, N), "f32")
+    dev.kernels.gemm(dev.put(a, "bf16"), dev.put(w, "bf16"), None, c, M, splits=splits, bm=bm, variant="tma", ctas=ctas)
+    err = rel(dev.get(c).sum(axis=0), a @ w.T)
+    assert err <= 1e-5, f"bm {bm}, {ctas} CTAs: rel err {err:.2e}"
+    out = dev.poisoned((M, N // 2), "bf16")
+    dev.kernels.gemm(dev.put(a, "bf16"), dev.put(w, "bf16"), None, out, M, silu=True, bm=bm, variant="tma", ctas=ctas)
+    gate, up = np.split(a @ w.T, 2, axis=-1)
+    err = rel(dev.get(out), silu(gate) * up)
+    assert err <= 1e-2, f"bm {bm}, {ctas} CTAs, silu: rel err {err:.2e}"
+
+
+def test_gemm_tma_encodes_each_tensor_map_once(dev, rng):
+    if not dev.kernels.hopper:
+        pytest.skip("the TMA GEMM needs an sm_90 GPU (not emulated)")
+    M, N, Kdim = 40, 512, 256
+    a, w = dev.put(bf16(rng.standard_normal((M, Kdim))), "bf16"), dev.put(bf16(rng.standard_normal((N, Kdim))), "bf16")
+    maps = dev.kernels.tensor_maps
+    before = len(maps)
+    for _ in range(3):
+        dev.kernels.gemm(a, w, None, dev.poisoned((M, N), "f32"), M, variant="tma")
+    assert len(maps) == before + 2, "A's map and W's map, once each for three launches"
+    dev.kernels.gemm(a, w, None, dev.poisoned((M - 1, N), "f32"), M - 1, variant="tma")
+    assert len(maps) == before + 3, "another row count is another A map (its zero fill starts at row M)"
+
+
+def test_gemm_tma_replays_from_a_graph_with_new_inputs(dev, rng):
+    if not dev.kernels.hopper:
+        pytest.skip("the TMA GEMM needs an sm_90 GPU")
+    M, N, Kdim = 70, 768, 512
+    w = bf16(rng.standard_normal((N, Kdim)))
+    a, wb, c = dev.poisoned((M, Kdim), "bf16"), dev.put(w, "bf16"), dev.poisoned((M, N), "f32")
+    graph = CudaGraph(dev.stream)
+    graph.capture(lambda: dev.kernels.gemm(a, wb, None, c, M, variant="tma"))
+    try:
+        for _ in range(2):  # the maps captured with the launch still name a's buffer: new contents, new result
+            x = bf16(rng.standard_normal((M, Kdim)))
+            dev.set(a, x)
+            dev.set(c, np.full((M, N), np.nan))
+            graph.launch()
+            err = rel(dev.get(c), x @ w.T)
+            assert err <= 1e-5, f"replay: rel err {err:.2e}"
+    finally:
+        graph.close()
 
 
 def test_gemm_refuses_a_grid_beyond_its_scratch_and_unknown_variants(dev, rng):

@@ -21,7 +21,9 @@ SUBSET = " or ".join([
     "gemm_stream_k_with_any_number_of_ctas", "gemm_stream_k_leaves", "gemm_stream_k_fused_silu", "gemm_v1_kernels",
     "gemm_hopper_wgmma_matches_numpy[130", "gemm_hopper_wgmma_fused_silu", "gemm_hopper_wgmma_split_k_matches_numpy[7-",
     "gemm_hopper_wgmma_split_k_matches_numpy[3-128", "gemm_hopper_wgmma_bm64_rows_past_m",
-    "gemm_hopper_wgmma_split_partials_then", "gemm_planned_skinny_wgmma_matches_numpy[64", "split_gemm_then", "paged_decode_matches_numpy[40-8-128", "paged_decode_sliding_window[1-", "paged_decode_sees",
+    "gemm_hopper_wgmma_split_partials_then", "gemm_planned_skinny_wgmma_matches_numpy[64", "gemm_tma_persistent",
+    "gemm_tma_encodes",
+    "split_gemm_then", "paged_decode_matches_numpy[40-8-128", "paged_decode_sliding_window[1-", "paged_decode_sees",
     "padding_sequences", "paged_prefill_ragged_batch_matches_numpy[37-", "paged_prefill_windows", "paged_prefill_sees",
     "paged_prefill_wgmma_pairs_tiles_across_sequences[0-8-2-128]", "paged_prefill_wgmma_pairs_tiles_across_sequences[129-4-4",
     "paged_prefill_picks_the_wgmma",
@@ -39,7 +41,8 @@ SUBSET = " or ".join([
 EAGER_SUBSET = " or ".join([
     "gemm_every_tile_and_split_count", "gemm_stream_k_with_any_number_of_ctas", "gemm_stream_k_fused_silu",
     "gemm_hopper_wgmma_matches_numpy[300", "gemm_hopper_wgmma_fused_silu", "gemm_hopper_wgmma_split_k_matches_numpy[1-",
-    "gemm_hopper_wgmma_split_k_matches_numpy[2-64-100", "gemm_hopper_wgmma_fused_silu_and_int8_scales[64-64", "q4_beyond_64",
+    "gemm_hopper_wgmma_split_k_matches_numpy[2-64-100", "gemm_hopper_wgmma_fused_silu_and_int8_scales[64-64",
+    "gemm_tma_persistent", "q4_beyond_64",
     "paged_prefill_wgmma_pairs_tiles_across_sequences[0-", "paged_prefill_ragged_batch_matches_numpy[37-16-2-128-sm90]",
     "q8_beyond_64",
 ])

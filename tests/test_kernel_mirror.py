@@ -2,7 +2,8 @@
 device memory on a GPU.
 
 - Every SIGNATURES entry is an `.entry` of its file's PTX whose parameter sizes match its PyCUDA format (P and q:
-  8 bytes, i and f: 4), and every kernel entry of every file is in SIGNATURES.
+  8 bytes, i and f: 4, 128s: a 128-byte struct by value, a TMA tensor map), and every kernel entry of every file
+  is in SIGNATURES.
 - Every mirrored constant in kernels.py equals its `constexpr int` in the .cu/.cuh sources.
 - The host-side planners (gemm_plan, gemm_stream_tile, gemm_workspace, decode_splits, prefill_tiles, decode_group)
   keep their promises, and their docstring examples hold.
@@ -40,6 +41,9 @@ def ptx_entries(ptx: str) -> dict[str, list[int]]:
     for name, params in _ENTRY.findall(ptx):
         sizes = []
         for kind, array in _PARAM.findall(params):
+            if array and kind == "b8":  # a struct by value (a TMA tensor map: format "128s")
+                sizes.append(int(array[1:-1]))
+                continue
             if array or kind not in PTX_TYPE_BYTES:
                 raise AssertionError(f"{name}: a by-value struct or array parameter ({kind}{array}) cannot be mirrored")
             sizes.append(PTX_TYPE_BYTES[kind])
@@ -85,7 +89,7 @@ def test_every_signature_is_an_entry_with_matching_parameter_sizes(ptx):
         elif name not in entries[file]:
             problems.append(f"{name}: no .entry in {file}")
         else:
-            want = [PARAM_BYTES[c] for c in argtypes]
+            want = [int(c[:-1]) if c.endswith("s") else PARAM_BYTES[c] for c in kernels.argument_codes(argtypes)]
             if entries[file][name] != want:
                 problems.append(f"{name}: PTX parameters {entries[file][name]} bytes, SIGNATURES '{argtypes}' = {want}")
     assert not problems, "\n".join(problems)
@@ -260,6 +264,23 @@ def test_gemm_plan_is_launchable_and_the_same_on_every_call(M, N, K, hopper, ski
         assert kernels.gemm_plan(M_int8, N, K, 132, int8=True).variant == "gemv"
 
 
+@pytest.mark.parametrize("M", [1, 8, 17, 40, 64, 100, 128, 256, 512, 2048])
+@pytest.mark.parametrize("N,K", SHAPES)
+def test_gemm_plan_with_tma_moves_only_wgmma_regimes_to_the_tma_kernels(M, N, K):
+    for silu in (False, True):
+        for skinny in (False, True):
+            base = kernels.gemm_plan(M, N, K, 132, silu=silu, hopper=True, skinny=skinny)
+            plan = kernels.gemm_plan(M, N, K, 132, silu=silu, hopper=True, skinny=skinny, tma=True)
+            assert base.variant != "tma", "the TMA kernels only where tma says they are available"
+            if base.variant == "sm90":
+                assert plan.variant in ("sm90", "tma") and plan._replace(variant="sm90") == base, (base, plan)
+                assert plan.bm in kernels.GEMM90T_TILES
+            else:
+                assert plan == base, "a regime without wgmma keeps its kernel"
+            assert kernels.gemm_plan(M, N, K, 132, silu=silu, hopper=False, skinny=skinny, tma=True).variant not in (
+                "sm90", "tma")
+
+
 def check_gemm90_splits(bm, M, N, K, splits, sm=132):
     """gemm90_splits' promises: one resident wave, no empty split, long enough shares, bounded partial traffic."""
     tiles = math.ceil(M / bm) * math.ceil(N / kernels.GEMM90_BN)
@@ -292,6 +313,37 @@ def test_skinny_plan_at_the_7b_decode_batch_of_64():
     assert plans == {"qkv": ("sm90", 64, 2), "o_proj": ("sm90", 64, 8), "gate_up": ("sm90", 64, 1),
                      "down": ("sm90", 64, 8)}
     assert kernels.gemm_plan(64, 4096, 4096, 132, hopper=True, skinny=False).variant == "v1"  # still reachable
+
+
+# The TMA kernels against the cp.async ones on the same plan (H200, 2026-12-02, bench_kernels.py columns sm90k/tmak and
+# sm90/tma): (model, projection, N, K, silu, M) → the faster of the two.
+MEASURED_TMA_WINNERS = [
+    ("7b", "qkv", 12288, 4096, False, 32, "tma"), ("7b", "qkv", 12288, 4096, False, 64, "tma"),
+    ("7b", "o_proj", 4096, 4096, False, 32, "sm90"), ("7b", "o_proj", 4096, 4096, False, 64, "sm90"),
+    ("7b", "o_proj", 4096, 4096, False, 128, "tma"), ("7b", "o_proj", 4096, 4096, False, 256, "tma"),
+    ("7b", "gate_up", 22016, 4096, True, 64, "tma"), ("7b", "gate_up", 22016, 4096, True, 128, "tma"),
+    ("7b", "down", 4096, 11008, False, 32, "tma"), ("7b", "down", 4096, 11008, False, 64, "tma"),
+    ("7b", "down", 4096, 11008, False, 256, "tma"), ("7b", "down", 4096, 11008, False, 2048, "tma"),
+    ("7b", "gate_up", 22016, 4096, True, 2048, "tma"), ("7b", "o_proj", 4096, 4096, False, 512, "tma"),
+    ("1b", "qkv", 6144, 2048, False, 32, "sm90"), ("1b", "qkv", 6144, 2048, False, 64, "sm90"),
+    ("1b", "down", 2048, 8192, False, 32, "sm90"), ("1b", "down", 2048, 8192, False, 64, "sm90"),
+    ("1b", "down", 2048, 8192, False, 128, "tma"), ("1b", "gate_up", 16384, 2048, True, 64, "tma"),
+    ("1b", "qkv", 6144, 2048, False, 256, "tma"), ("1b", "down", 2048, 8192, False, 2048, "tma"),
+]
+
+
+@pytest.mark.parametrize("model,name,N,K,silu,M,winner", MEASURED_TMA_WINNERS)
+def test_gemm_plan_picks_the_tma_kernel_where_the_h200_measured_it_faster(model, name, N, K, silu, M, winner):
+    plan = kernels.gemm_plan(M, N, K, 132, silu=silu, hopper=True, tma=True)
+    assert plan.variant == winner, f"{model} {name} M = {M}: {plan}, measured faster: {winner}"
+
+
+def test_skinny_plan_with_tma_at_the_7b_decode_batch_of_64():
+    plans = {name: kernels.gemm_plan(64, N, K, 132, silu=name == "gate_up", hopper=True, tma=True)
+             for name, (N, K) in {"qkv": (12288, 4096), "o_proj": (4096, 4096), "gate_up": (22016, 4096),
+                                  "down": (4096, 11008)}.items()}
+    assert plans == {"qkv": ("tma", 64, 2), "o_proj": ("sm90", 64, 8), "gate_up": ("tma", 64, 1),
+                     "down": ("tma", 64, 8)}
 
 
 MODEL_DIMS = {"1b": dict(D=2048, I=8192, H=16, Hkv=16, d=128), "7b": dict(D=4096, I=11008, H=32, Hkv=32, d=128)}

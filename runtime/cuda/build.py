@@ -20,10 +20,11 @@ from olmoscope.errors import DeviceError
 
 # One file per kernel family; common.cuh is included by all of them.
 KERNEL_FILES = ("embedding.cu", "norms.cu", "rope.cu", "gemv.cu", "gemm.cu", "gemm_quant.cu", "gemm_v1.cu", "gemm_sm90.cu",
-                "attention.cu", "attention_sm90.cu", "sampling.cu", "kv_cache.cu")
+                "gemm_sm90_tma.cu", "attention.cu", "attention_sm90.cu", "sampling.cu", "kv_cache.cu")
 # Files with code for one architecture's own features: built for that target ("sm_90a": wgmma) on that GPU; for any
 # other target their kernels compile empty (and are never launched there).
-ARCH_FILES = {"gemm_sm90.cu": {"sm_90": "sm_90a"}, "attention_sm90.cu": {"sm_90": "sm_90a"}}
+ARCH_FILES = {"gemm_sm90.cu": {"sm_90": "sm_90a"}, "gemm_sm90_tma.cu": {"sm_90": "sm_90a"},
+              "attention_sm90.cu": {"sm_90": "sm_90a"}}
 NVCC_FLAGS = ("-O3", "-std=c++17", "-lineinfo", "-Xptxas=-warn-spills")  # no fast math: RoPE needs exact sincosf
 _NVCC_DIAGNOSTIC = re.compile(r"^(?P<file>[^\s(]+)\((?P<line>\d+)\): (?P<kind>error|catastrophic error)\b:?\s*(?P<text>.*)$")
 

@@ -164,6 +164,56 @@ class CudaGraph:
 
 
 
+_LAUNCH_CTYPES = {"P": ctypes.c_void_p, "i": ctypes.c_int, "f": ctypes.c_float, "q": ctypes.c_longlong}
+
+
+class DriverFunction:
+    """A kernel launched through the driver's cuLaunchKernel with kernelParams, one pointer per argument, which the
+    driver copies to the offsets the cubin records; PyCUDA's launch passes one packed buffer that the driver copies as
+    it is. The two agree except where ptxas moves the parameters: a kernel with a 64-byte aligned parameter (a
+    `__grid_constant__` CUtensorMap) has it placed 64-byte aligned in the constant bank, every parameter shifted
+    (by 48 bytes on sm_90), which a packed buffer cannot know. Same calls as a prepared PyCUDA Function (argument
+    codes as kernels.SIGNATURES: P, i, f, q, and 128s for 128 bytes by value); the module is loaded into the current
+    context from the same cubin."""
+
+    _MAX_DYNAMIC_SHARED_SIZE_BYTES = 8  # CUfunction_attribute
+
+    def __init__(self, cubin: str, name: str, codes: list[str]):
+        self._lib = ctypes.CDLL("libcuda.so.1")
+        self._lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [
+            ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+        self.name, self.codes = name, codes
+        self._module, self._function = ctypes.c_void_p(), ctypes.c_void_p()
+        self._check(self._lib.cuModuleLoad(ctypes.byref(self._module), str(cubin).encode()), "cuModuleLoad")
+        self._check(self._lib.cuModuleGetFunction(ctypes.byref(self._function), self._module, name.encode()),
+                    "cuModuleGetFunction")
+
+    def _check(self, status: int, call: str) -> None:
+        if status != 0:
+            error = ctypes.c_char_p()
+            self._lib.cuGetErrorName(status, ctypes.byref(error))
+            raise DeviceError(f"{call} ({self.name}) failed: {error.value.decode() if error.value else status}")
+
+    def set_attribute(self, attribute, value: int) -> None:
+        """The one attribute the kernels raise: their dynamic shared memory limit (PyCUDA's name is ignored)."""
+        status = self._lib.cuFuncSetAttribute(self._function, self._MAX_DYNAMIC_SHARED_SIZE_BYTES, ctypes.c_int(value))
+        self._check(status, "cuFuncSetAttribute")
+
+    def _value(self, code: str, arg):
+        if code.endswith("s"):
+            return (ctypes.c_char * int(code[:-1])).from_buffer_copy(arg)
+        return _LAUNCH_CTYPES[code](arg)
+
+    def prepared_async_call(self, grid, block, stream, *args, shared_size: int = 0) -> None:
+        if len(args) != len(self.codes):
+            raise DeviceError(f"{self.name}: {len(args)} arguments for {len(self.codes)} parameters")
+        values = [self._value(code, arg) for code, arg in zip(self.codes, args)]
+        params = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
+        handle = getattr(stream, "handle", None)
+        handle = handle if handle is not None else stream.handle_int
+        self._check(self._lib.cuLaunchKernel(self._function, *grid, *block, shared_size, ctypes.c_void_p(handle),
+                                             params, None), "cuLaunchKernel")
+
 
 @dataclass
 class DeviceBuffer:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -26,8 +27,9 @@ import numpy as np
 
 from olmoscope.errors import DeviceError
 from olmoscope.runtime.cuda.build import arch_of, build_arch, compile_kernel
-from olmoscope.runtime.cuda.driver import ITEMSIZE, DeviceBuffer
+from olmoscope.runtime.cuda.driver import ITEMSIZE, DeviceBuffer, DriverFunction
 from olmoscope.runtime.cuda.quant_layout import Q4_CHUNK, Q4_GROUPS, Q4_TILE_ROWS, Q8_CHUNK
+from olmoscope.runtime.cuda.tensor_map import MAP_FORMAT, TensorMaps
 from olmoscope.runtime.step import SAMPLE_NAN, SAMPLE_NO_MASS  # noqa: F401  (mirrored from sampling.cu)
 
 # ── constants mirrored from cuda/ (tests/test_kernel_mirror.py checks each against its constexpr) ──────────
@@ -54,6 +56,11 @@ GEMM90_BK = 64
 GEMM90_STAGES = 4
 GEMM90_THREADS = 256
 GEMM90_BM64_STAGES = 5  # gemm_sm90.cu bm64 (skinny M: decode batches)
+GEMM90T_BN = 256  # gemm_sm90_tma.cu (TMA + mbarrier pipeline): tile columns, k-tile, rows of one W box, stages
+GEMM90T_BK = 64
+GEMM90T_WBOX = 128
+GEMM90T_BM128_STAGES = 4
+GEMM90T_BM64_STAGES = 5
 GEMM_V1_BN = 128  # the previous GEMM (gemm_v1.cu, timed next to gemm.cu's): columns per CTA, smem row padding
 GEMM_V1_PAD = 8
 GEMM_V1_LARGE_BK = 32  # v1 bm128: k-tile, stages, threads
@@ -104,6 +111,8 @@ MIRRORED = {
     "GEMM_LARGE_STAGES": ("gemm.cu", "GEMM_LARGE_STAGES"),
     **{name: ("gemm_sm90.cu", name) for name in ("GEMM90_BM", "GEMM90_BN", "GEMM90_BK", "GEMM90_STAGES",
                                                  "GEMM90_THREADS", "GEMM90_BM64_STAGES")},
+    **{name: ("gemm_sm90_tma.cu", name) for name in ("GEMM90T_BN", "GEMM90T_BK", "GEMM90T_WBOX", "GEMM90T_BM128_STAGES",
+                                                     "GEMM90T_BM64_STAGES")},
     **{name: ("gemm_v1.cu", name) for name in ("GEMM_V1_BN", "GEMM_V1_PAD", "GEMM_V1_LARGE_BK", "GEMM_V1_LARGE_STAGES",
                                                "GEMM_V1_LARGE_THREADS", "GEMM_V1_SMALL_BK", "GEMM_V1_SMALL_STAGES",
                                                "GEMM_V1_SMALL_THREADS")},
@@ -142,6 +151,9 @@ PDL = os.environ.get("OLMOSCOPE_PDL", "0") == "1"
 # against attention.cu's 306 µs for one prompt, 58 against 97 µs for 4 × 512; bench_kernels.py --attention-only);
 # OLMOSCOPE_ATTENTION_HOPPER=0 keeps attention.cu's mma.sync kernel.
 ATTENTION_HOPPER = os.environ.get("OLMOSCOPE_ATTENTION_HOPPER", "1") != "0"
+# The TMA-fed wgmma kernels (gemm_sm90_tma.cu) in the Hopper regimes where gemm_plan's rule takes them; with
+# OLMOSCOPE_GEMM_TMA=0 those regimes run gemm_sm90.cu's cp.async kernels as before.
+GEMM_TMA = os.environ.get("OLMOSCOPE_GEMM_TMA", "1") != "0"
 
 # Host-side planning knobs (not in any .cu file).
 GEMM_MIN_KTILES_PER_SPLIT = 4  # a split-K share streams at least this many k-tiles
@@ -199,6 +211,28 @@ GEMM90_TILES = {64: Gemm90Tile(64, GEMM90_BM64_STAGES), 128: Gemm90Tile(GEMM90_B
 GEMM90_SMEM = GEMM90_TILES[GEMM90_BM].smem
 
 
+class Gemm90TmaTile(NamedTuple):
+    """One tile of gemm_sm90_tma.cu: BM rows × 256 columns × 64, `stages` stages; a producer warpgroup (TMA) and
+    BM / 64 consumer warpgroups (wgmma), as Gemm90TConfig."""
+
+    bm: int
+    stages: int
+    bn: int = GEMM90T_BN
+    bk: int = GEMM90T_BK
+
+    @property
+    def threads(self) -> int:
+        return 128 * (1 + self.bm // 64)
+
+    @property
+    def smem(self) -> int:
+        """STAGES · (BM + 256) · 64 · sizeof(bf16), + 1 KB to align the stages, + two mbarriers per stage."""
+        return self.stages * (self.bm + self.bn) * self.bk * 2 + 1024 + 2 * self.stages * 8
+
+
+GEMM90T_TILES = {64: Gemm90TmaTile(64, GEMM90T_BM64_STAGES), 128: Gemm90TmaTile(128, GEMM90T_BM128_STAGES)}
+
+
 class GemmV1Tile(NamedTuple):
     """One variant of the previous GEMM (gemm_v1.cu): 128 columns per CTA, padded smem rows."""
 
@@ -220,8 +254,9 @@ GEMM_V1_TILES = {
     64: GemmV1Tile(64, GEMM_V1_SMALL_BK, GEMM_V1_SMALL_STAGES, GEMM_V1_SMALL_THREADS),
     128: GemmV1Tile(128, GEMM_V1_LARGE_BK, GEMM_V1_LARGE_STAGES, GEMM_V1_LARGE_THREADS),
 }
-# gemm.cu's stream-K family (the default), gemm_v1.cu's grid split-K family, gemm_sm90.cu's wgmma (sm_90 only)
-GEMM_VARIANTS = ("stream", "v1", "sm90")
+# gemm.cu's stream-K family (the default), gemm_v1.cu's grid split-K family, gemm_sm90.cu's wgmma (sm_90 only),
+# gemm_sm90_tma.cu's TMA-fed, warp-specialized wgmma (sm_90 only)
+GEMM_VARIANTS = ("stream", "v1", "sm90", "tma")
 
 
 def prefill90_smem(d: int) -> int:
@@ -244,7 +279,7 @@ def decode_smem(d: int) -> int:
     return DECODE_WARPS * DECODE_STAGES * 2 * BLOCK_SIZE * (d + KV_PAD) * 2
 
 
-# kernel name → (file, PyCUDA argument format: P pointer, i int32, f float32, q int64)
+# kernel name → (file, PyCUDA argument format: P pointer, i int32, f float32, q int64, 128s a TMA tensor map by value)
 SIGNATURES = {
     "embedding_gather_bf16": ("embedding.cu", "PPPPii"),
     "embedding_gather_int8": ("embedding.cu", "PPPPPii"),
@@ -260,6 +295,8 @@ SIGNATURES = {
     **{f"gemm_bf16_silu_bm{bm}": ("gemm.cu", "PPPPiiiiPP") for bm in GEMM_TILES},
     **{f"gemm90_bf16_bm{bm}": ("gemm_sm90.cu", "PPPPiiii") for bm in GEMM90_TILES},
     **{f"gemm90_bf16_silu_bm{bm}": ("gemm_sm90.cu", "PPPPiii") for bm in GEMM90_TILES},
+    **{f"gemm90tma_bf16_bm{bm}": ("gemm_sm90_tma.cu", MAP_FORMAT * 3 + "PPiiiii") for bm in GEMM90T_TILES},
+    **{f"gemm90tma_bf16_silu_bm{bm}": ("gemm_sm90_tma.cu", MAP_FORMAT * 3 + "PPiii") for bm in GEMM90T_TILES},
     **{f"gemm_v1_bf16_bm{bm}": ("gemm_v1.cu", "PPPPiiii") for bm in GEMM_V1_TILES},
     **{f"gemm_v1_bf16_silu_bm{bm}": ("gemm_v1.cu", "PPPPiii") for bm in GEMM_V1_TILES},
     "silu_mul_parts": ("gemm.cu", "PiqPii"),
@@ -278,6 +315,15 @@ SIGNATURES = {
     "count_tokens": ("embedding.cu", "PPPii"),
     "copy_blocks": ("kv_cache.cu", "PPiqii"),
 }
+
+
+def argument_codes(argtypes: str) -> list[str]:
+    """A SIGNATURES format split into its parameters ("128sPi" → ["128s", "P", "i"]), as struct reads it.
+
+    >>> argument_codes(MAP_FORMAT + "PPiq")
+    ['128s', 'P', 'P', 'i', 'q']
+    """
+    return re.findall(r"\d*[A-Za-z]", argtypes)
 
 
 # ── host-side planning (pure functions: the backend and the tests use the same ones) ──────────────────────
@@ -399,7 +445,7 @@ def gemm90_splits(bm: int, M: int, N: int, K: int, sm_count: int, silu: bool = F
 
 
 def gemm_plan(M: int, N: int, K: int, sm_count: int, silu: bool = False, hopper: bool = False,
-              int8: bool = False, skinny: bool = True) -> GemmPlan:
+              int8: bool = False, skinny: bool = True, tma: bool = False) -> GemmPlan:
     """The projection kernel for C = A·Wᵀ, A [M, K], W [N, K] (silu: W = [gate; up], the SiLU·up product), one rule
     per regime, the same on every run; all but the skinny one chosen by the H200 measurements of
     benchmarks/bench_kernels.py (2026-12-02):
@@ -418,6 +464,10 @@ def gemm_plan(M: int, N: int, K: int, sm_count: int, silu: bool = False, hopper:
       it beat the stream-K schedule at decode sizes (7B M = 64 o_proj 16.1 against 22.0, down 34.7 against 43.0).
     - otherwise gemm.cu's stream-K schedule with gemm_stream_tile's tile (prefill without enough wgmma tiles).
 
+    tma (the TMA kernels available: sm_90 and GEMM_TMA): the wgmma regimes above run gemm_sm90_tma.cu's kernels
+    (variant "tma", the same tiles and split counts) where gemm90_tma_wins says they measured faster: every bm128
+    plan, and bm64 splits that stream enough k-tiles each.
+
     >>> gemm_plan(1, 4096, 4096, 132), gemm_plan(2, 4096, 4096, 132), gemm_plan(2, 12288, 4096, 132)
     (GemmPlan(variant='gemv', bm=0, splits=1), GemmPlan(variant='v1', bm=16, splits=8), GemmPlan(variant='gemv', bm=0, splits=1))
     >>> gemm_plan(64, 12288, 4096, 132, hopper=True, skinny=False), gemm_plan(64, 22016, 4096, 132, True, True, skinny=False)
@@ -430,6 +480,10 @@ def gemm_plan(M: int, N: int, K: int, sm_count: int, silu: bool = False, hopper:
     (GemmPlan(variant='sm90', bm=64, splits=8), GemmPlan(variant='sm90', bm=128, splits=8))
     >>> gemm_plan(64, 22016, 4096, 132, silu=True, hopper=True), gemm_plan(16, 4096, 4096, 132, hopper=True)
     (GemmPlan(variant='sm90', bm=64, splits=1), GemmPlan(variant='v1', bm=16, splits=8))
+    >>> gemm_plan(64, 12288, 4096, 132, hopper=True, tma=True), gemm_plan(64, 4096, 4096, 132, hopper=True, tma=True)
+    (GemmPlan(variant='tma', bm=64, splits=2), GemmPlan(variant='sm90', bm=64, splits=8))
+    >>> gemm_plan(2048, 4096, 11008, 132, hopper=True, tma=True)
+    GemmPlan(variant='tma', bm=128, splits=1)
     """
     if M == 1 or (M == 2 and N >= 2 * K) or (int8 and M <= GEMV_MAX_ROWS):
         return GemmPlan("gemv", 0, 1)
@@ -437,12 +491,30 @@ def gemm_plan(M: int, N: int, K: int, sm_count: int, silu: bool = False, hopper:
         bm = gemm90_tile(M)
         splits = gemm90_splits(bm, M, N, K, sm_count, silu)
         if math.ceil(M / bm) * math.ceil(N / GEMM90_BN) * splits >= GEMM90_SKINNY_MIN_CTAS:
-            return GemmPlan("sm90", bm, splits)
+            kps = math.ceil(math.ceil(K / GEMM90_BK) / splits)
+            return GemmPlan("tma" if tma and gemm90_tma_wins(bm, kps) else "sm90", bm, splits)
     if hopper and M >= GEMM90_MIN_ROWS and gemm90_useful_tiles(M, N) >= GEMM90_MIN_USEFUL_TILES:
-        return GemmPlan("sm90", GEMM90_BM, 1)
+        return GemmPlan("tma" if tma else "sm90", GEMM90_BM, 1)
     if M <= GEMM_V1_MAX_ROWS:
         return GemmPlan("v1", *gemm_v1_plan(M, N, K, sm_count, silu))
     return GemmPlan("stream", gemm_stream_tile(M, N, K, sm_count), 1)
+
+
+GEMM90T_MIN_STREAM_KTILES = 20  # bm64: the TMA kernel from this many k-tiles per split (measured: ≤ 16 lose, ≥ 22 win)
+
+
+def gemm90_tma_wins(bm: int, ktiles_per_split: int) -> bool:
+    """Whether gemm_sm90_tma.cu's kernel beats gemm_sm90.cu's on the same plan (tile bm, k-tiles per split), as the
+    H200 measured (bench_kernels.py, 2026-12-02): with bm128 always (7B prefill at 2048 rows 767–880 TFLOP/s against
+    468–566; M = 128, 256: 7B o_proj 17.0 against 20.2 µs, gate_up 55.3 against 73.8); with bm64 when every split
+    streams ≥ GEMM90T_MIN_STREAM_KTILES k-tiles (7B qkv M = 64, 32 k-tiles: 31.5 against 33.7 µs; down, 22: 29.3
+    against 29.9), the cp.async kernel when the shares are short (7B o_proj M = 64, 8 k-tiles: 13.6 against 14.2;
+    1B down, 16: 13.3 against 14.0): the TMA pipeline's fill by one thread costs more than it gains there.
+
+    >>> gemm90_tma_wins(128, 4), gemm90_tma_wins(64, 32), gemm90_tma_wins(64, 8)
+    (True, True, False)
+    """
+    return bm == GEMM90_BM or ktiles_per_split >= GEMM90T_MIN_STREAM_KTILES
 
 
 def gemm_workspace(shapes, max_rows: int, sm_count: int, hopper: bool = False, int8: bool = False,
@@ -526,13 +598,15 @@ def gemm_ktiles_per_split(bm: int, K: int, splits: int, tiles: dict | None = Non
 
 def kernel_smem(hopper: bool = False) -> dict[str, int]:
     """Dynamic shared memory of every kernel that takes some (the limit its launches raise), by kernel name; the
-    Hopper GEMM's (193 and 201 KB, over sm_80's limit) and prefill attention's only with hopper."""
+    Hopper GEMMs' (up to 201 KB, over sm_80's limit) and prefill attention's only with hopper."""
     smem = {}
     if hopper:
         for bm, tile in GEMM90_TILES.items():
             smem[f"gemm90_bf16_bm{bm}"] = smem[f"gemm90_bf16_silu_bm{bm}"] = tile.smem
         for d in HEAD_DIMS_SM90:
             smem[f"paged_prefill90_d{d}"] = prefill90_smem(d)
+        for bm, tile in GEMM90T_TILES.items():
+            smem[f"gemm90tma_bf16_bm{bm}"] = smem[f"gemm90tma_bf16_silu_bm{bm}"] = tile.smem
     for bm, tile in GEMM_TILES.items():
         smem[f"gemm_bf16_bm{bm}"] = smem[f"gemm_bf16_silu_bm{bm}"] = tile.smem
     for bm, tile in GEMM_V1_TILES.items():
@@ -696,6 +770,9 @@ class Kernels:
                 raise DeviceError(f"cuda/{source}: cannot load the {self.arch} cubin ({exc})") from None
         self.functions = {}
         for name, (source, argtypes) in SIGNATURES.items():
+            if "s" in argtypes:  # a struct by value (a TMA map): the driver places the parameters (DriverFunction)
+                self.functions[name] = DriverFunction(cubins[source], name, argument_codes(argtypes))
+                continue
             function = modules[source].get_function(name)
             function.prepare(argtypes)
             self.functions[name] = function
@@ -713,11 +790,13 @@ class Kernels:
         self._gemm_tickets = self.cuda.mem_alloc(4 * self.gemm_ctas)
         self.cuda.memset_d32(int(self._gemm_tickets), 0, self.gemm_ctas)
         self._gemm_slots = self.cuda.mem_alloc(4 * 2 * self.gemm_ctas * slot)
+        self.tensor_maps = TensorMaps()  # gemm_sm90_tma.cu's maps, encoded once per (buffer, shape, box)
 
     def plan(self, M: int, N: int, K: int, silu: bool = False, int8: bool = False) -> GemmPlan:
         """gemm_plan for this GPU: the Hopper GEMM only on sm_90 with GEMM_HOPPER on, the skinny plan with GEMM_SKINNY."""
-        return gemm_plan(M, N, K, self.sm_count, silu=silu, hopper=self.hopper and GEMM_HOPPER, int8=int8,
-                         skinny=GEMM_SKINNY)
+        hopper = self.hopper and GEMM_HOPPER
+        return gemm_plan(M, N, K, self.sm_count, silu=silu, hopper=hopper, int8=int8, skinny=GEMM_SKINNY,
+                         tma=hopper and GEMM_TMA)
 
     def workspace(self, shapes, max_rows: int, int8: bool = False) -> int:
         """gemm_workspace under this GPU's plan (Kernels.plan): f32 elements of projection output or partials."""
@@ -879,7 +958,8 @@ class Kernels:
         the runtime): "stream" (gemm.cu; bm default gemm_stream_tile's): splits = 1 runs the stream-K schedule on
         `ctas` persistent CTAs (default: one per multiprocessor), more splits the grid over K into partial sums;
         "v1": gemm_v1.cu's grid split-K kernels (bm default its gemm_tile); "sm90": the Hopper wgmma kernels
-        (sm_90 GPUs; bm 64 or 128 rows × 256 columns, default gemm90_tile's; grid split-K as v1's)."""
+        (sm_90 GPUs; bm 64 or 128 rows × 256 columns, default gemm90_tile's; grid split-K as v1's); "tma": the same
+        tiles fed by TMA copies through an mbarrier pipeline (gemm_sm90_tma.cu), persistent over the tiles."""
         N, K = weight.shape
         _check_count("gemm", rows)
         if weight.dtype != "bf16":
@@ -888,15 +968,15 @@ class Kernels:
             raise DeviceError(f"gemm: K = {K} is not a multiple of 8")
         if variant not in GEMM_VARIANTS:
             raise DeviceError(f"gemm: variant {variant!r} (one of {GEMM_VARIANTS})")
-        if variant == "sm90":
+        if variant in ("sm90", "tma"):
             if not self.hopper:
-                raise DeviceError(f"gemm: the sm90 (wgmma) kernels need an sm_90 GPU, this is {self.arch}")
+                raise DeviceError(f"gemm: the {variant} (wgmma) kernels need an sm_90 GPU, this is {self.arch}")
             bm = bm or gemm90_tile(rows)
             if bm not in GEMM90_TILES:
-                raise DeviceError(f"gemm sm90: tile {bm} (one of {sorted(GEMM90_TILES)})")
+                raise DeviceError(f"gemm {variant}: tile {bm} (one of {sorted(GEMM90_TILES)})")
         tiles_of = GEMM_V1_TILES if variant == "v1" else GEMM_TILES
         bm = bm or (gemm_tile(rows, GEMM_V1_TILES) if variant == "v1" else gemm_stream_tile(rows, N, K, self.sm_count))
-        if variant != "sm90" and bm not in tiles_of:
+        if variant not in ("sm90", "tma") and bm not in tiles_of:
             raise DeviceError(f"gemm: tile {bm} (one of {sorted(tiles_of)})")
         if (max(rows, N) + 256) * K >= 2**31:  # a tile's rows past the end are addressed too (and not read)
             raise DeviceError(f"gemm: {max(rows, N)} × {K} elements (the kernels index below 2^31)")
@@ -911,6 +991,8 @@ class Kernels:
             if not 1 <= splits <= 64:
                 raise DeviceError(f"gemm: {splits} splits")
             _expect_elements(c, "gemm output" if splits == 1 else "gemm partials", "f32", splits * rows * N, last_dim=N)
+        if variant == "tma":
+            return self._gemm_tma(a, weight, scales, c, rows, silu, splits, bm, ctas)
         if variant == "sm90":
             tile = GEMM90_TILES[bm]
             grid = (math.ceil(rows / bm) * math.ceil(N / GEMM90_BN), splits)
@@ -948,6 +1030,32 @@ class Kernels:
         else:
             self.launch(f"gemm_bf16_bm{bm}", (grid_x, splits), (tile.threads, 1, 1), a.ptr, weight.ptr, _ptr(scales),
                         c.ptr, rows, N, K, kps, sk_tiles, *scratch, smem=tile.smem)
+
+    def _gemm_tma(self, a: DeviceBuffer, weight: DeviceBuffer, scales: DeviceBuffer | None, c: DeviceBuffer,
+                  rows: int, silu: bool, splits: int, bm: int, ctas: int | None) -> None:
+        """gemm_sm90_tma.cu (shapes checked by gemm): A's map [rows, K] in boxes of bm rows; W's two maps of 128-row
+        boxes (W itself twice, or its gate and up halves); a persistent grid of `ctas` CTAs (default one per
+        multiprocessor), never more than the work units (tiles × splits)."""
+        N, K = weight.shape
+        if ctas is not None and not 1 <= ctas <= self.sm_count:
+            raise DeviceError(f"gemm tma: {ctas} CTAs (1 … {self.sm_count})")
+        tile, maps = GEMM90T_TILES[bm], self.tensor_maps
+        a_map = maps.bf16(a.ptr, rows, K, bm)
+        if silu:
+            half = N // 2
+            w_maps = (maps.bf16(weight.ptr, half, K, GEMM90T_WBOX), maps.bf16(weight.ptr + half * K * 2, half, K,
+                                                                             GEMM90T_WBOX))
+        else:
+            w_maps = (maps.bf16(weight.ptr, N, K, GEMM90T_WBOX),) * 2
+        units = math.ceil(rows / bm) * math.ceil(N / GEMM90T_BN) * splits
+        grid = (min(units, ctas or self.sm_count),)
+        if silu:
+            self.launch(f"gemm90tma_bf16_silu_bm{bm}", grid, (tile.threads, 1, 1), a_map, *w_maps, _ptr(scales), c.ptr,
+                        rows, N, K, smem=tile.smem)
+        else:
+            kps = math.ceil(math.ceil(K / GEMM90T_BK) / splits)
+            self.launch(f"gemm90tma_bf16_bm{bm}", grid, (tile.threads, 1, 1), a_map, *w_maps, _ptr(scales), c.ptr,
+                        rows, N, K, kps, splits, smem=tile.smem)
 
     def silu_mul_parts(self, parts_buffer: DeviceBuffer, parts: int, part_stride: int, out: DeviceBuffer,
                        rows: int) -> None:
@@ -1241,7 +1349,9 @@ class Kernels:
 
 
 __all__ = ["BLOCK_SIZE", "GEMV_MAX_ROWS", "HEAD_DIMS", "DECODE_GROUPS", "GEMM_TILES", "GEMM_V1_TILES", "GEMM_VARIANTS",
-           "GEMM_HOPPER", "ATTENTION_HOPPER", "GEMM90_TILES", "SIGNATURES", "MIRRORED", "DeviceBuffer", "ITEMSIZE", "Kernels", "decode_group",
+           "GEMM_HOPPER", "ATTENTION_HOPPER", "GEMM_TMA", "GEMM90_TILES", "GEMM90T_TILES", "GEMM90T_MIN_STREAM_KTILES",
+           "SIGNATURES", "argument_codes", "gemm90_tma_wins", "MIRRORED", "DeviceBuffer", "ITEMSIZE", "Kernels",
+           "decode_group",
            "decode_smem", "decode_splits", "gemm_cost", "gemm_plan", "GemmPlan", "gemm_stream_tile", "gemm_workspace", "gemm_splits", "gemm_stream_chunks",
            "gemm_stream_plan", "gemm_tile", "gemm90_tile", "gemm90_splits", "GEMM_SKINNY", "gemm_ktiles_per_split", "gemm_v1_plan", "gemv_split", "kernel_smem",
            "prefill_kernel", "prefill90_smem", "prefill_tiles", "q4_split", "q4_tiles", "q4_units"]

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CTYPE = {"P": "void*", "i": "int", "f": "float", "q": "long long"}
+CTYPE = {"P": "void*", "i": "int", "f": "float", "q": "long long", "128s": "TensorMap"}  # 128s: a TMA map by value
 
 
 def build_dir() -> Path:
@@ -38,7 +38,7 @@ def emulated_common(source_dir: Path) -> str:
     return common[:start] + "OS_EMU_HELPERS\n" + common[end:]
 
 
-def emulated_source(source_dir: Path, name: str, signatures: dict, mutations: list) -> str:
+def emulated_source(source_dir: Path, name: str, signatures: dict, mutations: list, codes) -> str:
     text = (source_dir / name).read_text()
     for old, new in mutations:
         if old in text:
@@ -50,7 +50,7 @@ def emulated_source(source_dir: Path, name: str, signatures: dict, mutations: li
     for kernel, (file, fmt) in signatures.items():
         if file != name:
             continue
-        types = [CTYPE[c] for c in fmt]
+        types = [CTYPE[c] for c in codes(fmt)]
         unpack = "; ".join(f"{t} p{i} = *({t}*)a[{i}]" for i, t in enumerate(types))
         call = ", ".join(f"p{i}" for i in range(len(types)))
         text += (f'extern "C" void emu_call_{kernel}(void* const* a, unsigned gx, unsigned gy, unsigned gz, '
@@ -64,7 +64,7 @@ def emulated_source(source_dir: Path, name: str, signatures: dict, mutations: li
 def build(names: list[str] | None = None) -> Path:
     """Compile the kernel files (all by default) into build_dir(); returns it. Raises RuntimeError on a failure."""
     from olmoscope.runtime.cuda.build import KERNEL_FILES, kernel_dir
-    from olmoscope.runtime.cuda.kernels import SIGNATURES
+    from olmoscope.runtime.cuda.kernels import SIGNATURES, argument_codes
 
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
@@ -76,7 +76,7 @@ def build(names: list[str] | None = None) -> Path:
 
     def one(name: str) -> str:
         cpp = out / f"{name}.cpp"
-        cpp.write_text(emulated_source(source_dir, name, SIGNATURES, mutations))
+        cpp.write_text(emulated_source(source_dir, name, SIGNATURES, mutations, argument_codes))
         command = [compiler, "-std=c++20", "-O1", "-fPIC", "-shared", "-w", "-DOS_EMULATE_SM90", "-I", str(out),
                    "-I", str(HERE),
                    "-x", "c++", str(cpp), "-o", str(out / f"{name}.so")]

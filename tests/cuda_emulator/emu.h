@@ -401,6 +401,111 @@ inline void wgmma_ss_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b
 }
 inline void wgmma_rs_m64n128k16_tb(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b) { emu_wgmma_rs_tb<128>(d, a, desc_b); }
 inline void wgmma_rs_m64n64k16_tb(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) { emu_wgmma_rs_tb<64>(d, a, desc_b); }
+// ── Hopper TMA and mbarriers (gemm_sm90_tma.cu; this block is the TMA GEMM's, separate from the wgmma forms) ──
+// mbarrier: a side table keyed by the barrier's shared-window offset, (re)set by mbar_init: the arrivals a phase
+// expects and still waits for, its transaction count (bytes armed by arrive.expect_tx minus bytes of bulk copies
+// issued), its phase bit, and the bulk copies that complete it. A phase completes when no arrival is pending and the
+// count is 0; its copies land then, all at once (the latest the hardware could land them: a consumer that reads a
+// stage without waiting for its phase sees the 0xff garbage), and try_wait.parity(P) is true once the phase bit
+// differs from P (a fresh barrier's phase "before 0", parity 1, counts as complete). With EMU_CP_ASYNC_EAGER=1 a copy
+// lands when issued instead (a stage refilled while a wgmma may still read it shows). A wait that fails yields, and
+// so does an arrival that completes a phase (its waiters, e.g. a producer refilling the stage, run at once: a stage
+// released before the wgmma reading it retired shows). Two million failed waits with no arrival or copy between them
+// is a deadlock (a phase that can never complete), reported at once.
+// cp.async.bulk.tensor.2d: the box (box_rows × box_cols elements from column x, row y) of the map, written row after
+// row of 128 bytes with the hardware's 128-byte swizzle (16-byte chunk index XOR shared-address bits 7-9, the same
+// rule the wgmma model reads with) and zeros for every element outside the matrix (negative coordinates too); the
+// transaction count drops by the whole box, as the hardware counts it. The map is the emulator's own layout of the
+// 128 bytes (EmuTensorMap, written by plugin.py's stand-in for cuTensorMapEncodeTiled), marked by a magic word.
+// setmaxnreg is a no-op, fence.proxy.async (above) too: one memory, no proxies.
+#define __grid_constant__
+struct EmuTensorMap {
+    uint64_t magic, address, cols, rows, pitch;  // cols: the contiguous dimension; pitch: bytes between rows
+    uint32_t box_cols, box_rows, elem_bytes, swizzle_bytes;
+};
+constexpr uint64_t EMU_TENSOR_MAP_MAGIC = 0x50414d54554d45ull;  // "EMUTMAP"
+struct EmuBulkCopy { uint32_t dst; EmuTensorMap map; int x, y; };
+struct EmuMbar {
+    int expected = 0, pending = 0, phase = 0;
+    long long tx = 0;
+    std::vector<EmuBulkCopy> copies;
+};
+inline std::vector<std::pair<uint32_t, EmuMbar>> emu_mbars;  // few per block: a linear search
+inline long emu_mbar_idle_waits = 0;  // failed waits since the last arrival or copy
+inline EmuMbar& emu_mbar(uint32_t bar, const char* what) {
+    for (auto& [addr, m] : emu_mbars)
+        if (addr == bar) return m;
+    std::fprintf(stderr, "emulator: %s on shared offset %u, which no mbar_init made a barrier\n", what, bar);
+    std::abort();
+}
+inline void emu_bulk_land(const EmuBulkCopy& c) {
+    const EmuTensorMap& m = c.map;
+    for (uint32_t r = 0; r < m.box_rows; r++)
+        for (uint32_t e = 0; e < m.box_cols; e++) {
+            uint32_t o = c.dst + (r * m.box_cols + e) * m.elem_bytes;
+            if (m.swizzle_bytes == 128) o ^= ((o >> 7) & 7) << 4;
+            emu_check_dynamic(emu_dynamic_smem + (o & ~15u), "cp.async.bulk.tensor");
+            const long long col = (long long)c.x + e, row = (long long)c.y + r;
+            unsigned char* dst = emu_dynamic_smem + o;
+            if (col < 0 || row < 0 || col >= (long long)m.cols || row >= (long long)m.rows)
+                std::memset(dst, 0, m.elem_bytes);
+            else
+                std::memcpy(dst, (const unsigned char*)(uintptr_t)m.address + row * m.pitch + col * m.elem_bytes,
+                            m.elem_bytes);
+        }
+}
+inline bool emu_mbar_settle(EmuMbar& m) {  // true when the phase completed
+    emu_mbar_idle_waits = 0;
+    if (m.pending > 0 || m.tx != 0) return false;
+    for (const auto& c : m.copies) emu_bulk_land(c);
+    m.copies.clear();
+    m.phase ^= 1;
+    m.pending = m.expected;
+    return true;
+}
+inline void mbar_init(uint32_t bar, int count) {
+    for (auto& [addr, m] : emu_mbars)
+        if (addr == bar) { m = EmuMbar{count, count}; return; }
+    emu_mbars.push_back({bar, EmuMbar{count, count}});
+}
+inline void mbar_arrive(uint32_t bar) {
+    EmuMbar& m = emu_mbar(bar, "mbarrier.arrive");
+    if (--m.pending < 0) { std::fprintf(stderr, "emulator: more arrivals than the mbarrier expects\n"); std::abort(); }
+    if (emu_mbar_settle(m)) emu_yield();
+}
+inline void mbar_arrive_expect_tx(uint32_t bar, int bytes) {
+    emu_mbar(bar, "mbarrier.arrive.expect_tx").tx += bytes;
+    mbar_arrive(bar);
+}
+inline bool mbar_try_wait(uint32_t bar, int parity) { return emu_mbar(bar, "mbarrier.try_wait").phase != (parity & 1); }
+inline void mbar_wait(uint32_t bar, int parity) {
+    while (!mbar_try_wait(bar, parity)) {
+        if (++emu_mbar_idle_waits > 2000000) {
+            std::fprintf(stderr, "emulator: mbarrier deadlock (a phase no arrival or copy can complete)\n");
+            std::abort();
+        }
+        emu_yield();
+    }
+}
+inline void tma_load_2d(uint32_t dst, const void* map_bytes, uint32_t bar, int x, int y) {
+    EmuBulkCopy c{dst, {}, x, y};
+    std::memcpy(&c.map, map_bytes, sizeof(EmuTensorMap));
+    if (c.map.magic != EMU_TENSOR_MAP_MAGIC || c.map.box_cols * c.map.elem_bytes != c.map.swizzle_bytes ||
+        dst % 128) {
+        std::fprintf(stderr, "emulator: cp.async.bulk.tensor with a map the stand-in encoder did not make, a box "
+                             "row other than the swizzle span, or a destination not 128-byte aligned\n");
+        std::abort();
+    }
+    EmuMbar& m = emu_mbar(bar, "cp.async.bulk.tensor");
+    if (emu_eager) emu_bulk_land(c);
+    else m.copies.push_back(c);
+    m.tx -= (long long)c.map.box_rows * c.map.box_cols * c.map.elem_bytes;
+    emu_mbar_settle(m);
+}
+inline void tma_prefetch_map(const void*) {}
+template <int REGS> inline void setmaxnreg_dec() {}
+template <int REGS> inline void setmaxnreg_inc() {}
+// ── end of the TMA / mbarrier block ──
 
 // ── the launcher the Python side calls through ctypes ──
 

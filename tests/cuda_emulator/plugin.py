@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 import sys
 import types
 
@@ -103,7 +104,21 @@ package.driver = driver
 sys.modules["pycuda"] = package
 sys.modules["pycuda.driver"] = driver
 
-CTYPES = {"P": ctypes.c_void_p, "i": ctypes.c_int, "f": ctypes.c_float, "q": ctypes.c_longlong}
+CTYPES = {"P": ctypes.c_void_p, "i": ctypes.c_int, "f": ctypes.c_float, "q": ctypes.c_longlong,
+          "128s": lambda b: (ctypes.c_char * 128).from_buffer_copy(b)}  # a TMA tensor map, by value
+EMU_TENSOR_MAP_MAGIC = 0x50414D54554D45  # emu.h's EmuTensorMap: "EMUTMAP"
+
+
+def emulated_tensor_map(address: int, rows: int, cols: int, pitch: int, box_rows: int) -> bytes:
+    """The stand-in for cuTensorMapEncodeTiled (runtime/cuda/tensor_map.encode_tiled): the same checks, then emu.h's
+    own layout of the 128 bytes (EmuTensorMap: magic, address, cols, rows, pitch, box cols/rows, element bytes,
+    swizzle bytes) for its model of cp.async.bulk.tensor."""
+    from olmoscope.runtime.cuda import tensor_map
+
+    tensor_map.check_matrix(address, rows, cols, pitch, box_rows)
+    packed = struct.pack("<5Q4I", EMU_TENSOR_MAP_MAGIC, address, cols, rows, pitch, tensor_map.BOX_COLS, box_rows,
+                         2, 128)
+    return packed.ljust(tensor_map.MAP_BYTES, b"\0")
 DEFAULT_SMEM = 48 * 1024
 MAX_SMEM = 227 * 1024  # sm_90's per-block opt-in maximum
 
@@ -118,7 +133,9 @@ class EmulatedFunction:
         self.set_smem = library.emu_set_dynamic_smem  # shared memory past the launch's bytes aborts the emulator
         self.set_smem.restype = None
         self.set_smem.argtypes = [ctypes.c_uint]
-        self.name, self.argtypes, self.smem_limit = name, argtypes, DEFAULT_SMEM
+        from olmoscope.runtime.cuda.kernels import argument_codes
+
+        self.name, self.argtypes, self.smem_limit = name, argument_codes(argtypes), DEFAULT_SMEM
 
     def set_attribute(self, attribute, value: int) -> None:
         if value > MAX_SMEM:
@@ -162,6 +179,7 @@ def _install() -> None:
                 self.functions[name] = EmulatedFunction(libraries[source], name, argtypes)
             self._modules = libraries
             self._configure()  # the real shared-memory limits and GEMM scratch
+            self.tensor_maps = K.TensorMaps(emulated_tensor_map)  # emu.h's maps, not the driver's
 
     K.Kernels = EmulatedKernels
 
