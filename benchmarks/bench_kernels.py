@@ -202,28 +202,10 @@ def bench_projections(b: Bench, model: str, cfg: dict, bandwidth: float, rows_li
                     launch = lambda w, M=M, bm=plan_bm, splits=splits: k.gemm(x, w, None, parts, M, splits=splits,  # noqa: E731
                                                                              bm=bm)
                 variants.append((f"gemm bm{plan_bm} ×{splits}", launch, False, "split", splits))
-            if b.kernels.hopper and M >= 64:  # the wgmma kernel as measured before (128 × 256 tiles, no split)
-                variants.append(("gemm sm90 wgmma" + (" silu" if silu else ""),
-                                 lambda w, M=M: k.gemm(x, w, None, y, M, silu=silu, bm=K.GEMM90_BM, variant="sm90"),
-                                 plan == ("sm90", K.GEMM90_BM, 1), "sm90", 1))
-            if b.kernels.hopper and M >= 8:  # the wgmma kernels with grid split-K (skinny M), two split counts
-                bm90 = K.gemm90_tile(M)
-                for column, s90 in zip(("sm90k", "sm90k alt"), skinny_splits(b, M, N, Kdim, silu)):
-                    if column == "sm90k alt" and s90 == skinny_splits(b, M, N, Kdim, silu)[0]:
-                        continue
-                    if s90 == 1:
-                        launch = lambda w, M=M, bm=bm90: k.gemm(x, w, None, y, M, silu=silu, bm=bm,  # noqa: E731
-                                                                variant="sm90")
-                    elif silu:
-                        launch = lambda w, M=M, bm=bm90, s=s90: (  # noqa: E731
-                            k.gemm(x, w, None, parts, M, splits=s, bm=bm, variant="sm90"),
-                            k.silu_mul_parts(parts, s, M * N, y, M))
-                    else:
-                        launch = lambda w, M=M, bm=bm90, s=s90: k.gemm(x, w, None, parts, M, splits=s, bm=bm,  # noqa: E731
-                                                                       variant="sm90")
-                    variants.append((f"gemm sm90 bm{bm90} ×{s90}", launch, plan == ("sm90", bm90, s90), column, s90))
-            if b.kernels.hopper:  # the TMA-fed wgmma kernels (gemm_sm90_tma.cu): as sm90 and sm90k, same tiles, splits
-                variants += tma_variants(k, x, y, parts, M, N, Kdim, silu, plan, skinny_splits(b, M, N, Kdim, silu))
+            if b.kernels.hopper:  # the wgmma kernels, fed by cp.async (gemm_sm90.cu) and by TMA (gemm_sm90_tma.cu)
+                skinny = skinny_splits(b, M, N, Kdim, silu)
+                for variant in ("sm90", "tma"):
+                    variants += wgmma_variants(k, x, y, parts, M, N, Kdim, silu, plan, skinny, variant)
             # the previous kernels with their own plan (gemm_v1_plan)
             v1_bm, v1_splits = K.gemm_v1_plan(M, N, Kdim, b.sm, silu=silu)
             target = y if v1_splits == 1 else parts
@@ -242,29 +224,30 @@ def bench_projections(b: Bench, model: str, cfg: dict, bandwidth: float, rows_li
     return results
 
 
-def tma_variants(k, x, y, parts, M: int, N: int, Kdim: int, silu: bool, plan, skinny) -> list[tuple]:
-    """gemm_sm90_tma.cu's columns: "tma" (bm128, one split) from M = 64, "tmak" (gemm90_tile's tile with the skinny
-    split counts) from M = 8, "tmak alt" (two waves' worth of splits)."""
+def wgmma_variants(k, x, y, parts, M: int, N: int, Kdim: int, silu: bool, plan, skinny, variant: str) -> list[tuple]:
+    """One wgmma feed's columns (variant "sm90": gemm_sm90.cu, "tma": gemm_sm90_tma.cu): VARIANT (bm128, one split,
+    as first measured) from M = 64, VARIANTk (gemm90_tile's tile with the skinny split counts) from M = 8, and
+    "VARIANTk alt" (two waves' worth of splits)."""
     variants = []
     if M >= 64:
-        variants.append(("gemm tma" + (" silu" if silu else ""),
-                         lambda w, M=M: k.gemm(x, w, None, y, M, silu=silu, bm=K.GEMM90_BM, variant="tma"),
-                         plan == ("tma", K.GEMM90_BM, 1), "tma", 1))
+        variants.append((f"gemm {variant}" + (" silu" if silu else ""),
+                         lambda w, M=M: k.gemm(x, w, None, y, M, silu=silu, bm=K.GEMM90_BM, variant=variant),
+                         plan == (variant, K.GEMM90_BM, 1), variant, 1))
     if M >= 8:
         bm = K.gemm90_tile(M)
-        for column, s in zip(("tmak", "tmak alt"), skinny):
-            if column == "tmak alt" and s == skinny[0]:
+        for column, s in zip((f"{variant}k", f"{variant}k alt"), skinny):
+            if column.endswith("alt") and s == skinny[0]:
                 continue
             if s == 1:
-                launch = lambda w, M=M, bm=bm: k.gemm(x, w, None, y, M, silu=silu, bm=bm, variant="tma")  # noqa: E731
+                launch = lambda w, M=M, bm=bm: k.gemm(x, w, None, y, M, silu=silu, bm=bm, variant=variant)  # noqa: E731
             elif silu:
                 launch = lambda w, M=M, bm=bm, s=s: (  # noqa: E731
-                    k.gemm(x, w, None, parts, M, splits=s, bm=bm, variant="tma"),
+                    k.gemm(x, w, None, parts, M, splits=s, bm=bm, variant=variant),
                     k.silu_mul_parts(parts, s, M * N, y, M))
             else:
                 launch = lambda w, M=M, bm=bm, s=s: k.gemm(x, w, None, parts, M, splits=s, bm=bm,  # noqa: E731
-                                                           variant="tma")
-            variants.append((f"gemm tma bm{bm} ×{s}", launch, plan == ("tma", bm, s), column, s))
+                                                           variant=variant)
+            variants.append((f"gemm {variant} bm{bm} ×{s}", launch, plan == (variant, bm, s), column, s))
     return variants
 
 

@@ -13,24 +13,6 @@
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr int KV_PAD = 8;  // smem pitch d + 8 bf16: 16 extra bytes per row keep ldmatrix conflict-free
 
-// Pool address of (physical block, kv head, offset in the block, column).
-OS_DEVICE size_t kv_offset(int block, int head, int Hkv, int offset, int D) {
-    return (((size_t)block * Hkv + head) * KV_BLOCK + offset) * D;
-}
-
-// Online-softmax rescale point: the running max, or 0 while a row has seen only masked keys (−inf − −inf is NaN).
-OS_DEVICE float safe_max(float m) { return m == -INFINITY ? 0.f : m; }
-
-// Max (or sum) over the four lanes 4g … 4g+3 that share a row of an mma accumulator.
-OS_DEVICE float quad_max(float v) {
-    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
-    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
-}
-OS_DEVICE float quad_sum(float v) {
-    v += __shfl_xor_sync(0xffffffffu, v, 1);
-    return v + __shfl_xor_sync(0xffffffffu, v, 2);
-}
-
 // ── prefill ───────────────────────────────────────────────────────────────────────────────────────
 constexpr int FA_BQ = 64, FA_BKV = 64, FA_THREADS = 128;
 

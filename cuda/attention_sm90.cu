@@ -109,11 +109,6 @@ OS_DEVICE uint64_t fa90_desc(uint32_t addr, uint32_t lbo) {
            ((uint64_t)1 << 62);
 }
 
-// Pool address of (physical block, kv head, offset in the block, column 0).
-OS_DEVICE size_t fa90_kv_offset(int block, int head, int Hkv, int offset, int D) {
-    return (((size_t)block * Hkv + head) * KV_BLOCK + offset) * D;
-}
-
 // A K/V tile (keys kv0 … kv0 + 127, kv0 % 16 == 0) is 8 cache blocks: warp w of the CTA copies block w, so each
 // thread needs one block-table entry per tile (read a tile ahead, off the copies' critical path). The entry of this
 // warp's block of the tile at kv0; 0 (never read) past the keys.
@@ -130,7 +125,7 @@ OS_DEVICE void fa90_load_kv(uint32_t dst, const bf16* __restrict__ pool, int blo
     constexpr int CPR = D / 8, STEP = 32 / CPR;  // 16-byte chunks per key; rows of the block per pass of the warp
     const int lane = threadIdx.x & 31, b = threadIdx.x >> 5, c = lane % CPR, half = c >> 3, cc = c & 7;
     const int key0 = kv0 + KV_BLOCK * b;
-    const bf16* base = pool + fa90_kv_offset(block, kvh, Hkv, 0, D) + c * 8;
+    const bf16* base = pool + kv_offset(block, kvh, Hkv, 0, D) + c * 8;
 #pragma unroll
     for (int i = 0; i < KV_BLOCK / STEP; i++) {
         const int r = lane / CPR + STEP * i, row = KV_BLOCK * b + r;
@@ -185,17 +180,6 @@ OS_DEVICE float fa90_exp2(float x) {
     return y;
 }
 #endif
-
-// Online-softmax rescale point: the running max, or 0 while a row has seen only masked keys (−inf − −inf is NaN).
-OS_DEVICE float fa90_safe(float m) { return m == -INFINITY ? 0.f : m; }
-OS_DEVICE float fa90_quad_max(float v) {
-    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
-    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
-}
-OS_DEVICE float fa90_quad_sum(float v) {
-    v += __shfl_xor_sync(0xffffffffu, v, 1);
-    return v + __shfl_xor_sync(0xffffffffu, v, 2);
-}
 
 // Grid: (ceil(n_tiles / 2), H); block: 256 threads; dynamic shared memory Fa90Layout<D>::SMEM. Arguments as
 // attention.cu's paged_prefill (tiles from prefill_tiles, 64 rows each) plus n_tiles.
@@ -326,9 +310,9 @@ OS_DEVICE void paged_prefill90_body(const bf16* __restrict__ q, const bf16* __re
                 if (i & 2) mx1 = fmaxf(mx1, s[i]);
                 else mx0 = fmaxf(mx0, s[i]);
             }
-            mx0 = fa90_quad_max(mx0);
-            mx1 = fa90_quad_max(mx1);
-            const float base0 = fa90_safe(mx0) * scale, base1 = fa90_safe(mx1) * scale;
+            mx0 = quad_max(mx0);
+            mx1 = quad_max(mx1);
+            const float base0 = safe_max(mx0) * scale, base1 = safe_max(mx1) * scale;
             const float corr0 = fa90_exp2(m0 * scale - base0), corr1 = fa90_exp2(m1 * scale - base1);
             m0 = mx0;
             m1 = mx1;
@@ -367,8 +351,8 @@ OS_DEVICE void paged_prefill90_body(const bf16* __restrict__ q, const bf16* __re
         if (!active) continue;
 
         // Normalise and write this warpgroup's rows (a real row always sees itself: l > 0).
-        l0 = fa90_quad_sum(l0);
-        l1 = fa90_quad_sum(l1);
+        l0 = quad_sum(l0);
+        l1 = quad_sum(l1);
         const float inv0 = 1.f / l0, inv1 = 1.f / l1;
 #pragma unroll
         for (int j = 0; j < D / 8; j++) {

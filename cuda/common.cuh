@@ -25,6 +25,11 @@ OS_DEVICE void grid_dependency_sync() {
 constexpr int KV_BLOCK = 16;
 constexpr int KV_BLOCK_SHIFT = 4;  // log2(KV_BLOCK)
 
+// Pool address of (physical block, kv head, offset in the block, column 0) in one plane.
+OS_DEVICE size_t kv_offset(int block, int head, int Hkv, int offset, int D) {
+    return (((size_t)block * Hkv + head) * KV_BLOCK + offset) * D;
+}
+
 // ── bf16 / int8 unpacking ───────────────────────────────────────────────────────────────────────
 // A bf16 is the high half of a float, so widening is a shift (element 0 is the low half of a word).
 OS_DEVICE float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
@@ -66,6 +71,19 @@ OS_DEVICE float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
+
+// Max (or sum) over the four lanes 4g … 4g+3 that share a row of an mma/wgmma accumulator (attention's softmax).
+OS_DEVICE float quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+OS_DEVICE float quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// Online-softmax rescale point: the running max, or 0 while a row has seen only masked keys (−inf − −inf is NaN).
+OS_DEVICE float safe_max(float m) { return m == -INFINITY ? 0.f : m; }
 
 // Sum over the whole block; `scratch` holds 32 floats. Safe to call repeatedly (syncs before reuse).
 OS_DEVICE float block_sum(float v, float* scratch) {
