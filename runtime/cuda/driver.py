@@ -71,6 +71,14 @@ def gib(n: int) -> str:
     return f"{n / GiB:.1f} GiB"
 
 
+def driver_check(lib, status: int, call: str) -> None:
+    """A driver API call's non-zero CUresult as one DeviceError line naming the call and the error."""
+    if status != 0:
+        name = ctypes.c_char_p()
+        lib.cuGetErrorName(status, ctypes.byref(name))
+        raise DeviceError(f"{call} failed: {name.value.decode() if name.value else status}")
+
+
 class _EdgeData(ctypes.Structure):
     """CUgraphEdgeData: which ports of the two nodes an edge joins, and its type."""
 
@@ -101,10 +109,7 @@ class CudaGraph:
         self._exec = ctypes.c_void_p()
 
     def _check(self, status: int, call: str) -> None:
-        if status != 0:
-            name = ctypes.c_char_p()
-            self._lib.cuGetErrorName(status, ctypes.byref(name))
-            raise DeviceError(f"{call} failed: {name.value.decode() if name.value else status}")
+        driver_check(self._lib, status, call)
 
     def capture(self, record) -> None:
         """Run record() with the stream in capture mode, then instantiate what it launched."""
@@ -189,10 +194,7 @@ class DriverFunction:
                     "cuModuleGetFunction")
 
     def _check(self, status: int, call: str) -> None:
-        if status != 0:
-            error = ctypes.c_char_p()
-            self._lib.cuGetErrorName(status, ctypes.byref(error))
-            raise DeviceError(f"{call} ({self.name}) failed: {error.value.decode() if error.value else status}")
+        driver_check(self._lib, status, f"{call} ({self.name})")
 
     def set_attribute(self, attribute, value: int) -> None:
         """The one attribute the kernels raise: their dynamic shared memory limit (PyCUDA's name is ignored)."""
