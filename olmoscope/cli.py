@@ -53,6 +53,8 @@ class _Group(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when the parent ignores SIGINT
+            signal.signal(signal.SIGINT, _raise_interrupted)  # click's own code runs first: see _Interrupted
         try:
             _one_line_streams()
             with warnings.catch_warnings():
@@ -66,13 +68,16 @@ class _Group(click.Group):
             _fail(f"{exc.format_message()} (see '{where} --help')", exc.exit_code)
         except click.ClickException as exc:
             _fail(exc.format_message(), exc.exit_code)
-        except (click.Abort, KeyboardInterrupt):
+        except (click.Abort, KeyboardInterrupt, _Interrupted):
             _interrupted()
         except OlmoscopeError as exc:  # raised while a command was looked up (the lazy imports)
             _fail(str(exc), exc.exit_code)
         sys.exit(result if isinstance(result, int) else 0)  # --help and --version return their exit code
 
     def invoke(self, ctx: click.Context):
+        ours = signal.getsignal(signal.SIGINT) is _raise_interrupted
+        if ours:  # the commands' own code: Ctrl-C is KeyboardInterrupt again, which they clean up after
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             return super().invoke(ctx)
         except OlmoscopeError as exc:
@@ -83,6 +88,9 @@ class _Group(click.Group):
             sys.exit(141)  # output piped into `head`: not an error worth a traceback
         except MemoryError as exc:  # the last line of defence: sizes are meant to be checked before allocating
             _fail(f"not enough memory ({str(exc) or 'MemoryError'})", 1)
+        finally:  # back in click's code (unless an exit path has set SIGINT aside already)
+            if ours and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                signal.signal(signal.SIGINT, _raise_interrupted)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
@@ -97,6 +105,15 @@ class _Group(click.Group):
             except KeyboardInterrupt:  # inside click's main, which would print a blank line before aborting
                 _interrupted()
         return self.commands.get(name)
+
+
+class _Interrupted(BaseException):
+    """Ctrl-C while click's own code runs (parsing, making the context): not a KeyboardInterrupt, which click would
+    catch to print a blank line before it aborts, so the user would see two lines."""
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise _Interrupted
 
 
 def _fail(message: str, exit_code: int) -> None:

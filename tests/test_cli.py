@@ -34,11 +34,13 @@ main(["arch", "olmo2-1b"])
 
 
 def test_ctrl_c_at_any_moment_of_start_up_is_one_line():
+    import signal
     import sys
 
     for delay in (0.002, 0.01, 0.02, 0.04, 0.08, 0.16):
         for _ in range(5):  # until the signal lands in olmoscope's code rather than the harness's
-            run = subprocess.run([sys.executable, "-c", _INTERRUPT_AFTER, str(delay)], capture_output=True, text=True)
+            run = subprocess.run([sys.executable, "-c", _INTERRUPT_AFTER, str(delay)], capture_output=True, text=True,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as test_convert's
             if run.returncode != 99:
                 break
         assert "Traceback" not in run.stderr, (delay, run.stderr)

@@ -529,6 +529,7 @@ def test_interrupted_forced_conversion_keeps_the_old_file(tiny_snapshots, tmp_pa
 def _slow_convert(snapshot: Path, out_dir: Path, marker: Path, force_named_partial: bool = False):
     """A real `olmoscope convert` process, slowed down so that a signal lands while it writes; it touches
     `marker` when the first block is being encoded."""
+    import signal
     import subprocess
     import sys
 
@@ -539,7 +540,10 @@ def _slow_convert(snapshot: Path, out_dir: Path, marker: Path, force_named_parti
               + ("at._Nameless.create = classmethod(lambda cls, folder: None)\n" if force_named_partial else "")
               + "from olmoscope.cli import main\n"
               f"main(['convert', {str(snapshot)!r}, '-o', 'm.engine'])\n")
-    return subprocess.Popen([sys.executable, "-c", script], cwd=out_dir, stderr=subprocess.PIPE, text=True)
+    # SIGINT at its default in the child: a suite started in the background inherits it ignored, and olmoscope rightly
+    # keeps a parent's "ignore" (nohup, `&`), which would make the Ctrl-C cases finish instead
+    return subprocess.Popen([sys.executable, "-c", script], cwd=out_dir, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(marker: Path) -> None:
