@@ -46,21 +46,22 @@ class ShardPlan:
             if count % n:
                 raise UsageError(f"--tensor-parallel {n} does not divide the model's {count} {what}")
 
-    def heads(self, rank: int) -> range:
-        per = self.config.num_attention_heads // self.ranks
+    def _share(self, count: int, rank: int) -> range:
+        """Rank `rank`'s contiguous share of `count` things (the constructor checked that the ranks divide it)."""
+        per = count // self.ranks
         return range(rank * per, (rank + 1) * per)
+
+    def heads(self, rank: int) -> range:
+        return self._share(self.config.num_attention_heads, rank)
 
     def kv_heads(self, rank: int) -> range:
-        per = self.config.num_key_value_heads // self.ranks
-        return range(rank * per, (rank + 1) * per)
+        return self._share(self.config.num_key_value_heads, rank)
 
     def intermediate(self, rank: int) -> range:
-        per = self.config.intermediate_size // self.ranks
-        return range(rank * per, (rank + 1) * per)
+        return self._share(self.config.intermediate_size, rank)
 
     def vocabulary(self, rank: int) -> range:
-        per = self.config.vocab_size // self.ranks
-        return range(rank * per, (rank + 1) * per)
+        return self._share(self.config.vocab_size, rank)
 
     # ── what a rank holds ────────────────────────────────────────────────────────────────────────────
     def qkv_rows(self, rank: int) -> np.ndarray:
