@@ -185,7 +185,7 @@ SECTION = "bench_cuda"
 PREFACE = """## CUDA runtime
 
 `benchmarks/device_check.sh bench` on the GPU machine (it installs the carried wheels, then runs
-`python3 benchmarks/bench_cuda.py --models 1b,7b --int8 --docs docs/PERFORMANCE.md`). Random weights at the real
+`python3 benchmarks/bench_cuda.py --models 1b,7b --int8 --int4 --docs docs/PERFORMANCE.md`). Random weights at the real
 OLMo 2 dimensions, made on the GPU by transformers' `Olmo2ForCausalLM` in bf16 (std 0.02, norm weights
 1 + 0.1·randn), then handed to olmoscope as an in-memory engine (`Engine.from_arrays`: the same upload path as
 an engine file, without the disk); int8 rows quantize the same weights per row (scale = max|row| / 127).

@@ -24,7 +24,7 @@ cache (so weights come from DRAM, as in a real step), median of several replays.
   int4 g128 over bf16.
 
     python3 benchmarks/bench_kernels.py [--models 1b,7b] [--out DIR] [--quick] [--gemm-only | --quant-only |
-                                        --attention-only]
+                                        --attention-only] [--random]
 
 Prints one compact table; with --out writes DIR/bench_kernels.json. Finishes in a few minutes on an H200 (--gemm-only: the GEMM tables alone;
 --quant-only: the quantized projections alone, about a minute; --attention-only: the paged prefill alone).
@@ -66,8 +66,9 @@ REPLAYS = 7  # graph replays timed; the median is reported
 class Bench:
     """A context, a stream, the kernels, and device buffers freed at the end."""
 
-    def __init__(self):
+    def __init__(self, random: bool = False):
         cuda.init()
+        self.random = random  # bf16 inputs Gaussian instead of one constant (tensor cores draw more power on them)
         self.device = cuda.Device(0)
         self.context = self.device.retain_primary_context()
         self.context.push()
@@ -85,6 +86,8 @@ class Bench:
         allocation = cuda.mem_alloc(nbytes)
         buffer = DeviceBuffer(int(allocation), tuple(shape), dtype, allocation)
         self.buffers.append(buffer)
+        if fill is None and self.random and dtype == "bf16":
+            fill = self.rng.standard_normal(math.prod(shape), dtype=np.float32).reshape(shape)
         if fill is not None:
             self.upload(buffer, fill)
         else:  # a small non-zero constant, written on the device (timings here do not depend on the values)
@@ -600,9 +603,11 @@ def main() -> int:
     parser.add_argument("--gemm-only", action="store_true", help="the projections and prefill GEMMs only")
     parser.add_argument("--quant-only", action="store_true", help="the quantized projections (int4, int8) only")
     parser.add_argument("--attention-only", action="store_true", help="the paged prefill attention only")
+    parser.add_argument("--random", action="store_true", help="fill bf16 inputs with N(0, 1) values, not 2^-7 "
+                        "(slower to set up; the tensor cores' clocks may drop on random bits)")
     args = parser.parse_args()
     started = time.perf_counter()
-    b = Bench()
+    b = Bench(random=args.random)
     results: list[dict] = []
     try:
         bandwidth = b.copy_bandwidth()
