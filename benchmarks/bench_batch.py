@@ -167,7 +167,8 @@ def transformers_padded(model, work: list[list[int]]) -> dict:
 
 
 def render(everything: dict) -> str:
-    lines = ["## Batched runtime (`benchmarks/bench_batch.py`)", f"Workload: {REQUESTS} requests, prompts uniform in [{PROMPT_RANGE[0]}, {PROMPT_RANGE[1]}] tokens, "
+    lines = ["## Batched runtime (`benchmarks/bench_batch.py`)",
+             f"Workload: {REQUESTS} requests, prompts uniform in [{PROMPT_RANGE[0]}, {PROMPT_RANGE[1]}] tokens, "
              f"{NEW_TOKENS} new tokens each, greedy, no early stop; random weights at the model's real size. "
              f"Copy bandwidth measured in the run: {everything['bandwidth_bytes_per_s'] / 1e9:,.0f} GB/s. "
              "`python3 benchmarks/bench_batch.py --models 1b,7b`."]
