@@ -396,7 +396,8 @@ def paged_tables(b: Bench, contexts, instances: int) -> tuple[list[DeviceBuffer]
     return tables, num_blocks
 
 
-def bench_decode(b: Bench, model: str, cfg: dict, bandwidth: float, batches) -> list[dict]:
+def bench_decode(b: Bench, model: str, cfg: dict, bandwidth: float, batches, also=(1,)) -> list[dict]:
+    """paged_decode at each batch over contexts uniform in [128, 512], with the planned split count and those in also."""
     k = b.kernels
     H, Hkv, d = cfg["H"], cfg["Hkv"], cfg["d"]
     results = []
@@ -411,7 +412,7 @@ def bench_decode(b: Bench, model: str, cfg: dict, bandwidth: float, batches) -> 
         ctx = b.alloc((B,), "i32", contexts)
         max_blocks = math.ceil(int(contexts.max()) / K.BLOCK_SIZE)
         planned = K.decode_splits(B, Hkv, b.sm, max_blocks)
-        for splits in sorted({1, planned}):
+        for splits in sorted({*also, planned}):
             po = b.alloc((B, H, splits, d), "f32") if splits > 1 else None
             pml = b.alloc((B, H, splits, 2), "f32") if splits > 1 else None
             counters = b.alloc((B * Hkv,), "i32") if splits > 1 else None
@@ -603,6 +604,8 @@ def main() -> int:
     parser.add_argument("--gemm-only", action="store_true", help="the projections and prefill GEMMs only")
     parser.add_argument("--quant-only", action="store_true", help="the quantized projections (int4, int8) only")
     parser.add_argument("--attention-only", action="store_true", help="the paged prefill attention only")
+    parser.add_argument("--decode-only", action="store_true", help="the paged decode attention only (splits 1, 2 and "
+                        "the planned count at every batch)")
     parser.add_argument("--random", action="store_true", help="fill bf16 inputs with N(0, 1) values, not 2^-7 "
                         "(slower to set up; the tensor cores' clocks may drop on random bits)")
     args = parser.parse_args()
@@ -633,10 +636,12 @@ def main() -> int:
                            ("qk_norm_rope_append", lambda: bench_rope(b, model, cfg, ROPE_ROWS))]
             if args.attention_only:
                 stages = [("paged prefill", lambda: bench_prefill(b, model, cfg))]
+            if args.decode_only:
+                stages = [("paged decode", lambda: bench_decode(b, model, cfg, bandwidth, DECODE_BATCHES, (1, 2)))]
             for stage, run in stages:
                 results += run()
                 print(f"  {model} {stage} done at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-        if not (args.gemm_only or args.quant_only or args.attention_only):
+        if not (args.gemm_only or args.quant_only or args.attention_only or args.decode_only):
             results += bench_sampling(b)
     finally:
         b.close()

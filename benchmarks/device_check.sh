@@ -10,6 +10,7 @@
 #     bench    bench_cuda.py (batch-1 prefill and decode against transformers)
 #     serve    bench_serve.py (olmoscope serve under load against the offline loop and transformers)
 #     old      the previous runtime's batch-1 figures, from a tree unpacked in old/ (git archive REV), same card
+#   PYTEST_K=EXPR passes -k EXPR to the tests job; TEST_TIMEOUT, BENCH_TIMEOUT, MODELS, BENCH_ARGS, BATCH_ARGS tune the rest
 set -o pipefail
 if [ -z "${OUT:-}" ]; then echo "device_check.sh runs on the device machine only (it links packages into the tree)"; exit 2; fi
 mkdir -p "$OUT"
@@ -23,7 +24,7 @@ for job in "$@"; do
     echo "=== $job ($(date +%T))"
     case "$job" in
     tests)
-        timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -rs ${PYTEST_ARGS:-} tests/test_kernel_mirror.py \
+        timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -rs ${PYTEST_ARGS:-} ${PYTEST_K:+-k "$PYTEST_K"} tests/test_kernel_mirror.py \
             tests/test_cuda_kernels.py tests/test_cuda_backend.py tests/test_bench_cli.py tests/test_nccl.py tests/test_cuda_quant_kernels.py ${EXTRA_TESTS:-} 2>&1 | tee "$OUT/tests.log" |
             grep -v "^tests/.*PASSED" ;;
     quant)

@@ -2,7 +2,11 @@
 the same step through the engine loop (scheduling, metadata upload, sampling, the ids back to the host), and the
 step's roofline. Each kernel's own time at the same shapes is benchmarks/bench_kernels.py's job.
 
-    python3 benchmarks/profile_decode.py --models 1b,7b --batches 1,64 --context 448
+    python3 benchmarks/profile_decode.py --models 1b,7b --batches 1,64 --context 448 [--kernels]
+
+--kernels adds, per batch, each kernel's GPU time inside the replayed graph (CUPTI through torch.profiler, which sees
+PyCUDA's launches): one row per kernel of a layer (the same kernel name launched k times per layer is k rows, in
+launch order), summed over the layers, and the gaps between kernels.
 """
 
 from __future__ import annotations
@@ -30,8 +34,48 @@ from olmoscope.runtime.scheduler import Request  # noqa: E402
 REPLAYS, STEPS = 50, 32
 
 
-def profile(backend: CudaBackend, batch: int, context: int, bandwidth: float) -> list:
-    """[batch, graph ms, loop ms, roofline ms, graph % of roofline, host share]."""
+def kernel_times(graph, stream, replays: int = 20) -> tuple[list[tuple[str, float]], float]:
+    """([(kernel name, µs)] of one replay in launch order, averaged over the replays; the replay's span in µs)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.launch()
+        stream.synchronize()
+    kernels = sorted((e.start_ns(), e.duration_ns(), e.name()) for e in prof.profiler.kineto_results.events()
+                     if e.device_type().name == "CUDA" and e.duration_ns() > 0 and "Memcpy" not in e.name())
+    per = len(kernels) // replays
+    if per == 0 or per * replays != len(kernels):
+        raise RuntimeError(f"{len(kernels)} kernel events for {replays} replays")
+    times = [statistics.median(kernels[r * per + i][1] for r in range(replays)) / 1e3 for i in range(per)]
+    span = statistics.median((kernels[r * per + per - 1][0] + kernels[r * per + per - 1][1] - kernels[r * per][0])
+                             for r in range(replays)) / 1e3
+    return [(kernels[i][2], times[i]) for i in range(per)], span
+
+
+def kernel_table(launches: list[tuple[str, float]], span: float, layers: int) -> str:
+    """The launches of one replay folded by layer: a kernel launched k·layers times is k rows (its j-th launch of a
+    layer counted in row j); the others one row each."""
+    names = [name for name, _ in launches]
+    totals: dict[tuple[str, int], list[float]] = {}
+    seen: dict[str, int] = {}
+    for name, us in launches:
+        per_layer = names.count(name) // layers if names.count(name) % layers == 0 else 0
+        j = seen.get(name, 0)
+        seen[name] = j + 1
+        key = (name, j % per_layer if per_layer else j)
+        totals.setdefault(key, []).append(us)
+    busy = sum(us for _, us in launches)
+    rows = [[name[:48], j, len(v), f"{statistics.mean(v):.1f}", f"{sum(v):.0f}", f"{sum(v) / span:.1%}"]
+            for (name, j), v in totals.items()]
+    rows.append(["(gaps between kernels)", "", "", "", f"{span - busy:.0f}", f"{(span - busy) / span:.1%}"])
+    return tabulate(rows, ["kernel", "launch # in layer", "launches", "µs each", "µs per step", "share"],
+                    tablefmt="github")
+
+
+def profile(backend: CudaBackend, batch: int, context: int, bandwidth: float, kernels: bool = False) -> list:
+    """[batch, graph ms, loop ms, roofline ms, graph % of roofline, host share]; with kernels, the step's kernel
+    table printed."""
     rng = np.random.default_rng(batch)
     loop = EngineLoop(backend)
     outputs = [loop.add(Request(f"p{i}", rng.integers(0, backend.vocab_limit, context).tolist(),
@@ -52,6 +96,10 @@ def profile(backend: CudaBackend, batch: int, context: int, bandwidth: float) ->
         end.record(backend.stream)
         end.synchronize()
         times.append(end.time_since(start))
+    if kernels:
+        launches, span = kernel_times(graph, backend.stream)
+        print(f"\nbatch {batch}: {len(launches)} kernels, {span:.0f} µs from the first one's start to the last one's end")
+        print(kernel_table(launches, span, backend.config.num_hidden_layers))
     loop.run()
     graph_ms = statistics.median(times)
     kv = batch * (context + 8 + STEPS) * kv_block_bytes(backend.config, 2) // BLOCK_SIZE
@@ -65,6 +113,7 @@ def main() -> int:
     parser.add_argument("--models", default="1b,7b")
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--context", type=int, default=448)
+    parser.add_argument("--kernels", action="store_true", help="each kernel's GPU time in the graph (needs torch)")
     args = parser.parse_args()
     bandwidth = copy_bandwidth()
     batches = [int(b) for b in args.batches.split(",")]
@@ -75,7 +124,7 @@ def main() -> int:
         rows = []
         with CudaBackend(engine, RuntimeOptions(max_num_seqs=max(batches)), progress=False) as backend:
             for batch in batches:
-                rows.append(profile(backend, batch, args.context, bandwidth))
+                rows.append(profile(backend, batch, args.context, bandwidth, args.kernels))
             device = backend.device
         print(f"\nOLMo-2-{size.upper()} dimensions on {device}, context ≈{args.context}, copy bandwidth "
               f"{bandwidth / 1e9:,.0f} GB/s")

@@ -233,6 +233,34 @@ OS_DEVICE float4 sum_parts4(const float* __restrict__ parts, int n_parts, long l
     }
     return acc;
 }
+OS_DEVICE void add4(float4& acc, float4 v) {
+    acc.x += v.x;
+    acc.y += v.y;
+    acc.z += v.z;
+    acc.w += v.w;
+}
+OS_DEVICE float dot4(float4 a, float4 b) { return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }
+
+// Quads i = threadIdx.x + k·THREADS (k < ITEMS, i < quads) of a row given as n_parts partials, summed in the order
+// p = 0, 1, … as sum_parts4 does, into out[k] (zeros past the row): the part loop outermost, so the loads of all of a
+// thread's quads of one part are in flight together.
+template <int ITEMS, int THREADS>
+OS_DEVICE void load_quads(float4 (&out)[ITEMS], const float* __restrict__ row, int n_parts, long long part_stride,
+                          int quads) {
+#pragma unroll
+    for (int k = 0; k < ITEMS; k++) {
+        const int i = threadIdx.x + k * THREADS;
+        out[k] = i < quads ? reinterpret_cast<const float4*>(row)[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    for (int p = 1; p < n_parts; p++) {
+        const float4* part = reinterpret_cast<const float4*>(row + p * part_stride);
+#pragma unroll
+        for (int k = 0; k < ITEMS; k++) {
+            const int i = threadIdx.x + k * THREADS;
+            if (i < quads) add4(out[k], part[i]);
+        }
+    }
+}
 OS_DEVICE float sum_parts(const float* __restrict__ parts, int n_parts, long long part_stride, size_t i) {
     float acc = parts[i];
     for (int p = 1; p < n_parts; p++) acc += parts[p * part_stride + i];

@@ -1,12 +1,13 @@
 // OLMo 2's attention input: QK-norm over the whole q (H·d) and k (Hkv·d) vectors, RoPE (rotate-half, f32
 // angles, exact sincosf), then k and v written to their slots of this layer's paged KV cache.
-//   qk_norm_rope_append:       one block per token (many rows: prefill).
+//   qk_norm_rope_append:       two blocks per token, one for q and one for k and v (many rows).
 //   qk_norm_rope_append_heads: one block per (token, head), each recomputing its vector's norm (a few rows:
 //                              H + Hkv blocks per row share the work a single block would do alone).
 // The fused projection's output may be split-K partials: row t = Σ_p qkv[p·part_stride + t·(H + 2Hkv)·d + j].
 #include "common.cuh"
 
 constexpr int ROPE_THREADS = 256;
+constexpr int ROPE_ITEMS = 4;  // qk_norm_rope_append: rotation pairs per thread, H·d ≤ 8192
 constexpr int ROPE_HEAD_THREADS = 128;
 
 // Pool address of element 0 of (slot, kv head): plane [num_blocks, Hkv, KV_BLOCK, d].
@@ -53,13 +54,16 @@ OS_DEVICE float sum_squares(const float* __restrict__ x, int parts, long long pa
     return block_sum(ss, scratch);
 }
 
-// Grid: (T) blocks, one per token. Block: 256 threads, each rotating four pairs (i … i+3, i+d/2 …) of one head per step.
+// Grid: (T, 2): block (t, 0) norms and rotates token t's q, block (t, 1) its k, and appends k and v to the cache.
+// Block: ROPE_THREADS threads; thread j holds the vector's rotation pairs (i … i+3, i+d/2 …) number j, j +
+// ROPE_THREADS, … (at most ROPE_ITEMS) in registers, and v's quads likewise: every load of a part is issued before
+// the first is used (one memory latency per part, not one per loop step).
 // qkv: parts × [T, (H + 2Hkv)·d] f32 (q; k; v per row), part p at qkv + p·part_stride; q_norm [H·d], k_norm [Hkv·d]
 // f32; inv_freq [d/2] f32 (θ^(−2i/d), computed on the host exactly as the reference does); q_out [T, H, d] bf16;
 // k_pool, v_pool [num_blocks, Hkv, 16, d] bf16 (this layer's planes); positions [T], slots [T] int32: row t is at
 // position positions[t] and goes to cache slot slots[t] (padding rows: a slot of the null block 0).
-// Needs d % 8 == 0 and part_stride % 4 == 0 (16-byte loads).
-extern "C" __global__ void __launch_bounds__(ROPE_THREADS, 1)
+// Needs d % 8 == 0, part_stride % 4 == 0 (16-byte loads) and H·d ≤ 8·ROPE_ITEMS·ROPE_THREADS.
+extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
     qk_norm_rope_append(const float* __restrict__ qkv, int parts, long long part_stride,
                         const float* __restrict__ q_norm, const float* __restrict__ k_norm,
                         const float* __restrict__ inv_freq, bf16* __restrict__ q_out, bf16* __restrict__ k_pool,
@@ -68,30 +72,50 @@ extern "C" __global__ void __launch_bounds__(ROPE_THREADS, 1)
     grid_dependency_sync();
     __shared__ float scratch[32];
     const int t = blockIdx.x;
+    const bool is_q = blockIdx.y == 0;
     const int pos = positions[t], slot = slots[t];
     const int Hd = H * d, Hkvd = Hkv * d, half = d / 2, quads = half / 4;
-    const float* q = qkv + (size_t)t * (Hd + 2 * Hkvd);
-    const float* k = q + Hd;
-    const float* v = k + Hkvd;
-    const float rq = rsqrtf(sum_squares(q, parts, part_stride, Hd, scratch) / Hd + eps);
-    const float rk = rsqrtf(sum_squares(k, parts, part_stride, Hkvd, scratch) / Hkvd + eps);
-
-    for (int p = threadIdx.x; p < (H + Hkv) * quads; p += blockDim.x) {
-        const bool is_q = p < H * quads;
-        const int pp = is_q ? p : p - H * quads;
-        const int head = pp / quads, i = (pp % quads) * 4;
-        const int j0 = head * d + i, j1 = j0 + half;
-        const float* x = is_q ? q : k;
-        const float* w = is_q ? q_norm : k_norm;
-        const float r = is_q ? rq : rk;
-        const float4 x0 = scale4(sum_parts4(x, parts, part_stride, j0), r, *reinterpret_cast<const float4*>(w + j0));
-        const float4 x1 = scale4(sum_parts4(x, parts, part_stride, j1), r, *reinterpret_cast<const float4*>(w + j1));
+    const float* row = qkv + (size_t)t * (Hd + 2 * Hkvd);
+    const float* x = is_q ? row : row + Hd;
+    const float* w = is_q ? q_norm : k_norm;
+    const int width = is_q ? Hd : Hkvd, pairs = width / 8;
+    // Pair j: head j / quads, offset i = (j % quads)·4 within it; its halves are quads 2·head·quads + j % quads and
+    // that plus quads of the vector: gather them from the parts as rows of quads.
+    float4 lo[ROPE_ITEMS], hi[ROPE_ITEMS], v[2 * ROPE_ITEMS];
+#pragma unroll
+    for (int k = 0; k < ROPE_ITEMS; k++) lo[k] = hi[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int p = 0; p < parts; p++) {
+        const float4* part = reinterpret_cast<const float4*>(x + p * part_stride);
+#pragma unroll
+        for (int k = 0; k < ROPE_ITEMS; k++) {
+            const int j = threadIdx.x + k * ROPE_THREADS;
+            if (j < pairs) {
+                const int q0 = (j / quads) * 2 * quads + j % quads;
+                add4(lo[k], part[q0]);
+                add4(hi[k], part[q0 + quads]);
+            }
+        }
+    }
+    if (!is_q) load_quads<2 * ROPE_ITEMS, ROPE_THREADS>(v, row + Hd + Hkvd, parts, part_stride, Hkvd / 4);
+    float ss = 0.f;
+#pragma unroll
+    for (int k = 0; k < ROPE_ITEMS; k++) ss += dot4(lo[k], lo[k]) + dot4(hi[k], hi[k]);
+    const float r = rsqrtf(block_sum(ss, scratch) / width + eps);
+#pragma unroll
+    for (int k = 0; k < ROPE_ITEMS; k++) {
+        const int j = threadIdx.x + k * ROPE_THREADS;
+        if (j >= pairs) continue;
+        const int head = j / quads, i = (j % quads) * 4, j0 = head * d + i;
+        const float4 x0 = scale4(lo[k], r, *reinterpret_cast<const float4*>(w + j0));
+        const float4 x1 = scale4(hi[k], r, *reinterpret_cast<const float4*>(w + j0 + half));
         bf16* dst = is_q ? q_out + (size_t)t * Hd + head * d : k_pool + pool_offset(slot, head, Hkv, d);
         rotate_store4(x0, x1, pos, inv_freq, dst, i, half);
     }
-    for (int j = threadIdx.x * 4; j < Hkvd; j += blockDim.x * 4) {
-        const int head = j / d, i = j % d;
-        store_bf16x4(v_pool + pool_offset(slot, head, Hkv, d) + i, sum_parts4(v, parts, part_stride, j));
+    if (is_q) return;
+#pragma unroll
+    for (int k = 0; k < 2 * ROPE_ITEMS; k++) {
+        const int j = (threadIdx.x + k * ROPE_THREADS) * 4;
+        if (j < Hkvd) store_bf16x4(v_pool + pool_offset(slot, j / d, Hkv, d) + j % d, v[k]);
     }
 }
 

@@ -176,9 +176,8 @@ def test_mark_seen_sets_exactly_the_given_bits(dev, rng):
 
 
 # ── norms ───────────────────────────────────────────────────────────────────────────────────────────
-@pytest.mark.parametrize("T", [1, 5, 64])
-@pytest.mark.parametrize("parts", [1, 2, 3, 4])
-@pytest.mark.parametrize("D", [64, 1000, 4096])
+@pytest.mark.parametrize("T,parts,D", [(T, parts, D) for T in (1, 5, 64) for parts in (1, 2, 3, 4)
+                                         for D in (64, 1000, 4096)] + [(3, 8, 8192), (64, 8, 4096)])
 def test_residual_rmsnorm_add_sums_partials_then_norms(dev, rng, D, T, parts):
     eps = 1e-6
     h0, w = rng.standard_normal((T, D)), 1 + 0.1 * rng.standard_normal(D)
@@ -213,7 +212,7 @@ def test_rmsnorm_rows_norms_just_the_chosen_rows(dev, rng, R):
 @pytest.mark.parametrize("T", [1, 7, 70])
 @pytest.mark.parametrize("parts", [1, 3])
 @pytest.mark.parametrize("per_head", [False, True])
-@pytest.mark.parametrize("H,Hkv,d", [(4, 4, 64), (8, 2, 128), (4, 2, 16), (10, 2, 32)])
+@pytest.mark.parametrize("H,Hkv,d", [(4, 4, 64), (8, 2, 128), (4, 2, 16), (10, 2, 32), (64, 8, 128)])
 def test_qk_norm_rope_append_writes_q_and_the_paged_slots(dev, rng, H, Hkv, d, T, parts, per_head):
     eps, theta, num_blocks = 1e-6, 500000.0, 40
     width = (H + 2 * Hkv) * d
@@ -241,6 +240,22 @@ def test_qk_norm_rope_append_writes_q_and_the_paged_slots(dev, rng, H, Hkv, d, T
     untouched[blocks, offsets] = False
     assert np.all(np.isnan(kg.transpose(0, 2, 1, 3)[untouched])), "k written outside its slots"
     assert np.all(np.isnan(vg.transpose(0, 2, 1, 3)[untouched])), "v written outside its slots"
+
+
+def test_norm_and_rope_refuse_vectors_wider_than_a_block_holds(dev):
+    """residual_rmsnorm_add and qk_norm_rope_append keep a whole vector in one block's registers: a wider one is a
+    clear error, not a vector left partly unwritten."""
+    D = 4 * K.NORM_ITEMS * K.NORM_THREADS + 4
+    h, a, w = dev.poisoned((1, D), "f32"), dev.poisoned((1, D), "f32"), dev.poisoned((D,), "f32")
+    with pytest.raises(DeviceError, match=f"D = {D}"):
+        dev.kernels.residual_norm(h, a, 1, D, w, None, 1, 1e-6)
+    H, d = 8 * K.ROPE_ITEMS * K.ROPE_THREADS // 64 + 1, 64
+    kp = dev.poisoned((2, 1, BS, d), "bf16")
+    with pytest.raises(DeviceError, match=f"{H} heads of {d}"):
+        dev.kernels.qk_norm_rope_append(dev.poisoned((1, (H + 2) * d), "f32"), 1, (H + 2) * d,
+                                        dev.poisoned((H * d,), "f32"), dev.poisoned((d,), "f32"),
+                                        dev.poisoned((d // 2,), "f32"), dev.poisoned((1, H, d), "bf16"), kp, kp,
+                                        dev.put(np.zeros(1), "i32"), dev.put(np.zeros(1), "i32"), 1, 1e-6)
 
 
 # ── GEMV (1 … 4 rows) ────────────────────────────────────────────────────────────────────────────────

@@ -16,7 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SUBSET = " or ".join([
     "embedding_gathers", "prepare_tokens", "mark_seen", "residual_rmsnorm_add_sums_partials_then_norms[64-3-5]",
-    "rmsnorm_rows", "qk_norm_rope_append_writes_q_and_the_paged_slots[8-2-128", "gemv_every_k_split",
+    "rmsnorm_rows", "refuse_vectors_wider", "residual_rmsnorm_add_sums_partials_then_norms[64-8-4096]",
+    "qk_norm_rope_append_writes_q_and_the_paged_slots[64-8-128-False-3-7]", "qk_norm_rope_append_writes_q_and_the_paged_slots[8-2-128", "gemv_every_k_split",
     "gemv_silu_pairs", "gemm_every_tile_and_split_count", "gemm_silu_pairs_gate_and_up[5", "silu_mul_parts",
     "gemm_stream_k_with_any_number_of_ctas", "gemm_stream_k_leaves", "gemm_stream_k_fused_silu", "gemm_v1_kernels",
     "gemm_hopper_wgmma_matches_numpy[130", "gemm_hopper_wgmma_fused_silu", "gemm_hopper_wgmma_split_k_matches_numpy[7-",

@@ -81,7 +81,9 @@ DECODE_WARPS = 4
 DECODE_STAGES = 3
 KV_PAD = 8  # bf16 of padding per smem row of a K/V tile (attention.cu)
 NORM_THREADS = 256  # norms.cu
-ROPE_THREADS = 256  # rope.cu: one block per token
+NORM_ITEMS = 8  # norms.cu: residual_rmsnorm_add holds a row's quads in registers, D ≤ 4·NORM_ITEMS·NORM_THREADS
+ROPE_THREADS = 256  # rope.cu: two blocks per token (q; k and v)
+ROPE_ITEMS = 4  # rope.cu: rotation pairs per thread of qk_norm_rope_append, H·d ≤ 8·ROPE_ITEMS·ROPE_THREADS
 ROPE_HEAD_THREADS = 128  # rope.cu: one block per (token, head)
 SAMPLE_THREADS = 1024  # sampling.cu
 TOP_LOGPROBS = 20  # sampling.cu: row_logprobs' alternatives per row, at most
@@ -127,7 +129,9 @@ MIRRORED = {
     "DECODE_STAGES": ("attention.cu", "DEC_STAGES"),
     "KV_PAD": ("attention.cu", "KV_PAD"),
     "NORM_THREADS": ("norms.cu", "NORM_THREADS"),
+    "NORM_ITEMS": ("norms.cu", "NORM_ITEMS"),
     "ROPE_THREADS": ("rope.cu", "ROPE_THREADS"),
+    "ROPE_ITEMS": ("rope.cu", "ROPE_ITEMS"),
     "ROPE_HEAD_THREADS": ("rope.cu", "ROPE_HEAD_THREADS"),
     "SAMPLE_THREADS": ("sampling.cu", "SAMPLE_THREADS"),
     "TOP_LOGPROBS": ("sampling.cu", "TOP_LOGPROBS"),
@@ -617,6 +621,19 @@ def kernel_smem(hopper: bool = False) -> dict[str, int]:
     return smem
 
 
+def norm_slices(rows: int, D: int, sm_count: int) -> int:
+    """Blocks per row for the norms: a few rows (decode) spread over several multiprocessors, up to one slice per
+    1024 elements, but never more blocks than multiprocessors: every block reads its whole row for the norm, so two
+    blocks on one multiprocessor read the row's partials twice through the same port (7B at 64 rows of 8 o_proj
+    partials, H200: 4 slices 5.4 µs).
+
+    >>> norm_slices(1, 4096, 132), norm_slices(64, 4096, 132), norm_slices(64, 2048, 132), norm_slices(512, 4096, 132)
+    (4, 2, 2, 1)
+    """
+    most = math.ceil(D / 1024)
+    return max(1, min(most, sm_count // rows))
+
+
 def decode_group(H: int, Hkv: int) -> int:
     """paged_decode's group instantiation: H/Hkv rounded up to 1, 2, 4 or 8."""
     if Hkv < 1 or H % Hkv:
@@ -855,16 +872,16 @@ class Kernels:
 
     # ── norms ──────────────────────────────────────────────────────────────────────────────────────────
     def _slices(self, rows: int, D: int) -> int:
-        """Blocks per row for the norms: a few rows (decode) spread over several multiprocessors, 1024 elements each."""
-        return math.ceil(D / 1024) if rows * math.ceil(D / 1024) <= 2 * self.sm_count else 1
+        """Blocks per row for the norms (norm_slices on this GPU)."""
+        return norm_slices(rows, D, self.sm_count)
 
     def residual_norm(self, h: DeviceBuffer, a: DeviceBuffer, parts: int, part_stride: int, weight: DeviceBuffer,
                       h_bf16: DeviceBuffer | None, rows: int, eps: float) -> None:
         """h [≥rows, D] += RMSNorm(Σ_p a[p]) · weight; a: parts × [rows, D] f32 at part_stride; h_bf16 gets the new h."""
         D = weight.shape[0]
         _check_count("residual norm", rows)
-        if D % 4:
-            raise DeviceError(f"residual norm: D = {D} is not a multiple of 4")
+        if D % 4 or D > 4 * NORM_ITEMS * NORM_THREADS:
+            raise DeviceError(f"residual norm: D = {D} (a multiple of 4, at most {4 * NORM_ITEMS * NORM_THREADS})")
         _check_parts("residual norm", parts, part_stride, rows * D)
         _expect(weight, "residual norm weight", "f32", (D,))
         _expect(h, "residual", "f32", (rows, D), min_rows=rows)
@@ -900,6 +917,9 @@ class Kernels:
         if block != BLOCK_SIZE or d % 8:
             raise DeviceError(f"qk_norm_rope_append: KV pool {list(k_pool.shape)} (blocks of {BLOCK_SIZE}, d % 8 == 0)")
         H = q_norm.shape[0] // d
+        if max(H, Hkv) * d > 8 * ROPE_ITEMS * ROPE_THREADS:
+            raise DeviceError(f"qk_norm_rope_append: {max(H, Hkv)} heads of {d} (at most {8 * ROPE_ITEMS * ROPE_THREADS} "
+                              "elements per vector)")
         width = (H + 2 * Hkv) * d
         _check_parts("qkv", parts, part_stride, tokens * width)
         _expect_elements(qkv, "qkv", "f32", (parts - 1) * part_stride + tokens * width, last_dim=width)
@@ -918,7 +938,7 @@ class Kernels:
         if per_head:
             self.launch("qk_norm_rope_append_heads", (tokens, H + Hkv), (ROPE_HEAD_THREADS, 1, 1), *args)
         else:
-            self.launch("qk_norm_rope_append", (tokens,), (ROPE_THREADS, 1, 1), *args)
+            self.launch("qk_norm_rope_append", (tokens, 2), (ROPE_THREADS, 1, 1), *args)
 
     # ── projections ───────────────────────────────────────────────────────────────────────────────────
     def gemv(self, weight: DeviceBuffer, scales: DeviceBuffer | None, x: DeviceBuffer, y: DeviceBuffer, rows: int,
@@ -1352,6 +1372,6 @@ __all__ = ["BLOCK_SIZE", "GEMV_MAX_ROWS", "HEAD_DIMS", "DECODE_GROUPS", "GEMM_TI
            "GEMM_HOPPER", "ATTENTION_HOPPER", "GEMM_TMA", "GEMM90_TILES", "GEMM90T_TILES", "GEMM90T_MIN_STREAM_KTILES",
            "SIGNATURES", "argument_codes", "gemm90_tma_wins", "MIRRORED", "DeviceBuffer", "ITEMSIZE", "Kernels",
            "decode_group",
-           "decode_smem", "decode_splits", "gemm_cost", "gemm_plan", "GemmPlan", "gemm_stream_tile", "gemm_workspace", "gemm_splits", "gemm_stream_chunks",
+           "decode_smem", "decode_splits", "norm_slices", "gemm_cost", "gemm_plan", "GemmPlan", "gemm_stream_tile", "gemm_workspace", "gemm_splits", "gemm_stream_chunks",
            "gemm_stream_plan", "gemm_tile", "gemm90_tile", "gemm90_splits", "GEMM_SKINNY", "gemm_ktiles_per_split", "gemm_v1_plan", "gemv_split", "kernel_smem",
            "prefill_kernel", "prefill90_smem", "prefill_tiles", "q4_split", "q4_tiles", "q4_units"]
