@@ -35,12 +35,15 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS)
     const size_t base = (size_t)blockIdx.x * D;
     const int quads = D / 4, per_slice = (quads + gridDim.y - 1) / gridDim.y;
     const int first = blockIdx.y * per_slice, end = min(quads, first + per_slice);
-    float4 y[NORM_ITEMS], x[NORM_ITEMS];
+    float4 y[NORM_ITEMS], x[NORM_ITEMS], g[NORM_ITEMS];
     load_quads<NORM_ITEMS, NORM_THREADS>(y, a + base, parts, part_stride, quads);
 #pragma unroll
-    for (int k = 0; k < NORM_ITEMS; k++) {  // this slice's residual, fetched while the norm is reduced
+    for (int k = 0; k < NORM_ITEMS; k++) {  // this slice's residual and weights, fetched while the norm is reduced
         const int i = threadIdx.x + k * NORM_THREADS;
-        if (i >= first && i < end) x[k] = reinterpret_cast<const float4*>(h + base)[i];
+        if (i >= first && i < end) {
+            x[k] = reinterpret_cast<const float4*>(h + base)[i];
+            g[k] = reinterpret_cast<const float4*>(w)[i];
+        }
     }
     float ss = 0.f;
 #pragma unroll
@@ -50,11 +53,10 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS)
     for (int k = 0; k < NORM_ITEMS; k++) {
         const int i = threadIdx.x + k * NORM_THREADS;
         if (i < first || i >= end) continue;
-        const float4 g = reinterpret_cast<const float4*>(w)[i];
-        x[k].x += y[k].x * r * g.x;
-        x[k].y += y[k].y * r * g.y;
-        x[k].z += y[k].z * r * g.z;
-        x[k].w += y[k].w * r * g.w;
+        x[k].x += y[k].x * r * g[k].x;
+        x[k].y += y[k].y * r * g[k].y;
+        x[k].z += y[k].z * r * g[k].z;
+        x[k].w += y[k].w * r * g[k].w;
         reinterpret_cast<float4*>(h + base)[i] = x[k];
         if (h_bf16) {
             reinterpret_cast<uint2*>(h_bf16 + base)[i] =

@@ -16,12 +16,10 @@ OS_DEVICE size_t pool_offset(int slot, int head, int Hkv, int d) {
     return (((size_t)block * Hkv + head) * KV_BLOCK + offset) * d;
 }
 
-// Rotate four pairs (x0[e], x1[e]) = (x[i+e], x[i+e+d/2]) of one head by pos·inv_freq[i+e], then store them as bf16:
-// dst[i…i+3] and dst[i+d/2 …] (8-byte stores; i % 4 == 0).
-OS_DEVICE void rotate_store4(float4 x0, float4 x1, int pos, const float* __restrict__ inv_freq, bf16* dst, int i,
-                             int half) {
+// Rotate four pairs (x0[e], x1[e]) = (x[i+e], x[i+e+d/2]) of one head by pos·f[e] (f = inv_freq[i … i+3]), then
+// store them as bf16: dst[i…i+3] and dst[i+d/2 …] (8-byte stores; i % 4 == 0).
+OS_DEVICE void rotate_store4(float4 x0, float4 x1, int pos, float4 f, bf16* dst, int i, int half) {
     const float a[4] = {x0.x, x0.y, x0.z, x0.w}, b[4] = {x1.x, x1.y, x1.z, x1.w};
-    const float4 f = *reinterpret_cast<const float4*>(inv_freq + i);
     const float freq[4] = {f.x, f.y, f.z, f.w};
     float lo[4], hi[4];
 #pragma unroll
@@ -97,6 +95,16 @@ extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
         }
     }
     if (!is_q) load_quads<2 * ROPE_ITEMS, ROPE_THREADS>(v, row + Hd + Hkvd, parts, part_stride, Hkvd / 4);
+    float4 w0[ROPE_ITEMS], w1[ROPE_ITEMS], f[ROPE_ITEMS];  // the norm weights and angles, fetched during the reduction
+#pragma unroll
+    for (int k = 0; k < ROPE_ITEMS; k++) {
+        const int j = threadIdx.x + k * ROPE_THREADS;
+        if (j >= pairs) continue;
+        const int i = (j % quads) * 4, j0 = (j / quads) * d + i;
+        w0[k] = *reinterpret_cast<const float4*>(w + j0);
+        w1[k] = *reinterpret_cast<const float4*>(w + j0 + half);
+        f[k] = *reinterpret_cast<const float4*>(inv_freq + i);
+    }
     float ss = 0.f;
 #pragma unroll
     for (int k = 0; k < ROPE_ITEMS; k++) ss += dot4(lo[k], lo[k]) + dot4(hi[k], hi[k]);
@@ -105,11 +113,9 @@ extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
     for (int k = 0; k < ROPE_ITEMS; k++) {
         const int j = threadIdx.x + k * ROPE_THREADS;
         if (j >= pairs) continue;
-        const int head = j / quads, i = (j % quads) * 4, j0 = head * d + i;
-        const float4 x0 = scale4(lo[k], r, *reinterpret_cast<const float4*>(w + j0));
-        const float4 x1 = scale4(hi[k], r, *reinterpret_cast<const float4*>(w + j0 + half));
+        const int head = j / quads, i = (j % quads) * 4;
         bf16* dst = is_q ? q_out + (size_t)t * Hd + head * d : k_pool + pool_offset(slot, head, Hkv, d);
-        rotate_store4(x0, x1, pos, inv_freq, dst, i, half);
+        rotate_store4(scale4(lo[k], r, w0[k]), scale4(hi[k], r, w1[k]), pos, f[k], dst, i, half);
     }
     if (is_q) return;
 #pragma unroll
@@ -145,7 +151,7 @@ extern "C" __global__ void __launch_bounds__(ROPE_HEAD_THREADS, 1)
         const int j0 = head * d + i, j1 = j0 + half;
         const float4 x0 = scale4(sum_parts4(x, parts, part_stride, j0), r, *reinterpret_cast<const float4*>(w + j0));
         const float4 x1 = scale4(sum_parts4(x, parts, part_stride, j1), r, *reinterpret_cast<const float4*>(w + j1));
-        rotate_store4(x0, x1, pos, inv_freq, dst, i, half);
+        rotate_store4(x0, x1, pos, *reinterpret_cast<const float4*>(inv_freq + i), dst, i, half);
     }
     if (!is_q) {
         const float* v = row + Hd + Hkvd + head * d;
