@@ -256,10 +256,11 @@ def wgmma_variants(k, x, y, parts, M: int, N: int, Kdim: int, silu: bool, plan, 
 
 def skinny_splits(b: Bench, M: int, N: int, Kdim: int, silu: bool) -> tuple[int, int]:
     """The wgmma kernel's split counts to time at M rows: gemm90_splits' (one resident wave of CTAs), and the
-    alternative of two waves (twice the CTAs; gate_up then through partials and silu_mul_parts)."""
+    alternative of two waves (twice the CTAs); for gate_up, whose fused SiLU keeps it whole from
+    GEMM90_FUSED_SILU_CTAS tiles, the alternative is the one wave of splits through partials and silu_mul_parts."""
     bm = K.gemm90_tile(M)
     planned = K.gemm90_splits(bm, M, N, Kdim, b.sm, silu)
-    return planned, K.gemm90_splits(bm, M, N, Kdim, 2 * b.sm)
+    return planned, K.gemm90_splits(bm, M, N, Kdim, b.sm) if silu else K.gemm90_splits(bm, M, N, Kdim, 2 * b.sm)
 
 
 def prefill_variants(b: Bench) -> tuple[tuple[str, int], ...]:
