@@ -24,10 +24,11 @@ cache (so weights come from DRAM, as in a real step), median of several replays.
   int4 g128 over bf16.
 
     python3 benchmarks/bench_kernels.py [--models 1b,7b] [--out DIR] [--quick] [--gemm-only | --quant-only |
-                                        --attention-only] [--random]
+                                        --attention-only | --small-only] [--random]
 
 Prints one compact table; with --out writes DIR/bench_kernels.json. Finishes in a few minutes on an H200 (--gemm-only: the GEMM tables alone;
---quant-only: the quantized projections alone, about a minute; --attention-only: the paged prefill alone).
+--quant-only: the quantized projections alone, about a minute; --attention-only: the paged prefill alone; --small-only:
+paged decode and QK-norm + RoPE alone).
 """
 
 from __future__ import annotations
@@ -605,8 +606,8 @@ def main() -> int:
     parser.add_argument("--gemm-only", action="store_true", help="the projections and prefill GEMMs only")
     parser.add_argument("--quant-only", action="store_true", help="the quantized projections (int4, int8) only")
     parser.add_argument("--attention-only", action="store_true", help="the paged prefill attention only")
-    parser.add_argument("--decode-only", action="store_true", help="the paged decode attention only (splits 1, 2 and "
-                        "the planned count at every batch)")
+    parser.add_argument("--small-only", action="store_true", help="the small per-layer kernels only: paged decode "
+                        "attention (splits 1, 2 and the planned count at every batch) and qk_norm_rope_append")
     parser.add_argument("--random", action="store_true", help="fill bf16 inputs with N(0, 1) values, not 2^-7 "
                         "(slower to set up; the tensor cores' clocks may drop on random bits)")
     args = parser.parse_args()
@@ -637,12 +638,13 @@ def main() -> int:
                            ("qk_norm_rope_append", lambda: bench_rope(b, model, cfg, ROPE_ROWS))]
             if args.attention_only:
                 stages = [("paged prefill", lambda: bench_prefill(b, model, cfg))]
-            if args.decode_only:
-                stages = [("paged decode", lambda: bench_decode(b, model, cfg, bandwidth, DECODE_BATCHES, (1, 2)))]
+            if args.small_only:
+                stages = [("paged decode", lambda: bench_decode(b, model, cfg, bandwidth, DECODE_BATCHES, (1, 2))),
+                          ("qk_norm_rope_append", lambda: bench_rope(b, model, cfg, ROPE_ROWS))]
             for stage, run in stages:
                 results += run()
                 print(f"  {model} {stage} done at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-        if not (args.gemm_only or args.quant_only or args.attention_only or args.decode_only):
+        if not (args.gemm_only or args.quant_only or args.attention_only or args.small_only):
             results += bench_sampling(b)
     finally:
         b.close()
