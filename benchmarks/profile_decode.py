@@ -15,6 +15,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -56,11 +57,11 @@ def kernel_times(graph, stream, replays: int = 20) -> tuple[list[tuple[str, floa
 def kernel_table(launches: list[tuple[str, float]], span: float, layers: int) -> str:
     """The launches of one replay folded by layer: a kernel launched k·layers times is k rows (its j-th launch of a
     layer counted in row j); the others one row each."""
-    names = [name for name, _ in launches]
+    counts = Counter(name for name, _ in launches)
     totals: dict[tuple[str, int], list[float]] = {}
     seen: dict[str, int] = {}
     for name, us in launches:
-        per_layer = names.count(name) // layers if names.count(name) % layers == 0 else 0
+        per_layer = counts[name] // layers if counts[name] % layers == 0 else 0
         j = seen.get(name, 0)
         seen[name] = j + 1
         key = (name, j % per_layer if per_layer else j)

@@ -239,6 +239,9 @@ OS_DEVICE void add4(float4& acc, float4 v) {
     acc.z += v.z;
     acc.w += v.w;
 }
+OS_DEVICE float4 scale4(float4 x, float r, float4 w) {  // x·r·w, the norms' product order
+    return make_float4(x.x * r * w.x, x.y * r * w.y, x.z * r * w.z, x.w * r * w.w);
+}
 OS_DEVICE float dot4(float4 a, float4 b) { return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }
 
 // Quads i = threadIdx.x + k·THREADS (k < ITEMS, i < quads) of a row given as n_parts partials, summed in the order

@@ -47,16 +47,13 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS)
     }
     float ss = 0.f;
 #pragma unroll
-    for (int k = 0; k < NORM_ITEMS; k++) ss += y[k].x * y[k].x + y[k].y * y[k].y + y[k].z * y[k].z + y[k].w * y[k].w;
+    for (int k = 0; k < NORM_ITEMS; k++) ss += dot4(y[k], y[k]);
     const float r = rsqrtf(block_sum(ss, scratch) / D + eps);
 #pragma unroll
     for (int k = 0; k < NORM_ITEMS; k++) {
         const int i = threadIdx.x + k * NORM_THREADS;
         if (i < first || i >= end) continue;
-        x[k].x += y[k].x * r * g[k].x;
-        x[k].y += y[k].y * r * g[k].y;
-        x[k].z += y[k].z * r * g[k].z;
-        x[k].w += y[k].w * r * g[k].w;
+        add4(x[k], scale4(y[k], r, g[k]));
         reinterpret_cast<float4*>(h + base)[i] = x[k];
         if (h_bf16) {
             reinterpret_cast<uint2*>(h_bf16 + base)[i] =

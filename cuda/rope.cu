@@ -33,10 +33,6 @@ OS_DEVICE void rotate_store4(float4 x0, float4 x1, int pos, float4 f, bf16* dst,
     *reinterpret_cast<uint2*>(dst + i + half) = make_uint2(pack_bf16x2(hi[0], hi[1]), pack_bf16x2(hi[2], hi[3]));
 }
 
-OS_DEVICE float4 scale4(float4 x, float r, float4 w) {
-    return make_float4(x.x * r * w.x, x.y * r * w.y, x.z * r * w.z, x.w * r * w.w);
-}
-
 OS_DEVICE void store_bf16x4(bf16* dst, float4 v) {
     *reinterpret_cast<uint2*>(dst) = make_uint2(pack_bf16x2(v.x, v.y), pack_bf16x2(v.z, v.w));
 }
