@@ -5,9 +5,10 @@ Workload: 64 requests, prompt lengths uniform in [128, 512] tokens, 256 new toke
 random weights at OLMo-2-1B / 7B size. Reported: output tokens/s end to end; decode step time at batch 1, 8, 16,
 32, 64, 128 with the % of its roofline ((weight bytes + KV bytes read) / the copy bandwidth measured here);
 prefill tokens/s; the KV pool. Peers: transformers' generate_batch (continuous batching, "paged|sdpa") and its
-padded generate (sdpa) on the same 64 prompts.
+padded generate (sdpa) on the same 64 prompts. --quantized int8,int4: the decode step at batch 1, 16 and 64 with the
+same weights quantized (bench_cuda.engine_from's int8 and int4), beside bf16's.
 
-    python3 benchmarks/bench_batch.py --models 1b,7b --out DIR [--docs docs/PERFORMANCE.md]
+    python3 benchmarks/bench_batch.py --models 1b,7b --out DIR [--quantized int8,int4] [--docs docs/PERFORMANCE.md]
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ SECTION = "batched runtime"
 REQUESTS, PROMPT_RANGE, NEW_TOKENS = 64, (128, 512), 256
 BATCHES = (1, 8, 16, 32, 64, 128)
 DECODE_CONTEXT, DECODE_STEPS, WARMUP = 448, 32, 8
+QUANT_BATCHES = (1, 16, 64)  # --quantized: up to the int4 kernels' 64 rows
 
 
 def prompts(vocab: int, count: int = REQUESTS, seed: int = 0) -> list[list[int]]:
@@ -119,6 +121,19 @@ def olmoscope_side(engine, config, bandwidth: float, work: list[list[int]]) -> d
                 "notes": backend.notes}
 
 
+def quantized_steps(model, config, formats: list[str], work: list[list[int]]) -> dict:
+    """format → {batch: decode step ms} for the same weights quantized to each format (int8, int4)."""
+    steps = {}
+    for fmt in formats:
+        engine = engine_from(model, config, int8=fmt == "int8", int4=fmt == "int4")
+        options = RuntimeOptions(max_num_seqs=max(QUANT_BATCHES), max_num_batched_tokens=8192)
+        with CudaBackend(engine, options, progress=False) as backend:
+            run_loop(backend, work[:8], 8)  # warm-up: kernels loaded, graphs captured
+            steps[fmt] = {batch: decode_step_ms(backend, batch, config.vocab_size) for batch in QUANT_BATCHES}
+        del engine
+    return steps
+
+
 def transformers_batch(model, work: list[list[int]]) -> dict:
     """generate_batch: continuous batching with a paged cache, greedy."""
     from transformers import GenerationConfig
@@ -192,7 +207,7 @@ def render(everything: dict) -> str:
             f"{ours['kv_tokens']:,} tokens in {ours['kv_blocks']:,} blocks of {BLOCK_SIZE} ({ours['kv_gib']:.1f} GiB).\n\n"
             + f"Decode step at ≈{DECODE_CONTEXT + WARMUP + DECODE_STEPS // 2} positions per sequence:\n\n"
             + tabulate(steps, ["batch", "ms/step", "roofline ms", "% of roofline"], tablefmt="github")
-            + _mixed_line(ours.get("mixed_step")))
+            + _mixed_line(ours.get("mixed_step")) + _quant_table(ours))
     lines.append(f"Software: {everything['software']}.")
     return "\n\n".join(lines) + "\n"
 
@@ -206,11 +221,29 @@ def _mixed_line(mixed: dict | None) -> str:
             f"{mixed['chunk'] / max(mixed['mixed_ms'] - mixed['decode_ms'], 1e-9) * 1e3:,.0f} tokens/s).")
 
 
+def _quant_table(ours: dict) -> str:
+    quant = ours.get("quantized")
+    if not quant:
+        return ""
+    def at(table: dict, batch: int):  # int keys in a run, str keys from its JSON
+        return table[batch] if batch in table else table[str(batch)]
+
+    rows = []
+    for batch in QUANT_BATCHES:
+        bf16 = at(ours["decode_steps"], batch)["ms"]
+        rows.append([batch, f"{bf16:.2f}"] + [f"{at(q, batch):.2f} ({bf16 / at(q, batch):.2f}×)" for q in quant.values()])
+    return ("\n\nDecode step by weight format (the same weights quantized: int8 per row, int4 asymmetric in groups of "
+            f"128, lm_head bf16), ms/step (speed-up over bf16):\n\n"
+            + tabulate(rows, ["batch", "bf16", *quant], tablefmt="github"))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="1b,7b")
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--quantized", default="", help="comma-separated weight formats (int8, int4) whose decode "
+                        f"step to time at batch {', '.join(map(str, QUANT_BATCHES))} beside bf16's")
     parser.add_argument("--docs", type=Path, help="rewrite this benchmark's section of docs/PERFORMANCE.md")
     parser.add_argument("--render", type=Path, metavar="JSON", help="only render a saved run")
     return publish(parser.parse_args(), run, render, SECTION)
@@ -227,6 +260,9 @@ def run(args) -> dict:
         work = prompts(config.vocab_size)
         result = {"olmoscope": olmoscope_side(engine, config, everything["bandwidth_bytes_per_s"], work)}
         del engine
+        formats = [f for f in args.quantized.split(",") if f]
+        if formats:
+            result["olmoscope"]["quantized"] = quantized_steps(model, config, formats, work)
         print(f"[{size}] olmoscope done at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
         if not args.skip_transformers:
             result["generate_batch"] = transformers_batch(model, work)

@@ -62,15 +62,19 @@ struct Q4Warp {
     int K;
 };
 
-// C consecutive chunks q0 … q0+C−1 of a tile (C·64/G whole groups): every weight and scale load issued first, then
-// per group a temporary mma sum over its G/16 k16 blocks, scaled into acc.
+// The weight loads of C consecutive chunks q0 … q0+C−1 of a tile, all in flight at once (q4_math uses them).
+template <int C>
+OS_DEVICE void quant_load(const uint4* __restrict__ w_lane, int q0, uint4 (&w)[C]) {
+#pragma unroll
+    for (int i = 0; i < C; i++) w[i] = load_stream16(w_lane + (size_t)(q0 + i) * 32);
+}
+
+// C consecutive chunks q0 … q0+C−1 of a tile (C·64/G whole groups) from their loaded weights w: the scale loads,
+// then per group a temporary mma sum over its G/16 k16 blocks, scaled into acc.
 template <int NT, int G, int C>
-OS_DEVICE void q4_chunks(const Q4Warp<NT>& p, int q0, float (&acc)[NT][4]) {
+OS_DEVICE void q4_math(const Q4Warp<NT>& p, int q0, const uint4 (&w)[C], float (&acc)[NT][4]) {
     constexpr int GROUPS = C * Q4_CHUNK / G, BLOCKS = G / 16;
     static_assert(GROUPS >= 1 && (C * Q4_CHUNK) % G == 0, "whole groups per step");
-    uint4 w[C];
-#pragma unroll
-    for (int i = 0; i < C; i++) w[i] = load_stream16(p.w + (size_t)(q0 + i) * 32);
     // Every weight load in flight before the first mma: ptxas would otherwise sink each load to just before its use
     // (fewer live registers, one load in flight per warp). A dependency of the first zero point on all of them,
     // through a value that is 0 at run time but unknown to the compiler, keeps them together at no cost in bytes.
@@ -178,17 +182,29 @@ OS_DEVICE void q4_body(const uint4* __restrict__ qweight, const uint32_t* __rest
     float acc[NT][4];
 #pragma unroll
     for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-    if (active) {
-        Q4Warp<NT> p;
-        p.w = qweight + (size_t)tile * chunks * 32 + lane;
-        p.scale = scales + (size_t)tile * groups * 8 + g;
-        p.zero = zeros ? zeros + (size_t)tile * groups * 8 + g : nullptr;
+    Q4Warp<NT> p;
+    p.w = qweight + (size_t)tile * chunks * 32 + lane;
+    p.scale = scales + (size_t)tile * groups * 8 + g;
+    p.zero = zeros ? zeros + (size_t)tile * groups * 8 + g : nullptr;
 #pragma unroll
-        for (int n = 0; n < NT; n++) p.x[n] = x + (size_t)min(n * 8 + g, M - 1) * K + 8 * c;
-        p.K = K;
-        const int steps = chunks / U, rest = (chunks - steps * U) / CPG;
-        for (int s = slice; s < steps; s += split) q4_chunks<NT, G, U>(p, s * U, acc);
-        for (int r = slice; r < rest; r += split) q4_chunks<NT, G, CPG>(p, steps * U + r * CPG, acc);
+    for (int n = 0; n < NT; n++) p.x[n] = x + (size_t)min(n * 8 + g, M - 1) * K + 8 * c;
+    p.K = K;
+    const int steps = chunks / U, rest = (chunks - steps * U) / CPG;
+    // The first step's weights are loaded before the grid dependency wait (common.cuh): packed weights are the
+    // engine's, never written on the device, and they stream while the previous kernel drains.
+    uint4 w[U];
+    if (active && slice < steps) quant_load<U>(p.w, slice * U, w);
+    grid_dependency_wait();
+    if (active) {
+        for (int s = slice; s < steps; s += split) {
+            if (s != slice) quant_load<U>(p.w, s * U, w);
+            q4_math<NT, G, U>(p, s * U, w, acc);
+        }
+        for (int r = slice; r < rest; r += split) {
+            uint4 wr[CPG];
+            quant_load<CPG>(p.w, steps * U + r * CPG, wr);
+            q4_math<NT, G, CPG>(p, steps * U + r * CPG, wr, acc);
+        }
     }
     quant_finish<NT, SILU>(acc, partial, split, active, tile, y, M, N, 1.f, 1.f);
 }
@@ -196,17 +212,23 @@ OS_DEVICE void q4_body(const uint4* __restrict__ qweight, const uint32_t* __rest
 // Grid: (⌈tiles / (8 / split)⌉); block: 256 threads; split ∈ {1, 2, 4, 8} warps per tile.
 // qweight, scales, zeros (or null): the device layout above for Np = 16·tiles ≥ N rows and K % 64 == 0, K % G == 0;
 // x [M, K] bf16 (M ≤ 8·NT); y [M, N] f32, or silu (pairs layout, N = 2I, I % 8 == 0): [M, I] bf16.
+// Blocks per multiprocessor the launch bounds hold the narrow tiles to (kernels.py Q4_RESIDENT_WARPS,
+// Q8_RESIDENT_WARPS): the first step's weights live across the grid dependency wait, and without the bound ptxas
+// spends registers that cost residency (int4 NT = 2: 102 → 134, one block instead of two). The wide tiles keep one
+// block (a bound there makes ptxas take more registers, not fewer).
+#define Q4_MIN_BLOCKS(NT) ((NT) <= 2 ? 2 : 0)
+#define Q8_MIN_BLOCKS(NT) ((NT) == 1 ? 4 : (NT) == 2 ? 3 : 0)
 #define Q4_KERNEL(G, NT)                                                                                          \
-    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32)                                                   \
+    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32, Q4_MIN_BLOCKS(NT))                                  \
         q4_mma_g##G##_n##NT(const uint4* qweight, const uint32_t* scales, const uint8_t* zeros, const bf16* x,    \
                             float* y, int M, int N, int K, int split) {                                           \
-        grid_dependency_sync();                                                                                   \
+        grid_dependents_launch();                                                                                 \
         q4_body<NT, G, false>(qweight, scales, zeros, x, y, M, N, K, split);                                      \
     }                                                                                                             \
-    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32)                                                   \
+    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32, Q4_MIN_BLOCKS(NT))                                  \
         q4_mma_silu_g##G##_n##NT(const uint4* qweight, const uint32_t* scales, const uint8_t* zeros,              \
                                  const bf16* x, bf16* y, int M, int N, int K, int split) {                        \
-        grid_dependency_sync();                                                                                   \
+        grid_dependents_launch();                                                                                 \
         q4_body<NT, G, true>(qweight, scales, zeros, x, y, M, N, K, split);                                       \
     }
 #define Q4_GROUP(G) Q4_KERNEL(G, 1) Q4_KERNEL(G, 2) Q4_KERNEL(G, 4) Q4_KERNEL(G, 8)
@@ -232,18 +254,14 @@ OS_DEVICE void q8_widen(uint32_t row_g, uint32_t row_g8, uint32_t (&a)[4]) {
     a[3] = pack_bf16x2(hi[2], hi[3]);
 }
 
-// C consecutive chunks q0 … of a tile: the weight loads first (all in flight, as q4_chunks), then two k16 blocks
-// per chunk straight into the accumulators.
+// C consecutive chunks q0 … of a tile from their loaded weights w (quant_load: all in flight): two k16 blocks per
+// chunk straight into the accumulators.
 template <int NT, int C>
-OS_DEVICE void q8_chunks(const uint4* __restrict__ w_lane, const bf16* const (&x)[NT], int K, int q0,
-                         float (&acc)[NT][4]) {
-    uint4 w[C];
-#pragma unroll
-    for (int i = 0; i < C; i++) w[i] = load_stream16(w_lane + (size_t)(q0 + i) * 32);
+OS_DEVICE void q8_math(uint4 (&w)[C], const bf16* const (&x)[NT], int K, int q0, float (&acc)[NT][4]) {
     uint32_t all = 0;
 #pragma unroll
     for (int i = 0; i < C; i++) all |= w[i].x;
-    w[0].y |= all & ((uint32_t)K >> 31);  // zero at run time: the first use waits for every load (see q4_chunks)
+    w[0].y |= all & ((uint32_t)K >> 31);  // zero at run time: the first use waits for every load (see q4_math)
 #pragma unroll
     for (int i = 0; i < C; i++) {
         uint32_t a0[4], a1[4];
@@ -272,14 +290,24 @@ OS_DEVICE void q8_body(const uint4* __restrict__ qweight, const float* __restric
 #pragma unroll
     for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
     float s_g = 0.f, s_g8 = 0.f;
+    const uint4* w_lane = qweight + (size_t)tile * chunks * 32 + lane;
+    const int steps = chunks / U, rest = chunks - steps * U;
+    uint4 w[U];  // the first step's weights before the wait, as q4_body's
+    if (active && slice < steps) quant_load<U>(w_lane, slice * U, w);
+    grid_dependency_wait();
     if (active) {
-        const uint4* w_lane = qweight + (size_t)tile * chunks * 32 + lane;
         const bf16* xs[NT];
 #pragma unroll
         for (int n = 0; n < NT; n++) xs[n] = x + (size_t)min(n * 8 + g, M - 1) * K + 8 * c;  // as Q4Warp::x
-        const int steps = chunks / U, rest = chunks - steps * U;
-        for (int s = slice; s < steps; s += split) q8_chunks<NT, U>(w_lane, xs, K, s * U, acc);
-        for (int r = slice; r < rest; r += split) q8_chunks<NT, 1>(w_lane, xs, K, steps * U + r, acc);
+        for (int s = slice; s < steps; s += split) {
+            if (s != slice) quant_load<U>(w_lane, s * U, w);
+            q8_math<NT, U>(w, xs, K, s * U, acc);
+        }
+        for (int r = slice; r < rest; r += split) {
+            uint4 wr[1];
+            quant_load<1>(w_lane, steps * U + r, wr);
+            q8_math<NT, 1>(wr, xs, K, steps * U + r, acc);
+        }
         s_g = scales[tile * Q4_TILE_ROWS + g];
         s_g8 = scales[tile * Q4_TILE_ROWS + g + 8];
     }
@@ -290,16 +318,16 @@ OS_DEVICE void q8_body(const uint4* __restrict__ qweight, const float* __restric
 // qweight, scales: the int8 device layout above (Np = 16·tiles ≥ N rows, K % 32 == 0); x [M, K] bf16 (M ≤ 8·NT);
 // y [M, N] f32, or silu (pairs layout, N = 2I, I % 8 == 0): [M, I] bf16.
 #define Q8_KERNEL(NT)                                                                                             \
-    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32)                                                   \
+    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32, Q8_MIN_BLOCKS(NT))                                  \
         q8_mma_n##NT(const uint4* qweight, const float* scales, const bf16* x, float* y, int M, int N, int K,     \
                      int split) {                                                                                 \
-        grid_dependency_sync();                                                                                   \
+        grid_dependents_launch();                                                                                 \
         q8_body<NT, false>(qweight, scales, x, y, M, N, K, split);                                                \
     }                                                                                                             \
-    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32)                                                   \
+    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32, Q8_MIN_BLOCKS(NT))                                  \
         q8_mma_silu_n##NT(const uint4* qweight, const float* scales, const bf16* x, bf16* y, int M, int N, int K, \
                           int split) {                                                                            \
-        grid_dependency_sync();                                                                                   \
+        grid_dependents_launch();                                                                                 \
         q8_body<NT, true>(qweight, scales, x, y, M, N, K, split);                                                 \
     }
 Q8_KERNEL(1)

@@ -51,25 +51,30 @@ OS_DEVICE uint64_t wgmma_desc(uint32_t addr) {
 
 // One k-tile (A rows m0 … +BM, W rows n0 … +256, columns k0 … +64) into the stage at shared address `stage`:
 // A [BM][64] then W [256][64], rows of 128 bytes, chunk c of row r at chunk c ^ (r mod 8); rows and columns out of
-// range read zeros. silu_pair: tile column j is gate[(n0 + j)/2] (j even) or up[(n0 + j)/2] (j odd).
-template <int BM, bool SILU_PAIR>
-OS_DEVICE void load_tile90(uint32_t stage, const bf16* __restrict__ A, const bf16* __restrict__ W, int M, int N, int K,
-                           int m0, int n0, int k0) {
+// range read zeros. silu_pair: tile column j is gate[(n0 + j)/2] (j even) or up[(n0 + j)/2] (j odd). A and W are
+// issued apart so that W's first stages may be copied before the grid dependency wait.
+template <int BM>
+OS_DEVICE void load_a90(uint32_t stage, const bf16* __restrict__ A, int M, int K, int m0, int k0) {
     const int row0 = threadIdx.x >> 3, c = threadIdx.x & 7;  // 32 rows × 8 chunks per pass
     const int k = k0 + c * 8;
-    const bool k_ok = k < K;
     const uint32_t off = row0 * 128 + ((c ^ (row0 & 7)) << 4);
 #pragma unroll
     for (int i = 0; i < BM / 32; i++) {
         const int m = m0 + row0 + 32 * i;
-        const bool ok = k_ok && m < M;
+        const bool ok = k < K && m < M;
         cp_async16_s(stage + off + i * 32 * 128, ok ? A + (size_t)m * K + k : A, ok ? 16 : 0);
     }
+}
+template <int BM, bool SILU_PAIR>
+OS_DEVICE void load_w90(uint32_t stage, const bf16* __restrict__ W, int N, int K, int n0, int k0) {
+    const int row0 = threadIdx.x >> 3, c = threadIdx.x & 7;
+    const int k = k0 + c * 8;
+    const uint32_t off = row0 * 128 + ((c ^ (row0 & 7)) << 4);
 #pragma unroll
     for (int i = 0; i < GEMM90_BN / 32; i++) {
         const int n = n0 + row0 + 32 * i;
         const int wrow = SILU_PAIR ? ((n & 1) * (N / 2) + (n >> 1)) : n;
-        const bool ok = k_ok && n < N;
+        const bool ok = k < K && n < N;
         cp_async16_s(stage + BM * 128 + off + i * 32 * 128, ok ? W + (size_t)wrow * K + k : W, ok ? 16 : 0);
     }
 }
@@ -78,7 +83,7 @@ OS_DEVICE void load_tile90(uint32_t stage, const bf16* __restrict__ A, const bf1
 // an empty split writes zeros); outputs as the kernels below.
 template <class C, bool SILU_PAIR>
 OS_DEVICE void gemm90_body(const bf16* __restrict__ A, const bf16* __restrict__ W, const float* __restrict__ scales,
-                           void* __restrict__ out, int M, int N, int K, int ktiles_per_split) {
+                           void* __restrict__ out, int M, int N, int K, int ktiles_per_split, bool w_early) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const uint32_t smem0 = (smem_u32(smem_raw) + 1023) & ~1023u;
     const int m_tiles = (M + C::BM - 1) / C::BM;
@@ -88,10 +93,22 @@ OS_DEVICE void gemm90_body(const bf16* __restrict__ A, const bf16* __restrict__ 
     const int wg = threadIdx.x >> 7;  // warpgroup: rows wg·64 … +64 of the tile (bm64: warpgroup 1 only copies)
     const bool mma = wg < C::MMA_WARPGROUPS;
 
+    // The first AHEAD k-tiles: W's copies (w_early: before the wait, while the previous kernel drains), then A's,
+    // one commit group per k-tile (the first one holds every early W copy).
+    if (w_early) {
+#pragma unroll
+        for (int s = 0; s < C::AHEAD; s++)
+            if (s < kt)
+                load_w90<C::BM, SILU_PAIR>(smem0 + s * C::STAGE_BYTES, W, N, K, n0, (kbegin + s) * GEMM90_BK);
+    }
+    grid_dependency_wait();
 #pragma unroll
     for (int s = 0; s < C::AHEAD; s++) {
-        if (s < kt)
-            load_tile90<C::BM, SILU_PAIR>(smem0 + s * C::STAGE_BYTES, A, W, M, N, K, m0, n0, (kbegin + s) * GEMM90_BK);
+        if (s < kt) {
+            if (!w_early)
+                load_w90<C::BM, SILU_PAIR>(smem0 + s * C::STAGE_BYTES, W, N, K, n0, (kbegin + s) * GEMM90_BK);
+            load_a90<C::BM>(smem0 + s * C::STAGE_BYTES, A, M, K, m0, (kbegin + s) * GEMM90_BK);
+        }
         cp_async_commit();
     }
     float acc[128];
@@ -103,9 +120,11 @@ OS_DEVICE void gemm90_body(const bf16* __restrict__ A, const bf16* __restrict__ 
         fence_proxy_async();
         __syncthreads();  // everyone's copies of k-tile i; every warpgroup retired the wgmma of k-tile i − 1 − LAG
         const int next = i + C::AHEAD;  // into the stage of k-tile i − 1 − LAG
-        if (next < kt)
-            load_tile90<C::BM, SILU_PAIR>(smem0 + (next % C::STAGES) * C::STAGE_BYTES, A, W, M, N, K, m0, n0,
-                                          (kbegin + next) * GEMM90_BK);
+        if (next < kt) {
+            const uint32_t stage = smem0 + (next % C::STAGES) * C::STAGE_BYTES;
+            load_a90<C::BM>(stage, A, M, K, m0, (kbegin + next) * GEMM90_BK);
+            load_w90<C::BM, SILU_PAIR>(stage, W, N, K, n0, (kbegin + next) * GEMM90_BK);
+        }
         cp_async_commit();
         if (mma) {
             const uint32_t stage = smem0 + (i % C::STAGES) * C::STAGE_BYTES;
@@ -158,21 +177,26 @@ OS_DEVICE void gemm90_body(const bf16* __restrict__ A, const bf16* __restrict__ 
 // scales [N] f32 or null. Plain: split z covers k-tiles [z·kps, min((z+1)·kps, ceil(K / 64))) and writes its partial
 // sum to C + z·M·N (C [splits, M, N] f32; splits = 1: the result). Silu: one split (kps ≥ the k-tiles),
 // C [M, N/2] bf16 = SiLU(A·gateᵀ)·(A·upᵀ), W = [gate; up] (N even).
+// w_early: 1 when no kernel writes W (the model's weights): its first stages are copied before the grid dependency
+// wait (common.cuh); 0 for a scratch an earlier kernel filled (runtime/cuda/kernels.py Kernels.gemm static_weights).
 #ifndef OS_GEMM90
 template <class C, bool SILU_PAIR>  // other targets: the entries exist, empty (never launched there)
-OS_DEVICE void gemm90_body(const bf16*, const bf16*, const float*, void*, int, int, int, int) {}
+OS_DEVICE void gemm90_body(const bf16*, const bf16*, const float*, void*, int, int, int, int, bool) {
+    grid_dependency_wait();
+}
 #endif
 #define GEMM90_KERNEL(BMV)                                                                                          \
     extern "C" __global__ void __launch_bounds__(GEMM90_THREADS, 1)                                                 \
         gemm90_bf16_bm##BMV(const bf16* A, const bf16* W, const float* scales, float* C, int M, int N, int K,       \
-                            int ktiles_per_split) {                                                                 \
-        grid_dependency_sync();                                                                                     \
-        gemm90_body<Gemm90BM##BMV, false>(A, W, scales, C, M, N, K, ktiles_per_split);                              \
+                            int ktiles_per_split, int w_early) {                                                    \
+        grid_dependents_launch();                                                                                   \
+        gemm90_body<Gemm90BM##BMV, false>(A, W, scales, C, M, N, K, ktiles_per_split, w_early);                     \
     }                                                                                                               \
     extern "C" __global__ void __launch_bounds__(GEMM90_THREADS, 1)                                                 \
-        gemm90_bf16_silu_bm##BMV(const bf16* A, const bf16* W, const float* scales, bf16* C, int M, int N, int K) { \
-        grid_dependency_sync();                                                                                     \
-        gemm90_body<Gemm90BM##BMV, true>(A, W, scales, C, M, N, K, 1 << 30);                                        \
+        gemm90_bf16_silu_bm##BMV(const bf16* A, const bf16* W, const float* scales, bf16* C, int M, int N, int K,  \
+                                 int w_early) {                                                             \
+        grid_dependents_launch();                                                                                   \
+        gemm90_body<Gemm90BM##BMV, true>(A, W, scales, C, M, N, K, 1 << 30, w_early);                               \
     }
 GEMM90_KERNEL(64)
 GEMM90_KERNEL(128)

@@ -111,6 +111,19 @@ OS_DEVICE Gemm90TUnit gemm90t_unit(int u, int M, int N, int K, int kps) {
     return {(t % m_tiles) * C::BM, t / m_tiles, kbegin, min(ktiles, kbegin + kps) - kbegin, z};
 }
 
+// Arm stage `stage`'s full barrier `full` with the whole stage's bytes and issue k-tile i's W boxes of `unit` (A's
+// box, issued apart, completes the same phase). plain: rows n0 … n0 + 255 of W; silu: gate and up rows n_tile·128 …
+// + 127 (two maps).
+template <class C, bool SILU_PAIR>
+OS_DEVICE void gemm90t_load_w(uint32_t stage, uint32_t full, const TensorMap* tmW0, const TensorMap* tmW1,
+                              const Gemm90TUnit& unit, int i) {
+    const int w0 = unit.n_tile * (SILU_PAIR ? GEMM90T_WBOX : GEMM90T_BN), w1 = w0 + (SILU_PAIR ? 0 : GEMM90T_WBOX);
+    const int k = (unit.kbegin + i) * GEMM90T_BK;
+    mbar_arrive_expect_tx(full, C::STAGE_BYTES);
+    tma_load_2d(stage + C::A_BYTES, tmW0, full, k, w0);
+    tma_load_2d(stage + C::A_BYTES + GEMM90T_WBOX * 128, tmW1, full, k, w1);
+}
+
 // The stores of one unit's accumulators (warpgroup rows m0 + 64·cw …; layout as gemm_sm90.cu's: warp w holds rows
 // 16w … 16w + 15, acc[4j + e] at row 16w + lane/4 + 8·(e/2), column 8j + 2·(lane mod 4) + (e mod 2)).
 template <bool SILU_PAIR>
@@ -173,7 +186,7 @@ OS_DEVICE void gemm90t_store(const float (&acc)[128], const float* __restrict__ 
 template <class C, bool SILU_PAIR>
 OS_DEVICE void gemm90t_body(const TensorMap* tmA, const TensorMap* tmW0, const TensorMap* tmW1,
                             const float* __restrict__ scales, void* __restrict__ out, int M, int N, int K, int kps,
-                            int splits) {
+                            int splits, bool w_early) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const uint32_t smem0 = (smem_u32(smem_raw) + 1023) & ~1023u;
     const uint32_t bars = smem0 + C::STAGES * C::STAGE_BYTES;  // full[s] at bars + 8s, empty[s] at +8·(STAGES + s)
@@ -192,20 +205,26 @@ OS_DEVICE void gemm90t_body(const TensorMap* tmA, const TensorMap* tmW0, const T
         if constexpr (C::CONSUMERS > 1) setmaxnreg_dec<GEMM90T_PRODUCER_REGS>();
         if (threadIdx.x != 0) return;
         tma_prefetch_map(tmA), tma_prefetch_map(tmW0), tma_prefetch_map(tmW1);
+        // w_early: the W boxes of the first unit's first STAGES k-tiles go before the wait (the stages are fresh),
+        // streaming while the previous kernel drains; their A boxes follow it.
+        int early = 0;
+        if (w_early && (int)blockIdx.x < units) {
+            const Gemm90TUnit unit = gemm90t_unit<C>(blockIdx.x, M, N, K, kps);
+            early = min(unit.kt, C::STAGES);
+            for (int i = 0; i < early; i++)
+                gemm90t_load_w<C, SILU_PAIR>(smem0 + i * C::STAGE_BYTES, bars + 8 * i, tmW0, tmW1, unit, i);
+        }
+        grid_dependency_wait();
         int s = 0, phase = 0;
         for (int u = blockIdx.x; u < units; u += gridDim.x) {
             const Gemm90TUnit unit = gemm90t_unit<C>(u, M, N, K, kps);
-            // plain: rows n0 … n0 + 255 of W; silu: gate and up rows n_tile·128 … + 127 (two maps)
-            const int w0 = unit.n_tile * (SILU_PAIR ? GEMM90T_WBOX : GEMM90T_BN);
-            const int w1 = w0 + (SILU_PAIR ? 0 : GEMM90T_WBOX);
             for (int i = 0; i < unit.kt; i++) {
-                mbar_wait(bars + 8 * (C::STAGES + s), phase ^ 1);  // the consumers released this stage
                 const uint32_t full = bars + 8 * s, stage = smem0 + s * C::STAGE_BYTES;
-                const int k = (unit.kbegin + i) * GEMM90T_BK;
-                mbar_arrive_expect_tx(full, C::STAGE_BYTES);
-                tma_load_2d(stage, tmA, full, k, unit.m0);
-                tma_load_2d(stage + C::A_BYTES, tmW0, full, k, w0);
-                tma_load_2d(stage + C::A_BYTES + GEMM90T_WBOX * 128, tmW1, full, k, w1);
+                if (u != (int)blockIdx.x || i >= early) {
+                    mbar_wait(bars + 8 * (C::STAGES + s), phase ^ 1);  // the consumers released this stage
+                    gemm90t_load_w<C, SILU_PAIR>(stage, full, tmW0, tmW1, unit, i);
+                }
+                tma_load_2d(stage, tmA, full, (unit.kbegin + i) * GEMM90T_BK, unit.m0);
                 if (++s == C::STAGES) s = 0, phase ^= 1;
             }
         }
@@ -214,6 +233,7 @@ OS_DEVICE void gemm90t_body(const TensorMap* tmA, const TensorMap* tmW0, const T
 
     // ── consumers: warpgroup cw = wg − 1 computes rows 64·cw … + 63 of each tile ──
     if constexpr (C::CONSUMERS > 1) setmaxnreg_inc<GEMM90T_CONSUMER_REGS>();
+    grid_dependency_wait();  // before the stores (the previous kernel may still read the output buffer)
     const int cw = wg - 1, lane = threadIdx.x & 31;
     int s = 0, phase = 0;
     float acc[128];
@@ -254,25 +274,30 @@ OS_DEVICE void gemm90t_body(const TensorMap* tmA, const TensorMap* tmW0, const T
 // N/2 … of W), box 64 × 128. scales [N] f32 or null. Plain: split z covers k-tiles [z·kps, min((z+1)·kps,
 // ceil(K / 64))) and writes its partial sum to C + z·M·N (C [splits, M, N] f32; an empty split writes zeros). Silu:
 // one split, C [M, N/2] bf16 = SiLU(A·gateᵀ)·(A·upᵀ).
+// w_early: 1 when no kernel writes W (the model's weights): its first stages are copied before the grid dependency
+// wait (common.cuh); 0 for a scratch an earlier kernel filled (runtime/cuda/kernels.py Kernels.gemm static_weights).
 #ifndef OS_GEMM90T
 template <class C, bool SILU_PAIR>  // other targets: the entries exist, empty (never launched there)
 OS_DEVICE void gemm90t_body(const TensorMap*, const TensorMap*, const TensorMap*, const float*, void*, int, int, int,
-                            int, int) {}
+                            int, int, bool) {
+    grid_dependency_wait();
+}
 #endif
 #define GEMM90T_KERNEL(BMV)                                                                                        \
     extern "C" __global__ void __launch_bounds__(Gemm90TBM##BMV::THREADS, 1)                                       \
         gemm90tma_bf16_bm##BMV(const __grid_constant__ TensorMap tmA, const __grid_constant__ TensorMap tmW0,      \
                                const __grid_constant__ TensorMap tmW1, const float* scales, float* C, int M, int N, \
-                               int K, int ktiles_per_split, int splits) {                                          \
-        grid_dependency_sync();                                                                                    \
-        gemm90t_body<Gemm90TBM##BMV, false>(&tmA, &tmW0, &tmW1, scales, C, M, N, K, ktiles_per_split, splits);     \
+                               int K, int ktiles_per_split, int splits, int w_early) {                             \
+        grid_dependents_launch();                                                                                  \
+        gemm90t_body<Gemm90TBM##BMV, false>(&tmA, &tmW0, &tmW1, scales, C, M, N, K, ktiles_per_split, splits,      \
+                                            w_early);                                                              \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(Gemm90TBM##BMV::THREADS, 1)                                       \
         gemm90tma_bf16_silu_bm##BMV(const __grid_constant__ TensorMap tmA, const __grid_constant__ TensorMap tmW0, \
                                     const __grid_constant__ TensorMap tmW1, const float* scales, bf16* C, int M,   \
-                                    int N, int K) {                                                                \
-        grid_dependency_sync();                                                                                    \
-        gemm90t_body<Gemm90TBM##BMV, true>(&tmA, &tmW0, &tmW1, scales, C, M, N, K, 1 << 30, 1);                    \
+                                    int N, int K, int w_early) {                                                   \
+        grid_dependents_launch();                                                                                  \
+        gemm90t_body<Gemm90TBM##BMV, true>(&tmA, &tmW0, &tmW1, scales, C, M, N, K, 1 << 30, 1, w_early);           \
     }
 GEMM90T_KERNEL(64)
 GEMM90T_KERNEL(128)

@@ -36,15 +36,13 @@ using GemmV1BM16 = GemmV1Config<16, GEMM_V1_SMALL_BK, GEMM_V1_SMALL_STAGES, 1, 4
 static_assert(GemmV1BM128::THREADS == GEMM_V1_LARGE_THREADS && GemmV1BM16::THREADS == GEMM_V1_SMALL_THREADS,
               "thread counts");
 
-// One k-tile of A and W into stage `s`: BM·BK/8 + BN·BK/8 16-byte chunks; rows and columns out of range read zeros.
+// One k-tile of A or W into stage `s` (A's BM·BK/8, W's BN·BK/8 16-byte chunks; issued apart so that W's first
+// stages may be copied before the grid dependency wait); rows and columns out of range read zeros.
 // In SILU_PAIR mode tile column j holds weight row gate[i] (j even) or up[i] (j odd), i = (n0 + j) / 2,
 // so each thread's accumulator pair (c0, c1) is (gate, up) of one intermediate index.
-template <class C, bool SILU_PAIR>
-OS_DEVICE void load_tile_v1(bf16* stage, const bf16* __restrict__ A, const bf16* __restrict__ W, int M, int N, int K,
-                         int m0, int n0, int k0) {
+template <class C>
+OS_DEVICE void load_a_v1(bf16* stage, const bf16* __restrict__ A, int M, int K, int m0, int k0) {
     constexpr int CPR = C::BK / 8;  // chunks per row
-    bf16* As = stage;
-    bf16* Ws = stage + C::BM * C::LDS;
 #pragma unroll
     for (int i = 0; i < (C::BM * CPR + C::THREADS - 1) / C::THREADS; i++) {
         const int chunk = threadIdx.x + i * C::THREADS;
@@ -52,9 +50,14 @@ OS_DEVICE void load_tile_v1(bf16* stage, const bf16* __restrict__ A, const bf16*
             const int row = chunk / CPR, col = (chunk % CPR) * 8;
             const int m = m0 + row;
             const bool ok = k0 + col < K && m < M;
-            cp_async16(As + row * C::LDS + col, ok ? A + (size_t)m * K + k0 + col : A, ok ? 16 : 0);
+            cp_async16(stage + row * C::LDS + col, ok ? A + (size_t)m * K + k0 + col : A, ok ? 16 : 0);
         }
     }
+}
+template <class C, bool SILU_PAIR>
+OS_DEVICE void load_w_v1(bf16* stage, const bf16* __restrict__ W, int N, int K, int n0, int k0) {
+    constexpr int CPR = C::BK / 8;
+    bf16* Ws = stage + C::BM * C::LDS;
 #pragma unroll
     for (int i = 0; i < C::BN * CPR / C::THREADS; i++) {
         const int chunk = threadIdx.x + i * C::THREADS;
@@ -73,7 +76,7 @@ OS_DEVICE void load_tile_v1(bf16* stage, const bf16* __restrict__ A, const bf16*
 //   silu_pair: C [M, N/2] bf16 = SiLU(A·gateᵀ)·(A·upᵀ), W being the fused [gate; up] matrix (N = 2I), no split
 template <class C, bool SILU_PAIR>
 OS_DEVICE void gemm_body_v1(const bf16* __restrict__ A, const bf16* __restrict__ W, const float* __restrict__ scales,
-                         void* __restrict__ out, int M, int N, int K, int ktiles_per_split) {
+                         void* __restrict__ out, int M, int N, int K, int ktiles_per_split, bool w_early) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16* smem = reinterpret_cast<bf16*>(smem_raw);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -94,10 +97,20 @@ OS_DEVICE void gemm_body_v1(const bf16* __restrict__ A, const bf16* __restrict__
 #pragma unroll
             for (int e = 0; e < 4; e++) acc[i][j][e] = 0.f;
 
+    // The first STAGES − 1 k-tiles: W's copies (w_early: before the wait, while the previous kernel drains), then
+    // A's, one commit group per k-tile (the first one holds every early W copy).
+    if (w_early) {
+#pragma unroll
+        for (int s = 0; s < C::STAGES - 1; s++)
+            if (s < count) load_w_v1<C, SILU_PAIR>(smem + s * C::STAGE_ELEMS, W, N, K, n0, (kt_begin + s) * C::BK);
+    }
+    grid_dependency_wait();
 #pragma unroll
     for (int s = 0; s < C::STAGES - 1; s++) {
-        if (s < count)
-            load_tile_v1<C, SILU_PAIR>(smem + s * C::STAGE_ELEMS, A, W, M, N, K, m0, n0, (kt_begin + s) * C::BK);
+        if (s < count) {
+            if (!w_early) load_w_v1<C, SILU_PAIR>(smem + s * C::STAGE_ELEMS, W, N, K, n0, (kt_begin + s) * C::BK);
+            load_a_v1<C>(smem + s * C::STAGE_ELEMS, A, M, K, m0, (kt_begin + s) * C::BK);
+        }
         cp_async_commit();
     }
 
@@ -105,9 +118,11 @@ OS_DEVICE void gemm_body_v1(const bf16* __restrict__ A, const bf16* __restrict__
         cp_async_wait<C::STAGES - 2>();
         __syncthreads();  // tile kt landed for every thread, and everyone is done reading the stage refilled next
         const int next = kt + C::STAGES - 1;
-        if (next < count)
-            load_tile_v1<C, SILU_PAIR>(smem + (next % C::STAGES) * C::STAGE_ELEMS, A, W, M, N, K, m0, n0,
-                                    (kt_begin + next) * C::BK);
+        if (next < count) {
+            bf16* stage = smem + (next % C::STAGES) * C::STAGE_ELEMS;
+            load_a_v1<C>(stage, A, M, K, m0, (kt_begin + next) * C::BK);
+            load_w_v1<C, SILU_PAIR>(stage, W, N, K, n0, (kt_begin + next) * C::BK);
+        }
         cp_async_commit();
 
         const bf16* As = smem + (kt % C::STAGES) * C::STAGE_ELEMS;
@@ -171,18 +186,21 @@ OS_DEVICE void gemm_body_v1(const bf16* __restrict__ A, const bf16* __restrict__
 // Grid: (ceil(N / 128), ceil(M / BM), splits); block: 256 threads (bm128) or 128 (bm16/32/64); dynamic shared memory
 // GemmV1BM<BM>::SMEM_BYTES. Split z covers k-tiles [z·kps, min((z+1)·kps, ceil(K / BK))) and writes its partial sum to
 // C + z·M·N (splits = 1: C [M, N] is the result). A [M, K] bf16, W [N, K] bf16, scales [N] f32 or null.
+// w_early: 1 when no kernel writes W (the model's weights): its first stages are copied before the grid dependency
+// wait (common.cuh); 0 for a scratch an earlier kernel filled (runtime/cuda/kernels.py Kernels.gemm static_weights).
 #define GEMM_V1_KERNEL(BMV)                                                                                           \
     extern "C" __global__ void __launch_bounds__(GemmV1BM##BMV::THREADS)                                              \
         gemm_v1_bf16_bm##BMV(const bf16* A, const bf16* W, const float* scales, float* C, int M, int N, int K,        \
-                             int ktiles_per_split) {                                                                  \
-        grid_dependency_sync();                                                                                       \
-        gemm_body_v1<GemmV1BM##BMV, false>(A, W, scales, C, M, N, K, ktiles_per_split);                               \
+                             int ktiles_per_split, int w_early) {                                                     \
+        grid_dependents_launch();                                                                                     \
+        gemm_body_v1<GemmV1BM##BMV, false>(A, W, scales, C, M, N, K, ktiles_per_split, w_early);                      \
     }                                                                                                                 \
     /* Grid: (ceil(N / 128), ceil(M / BM)); C [M, N/2] bf16 = SiLU(gate)·up, W = [gate; up] (N = 2I, even). */        \
     extern "C" __global__ void __launch_bounds__(GemmV1BM##BMV::THREADS)                                              \
-        gemm_v1_bf16_silu_bm##BMV(const bf16* A, const bf16* W, const float* scales, bf16* C, int M, int N, int K) {  \
-        grid_dependency_sync();                                                                                       \
-        gemm_body_v1<GemmV1BM##BMV, true>(A, W, scales, C, M, N, K, 1 << 30);                                         \
+        gemm_v1_bf16_silu_bm##BMV(const bf16* A, const bf16* W, const float* scales, bf16* C, int M, int N, int K,   \
+                                  int w_early) {                                                              \
+        grid_dependents_launch();                                                                                     \
+        gemm_body_v1<GemmV1BM##BMV, true>(A, W, scales, C, M, N, K, 1 << 30, w_early);                                \
     }
 GEMM_V1_KERNEL(16)
 GEMM_V1_KERNEL(32)

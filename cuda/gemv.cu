@@ -88,7 +88,7 @@ OS_DEVICE void dot_pair(uint4 a, uint4 b, const bf16* __restrict__ x, float& acc
 // so the SwiGLU product is formed where gate and up are computed, and never round-trips through memory.
 template <typename W, int M, bool SILU_PAIR>
 OS_DEVICE void gemv_body(const W* __restrict__ weight, const float* __restrict__ scales, const bf16* __restrict__ x,
-                         void* __restrict__ y, int N, int K, int split) {
+                         void* __restrict__ y, int N, int K, int split, bool w_early) {
     static_assert(M >= 1 && M <= GEMV_MAX_ROWS, "one to GEMV_MAX_ROWS rows");
     constexpr int EPV = 16 / sizeof(W);  // weight elements per 16-byte vector
     __shared__ float partial[GEMV_WARPS][M][2];
@@ -103,18 +103,32 @@ OS_DEVICE void gemv_body(const W* __restrict__ weight, const float* __restrict__
     float acc0[M], acc1[M];
 #pragma unroll
     for (int m = 0; m < M; m++) acc0[m] = acc1[m] = 0.f;
-    if (active) {
-        const uint4* w0 = reinterpret_cast<const uint4*>(weight + (size_t)r0 * K);
-        const uint4* w1 = reinterpret_cast<const uint4*>(weight + (size_t)r1 * K);
-        const int nvec = K / EPV;
-        int v = slice * 32 + lane;
-        for (; v + stride * (UNROLL - 1) < nvec; v += stride * UNROLL) {
-            uint4 a[UNROLL], b[UNROLL];
+    const uint4* w0 = reinterpret_cast<const uint4*>(weight + (size_t)r0 * K);
+    const uint4* w1 = reinterpret_cast<const uint4*>(weight + (size_t)r1 * K);
+    const int nvec = K / EPV;
+    int v = slice * 32 + lane;
+    // w_early: the first UNROLL loads go before the grid dependency wait (common.cuh), streaming while the previous
+    // kernel drains.
+    bool loaded = w_early && active && v + stride * (UNROLL - 1) < nvec;
+    uint4 a[UNROLL], b[UNROLL];
+    if (loaded) {
 #pragma unroll
-            for (int u = 0; u < UNROLL; u++) {  // every load in flight before the first use
-                a[u] = load_stream16(w0 + v + stride * u);
-                b[u] = load_stream16(w1 + v + stride * u);
+        for (int u = 0; u < UNROLL; u++) {
+            a[u] = load_stream16(w0 + v + stride * u);
+            b[u] = load_stream16(w1 + v + stride * u);
+        }
+    }
+    grid_dependency_wait();
+    if (active) {
+        for (; v + stride * (UNROLL - 1) < nvec; v += stride * UNROLL) {
+            if (!loaded) {
+#pragma unroll
+                for (int u = 0; u < UNROLL; u++) {  // every load in flight before the first use
+                    a[u] = load_stream16(w0 + v + stride * u);
+                    b[u] = load_stream16(w1 + v + stride * u);
+                }
             }
+            loaded = false;
 #pragma unroll
             for (int u = 0; u < UNROLL; u++) {
 #pragma unroll
@@ -175,11 +189,13 @@ OS_DEVICE void gemv_body(const W* __restrict__ weight, const float* __restrict__
 // Grid: (ceil(pairs / (8 / split))); block: 256 threads; split ∈ {1, 2, 4, 8} warps per row pair.
 // weight [N, K] (bf16: K % 8 == 0; int8: K % 16 == 0), 16-byte aligned rows; scales [N] f32 per weight row, or null;
 // x [M, K] bf16 row-major; y [M, N] f32 (plain) or [M, N/2] bf16 (silu, W = [gate; up]).
+// w_early: 1 when no kernel writes W (the model's weights): its first stages are copied before the grid dependency
+// wait (common.cuh); 0 for a scratch an earlier kernel filled (runtime/cuda/kernels.py Kernels.gemm static_weights).
 #define GEMV_KERNEL(NAME, W, M, SILU, YT)                                                                          \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                                  \
-        NAME(const W* w, const float* scales, const bf16* x, YT* y, int N, int K, int split) {                     \
-        grid_dependency_sync();                                                                                    \
-        gemv_body<W, M, SILU>(w, scales, x, y, N, K, split);                                                       \
+        NAME(const W* w, const float* scales, const bf16* x, YT* y, int N, int K, int split, int w_early) {        \
+        grid_dependents_launch();                                                                                  \
+        gemv_body<W, M, SILU>(w, scales, x, y, N, K, split, w_early);                                              \
     }
 #define GEMV_FAMILY(M)                                                 \
     GEMV_KERNEL(gemv_bf16_m##M, bf16, M, false, float)                 \

@@ -857,7 +857,9 @@ def test_paged_decode_replays_from_a_graph_with_new_contexts(dev, rng):
 def test_a_programmatic_graph_keeps_every_dependency(dev, rng):
     """Programmatic edges (PDL) let a kernel launch before the one it depends on has finished; grid_dependency_sync
     must still hold it until the data is there. A chain where each kernel reads what the previous one wrote, over
-    matrices large enough that an early reader would see the last replay's values, replayed with new inputs."""
+    matrices large enough that an early reader would see the last replay's values, replayed with new inputs. The
+    GEMV's weights are the previous kernel's output here, so it is told they are not static (with static weights it
+    copies its first ones before the wait: this test failed that way on an H200)."""
     N, Kd = 4096, 4096
     q = dev.put(np.zeros((N, Kd)), "i8")
     widened, x = dev.poisoned((N, Kd), "bf16"), dev.put(bf16(rng.standard_normal((1, Kd))), "bf16")
@@ -865,7 +867,7 @@ def test_a_programmatic_graph_keeps_every_dependency(dev, rng):
 
     def chain():
         dev.kernels.widen_int8(q, widened)  # y depends on it through widened
-        dev.kernels.gemv(widened, None, x, y, 1)
+        dev.kernels.gemv(widened, None, x, y, 1, static_weights=False)
         dev.kernels.widen_int8(q, widened_again)  # the same values again: a write after the gemv's reads
 
     programmatic = cuda.Device(0).compute_capability() >= (9, 0)  # whatever OLMOSCOPE_PDL says for the backend

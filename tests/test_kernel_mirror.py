@@ -102,25 +102,40 @@ def test_every_kernel_in_the_sources_is_in_signatures(ptx):
     assert not unlisted, "kernels without a SIGNATURES entry (or listed under another file):\n" + "\n".join(unlisted)
 
 
-def kernel_openings(text: str) -> list[tuple[str, list[str]]]:
-    """(kernel name, the statements of its body up to and with the first grid_dependency_sync() — or only the first
-    statement when none of the first eight is that) for every __global__ function in a source text."""
+def kernel_openings(text: str) -> list[tuple[str, list[str], str]]:
+    """(kernel name, the statements of its body up to and with the first grid_dependency_sync() or
+    grid_dependents_launch() — or only the first statement when none of the first eight is one — and its parameter
+    list) for every __global__ function in a source text."""
     found = []
+    openers = ("grid_dependency_sync();", "grid_dependents_launch();")
     for match in re.finditer(r"__global__", text):
         head_end = text.index("{", match.end())
-        name = re.findall(r"(\w+(?:##\w+)*)\s*\(", text[match.end():head_end])[-1]
+        head = text[match.end():head_end].replace("\\\n", " ")
+        last = list(re.finditer(r"(\w+(?:##\w+)*)\s*\(", head))[-1]
+        name, params = last.group(1), " ".join(head[last.end() - 1:].split())
         body = text[head_end + 1:].replace("\\\n", " ")
         statements = [" ".join(part.split()) + ";" for part in body.split(";", 8)[:8]]
-        until = next((i for i, st in enumerate(statements) if st == "grid_dependency_sync();"), 0)
-        found.append((name, statements[:until + 1]))
+        until = next((i for i, st in enumerate(statements) if st in openers), 0)
+        found.append((name, statements[:until + 1], params))
     return found
 
 
 def test_every_kernel_waits_for_its_predecessor_first():
-    """Graph edges may be programmatic (driver.py CudaGraph, OLMOSCOPE_PDL=1): a kernel that reads or writes anything
-    before grid_dependency_sync() (common.cuh), or returns without it, races the kernel before it."""
-    late = [f"{path.name}: {name}: {opening}" for path in sorted(kernel_dir().glob("*.cu"))
-            for name, opening in kernel_openings(path.read_text()) if opening != ["grid_dependency_sync();"]]
+    """Graph edges may be programmatic (driver.py CudaGraph, OLMOSCOPE_PDL): a kernel that reads or writes anything
+    before grid_dependency_sync() (common.cuh), or returns without it, races the kernel before it. The one exception:
+    a projection may trigger first (grid_dependents_launch) and copy its first weights before its
+    grid_dependency_wait(), which its file must then call, when those weights are never written on the device: a
+    kernel that takes `int w_early`, which the launcher sets only for the model's weights (Kernels.gemm
+    static_weights), or one that reads the engine's packed quantized `qweight`."""
+    late = []
+    for path in sorted(kernel_dir().glob("*.cu")):
+        text = path.read_text()
+        for name, opening, params in kernel_openings(text):
+            early = opening == ["grid_dependents_launch();"] and ("int w_early" in params or "qweight" in params)
+            if early and "grid_dependency_wait();" not in text:
+                late.append(f"{path.name}: {name}: triggers early, and its file never calls grid_dependency_wait()")
+            elif opening != ["grid_dependency_sync();"] and not early:
+                late.append(f"{path.name}: {name}: {opening}")
     assert not late, "kernels that do not start with grid_dependency_sync():\n" + "\n".join(late)
 
 
@@ -128,9 +143,11 @@ def test_the_kernel_opening_parser_sees_a_late_wait():
     text = ('extern "C" __global__ void __launch_bounds__(128) a(int* x) {\n    grid_dependency_sync();\n    x[0] = 1;\n}\n'
             '#define K(N) extern "C" __global__ void b##N(int* x) { \\\n    if (x[0]) return; \\\n'
             '    grid_dependency_sync(); \\\n}\n')
-    assert kernel_openings(text) == [("a", ["grid_dependency_sync();"]),
-                                     ("b##N", ["if (x[0]) return;", "grid_dependency_sync();"])]
-    assert kernel_openings('__global__ void c(int* x) { x[0] = 1; }') == [("c", ["x[0] = 1;"])]
+    assert kernel_openings(text) == [("a", ["grid_dependency_sync();"], "(int* x)"),
+                                     ("b##N", ["if (x[0]) return;", "grid_dependency_sync();"], "(int* x)")]
+    assert kernel_openings('__global__ void c(int* x) { x[0] = 1; }') == [("c", ["x[0] = 1;"], "(int* x)")]
+    assert kernel_openings('__global__ void d(int* w, int w_early) { grid_dependents_launch(); }') == [
+        ("d", ["grid_dependents_launch();"], "(int* w, int w_early)")]
 
 
 def test_every_mirrored_constant_matches_its_constexpr():

@@ -525,7 +525,8 @@ class CudaBackend(Backend):
 
     def _matrix(self, weight: DeviceWeight) -> DeviceBuffer:
         """A weight matrix for the GEMM: bf16 as is, int8 widened into the scratch (scales go to the epilogue),
-        int4 dequantized into it (past Q4_MAX_ROWS rows, where the GEMM's math outweighs the weights' bytes)."""
+        int4 dequantized into it (past Q4_MAX_ROWS rows, where the GEMM's math outweighs the weights' bytes). A scratch
+        is written inside the step, so its GEMM is launched with static_weights=False (Kernels.gemm)."""
         if weight.data.dtype == "bf16":
             return weight.data
         widened = DeviceBuffer(self.widened.ptr, weight.matrix_shape, "bf16")
@@ -557,7 +558,7 @@ class CudaBackend(Backend):
         splits = plan.splits if can_split else 1
         y = out.rows(0, rows) if out is not None else DeviceBuffer(self.proj.ptr, (splits * rows, N), "f32")
         self.kernels.gemm(x, self._matrix(weight), self._scales(weight), y, rows, splits=splits, bm=plan.bm,
-                          variant=plan.variant)
+                          variant=plan.variant, static_weights=weight.data.dtype == "bf16")
         return y, splits, rows * N
 
     def _silu_linear(self, x: DeviceBuffer, weight: DeviceWeight, rows: int) -> None:
@@ -575,11 +576,11 @@ class CudaBackend(Backend):
             return
         if plan.splits == 1:
             self.kernels.gemm(x, self._matrix(weight), self._scales(weight), act, rows, silu=True, bm=plan.bm,
-                              variant=plan.variant)
+                              variant=plan.variant, static_weights=weight.data.dtype == "bf16")
             return
         parts = DeviceBuffer(self.proj.ptr, (plan.splits * rows, N), "f32")
         self.kernels.gemm(x, self._matrix(weight), self._scales(weight), parts, rows, splits=plan.splits, bm=plan.bm,
-                          variant=plan.variant)
+                          variant=plan.variant, static_weights=weight.data.dtype == "bf16")
         self.kernels.silu_mul_parts(parts, plan.splits, rows * N, act, rows)
 
     def _attention(self, k_pool: DeviceBuffer, v_pool: DeviceBuffer, plan: Plan) -> None:

@@ -91,8 +91,9 @@ class CudaGraph:
 
     programmatic=True (sm_90+) turns every kernel-to-kernel edge of the captured graph into a programmatic one
     (programmatic dependent launch): the next kernel launches while the previous one drains, and its
-    grid_dependency_sync (cuda/common.cuh, first in every kernel) waits for the data. The backend asks for it only
-    with OLMOSCOPE_PDL=1 (kernels.py PDL: what it measured).
+    grid_dependency_sync (cuda/common.cuh, first in every kernel but the projections, which copy their first static
+    weights ahead of it) waits for the data. The backend asks for it on sm_90+ unless OLMOSCOPE_PDL=0 (kernels.py
+    PDL: what it measured).
     """
 
     CAPTURE_MODE_RELAXED = 2

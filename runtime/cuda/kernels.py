@@ -145,11 +145,12 @@ MIRRORED = {
 # The switch of the Hopper GEMM (gemm_sm90.cu, wgmma): on by default on sm_90 GPUs, where gemm_plan picks it for the
 # shapes with enough 128 × 256 tiles (measured on an H200); OLMOSCOPE_GEMM_HOPPER=0 turns it off for a run.
 GEMM_HOPPER = os.environ.get("OLMOSCOPE_GEMM_HOPPER", "1") != "0"
-# Programmatic dependent launch inside decode graphs (driver.py CudaGraph) on sm_90+ GPUs: off unless OLMOSCOPE_PDL=1.
-# Measured on an H200 (bench_cuda, batch-1 decode, 2026-12-02): 1B 1.02 → 1.00 ms, 7B 4.04 → 4.10 ms — no clear gain
-# while every kernel waits at its first line; an L2 prefetch of the GEMV's first weights before the wait made both
-# slower (1.13 / 4.38 ms without PDL). The gain needs kernels with independent work ahead of the wait.
-PDL = os.environ.get("OLMOSCOPE_PDL", "0") == "1"
+# Programmatic dependent launch inside decode graphs (driver.py CudaGraph) on sm_90+ GPUs, on unless OLMOSCOPE_PDL=0.
+# With every kernel waiting at its first line it measured no clear gain (H200, batch-1 decode: 1B 1.02 → 1.00 ms, 7B
+# 4.04 → 4.10). The gain came with the projections copying their first weights before the wait (static_weights): the
+# decode graph at context 448 (profile_decode.py, H200, 2026-12-02, same run) 7B 4.071 → 3.907 ms at batch 1, 6.057 →
+# 5.897 at 16, 9.18 → 9.07 at 64; 1B 1.018 → 0.914, 1.510 → 1.379, 2.508 → 2.511.
+PDL = os.environ.get("OLMOSCOPE_PDL", "1") != "0"
 # The switch of the Hopper prefill attention (attention_sm90.cu, wgmma): on by default on sm_90 GPUs, where
 # Kernels.paged_prefill runs it for d = 64 and 128 (NVIDIA H200, 2048 tokens at OLMo-2-7B shapes: 134 µs, 256 TFLOP/s
 # against attention.cu's 306 µs for one prompt, 58 against 97 µs for 4 × 512; bench_kernels.py --attention-only);
@@ -293,16 +294,16 @@ SIGNATURES = {
     "rmsnorm_rows_bf16": ("norms.cu", "PPPPif"),
     "qk_norm_rope_append": ("rope.cu", "PiqPPPPPPPPiiif"),
     "qk_norm_rope_append_heads": ("rope.cu", "PiqPPPPPPPPiiif"),
-    **{f"gemv_{kind}{silu}_m{m}": ("gemv.cu", "PPPPiii")
+    **{f"gemv_{kind}{silu}_m{m}": ("gemv.cu", "PPPPiiii")
        for kind in ("bf16", "int8") for silu in ("", "_silu") for m in range(1, GEMV_MAX_ROWS + 1)},
     **{f"gemm_bf16_bm{bm}": ("gemm.cu", "PPPPiiiiiPP") for bm in GEMM_TILES},
     **{f"gemm_bf16_silu_bm{bm}": ("gemm.cu", "PPPPiiiiPP") for bm in GEMM_TILES},
-    **{f"gemm90_bf16_bm{bm}": ("gemm_sm90.cu", "PPPPiiii") for bm in GEMM90_TILES},
-    **{f"gemm90_bf16_silu_bm{bm}": ("gemm_sm90.cu", "PPPPiii") for bm in GEMM90_TILES},
-    **{f"gemm90tma_bf16_bm{bm}": ("gemm_sm90_tma.cu", MAP_FORMAT * 3 + "PPiiiii") for bm in GEMM90T_TILES},
-    **{f"gemm90tma_bf16_silu_bm{bm}": ("gemm_sm90_tma.cu", MAP_FORMAT * 3 + "PPiii") for bm in GEMM90T_TILES},
-    **{f"gemm_v1_bf16_bm{bm}": ("gemm_v1.cu", "PPPPiiii") for bm in GEMM_V1_TILES},
-    **{f"gemm_v1_bf16_silu_bm{bm}": ("gemm_v1.cu", "PPPPiii") for bm in GEMM_V1_TILES},
+    **{f"gemm90_bf16_bm{bm}": ("gemm_sm90.cu", "PPPPiiiii") for bm in GEMM90_TILES},
+    **{f"gemm90_bf16_silu_bm{bm}": ("gemm_sm90.cu", "PPPPiiii") for bm in GEMM90_TILES},
+    **{f"gemm90tma_bf16_bm{bm}": ("gemm_sm90_tma.cu", MAP_FORMAT * 3 + "PPiiiiii") for bm in GEMM90T_TILES},
+    **{f"gemm90tma_bf16_silu_bm{bm}": ("gemm_sm90_tma.cu", MAP_FORMAT * 3 + "PPiiii") for bm in GEMM90T_TILES},
+    **{f"gemm_v1_bf16_bm{bm}": ("gemm_v1.cu", "PPPPiiiii") for bm in GEMM_V1_TILES},
+    **{f"gemm_v1_bf16_silu_bm{bm}": ("gemm_v1.cu", "PPPPiiii") for bm in GEMM_V1_TILES},
     "silu_mul_parts": ("gemm.cu", "PiqPii"),
     "widen_int8": ("gemm.cu", "PPq"),
     **{f"q4_mma{silu}_g{g}_n{nt}": ("gemm_quant.cu", "PPPPPiiii")
@@ -943,8 +944,9 @@ class Kernels:
 
     # ── projections ───────────────────────────────────────────────────────────────────────────────────
     def gemv(self, weight: DeviceBuffer, scales: DeviceBuffer | None, x: DeviceBuffer, y: DeviceBuffer, rows: int,
-             silu: bool = False, split: int | None = None) -> None:
-        """y = x·Wᵀ for 1 … 4 rows: x [≥rows, K] bf16, W [N, K] bf16/int8; y [≥rows, N] f32, or silu: [≥rows, N/2] bf16."""
+             silu: bool = False, split: int | None = None, static_weights: bool = True) -> None:
+        """y = x·Wᵀ for 1 … 4 rows: x [≥rows, K] bf16, W [N, K] bf16/int8; y [≥rows, N] f32, or silu: [≥rows, N/2] bf16.
+        static_weights as gemm's."""
         N, K = weight.shape
         if not 1 <= rows <= GEMV_MAX_ROWS:
             raise DeviceError(f"gemv: {rows} rows (1 … {GEMV_MAX_ROWS}; more go to gemm)")
@@ -969,18 +971,21 @@ class Kernels:
         kind = "int8" if weight.dtype == "i8" else "bf16"
         name = f"gemv_{kind}{'_silu' if silu else ''}_m{rows}"
         self.launch(name, (math.ceil(pairs / (GEMV_WARPS // split)),), (32 * GEMV_WARPS, 1, 1), weight.ptr,
-                    _ptr(scales), x.ptr, y.ptr, N, K, split)
+                    _ptr(scales), x.ptr, y.ptr, N, K, split, int(static_weights))
 
     def gemm(self, a: DeviceBuffer, weight: DeviceBuffer, scales: DeviceBuffer | None, c: DeviceBuffer, rows: int,
              silu: bool = False, splits: int = 1, bm: int | None = None, variant: str = "stream",
-             ctas: int | None = None) -> None:
+             ctas: int | None = None, static_weights: bool = True) -> None:
         """C = A·Wᵀ on the tensor cores, A [≥rows, K] bf16, W [N, K] bf16: C holds splits × [rows, N] f32 partials
         (part stride rows·N), or with silu C [≥rows, N/2] bf16 = SiLU(gate)·up. variant (gemm_plan chooses it for
         the runtime): "stream" (gemm.cu; bm default gemm_stream_tile's): splits = 1 runs the stream-K schedule on
         `ctas` persistent CTAs (default: one per multiprocessor), more splits the grid over K into partial sums;
         "v1": gemm_v1.cu's grid split-K kernels (bm default its gemm_tile); "sm90": the Hopper wgmma kernels
         (sm_90 GPUs; bm 64 or 128 rows × 256 columns, default gemm90_tile's; grid split-K as v1's); "tma": the same
-        tiles fed by TMA copies through an mbarrier pipeline (gemm_sm90_tma.cu), persistent over the tiles."""
+        tiles fed by TMA copies through an mbarrier pipeline (gemm_sm90_tma.cu), persistent over the tiles.
+        static_weights: no kernel writes W (the model's weights), so the v1, sm90 and tma kernels copy their first
+        weight stages before their grid dependency wait, while the previous kernel of a programmatic graph drains;
+        False for a scratch an earlier kernel filled (int8 widened, int4 dequantized), read only after the wait."""
         N, K = weight.shape
         _check_count("gemm", rows)
         if weight.dtype != "bf16":
@@ -1013,27 +1018,28 @@ class Kernels:
                 raise DeviceError(f"gemm: {splits} splits")
             _expect_elements(c, "gemm output" if splits == 1 else "gemm partials", "f32", splits * rows * N, last_dim=N)
         if variant == "tma":
-            return self._gemm_tma(a, weight, scales, c, rows, silu, splits, bm, ctas)
+            return self._gemm_tma(a, weight, scales, c, rows, silu, splits, bm, ctas, static_weights)
         if variant == "sm90":
             tile = GEMM90_TILES[bm]
             grid = (math.ceil(rows / bm) * math.ceil(N / GEMM90_BN), splits)
             if silu:
                 self.launch(f"gemm90_bf16_silu_bm{bm}", grid[:1], (tile.threads, 1, 1), a.ptr, weight.ptr,
-                            _ptr(scales), c.ptr, rows, N, K, smem=tile.smem)
+                            _ptr(scales), c.ptr, rows, N, K, int(static_weights), smem=tile.smem)
             else:
                 self.launch(f"gemm90_bf16_bm{bm}", grid, (tile.threads, 1, 1), a.ptr, weight.ptr, _ptr(scales), c.ptr,
-                            rows, N, K, math.ceil(math.ceil(K / GEMM90_BK) / splits), smem=tile.smem)
+                            rows, N, K, math.ceil(math.ceil(K / GEMM90_BK) / splits), int(static_weights),
+                            smem=tile.smem)
             return
         tile = tiles_of[bm]
         if variant == "v1":
             grid = (math.ceil(N / tile.bn), math.ceil(rows / bm))
             if silu:
                 self.launch(f"gemm_v1_bf16_silu_bm{bm}", grid, (tile.threads, 1, 1), a.ptr, weight.ptr, _ptr(scales),
-                            c.ptr, rows, N, K, smem=tile.smem)
+                            c.ptr, rows, N, K, int(static_weights), smem=tile.smem)
             else:
                 self.launch(f"gemm_v1_bf16_bm{bm}", (*grid, splits), (tile.threads, 1, 1), a.ptr, weight.ptr,
                             _ptr(scales), c.ptr, rows, N, K, gemm_ktiles_per_split(bm, K, splits, GEMM_V1_TILES),
-                            smem=tile.smem)
+                            int(static_weights), smem=tile.smem)
             return
         tiles = math.ceil(rows / bm) * math.ceil(N / tile.bn)
         kt = math.ceil(K / tile.bk)
@@ -1053,7 +1059,7 @@ class Kernels:
                         c.ptr, rows, N, K, kps, sk_tiles, *scratch, smem=tile.smem)
 
     def _gemm_tma(self, a: DeviceBuffer, weight: DeviceBuffer, scales: DeviceBuffer | None, c: DeviceBuffer,
-                  rows: int, silu: bool, splits: int, bm: int, ctas: int | None) -> None:
+                  rows: int, silu: bool, splits: int, bm: int, ctas: int | None, static_weights: bool) -> None:
         """gemm_sm90_tma.cu (shapes checked by gemm): A's map [rows, K] in boxes of bm rows; W's two maps of 128-row
         boxes (W itself twice, or its gate and up halves); a persistent grid of `ctas` CTAs (default one per
         multiprocessor), never more than the work units (tiles × splits)."""
@@ -1072,11 +1078,11 @@ class Kernels:
         grid = (min(units, ctas or self.sm_count),)
         if silu:
             self.launch(f"gemm90tma_bf16_silu_bm{bm}", grid, (tile.threads, 1, 1), a_map, *w_maps, _ptr(scales), c.ptr,
-                        rows, N, K, smem=tile.smem)
+                        rows, N, K, int(static_weights), smem=tile.smem)
         else:
             kps = math.ceil(math.ceil(K / GEMM90T_BK) / splits)
             self.launch(f"gemm90tma_bf16_bm{bm}", grid, (tile.threads, 1, 1), a_map, *w_maps, _ptr(scales), c.ptr,
-                        rows, N, K, kps, splits, smem=tile.smem)
+                        rows, N, K, kps, splits, int(static_weights), smem=tile.smem)
 
     def silu_mul_parts(self, parts_buffer: DeviceBuffer, parts: int, part_stride: int, out: DeviceBuffer,
                        rows: int) -> None:
