@@ -186,7 +186,7 @@ def render(everything: dict) -> str:
              f"Workload: {REQUESTS} requests, prompts uniform in [{PROMPT_RANGE[0]}, {PROMPT_RANGE[1]}] tokens, "
              f"{NEW_TOKENS} new tokens each, greedy, no early stop; random weights at the model's real size. "
              f"Copy bandwidth measured in the run: {everything['bandwidth_bytes_per_s'] / 1e9:,.0f} GB/s. "
-             "`python3 benchmarks/bench_batch.py --models 1b,7b`."]
+             f"`python3 benchmarks/bench_batch.py --models 1b,7b{_quant_flag(everything)}`."]
     for size, r in everything["models"].items():
         ours = r["olmoscope"]
         rows = [["olmoscope batch (engine loop, CUDA)", f"{ours['tokens_per_s']:,.0f}", f"{ours['seconds']:.2f}"]]
@@ -219,6 +219,12 @@ def _mixed_line(mixed: dict | None) -> str:
             f"{mixed['mixed_ms']:.2f} ms, against {mixed['decode_ms']:.2f} ms for the {mixed['decoding']} decode rows "
             f"alone (the prompt's {mixed['chunk']} tokens cost {mixed['mixed_ms'] - mixed['decode_ms']:.2f} ms, "
             f"{mixed['chunk'] / max(mixed['mixed_ms'] - mixed['decode_ms'], 1e-9) * 1e3:,.0f} tokens/s).")
+
+
+def _quant_flag(everything: dict) -> str:
+    formats = next((list(r["olmoscope"]["quantized"]) for r in everything["models"].values()
+                    if r["olmoscope"].get("quantized")), [])
+    return f" --quantized {','.join(formats)}" if formats else ""
 
 
 def _quant_table(ours: dict) -> str:
