@@ -219,13 +219,13 @@ OS_DEVICE void q4_body(const uint4* __restrict__ qweight, const uint32_t* __rest
 #define Q4_MIN_BLOCKS(NT) ((NT) <= 2 ? 2 : 0)
 #define Q8_MIN_BLOCKS(NT) ((NT) == 1 ? 4 : (NT) == 2 ? 3 : 0)
 #define Q4_KERNEL(G, NT)                                                                                          \
-    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32, Q4_MIN_BLOCKS(NT))                                  \
+    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32, Q4_MIN_BLOCKS(NT))                                \
         q4_mma_g##G##_n##NT(const uint4* qweight, const uint32_t* scales, const uint8_t* zeros, const bf16* x,    \
                             float* y, int M, int N, int K, int split) {                                           \
         grid_dependents_launch();                                                                                 \
         q4_body<NT, G, false>(qweight, scales, zeros, x, y, M, N, K, split);                                      \
     }                                                                                                             \
-    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32, Q4_MIN_BLOCKS(NT))                                  \
+    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32, Q4_MIN_BLOCKS(NT))                                \
         q4_mma_silu_g##G##_n##NT(const uint4* qweight, const uint32_t* scales, const uint8_t* zeros,              \
                                  const bf16* x, bf16* y, int M, int N, int K, int split) {                        \
         grid_dependents_launch();                                                                                 \
@@ -318,13 +318,13 @@ OS_DEVICE void q8_body(const uint4* __restrict__ qweight, const float* __restric
 // qweight, scales: the int8 device layout above (Np = 16·tiles ≥ N rows, K % 32 == 0); x [M, K] bf16 (M ≤ 8·NT);
 // y [M, N] f32, or silu (pairs layout, N = 2I, I % 8 == 0): [M, I] bf16.
 #define Q8_KERNEL(NT)                                                                                             \
-    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32, Q8_MIN_BLOCKS(NT))                                  \
+    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32, Q8_MIN_BLOCKS(NT))                                \
         q8_mma_n##NT(const uint4* qweight, const float* scales, const bf16* x, float* y, int M, int N, int K,     \
                      int split) {                                                                                 \
         grid_dependents_launch();                                                                                 \
         q8_body<NT, false>(qweight, scales, x, y, M, N, K, split);                                                \
     }                                                                                                             \
-    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32, Q8_MIN_BLOCKS(NT))                                  \
+    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32, Q8_MIN_BLOCKS(NT))                                \
         q8_mma_silu_n##NT(const uint4* qweight, const float* scales, const bf16* x, bf16* y, int M, int N, int K, \
                           int split) {                                                                            \
         grid_dependents_launch();                                                                                 \
