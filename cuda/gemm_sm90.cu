@@ -193,8 +193,8 @@ OS_DEVICE void gemm90_body(const bf16*, const bf16*, const float*, void*, int, i
         gemm90_body<Gemm90BM##BMV, false>(A, W, scales, C, M, N, K, ktiles_per_split, w_early);                     \
     }                                                                                                               \
     extern "C" __global__ void __launch_bounds__(GEMM90_THREADS, 1)                                                 \
-        gemm90_bf16_silu_bm##BMV(const bf16* A, const bf16* W, const float* scales, bf16* C, int M, int N, int K,  \
-                                 int w_early) {                                                             \
+        gemm90_bf16_silu_bm##BMV(const bf16* A, const bf16* W, const float* scales, bf16* C, int M, int N, int K,   \
+                                 int w_early) {                                                                     \
         grid_dependents_launch();                                                                                   \
         gemm90_body<Gemm90BM##BMV, true>(A, W, scales, C, M, N, K, 1 << 30, w_early);                               \
     }

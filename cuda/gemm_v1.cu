@@ -197,8 +197,8 @@ OS_DEVICE void gemm_body_v1(const bf16* __restrict__ A, const bf16* __restrict__
     }                                                                                                                 \
     /* Grid: (ceil(N / 128), ceil(M / BM)); C [M, N/2] bf16 = SiLU(gate)·up, W = [gate; up] (N = 2I, even). */        \
     extern "C" __global__ void __launch_bounds__(GemmV1BM##BMV::THREADS)                                              \
-        gemm_v1_bf16_silu_bm##BMV(const bf16* A, const bf16* W, const float* scales, bf16* C, int M, int N, int K,   \
-                                  int w_early) {                                                              \
+        gemm_v1_bf16_silu_bm##BMV(const bf16* A, const bf16* W, const float* scales, bf16* C, int M, int N, int K,    \
+                                  int w_early) {                                                                      \
         grid_dependents_launch();                                                                                     \
         gemm_body_v1<GemmV1BM##BMV, true>(A, W, scales, C, M, N, K, 1 << 30, w_early);                                \
     }

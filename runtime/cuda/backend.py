@@ -537,6 +537,11 @@ class CudaBackend(Backend):
             self.kernels.widen_int8(weight.data, widened)
         return widened
 
+    def _gemm(self, x: DeviceBuffer, weight: DeviceWeight, out: DeviceBuffer, rows: int, **plan) -> None:
+        """Kernels.gemm on the weight's bf16 matrix (_matrix) and epilogue scales; a widened scratch is not static."""
+        self.kernels.gemm(x, self._matrix(weight), self._scales(weight), out, rows,
+                          static_weights=weight.data.dtype == "bf16", **plan)
+
     def _scales(self, weight: DeviceWeight) -> DeviceBuffer | None:
         """The per-row scales the bf16 GEMM's epilogue applies: int8's; int4 is dequantized whole."""
         return None if weight.int4 else weight.scales
@@ -557,8 +562,7 @@ class CudaBackend(Backend):
             return y, 1, rows * N
         splits = plan.splits if can_split else 1
         y = out.rows(0, rows) if out is not None else DeviceBuffer(self.proj.ptr, (splits * rows, N), "f32")
-        self.kernels.gemm(x, self._matrix(weight), self._scales(weight), y, rows, splits=splits, bm=plan.bm,
-                          variant=plan.variant, static_weights=weight.data.dtype == "bf16")
+        self._gemm(x, weight, y, rows, splits=splits, bm=plan.bm, variant=plan.variant)
         return y, splits, rows * N
 
     def _silu_linear(self, x: DeviceBuffer, weight: DeviceWeight, rows: int) -> None:
@@ -575,12 +579,10 @@ class CudaBackend(Backend):
             self.kernels.gemv(weight.data, weight.scales, x, act, rows, silu=True)
             return
         if plan.splits == 1:
-            self.kernels.gemm(x, self._matrix(weight), self._scales(weight), act, rows, silu=True, bm=plan.bm,
-                              variant=plan.variant, static_weights=weight.data.dtype == "bf16")
+            self._gemm(x, weight, act, rows, silu=True, bm=plan.bm, variant=plan.variant)
             return
         parts = DeviceBuffer(self.proj.ptr, (plan.splits * rows, N), "f32")
-        self.kernels.gemm(x, self._matrix(weight), self._scales(weight), parts, rows, splits=plan.splits, bm=plan.bm,
-                          variant=plan.variant, static_weights=weight.data.dtype == "bf16")
+        self._gemm(x, weight, parts, rows, splits=plan.splits, bm=plan.bm, variant=plan.variant)
         self.kernels.silu_mul_parts(parts, plan.splits, rows * N, act, rows)
 
     def _attention(self, k_pool: DeviceBuffer, v_pool: DeviceBuffer, plan: Plan) -> None:
