@@ -2,11 +2,16 @@
 the same step through the engine loop (scheduling, metadata upload, sampling, the ids back to the host), and the
 step's roofline. Each kernel's own time at the same shapes is benchmarks/bench_kernels.py's job.
 
-    python3 benchmarks/profile_decode.py --models 1b,7b --batches 1,64 --context 448 [--kernels]
+    python3 benchmarks/profile_decode.py --models 1b,7b --batches 1,64 --context 448 [--dtypes bf16,int4] [--kernels]
+
+--dtypes profiles the same random weights in each weight format (bench_cuda.engine_from's int8 per row and int4
+asymmetric in groups of 128, lm_head bf16), one table each.
 
 --kernels adds, per batch, each kernel's GPU time inside the replayed graph (CUPTI through torch.profiler, which sees
 PyCUDA's launches): one row per kernel of a layer (the same kernel name launched k times per layer is k rows, in
-launch order), summed over the layers, and the gaps between kernels.
+launch order), summed over the layers, and the time no kernel runs. Under programmatic dependent launch (on by
+default, OLMOSCOPE_PDL=0 turns it off) a kernel starts while the previous one drains and waits for its data, so its
+time includes that wait and the rows overlap: run with OLMOSCOPE_PDL=0 for each kernel's own time.
 """
 
 from __future__ import annotations
@@ -35,8 +40,9 @@ from olmoscope.runtime.scheduler import Request  # noqa: E402
 REPLAYS, STEPS = 50, 32
 
 
-def kernel_times(graph, stream, replays: int = 20) -> tuple[list[tuple[str, float]], float]:
-    """([(kernel name, µs)] of one replay in launch order, averaged over the replays; the replay's span in µs)."""
+def kernel_times(graph, stream, replays: int = 20) -> tuple[list[tuple[str, float]], float, float]:
+    """([(kernel name, µs)] of one replay in launch order, the medians over the replays; the replay's span in µs;
+    the µs of it when no kernel runs)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -51,25 +57,34 @@ def kernel_times(graph, stream, replays: int = 20) -> tuple[list[tuple[str, floa
     times = [statistics.median(kernels[r * per + i][1] for r in range(replays)) / 1e3 for i in range(per)]
     span = statistics.median((kernels[r * per + per - 1][0] + kernels[r * per + per - 1][1] - kernels[r * per][0])
                              for r in range(replays)) / 1e3
-    return [(kernels[i][2], times[i]) for i in range(per)], span
+    idle = statistics.median(idle_ns(kernels[r * per:(r + 1) * per]) for r in range(replays)) / 1e3
+    return [(kernels[i][2], times[i]) for i in range(per)], span, idle
 
 
-def kernel_table(launches: list[tuple[str, float]], span: float, layers: int) -> str:
-    """The launches of one replay folded by layer: a kernel launched k·layers times is k rows (its j-th launch of a
-    layer counted in row j); the others one row each."""
+def idle_ns(kernels: list[tuple[int, int, str]]) -> int:
+    """ns between the first kernel's start and the last one's end with no kernel running (kernels sorted by start)."""
+    idle, reach = 0, kernels[0][0]
+    for start, duration, _ in kernels:
+        idle += max(0, start - reach)
+        reach = max(reach, start + duration)
+    return idle
+
+
+def kernel_table(launches: list[tuple[str, float]], span: float, idle: float, layers: int) -> str:
+    """The launches of one replay folded by layer: a kernel launched k·layers + r times (r < layers) is k rows (its
+    j-th launch of a layer counted in row j), and its last r launches (lm_head's GEMV after the layers) one row each."""
     counts = Counter(name for name, _ in launches)
     totals: dict[tuple[str, int], list[float]] = {}
     seen: dict[str, int] = {}
     for name, us in launches:
-        per_layer = counts[name] // layers if counts[name] % layers == 0 else 0
+        per_layer = counts[name] // layers
         j = seen.get(name, 0)
         seen[name] = j + 1
-        key = (name, j % per_layer if per_layer else j)
+        key = (name, j % per_layer if j < per_layer * layers else j)
         totals.setdefault(key, []).append(us)
-    busy = sum(us for _, us in launches)
     rows = [[name[:48], j, len(v), f"{statistics.mean(v):.1f}", f"{sum(v):.0f}", f"{sum(v) / span:.1%}"]
             for (name, j), v in totals.items()]
-    rows.append(["(gaps between kernels)", "", "", "", f"{span - busy:.0f}", f"{(span - busy) / span:.1%}"])
+    rows.append(["(no kernel running)", "", "", "", f"{idle:.0f}", f"{idle / span:.1%}"])
     return tabulate(rows, ["kernel", "launch # in layer", "launches", "µs each", "µs per step", "share"],
                     tablefmt="github")
 
@@ -98,9 +113,12 @@ def profile(backend: CudaBackend, batch: int, context: int, bandwidth: float, ke
         end.synchronize()
         times.append(end.time_since(start))
     if kernels:
-        launches, span = kernel_times(graph, backend.stream)
-        print(f"\nbatch {batch}: {len(launches)} kernels, {span:.0f} µs from the first one's start to the last one's end")
-        print(kernel_table(launches, span, backend.config.num_hidden_layers))
+        launches, span, idle = kernel_times(graph, backend.stream)
+        overlap = sum(us for _, us in launches) + idle - span
+        print(f"\nbatch {batch}: {len(launches)} kernels, {span:.0f} µs from the first one's start to the last one's end"
+              + (f"; {overlap:.0f} µs of kernel time overlaps (programmatic launch: a kernel waiting for the one "
+                 "before)" if overlap > 0.01 * span else ""))
+        print(kernel_table(launches, span, idle, backend.config.num_hidden_layers))
     loop.run()
     graph_ms = statistics.median(times)
     kv = batch * (context + 8 + STEPS) * kv_block_bytes(backend.config, 2) // BLOCK_SIZE
@@ -114,23 +132,29 @@ def main() -> int:
     parser.add_argument("--models", default="1b,7b")
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--context", type=int, default=448)
+    parser.add_argument("--dtypes", default="bf16", help="comma-separated weight formats: bf16, int8, int4")
     parser.add_argument("--kernels", action="store_true", help="each kernel's GPU time in the graph (needs torch)")
     args = parser.parse_args()
+    dtypes = args.dtypes.split(",")
+    if not set(dtypes) <= {"bf16", "int8", "int4"}:
+        parser.error(f"--dtypes takes bf16, int8 and int4, not {args.dtypes}")
     bandwidth = copy_bandwidth()
     batches = [int(b) for b in args.batches.split(",")]
     for size in args.models.split(","):
         model, config = random_hf_model(f"olmo2-{size}")
-        engine = engine_from(model, config)
+        for dtype in dtypes:
+            engine = engine_from(model, config, int8=dtype == "int8", int4=dtype == "int4")
+            rows = []
+            with CudaBackend(engine, RuntimeOptions(max_num_seqs=max(batches)), progress=False) as backend:
+                for batch in batches:
+                    rows.append(profile(backend, batch, args.context, bandwidth, args.kernels))
+                device = backend.device
+            del engine
+            print(f"\nOLMo-2-{size.upper()} dimensions, {dtype} weights, on {device}, context ≈{args.context}, "
+                  f"copy bandwidth {bandwidth / 1e9:,.0f} GB/s")
+            print(tabulate(rows, ["batch", "graph ms", "loop ms/step", "roofline ms", "graph % of roofline",
+                                  "loop time not in the graph"], tablefmt="github"))
         del model
-        rows = []
-        with CudaBackend(engine, RuntimeOptions(max_num_seqs=max(batches)), progress=False) as backend:
-            for batch in batches:
-                rows.append(profile(backend, batch, args.context, bandwidth, args.kernels))
-            device = backend.device
-        print(f"\nOLMo-2-{size.upper()} dimensions on {device}, context ≈{args.context}, copy bandwidth "
-              f"{bandwidth / 1e9:,.0f} GB/s")
-        print(tabulate(rows, ["batch", "graph ms", "loop ms/step", "roofline ms", "graph % of roofline",
-                              "loop time not in the graph"], tablefmt="github"))
     return 0
 
 
