@@ -41,7 +41,7 @@ OS_DEVICE size_t kv_offset(int block, int head, int Hkv, int offset, int D) {
     return (((size_t)block * Hkv + head) * KV_BLOCK + offset) * D;
 }
 
-// ── bf16 / int8 unpacking ───────────────────────────────────────────────────────────────────────
+// ── bf16 unpacking ───────────────────────────────────────────────────────────────────────────
 // A bf16 is the high half of a float, so widening is a shift (element 0 is the low half of a word).
 OS_DEVICE float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
 OS_DEVICE float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
@@ -49,17 +49,6 @@ OS_DEVICE float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
 OS_DEVICE uint32_t pack_bf16x2(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x = lo sits in the low half
     return *reinterpret_cast<uint32_t*>(&v);
-}
-
-// Four int8 weights widened without the quarter-rate int→float instruction: byte q + 128 placed in the low
-// mantissa bits of 2^23 is the float 2^23 + 128 + q, exactly; subtracting 2^23 + 128 leaves q.
-OS_DEVICE void widen4_int8(uint32_t w, float (&q)[4]) {
-    const uint32_t u = w ^ 0x80808080u;  // each byte q + 128, unsigned
-    constexpr float OFFSET = 8388736.f;  // 2^23 + 128
-    q[0] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7540)) - OFFSET;
-    q[1] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7541)) - OFFSET;
-    q[2] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7542)) - OFFSET;
-    q[3] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7543)) - OFFSET;
 }
 
 // Streaming 16-byte load for weights: read once per step, so keep it out of L1.

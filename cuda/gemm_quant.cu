@@ -212,12 +212,11 @@ OS_DEVICE void q4_body(const uint4* __restrict__ qweight, const uint32_t* __rest
 // Grid: (⌈tiles / (8 / split)⌉); block: 256 threads; split ∈ {1, 2, 4, 8} warps per tile.
 // qweight, scales, zeros (or null): the device layout above for Np = 16·tiles ≥ N rows and K % 64 == 0, K % G == 0;
 // x [M, K] bf16 (M ≤ 8·NT); y [M, N] f32, or silu (pairs layout, N = 2I, I % 8 == 0): [M, I] bf16.
-// Blocks per multiprocessor the launch bounds hold the narrow tiles to (kernels.py Q4_RESIDENT_WARPS,
-// Q8_RESIDENT_WARPS): the first step's weights live across the grid dependency wait, and without the bound ptxas
+// Blocks per multiprocessor the launch bounds hold the narrow tiles to (kernels.py Q4_RESIDENT_WARPS): the first
+// step's weights live across the grid dependency wait, and without the bound ptxas
 // spends registers that cost residency (int4 NT = 2: 102 → 134, one block instead of two). The wide tiles keep one
 // block (a bound there makes ptxas take more registers, not fewer).
 #define Q4_MIN_BLOCKS(NT) ((NT) <= 2 ? 2 : 0)
-#define Q8_MIN_BLOCKS(NT) ((NT) == 1 ? 4 : (NT) == 2 ? 3 : 0)
 #define Q4_KERNEL(G, NT)                                                                                          \
     extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32, Q4_MIN_BLOCKS(NT))                                \
         q4_mma_g##G##_n##NT(const uint4* qweight, const uint32_t* scales, const uint8_t* zeros, const bf16* x,    \
@@ -238,75 +237,89 @@ Q4_GROUP(128)
 
 // ── int8 weights (per-row f32 scales), the same scheme ───────────────────────────────────────────────────────
 // Device layout (quant_layout.pack_q8): qweight [Np/16 tiles][K/32 chunks][32 lanes] uint4, lane 4g + c, word 2j + h
-// = tile row g + 8h at k = 32·chunk + 8c + 4j + e in byte e (k16 block j of the chunk); scales [Np] f32 in tile
+// = tile row g + 8h at k = 32·chunk + 8c + 4j + e in byte (0, 2, 1, 3)[e] (k16 block j of the chunk; a k pair in
+// bytes 0, 2 or 1, 3 is one bf16 pair after a shift, q8_pair); scales [Np] f32 in tile
 // row order. An int8 weight is exact in bf16 (8 significant bits), so the mma sums Σ q·x exactly-rounded in f32
 // and the row scale is applied once at the end.
 constexpr int Q8_CHUNK = 32;  // k per 16-byte lane load (2 rows × 8 k)
+constexpr int Q8_RING = 8;    // chunks in flight or in use per warp (4 KB of shared memory; q8_body)
+constexpr int Q8_WIDE_RING = 4;  // NT = 8, whose split-K partials take 32 KB of the 48 KB of static shared memory
 
-// Two int8 words (tile rows g, g+8 of one k16 block) → the block's four A registers (bf16 pairs, exact).
-OS_DEVICE void q8_widen(uint32_t row_g, uint32_t row_g8, uint32_t (&a)[4]) {
-    float lo[4], hi[4];
-    widen4_int8(row_g, lo);
-    widen4_int8(row_g8, hi);
-    a[0] = pack_bf16x2(lo[0], lo[1]);
-    a[1] = pack_bf16x2(hi[0], hi[1]);
-    a[2] = pack_bf16x2(lo[2], lo[3]);
-    a[3] = pack_bf16x2(hi[2], hi[3]);
+// Two int8 weights, bytes 0 and 2 of w, → a bf16 pair, exactly and without the conversion unit (an eighth of the
+// ALU rate, which held the int8 kernels at two thirds of bandwidth): for q = l − 128·s (l its low 7 bits, s its
+// sign bit), bf16 0x4300 | l is 128 + l and 0xC300 | s << 7 is −128 − 128·s, whose sum is q (|q| ≤ 128: exact).
+OS_DEVICE uint32_t q8_pair(uint32_t w) {
+    return fma_bf16x2(and_or(w, 0x007F007Fu, 0x43004300u), BF16X2_ONE, and_or(w, 0x00800080u, 0xC300C300u));
 }
 
-// C consecutive chunks q0 … of a tile from their loaded weights w (quant_load: all in flight): two k16 blocks per
-// chunk straight into the accumulators.
-template <int NT, int C>
-OS_DEVICE void q8_math(uint4 (&w)[C], const bf16* const (&x)[NT], int K, int q0, float (&acc)[NT][4]) {
-    uint32_t all = 0;
+// Two int8 words (tile rows g, g+8 of one k16 block, bytes in the order k +0 +2 +1 +3) → the block's four A
+// registers.
+OS_DEVICE void q8_widen(uint32_t row_g, uint32_t row_g8, uint32_t (&a)[4]) {
+    a[0] = q8_pair(row_g);        // row g,   k +0 +1
+    a[1] = q8_pair(row_g8);       // row g+8, k +0 +1
+    a[2] = q8_pair(row_g >> 8);   // row g,   k +2 +3
+    a[3] = q8_pair(row_g8 >> 8);  // row g+8, k +2 +3
+}
+
+// One chunk q of a tile (its loaded weights w): two k16 blocks straight into the accumulators. The activations of
+// token 8n + g at this lane's k offset are x[row[n] + 32q] (32-bit offsets: a 64-bit pointer per n8 tile spills).
+template <int NT>
+OS_DEVICE void q8_chunk(uint4 w, const bf16* __restrict__ x, const int (&row)[NT], int q, float (&acc)[NT][4]) {
+    uint32_t a0[4], a1[4];
+    q8_widen(w.x, w.y, a0);
+    q8_widen(w.z, w.w, a1);
 #pragma unroll
-    for (int i = 0; i < C; i++) all |= w[i].x;
-    w[0].y |= all & ((uint32_t)K >> 31);  // zero at run time: the first use waits for every load (see q4_math)
-#pragma unroll
-    for (int i = 0; i < C; i++) {
-        uint32_t a0[4], a1[4];
-        q8_widen(w[i].x, w[i].y, a0);
-        q8_widen(w[i].z, w[i].w, a1);
-        const size_t k = (size_t)(q0 + i) * Q8_CHUNK;
-#pragma unroll
-        for (int n = 0; n < NT; n++) {
-            const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x[n] + k));
-            mma_bf16_16816(acc[n], a0, xv.x, xv.y);
-            mma_bf16_16816(acc[n], a1, xv.z, xv.w);
-        }
+    for (int n = 0; n < NT; n++) {
+        const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + row[n] + q * Q8_CHUNK));
+        mma_bf16_16816(acc[n], a0, xv.x, xv.y);
+        mma_bf16_16816(acc[n], a1, xv.z, xv.w);
     }
 }
 
+// Each warp streams its chunks through its own cp.async ring of RING chunks (a lane's slot is its own 16 bytes,
+// so no lane waits for another): RING − 1 loads stay in flight while one chunk is computed, and a slot is refilled
+// as soon as its weights are in registers. A register buffer instead (load U chunks, wait for all, compute) leaves
+// the memory system idle between steps with every warp in the same phase, and ptxas sinks register loads meant to
+// run ahead to just before their use: two thirds of bandwidth at four steps per warp, measured.
 template <int NT, bool SILU>
 OS_DEVICE void q8_body(const uint4* __restrict__ qweight, const float* __restrict__ scales, const bf16* __restrict__ x,
                        void* __restrict__ y, int M, int N, int K, int split) {
-    constexpr int U = NT <= 2 ? Q4_SMALL_UNROLL : NT == 4 ? Q4_MID_UNROLL : Q4_WIDE_UNROLL;  // as int4
+    constexpr int RING = NT == 8 ? Q8_WIDE_RING : Q8_RING;
     __shared__ float partial[Q4_WARPS][NT * 4][32];
+    __shared__ uint4 ring[Q4_WARPS][RING][32];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const int tile = blockIdx.x * (Q4_WARPS / split) + warp / split, slice = warp % split;
     const int tiles = (N + Q4_TILE_ROWS - 1) / Q4_TILE_ROWS, chunks = K / Q8_CHUNK;
     const bool active = tile < tiles;
+    const int mine = active && slice < chunks ? (chunks - 1 - slice) / split + 1 : 0;  // chunks slice + j·split
     float acc[NT][4];
 #pragma unroll
     for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
     float s_g = 0.f, s_g8 = 0.f;
-    const uint4* w_lane = qweight + (size_t)tile * chunks * 32 + lane;
-    const int steps = chunks / U, rest = chunks - steps * U;
-    uint4 w[U];  // the first step's weights before the wait, as q4_body's
-    if (active && slice < steps) quant_load<U>(w_lane, slice * U, w);
+    const uint4* src = qweight + ((size_t)tile * chunks + slice) * 32 + lane;  // chunk j of the slice: + j·split·32
+    uint4* slot = &ring[warp][0][lane];                                       // ring slot i: + i·32
+    // The ring's first loads go before the grid dependency wait: packed weights are the engine's, never written on
+    // the device, and they stream while the previous kernel drains.
+#pragma unroll
+    for (int j = 0; j < RING; j++) {
+        if (j < mine) cp_async16(slot + j * 32, src + (size_t)j * split * 32, 16);
+        cp_async_commit();  // empty groups too: chunk j is always group j
+    }
     grid_dependency_wait();
     if (active) {
-        const bf16* xs[NT];
+        int row[NT];  // token 8n + g, or M − 1 past M (as Q4Warp::x)
 #pragma unroll
-        for (int n = 0; n < NT; n++) xs[n] = x + (size_t)min(n * 8 + g, M - 1) * K + 8 * c;  // as Q4Warp::x
-        for (int s = slice; s < steps; s += split) {
-            if (s != slice) quant_load<U>(w_lane, s * U, w);
-            q8_math<NT, U>(w, xs, K, s * U, acc);
-        }
-        for (int r = slice; r < rest; r += split) {
-            uint4 wr[1];
-            quant_load<1>(w_lane, steps * U + r, wr);
-            q8_math<NT, 1>(wr, xs, K, steps * U + r, acc);
+        for (int n = 0; n < NT; n++) row[n] = min(n * 8 + g, M - 1) * K + 8 * c;
+        for (int j = 0; j < mine; j++) {
+            cp_async_wait<RING - 1>();  // chunk j is in
+            __syncwarp();                  // (and the compiler reads the slot after the wait)
+            const uint4 w = slot[(j % RING) * 32];
+            q8_chunk<NT>(w, x, row, slice + j * split, acc);
+            // the refill's address depends on w (a zero at run time), so it cannot overwrite the slot before it is read
+            const int next = j + RING;
+            if (next < mine)
+                cp_async16(slot + (j % RING) * 32, src + (size_t)next * split * 32 + (w.x & ((uint32_t)K >> 31)), 16);
+            cp_async_commit();
         }
         s_g = scales[tile * Q4_TILE_ROWS + g];
         s_g8 = scales[tile * Q4_TILE_ROWS + g + 8];
@@ -318,13 +331,13 @@ OS_DEVICE void q8_body(const uint4* __restrict__ qweight, const float* __restric
 // qweight, scales: the int8 device layout above (Np = 16·tiles ≥ N rows, K % 32 == 0); x [M, K] bf16 (M ≤ 8·NT);
 // y [M, N] f32, or silu (pairs layout, N = 2I, I % 8 == 0): [M, I] bf16.
 #define Q8_KERNEL(NT)                                                                                             \
-    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32, Q8_MIN_BLOCKS(NT))                                \
+    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32)                                                   \
         q8_mma_n##NT(const uint4* qweight, const float* scales, const bf16* x, float* y, int M, int N, int K,     \
                      int split) {                                                                                 \
         grid_dependents_launch();                                                                                 \
         q8_body<NT, false>(qweight, scales, x, y, M, N, K, split);                                                \
     }                                                                                                             \
-    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32, Q8_MIN_BLOCKS(NT))                                \
+    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32)                                                   \
         q8_mma_silu_n##NT(const uint4* qweight, const float* scales, const bf16* x, bf16* y, int M, int N, int K, \
                           int split) {                                                                            \
         grid_dependents_launch();                                                                                 \
@@ -397,12 +410,9 @@ extern "C" __global__ void dequantize_q8(const uint4* __restrict__ qweight, cons
     for (int h = 0; h < 2; h++) {  // tile row g + 8h: words h (k 8c … +3) and 2 + h (k 8c+4 … +7)
         const int row = pairs ? (h == 0 ? 8 * tile + g : N / 2 + 8 * tile + g) : tile * Q4_TILE_ROWS + g + 8 * h;
         if (row >= N) continue;
-        float lo[4], hi[4];
-        widen4_int8(h ? v.y : v.x, lo);
-        widen4_int8(h ? v.w : v.z, hi);
+        const uint32_t lo = h ? v.y : v.x, hi = h ? v.w : v.z;
         *reinterpret_cast<uint4*>(out + (size_t)row * K + chunk * Q8_CHUNK + 8 * c) =
-            make_uint4(pack_bf16x2(lo[0], lo[1]), pack_bf16x2(lo[2], lo[3]), pack_bf16x2(hi[0], hi[1]),
-                       pack_bf16x2(hi[2], hi[3]));
+            make_uint4(q8_pair(lo), q8_pair(lo >> 8), q8_pair(hi), q8_pair(hi >> 8));
         if (chunk == 0 && c == 0) out_scales[row] = scales[tile * Q4_TILE_ROWS + g + 8 * h];
     }
 }

@@ -21,7 +21,16 @@ OS_DEVICE float dot8_bf16(uint4 w, uint4 x) {
     return acc;
 }
 
-// (widen4_int8, the exact int8 → f32 widening, is in common.cuh: the int8 tensor-core kernels use it too.)
+// Four int8 weights widened without the quarter-rate int→float instruction: byte q + 128 placed in the low
+// mantissa bits of 2^23 is the float 2^23 + 128 + q, exactly; subtracting 2^23 + 128 leaves q.
+OS_DEVICE void widen4_int8(uint32_t w, float (&q)[4]) {
+    const uint32_t u = w ^ 0x80808080u;  // each byte q + 128, unsigned
+    constexpr float OFFSET = 8388736.f;  // 2^23 + 128
+    q[0] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7540)) - OFFSET;
+    q[1] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7541)) - OFFSET;
+    q[2] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7542)) - OFFSET;
+    q[3] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7543)) - OFFSET;
+}
 
 // One 16-byte weight vector widened to f32: 8 bf16 or 16 int8 elements.
 template <typename W>

@@ -166,6 +166,13 @@ def test_greedy_generation_matches_numpy_reference(tiny):
 def test_random_batched_schedules_match_the_reference(tiny, seed):
     """The same schedule on both backends: prompt chunks, decode tokens, forks, truncations, prefix-cache hits."""
     shape, _, engine, gpu = tiny
+    worst_err, works = schedule_error(engine, gpu, seed)
+    print(f"{shape}, schedule {seed}: {works} works, worst rel err {worst_err:.2e}")
+    assert works and worst_err <= TOLERANCE, f"rel err {worst_err:.2e} over {works} works"
+
+
+def schedule_error(engine, gpu: CudaBackend, seed: int) -> tuple[float, int]:
+    """(worst relative error of a work's logits, works compared) over one random schedule run on both backends."""
     rng = np.random.default_rng(seed)
     with NumpyBackend(engine, OPTIONS) as cpu:
         schedule = Schedule(np.random.default_rng(seed + 100), min(gpu.num_blocks, cpu.num_blocks),
@@ -181,8 +188,7 @@ def test_random_batched_schedules_match_the_reference(tiny, seed):
                 err = rel(ours.logits[rows:rows + work.count], theirs.logits[rows:rows + work.count])
                 worst_err, works, rows = max(worst_err, err), works + 1, rows + work.count
             schedule.took(step, theirs.tokens)
-    print(f"{shape}, schedule {seed}: {works} works, worst rel err {worst_err:.2e}")
-    assert works and worst_err <= TOLERANCE, f"rel err {worst_err:.2e} over {works} works"
+    return worst_err, works
 
 
 def test_a_pipelined_batch_on_the_gpu_equals_each_request_alone(tiny):
@@ -236,17 +242,28 @@ def test_sampling_is_repeatable_in_vocabulary_and_penalized_on_the_device(tiny):
     assert len(set(ids)) == len(ids), f"a seen token came back under penalty 1000: {ids}"
 
 
-def test_int8_engine_matches_numpy_on_the_same_int8_weights():
-    model = random_model(SHAPES["gqa2-d64-odd-vocab"], seed=5)
+@pytest.mark.parametrize("shape", ["gqa2-d64-odd-vocab", "mha-d128-tied"])
+def test_int8_engine_matches_numpy_on_the_same_int8_weights(shape):
+    """int8 through the GPU's kernels (gemm_q8 on pack_q8's layout up to 64 rows, dequantize_q8 + the bf16 GEMM
+    past them, the SiLU pairs epilogue; a tied lm_head stays the gathered embedding, through the int8 GEMV and
+    widen_int8) against the NumPy reference on the same weights: a 24-token and a 100-token prompt, then decode
+    steps, and one random batched schedule (decode batches of 1 … 8 rows, prompt chunks past 64 rows)."""
+    model = random_model(SHAPES[shape], seed=5)
     engine = engine_of(model, int8=True)
-    tokens = np.random.default_rng(6).integers(0, engine.config.vocab_size, PROMPT_TOKENS + 16)
     with CudaBackend(engine, OPTIONS) as gpu:
-        ours = teacher_forced_logits(gpu, tokens, PROMPT_TOKENS)
-    with NumpyBackend(engine, OPTIONS) as cpu:
-        reference = teacher_forced_logits(cpu, tokens, PROMPT_TOKENS)
-    prompt_err, decode_err = worst(ours, reference)
-    print(f"int8 engine: vs numpy prompt {prompt_err:.2e}, worst decode step {decode_err:.2e}")
-    assert max(prompt_err, decode_err) <= TOLERANCE, f"rel err prompt {prompt_err:.2e}, decode {decode_err:.2e}"
+        assert gpu.weights.layers[0].gate_up.q8 and gpu.weights.lm_head.q8 != SHAPES[shape][-1]
+        for prompt in (PROMPT_TOKENS, 100):
+            tokens = np.random.default_rng(prompt).integers(0, engine.config.vocab_size, prompt + 16)
+            ours = teacher_forced_logits(gpu, tokens, prompt)
+            with NumpyBackend(engine, OPTIONS) as cpu:
+                reference = teacher_forced_logits(cpu, tokens, prompt)
+            prompt_err, decode_err = worst(ours, reference)
+            print(f"int8 {shape}, prompt {prompt}: vs numpy prompt {prompt_err:.2e}, worst decode step {decode_err:.2e}")
+            assert max(prompt_err, decode_err) <= TOLERANCE, (
+                f"int8 {shape}, prompt {prompt}: rel err prompt {prompt_err:.2e}, decode {decode_err:.2e}")
+        worst_err, works = schedule_error(engine, gpu, seed=3)
+    print(f"int8 {shape}, schedule: {works} works, worst rel err {worst_err:.2e}")
+    assert works and worst_err <= TOLERANCE, f"int8 {shape}: rel err {worst_err:.2e} over {works} works"
 
 
 @pytest.mark.parametrize("scheme,group,lm_head", [("asym", 128, False), ("sym", 64, True), ("asym", 32, False)])

@@ -134,7 +134,7 @@ class CudaBackend(Backend):
         if cfg.head_dim not in HEAD_DIMS:
             raise UsageError(f"the CUDA backend supports head_dim {', '.join(map(str, HEAD_DIMS))}; "
                              f"this model has {cfg.head_dim}")
-        step = {"int8": 16, "int4": 64}.get(engine.weights.dtype, 8)  # int4: a 64-input chunk per load (quant_layout)
+        step = {"int8": 32, "int4": 64}.get(engine.weights.dtype, 8)  # an input chunk per 16-byte load (quant_layout)
         for name, value in (("hidden_size", cfg.hidden_size), ("intermediate_size", cfg.intermediate_size)):
             if value % step:
                 raise UsageError(f"the CUDA backend needs {name} to be a multiple of {step}; this model has {value}")
@@ -187,7 +187,8 @@ class CudaBackend(Backend):
         per_token = 4 * D + 2 * D + 2 * cfg.q_width * 2 + 2 * I
         widened = 0
         if self._quantized:
-            widened = 2 * max(s.elements for s in engine.weights.specs.values() if engine.weights.is_quantized(s.name))
+            quantized = [s for s in engine.weights.specs.values() if engine.weights.is_quantized(s.name)]
+            widened = max(2 * s.elements for s in quantized) + max(4 * s.shape[0] for s in quantized)
         meta = 4 * (15 * T + sizes.seqs * sizes.table_width)
         state = (self.max_seqs + 1) * (4 * -(-V // 32) + 4 * V + 4)
         scoring = self._score_rows() * (4 * V + 2 * D) + 4 * T
@@ -258,11 +259,13 @@ class CudaBackend(Backend):
         self.scores = self._alloc((self.max_step_tokens,), "f32")  # each scored row's target logprob
         self.raw_logits = None  # made at the first step that asks for logprobs (_keep_raw)
         self.upkeep = self._alloc((2, UPKEEP_IDS), "i32")
-        self.widened = None
+        self.widened = self.widened_scales = None
         if self._quantized:
             matrices = [w for layer in self.weights.layers for w in vars(layer).values()] + [self.weights.lm_head]
-            largest = max(math.prod(w.matrix_shape) for w in matrices if w.data.dtype in ("i8", "u8"))
-            self.widened = self._alloc((largest,), "bf16")
+            quantized = [w for w in matrices if w.data.dtype in ("i8", "u8")]
+            self.widened = self._alloc((max(math.prod(w.matrix_shape) for w in quantized),), "bf16")
+            if any(w.q8 for w in quantized):  # dequantize_q8 puts the row scales back in row order too
+                self.widened_scales = self._alloc((max(w.matrix_shape[0] for w in quantized),), "f32")
         self._results = [cuda.pagelocked_empty(R, np.int32) for _ in range(RESULT_RING)]
         self._score_results = [cuda.pagelocked_empty(self.max_step_tokens, np.float32) for _ in range(RESULT_RING)]
         self._result_events = [cuda.Event() for _ in range(RESULT_RING)]
@@ -523,41 +526,50 @@ class CudaBackend(Backend):
         return (DeviceBuffer(base, (blocks, Hkv, size, d), "bf16"),
                 DeviceBuffer(base + plane, (blocks, Hkv, size, d), "bf16"))
 
-    def _matrix(self, weight: DeviceWeight) -> DeviceBuffer:
-        """A weight matrix for the GEMM: bf16 as is, int8 widened into the scratch (scales go to the epilogue),
-        int4 dequantized into it (past Q4_MAX_ROWS rows, where the GEMM's math outweighs the weights' bytes). A scratch
-        is written inside the step, so its GEMM is launched with static_weights=False (Kernels.gemm)."""
+    def _matrix(self, weight: DeviceWeight) -> tuple[DeviceBuffer, DeviceBuffer | None]:
+        """A weight matrix for the bf16 GEMM and the per-row scales of its epilogue: bf16 as is; past Q4_MAX_ROWS rows
+        (where the GEMM's math outweighs the weights' bytes) int4 dequantized into the scratch, packed int8 widened
+        into it with its scales put back in row order (the epilogue applies them), an unpacked int8 matrix widened.
+        A scratch is written inside the step, so its GEMM is launched with static_weights=False (Kernels.gemm)."""
         if weight.data.dtype == "bf16":
-            return weight.data
+            return weight.data, None
+        N = weight.matrix_shape[0]
         widened = DeviceBuffer(self.widened.ptr, weight.matrix_shape, "bf16")
         if weight.int4:
-            self.kernels.dequantize_q4(weight.data, weight.scales, weight.zeros, widened, weight.matrix_shape[0],
-                                       pairs=weight.pairs)
-        else:
-            self.kernels.widen_int8(weight.data, widened)
-        return widened
+            self.kernels.dequantize_q4(weight.data, weight.scales, weight.zeros, widened, N, pairs=weight.pairs)
+            return widened, None
+        if weight.q8:
+            scales = DeviceBuffer(self.widened_scales.ptr, (N,), "f32")
+            self.kernels.dequantize_q8(weight.data, weight.scales, widened, scales, N, pairs=weight.pairs)
+            return widened, scales
+        self.kernels.widen_int8(weight.data, widened)
+        return widened, weight.scales
 
     def _gemm(self, x: DeviceBuffer, weight: DeviceWeight, out: DeviceBuffer, rows: int, **plan) -> None:
-        """Kernels.gemm on the weight's bf16 matrix (_matrix) and epilogue scales; a widened scratch is not static."""
-        self.kernels.gemm(x, self._matrix(weight), self._scales(weight), out, rows,
-                          static_weights=weight.data.dtype == "bf16", **plan)
+        """Kernels.gemm on the weight's bf16 matrix and epilogue scales (_matrix); a widened scratch is not static."""
+        self.kernels.gemm(x, *self._matrix(weight), out, rows, static_weights=weight.data.dtype == "bf16", **plan)
 
-    def _scales(self, weight: DeviceWeight) -> DeviceBuffer | None:
-        """The per-row scales the bf16 GEMM's epilogue applies: int8's; int4 is dequantized whole."""
-        return None if weight.int4 else weight.scales
+    def _quant_mma(self, x: DeviceBuffer, weight: DeviceWeight, y: DeviceBuffer, rows: int, silu: bool) -> bool:
+        """The packed int4/int8 kernels (weights dequantized in registers) for up to Q4_MAX_ROWS rows: whether they ran."""
+        if rows > Q4_MAX_ROWS or not (weight.int4 or weight.q8):
+            return False
+        N = weight.matrix_shape[0]
+        if weight.int4:
+            self.kernels.gemm_q4(x, weight.data, weight.scales, weight.zeros, y, rows, N, silu=silu)
+        else:
+            self.kernels.gemm_q8(x, weight.data, weight.scales, y, rows, N, silu=silu)
+        return True
 
     def _linear(self, x: DeviceBuffer, weight: DeviceWeight, rows: int, out: DeviceBuffer | None = None,
                 can_split: bool = True) -> tuple[DeviceBuffer, int, int]:
         """y = x·Wᵀ for `rows` rows by the plan's kernel: (output [parts·rows, N] f32, parts, part stride in elements)."""
         N, K = weight.matrix_shape
         x = x.rows(0, rows) if x.shape[0] != rows else x
-        if weight.int4 and rows <= Q4_MAX_ROWS:  # weights dequantized in registers, one complete output
-            y = out.rows(0, rows) if out is not None else DeviceBuffer(self.proj.ptr, (rows, N), "f32")
-            self.kernels.gemm_q4(x, weight.data, weight.scales, weight.zeros, y, rows, N)
+        y = out.rows(0, rows) if out is not None else DeviceBuffer(self.proj.ptr, (rows, N), "f32")
+        if self._quant_mma(x, weight, y, rows, silu=False):  # one complete output
             return y, 1, rows * N
-        plan = self.kernels.plan(rows, N, K, int8=weight.data.dtype == "i8")
+        plan = self.kernels.plan(rows, N, K, int8=weight.data.dtype == "i8" and not weight.q8)
         if plan.variant == "gemv":
-            y = out.rows(0, rows) if out is not None else DeviceBuffer(self.proj.ptr, (rows, N), "f32")
             self.kernels.gemv(weight.data, weight.scales, x, y, rows)
             return y, 1, rows * N
         splits = plan.splits if can_split else 1
@@ -571,10 +583,9 @@ class CudaBackend(Backend):
         N, K = weight.matrix_shape
         act = self.act.rows(0, rows)
         x = x.rows(0, rows)
-        if weight.int4 and rows <= Q4_MAX_ROWS:
-            self.kernels.gemm_q4(x, weight.data, weight.scales, weight.zeros, act, rows, N, silu=True)
+        if self._quant_mma(x, weight, act, rows, silu=True):
             return
-        plan = self.kernels.plan(rows, N, K, silu=True, int8=weight.data.dtype == "i8")
+        plan = self.kernels.plan(rows, N, K, silu=True, int8=weight.data.dtype == "i8" and not weight.q8)
         if plan.variant == "gemv":
             self.kernels.gemv(weight.data, weight.scales, x, act, rows, silu=True)
             return

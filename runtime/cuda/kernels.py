@@ -692,19 +692,20 @@ def q4_tiles(M: int) -> int:
     raise DeviceError(f"int4 mma: {M} rows (at most {Q4_MAX_ROWS}; more: dequantize_q4, then gemm)")
 
 
-def q4_units(K: int, group: int, nt: int, chunk: int = Q4_CHUNK) -> int:
-    """Work units of one 16-row tile along K, as gemm_quant.cu's slices share them: whole steps of the unroll's chunks,
-    then the leftover chunks in whole groups (int8: chunk = Q8_CHUNK, group = chunk)."""
+def q4_units(K: int, group: int, nt: int) -> int:
+    """Work units of one 16-row tile along K, as gemm_quant.cu's int4 slices share them: whole steps of the unroll's
+    chunks, then the leftover chunks in whole groups (the int8 kernels share single chunks)."""
     unroll = Q4_SMALL_UNROLL if nt <= 2 else Q4_MID_UNROLL if nt == 4 else Q4_WIDE_UNROLL
-    per_group = max(1, group // chunk)
-    chunks = K // chunk
+    per_group = max(1, group // Q4_CHUNK)
+    chunks = K // Q4_CHUNK
     return chunks // unroll + (chunks % unroll) // per_group
 
 
 # Warps of the int4/int8 kernels resident per multiprocessor, by NT (256-thread blocks; registers from ptxas -v on
 # sm_90: about 100 for NT ≤ 2 → 2 blocks, 140 … 185 for NT 4, 8 → 1 block). Host-side: refresh when the kernels change.
 Q4_RESIDENT_WARPS = {1: 16, 2: 16, 4: 8, 8: 8}
-Q8_RESIDENT_WARPS = {1: 32, 2: 24, 4: 24, 8: 16}  # the int8 kernels: 64, 80, 74, 104 registers
+# The int8 kernels: 40, 53, 64, 74 registers and 36, 40, 48, 48 KB of shared memory (a cp.async ring per warp).
+Q8_RESIDENT_WARPS = {1: 48, 2: 32, 4: 32, 8: 24}
 
 
 def q4_split(tiles: int, units: int, sm_count: int, resident_warps: int = 16) -> int:
@@ -1176,7 +1177,7 @@ class Kernels:
         else:
             _expect(y, "gemm_q8 output", "f32", (rows, N), min_rows=rows)
         tiles = Np // Q4_TILE_ROWS
-        split = split or q4_split(tiles, q4_units(K, Q8_CHUNK, nt, Q8_CHUNK), self.sm_count, Q8_RESIDENT_WARPS[nt])
+        split = split or q4_split(tiles, K // Q8_CHUNK, self.sm_count, Q8_RESIDENT_WARPS[nt])
         if split not in (1, 2, 4, 8):
             raise DeviceError(f"gemm_q8: split {split} (1, 2, 4 or 8)")
         self.launch(f"q8_mma{'_silu' if silu else ''}_n{nt}", (math.ceil(tiles / (Q4_WARPS // split)),),

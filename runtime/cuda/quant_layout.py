@@ -146,11 +146,13 @@ def unpack_q4(dev: Q4Device) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]
 
 # ── int8: canonical int8 [N, K] with f32 per-row scales (today's engine layout) ──────────────────────────────
 Q8_CHUNK = 32  # k per chunk: one 16-byte load per lane (2 rows × 8 k)
+Q8_BYTES = [0, 2, 1, 3]  # byte p of a word holds element Q8_BYTES[p]: k pairs (0, 1), (2, 3) in bytes 0, 2 and 1, 3
 
 
 class Q8Device(NamedTuple):
     """An int8 matrix in the kernels' layout: qweight int8 [Np, K] viewed as [Np/16 tiles][K/32 chunks][32 lanes]
-    [4 words], lane 4g + c, word 2j + h = tile row g + 8h at k = 32·chunk + 8c + 4j + e in byte e; scales f32 [Np]
+    [4 words], lane 4g + c, word 2j + h = tile row g + 8h at k = 32·chunk + 8c + 4j + e in byte Q8_BYTES[e] (the
+    kernels widen bytes 0, 2 and 1, 3 of a word to bf16 pairs without moving them apart); scales f32 [Np]
     in tile row order (pad rows 0; pairs: the [gate; up] tile order of pack_q4)."""
 
     qweight: np.ndarray  # int8 [Np, K]
@@ -170,8 +172,9 @@ def pack_q8(q: np.ndarray, scales: np.ndarray, pairs: bool = False) -> Q8Device:
     valid = rows >= 0
     padded = np.zeros((Np, K), np.int8)
     padded[valid] = q[rows[valid]]
-    # (t, h, g, chunk, c, j, e) → (t, chunk, g, c, j, h, e)
-    device_q = np.ascontiguousarray(padded.reshape(T, 2, 8, Q, 4, 2, 4).transpose(0, 3, 2, 4, 5, 1, 6)).reshape(Np, K)
+    # (t, h, g, chunk, c, j, e) → (t, chunk, g, c, j, h, e), then e in byte order
+    tiled = padded.reshape(T, 2, 8, Q, 4, 2, 4).transpose(0, 3, 2, 4, 5, 1, 6)[..., Q8_BYTES]
+    device_q = np.ascontiguousarray(tiled).reshape(Np, K)
     s = np.zeros(Np, np.float32)
     s[valid] = scales[rows[valid]]
     return Q8Device(device_q, s, N, K, pairs)
@@ -183,5 +186,6 @@ def unpack_q8(dev: Q8Device) -> tuple[np.ndarray, np.ndarray]:
     Np, K = len(rows), dev.K
     valid = rows >= 0
     order = np.argsort(rows[valid])
-    q = dev.qweight.reshape(Np // 16, K // Q8_CHUNK, 8, 4, 2, 2, 4).transpose(0, 5, 2, 1, 3, 4, 6).reshape(Np, K)
+    words = dev.qweight.reshape(Np // 16, K // Q8_CHUNK, 8, 4, 2, 2, 4)[..., Q8_BYTES]  # (an involution)
+    q = words.transpose(0, 5, 2, 1, 3, 4, 6).reshape(Np, K)
     return np.ascontiguousarray(q[valid][order]), dev.scales[valid][order]

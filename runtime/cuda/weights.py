@@ -1,6 +1,6 @@
-"""The model's weights on the GPU, by role: matrices bf16 (int8 engines stay int8 with f32 per-row scales; int4
-matrices are repacked into the kernels' layout, runtime/cuda/quant_layout.py; fp16 and fp32 engines are rounded to
-bf16 on the way), norms f32. Uploaded through two pinned staging buffers so the copy of one slab overlaps the host's
+"""The model's weights on the GPU, by role: matrices bf16 (int8 and int4 matrices are repacked into the layout of
+cuda/gemm_quant.cu's kernels, runtime/cuda/quant_layout.py, but an int8 embedding, which the gather reads by row, and
+with it a tied lm_head; fp16 and fp32 engines are rounded to bf16 on the way), norms f32. Uploaded through two pinned staging buffers so the copy of one slab overlaps the host's
 filling of the next.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from olmoscope.runtime.cuda.driver import ITEMSIZE, DeviceBuffer, cuda, free_pinned
-from olmoscope.runtime.cuda.quant_layout import Q4Device, pack_q4, q4_device_bytes
+from olmoscope.runtime.cuda.quant_layout import Q4_TILE_ROWS, Q4Device, Q8Device, pack_q4, pack_q8, q4_device_bytes
 from olmoscope.runtime.engine import Weights
 from olmoscope.runtime.weights import ModelWeights, model_weights
 from olmoscope.spec import EngineTensorSpec
@@ -24,18 +24,24 @@ STAGING_BYTES = 64 << 20  # each of the two pinned upload buffers
 
 @dataclass
 class DeviceWeight:
-    """One tensor on the device; int8 matrices carry their per-row scales, int4 ones their group scales and zeros
-    in the kernels' layout (pack_q4), with the matrix's own [N, K] beside the packed buffer's shape."""
+    """One tensor on the device; int8 matrices carry their per-row scales, int4 ones their group scales and zeros.
+    A packed matrix (pack_q4, pack_q8: the kernels' tile layout, rows padded to 16) keeps its own [N, K] beside the
+    packed buffer's shape."""
 
-    data: DeviceBuffer  # bf16 / i8 matrix [rows, cols], f32 norm [n], or int4 u8 [Np, K/2] (pack_q4)
-    scales: DeviceBuffer | None = None  # f32 [rows] (int8), f16 [Np, K/G] (int4)
+    data: DeviceBuffer  # bf16 / i8 matrix [rows, cols], f32 norm [n], int8 i8 [Np, K] (pack_q8), int4 u8 [Np, K/2]
+    scales: DeviceBuffer | None = None  # f32 [rows] (int8; packed: [Np] in tile order), f16 [Np, K/G] (int4)
     zeros: DeviceBuffer | None = None  # int4 asymmetric: u8 [Np/2, K/G]
-    shape: tuple[int, int] | None = None  # int4: [N, K] of the matrix the packed data holds
-    pairs: bool = False  # int4 gate_up: rows packed as gate/up pairs for the SiLU epilogue
+    shape: tuple[int, int] | None = None  # packed: [N, K] of the matrix the packed data holds
+    pairs: bool = False  # packed gate_up: rows as gate/up pairs for the SiLU epilogue
 
     @property
     def int4(self) -> bool:
         return self.data.dtype == "u8"
+
+    @property
+    def q8(self) -> bool:
+        """int8 in pack_q8's layout (gemm_q8, dequantize_q8); an unpacked int8 matrix is the embedding's."""
+        return self.data.dtype == "i8" and self.shape is not None
 
     @property
     def matrix_shape(self) -> tuple[int, ...]:
@@ -60,6 +66,18 @@ def int4_packed(spec: EngineTensorSpec, weights: Weights) -> Q4Device:
                    pairs=spec.role == "gate_up")
 
 
+def packs_int8(spec: EngineTensorSpec, dtype: str) -> bool:
+    """Whether an int8 matrix goes to the device in pack_q8's layout: all but the embedding (gathered by row; a tied
+    lm_head is the same tensor, through the int8 GEMV)."""
+    return dtype == "i8" and spec.role != "embedding"
+
+
+def int8_packed(spec: EngineTensorSpec, weights: Weights) -> Q8Device:
+    """An int8 matrix in the kernels' layout; gate_up paired for the fused SiLU·up."""
+    return pack_q8(np.asarray(weights.tensor(spec.name)), np.asarray(weights.scales(spec.name), np.float32),
+                   pairs=spec.role == "gate_up")
+
+
 def device_bytes(weights: Weights) -> int:
     """Device memory the weights take, scales and zeros included."""
     total = 0
@@ -68,8 +86,11 @@ def device_bytes(weights: Weights) -> int:
         if dtype == "u8":
             m = weights.matrix(spec.name)
             total += q4_device_bytes(*spec.shape, m.group_size, m.zeros is not None)
+        elif dtype == "i8":
+            rows = -(-spec.shape[0] // Q4_TILE_ROWS) * Q4_TILE_ROWS if packs_int8(spec, dtype) else spec.shape[0]
+            total += rows * (spec.shape[1] + 4)
         else:
-            total += spec.elements * ITEMSIZE[dtype] + (spec.shape[0] * 4 if dtype == "i8" else 0)
+            total += spec.elements * ITEMSIZE[dtype]
     return total
 
 
@@ -100,6 +121,8 @@ class Uploader:
         dtype = device_dtype(spec, weights)
         if dtype == "u8":
             return self.int4(int4_packed(spec, weights))
+        if packs_int8(spec, dtype):
+            return self.int8(int8_packed(spec, weights))
         buffer = self.alloc(tuple(array.shape), dtype)
         if dtype == "f32":
             self.send(buffer.ptr, np.asarray(array, dtype=np.float32))
@@ -126,6 +149,12 @@ class Uploader:
             self.send(buffer.ptr, array)
             parts.append(buffer)
         return DeviceWeight(*parts, shape=(packed.N, packed.K), pairs=packed.pairs)
+
+    def int8(self, packed: Q8Device) -> DeviceWeight:
+        data, scales = self.alloc(packed.qweight.shape, "i8"), self.alloc(packed.scales.shape, "f32")
+        self.send(data.ptr, packed.qweight)
+        self.send(scales.ptr, packed.scales)
+        return DeviceWeight(data, scales, shape=(packed.N, packed.K), pairs=packed.pairs)
 
     def close(self) -> None:
         self.stream.synchronize()
