@@ -2,7 +2,7 @@
 // straight into mma.sync m16n8k16 fragments, bf16 activations, f32 accumulation. Decode is memory-bound: a weight
 // byte is read once per step for all M rows, so the kernel streams W like a GEMV (no shared-memory staging, 16-byte
 // loads, U of them per lane in flight) and lets the tensor cores do the dot products, which keeps the instructions
-// per weight low enough (≈ 2.2 per int4 weight at G = 128, 3.1 at G = 32; 3.6 per int8 weight, from the SASS) to
+// per weight low enough (≈ 2.2 per int4 weight at G = 128, 3.1 at G = 32; 2.0 per int8 weight, from the SASS) to
 // reach copy bandwidth; up to M ≈ 16 the work per byte hardly grows (one mma per 8 token rows).
 //
 // W is the *weights* operand A (16 weight rows per warp tile), x the B operand (n8 = 8 token rows per mma), so small M
