@@ -312,7 +312,7 @@ OS_DEVICE void q8_body(const uint4* __restrict__ qweight, const float* __restric
         for (int n = 0; n < NT; n++) row[n] = min(n * 8 + g, M - 1) * K + 8 * c;
         for (int j = 0; j < mine; j++) {
             cp_async_wait<RING - 1>();  // chunk j is in
-            __syncwarp();                  // (and the compiler reads the slot after the wait)
+            __syncwarp();               // (and the compiler reads the slot after the wait)
             const uint4 w = slot[(j % RING) * 32];
             q8_chunk<NT>(w, x, row, slice + j * split, acc);
             // the refill's address depends on w (a zero at run time), so it cannot overwrite the slot before it is read
