@@ -344,7 +344,7 @@ def quant_launch(b: Bench, kind: str, w, x, y, M: int, N: int, silu: bool, split
     if kind == "q8 gemv":
         return lambda: k.gemv(w[0], w[1], x, y, M, silu=silu)
     if kind == "q8":
-        return lambda: k.gemm_q8(x, w[0], w[1], y, M, N, silu=silu)
+        return lambda: k.gemm_q8(x, w[0], w[1], y, M, N, silu=silu, split=split)
     return lambda: k.gemm_q4(x, w[0], w[1], w[2], y, M, N, silu=silu, split=split)
 
 
@@ -367,13 +367,13 @@ def bench_quant(b: Bench, model: str, cfg: dict, bandwidth: float, rows_list=QUA
                 if label == "q8 gemv" and M > K.GEMV_MAX_ROWS:
                     continue
                 moved = one[1] + M * Kdim * 2 + M * out_cols * (2 if silu else 4)
-                # q4 g128 at M = 1 and 16 also with every split forced (the planner's choice is a model, not measured)
-                splits = [None] + ([1, 2, 4, 8] if label == "q4 g128" and M in (1, 16) else [])
+                # q8 and q4 g128 at M = 1 and 16 also with every split forced (the planner's choice is a model)
+                splits = [None] + ([1, 2, 4, 8] if label in ("q8", "q4 g128") and M in (1, 16) else [])
                 for split in splits:
                     launches = [quant_launch(b, label, w, x, y, M, N, silu, split, parts) for w, _ in copies]
                     us = b.time_us(launches * max(1, 8 // len(launches)))
                     results.append(dict(kind="quant", model=model, name=name, N=N, K=Kdim, M=M,
-                                        variant=label if split is None else f"q4 g128 ×{split}", us=us,
+                                        variant=label if split is None else f"{label} ×{split}", us=us,
                                         gbps=moved / us / 1e3, pct_copy=moved / us / 1e3 / (bandwidth / 1e9)))
             b.free()
     return results

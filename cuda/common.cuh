@@ -171,6 +171,40 @@ OS_DEVICE float2 f16x2_to_float2(uint32_t h) {
     return make_float2(lo, hi);
 }
 
+// ── Hopper (sm_90) mbarriers and bulk copies ────────────────────────────────────────────────────
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// mbarriers in shared memory (8 bytes each), addressed by their shared-window offset.
+OS_DEVICE void mbar_init(uint32_t bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+OS_DEVICE void mbar_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+// Arrive and add `bytes` to the transaction count the phase waits for (the bulk copies' complete_tx subtract them).
+OS_DEVICE void mbar_arrive_expect_tx(uint32_t bar, int bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+// Until the phase of parity `parity` completed (a fresh barrier counts its phase "before 0", parity 1, as done).
+OS_DEVICE void mbar_wait(uint32_t bar, int parity) {
+    asm volatile(
+        "{\n.reg .pred done;\nwait_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra wait_%=;\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+// `bytes` (a multiple of 16) from global `src` to shared `dst` (both 16-byte aligned) by the copy engine, completing
+// `bar`'s transactions.
+OS_DEVICE void bulk_copy_g2s(uint32_t dst, const void* src, int bytes, uint32_t bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 ::"r"(dst), "l"(src), "r"(bytes), "r"(bar)
+                 : "memory");
+}
+// Generic-proxy writes to shared memory (an mbarrier's initialisation, cp.async's landed copies) made visible to
+// the async proxy (the copy engine's complete_tx, wgmma's operand reads).
+OS_DEVICE void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+#endif
+
 // ── Hopper (sm_90a) warpgroup MMA: asynchronous, operands from shared memory through matrix descriptors ──
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // D[64 × 256] (+)= A[64 × 16]·B[256 × 16]ᵀ for one warpgroup (f32 accumulators, 128 per thread), A and B K-major
@@ -213,9 +247,6 @@ OS_DEVICE void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "mem
 OS_DEVICE void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int N>
 OS_DEVICE void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
-// cp.async writes through the generic proxy, wgmma reads through the async proxy: each writer fences its own
-// landed copies before the barrier that hands them to the tensor cores.
-OS_DEVICE void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
 #endif
 

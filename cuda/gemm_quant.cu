@@ -163,6 +163,85 @@ OS_DEVICE void quant_finish(float (&acc)[NT][4], float (&partial)[Q4_WARPS][NT *
     }
 }
 
+// A warp's ring of R stages in dynamic shared memory, stage s holding chunks sC … sC+C−1 of the warp's slice (a
+// contiguous run of its tile's K): on sm_90 one bulk copy per stage (lane 0 issues it, the stage's mbarrier counts
+// its bytes in), before that a 16-byte cp.async per lane and chunk (a commit group per stage). Loads are issued R
+// stages ahead of use, so each warp keeps (R − 1)·C·512 bytes in flight while it computes a stage, whatever phase
+// the other warps are in. A register buffer instead (load U chunks, wait for all, compute) leaves the memory
+// system idle between steps with every warp in the same phase, and ptxas sinks register loads meant to run ahead
+// to just before their use: two thirds of bandwidth at four steps per warp, measured.
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(OS_EMULATE_SM90)
+#define OS_RING_BULK 1
+#else
+#define OS_RING_BULK 0
+#endif
+template <int C, int R>
+struct WeightRing {
+    uint4* stages;      // this warp's [R][C][32] uint4
+    uint32_t bars;      // this warp's R mbarriers (sm_90), 8 bytes apart
+    const uint4* src;   // chunk 0 of the slice (chunk q: + 32q)
+    int chunks;         // of the slice
+
+    OS_DEVICE uint4* stage(int s) const { return stages + (s % R) * C * 32; }
+    // Stage s on its way (nothing past the slice's end); dep is 0 at run time, a value the refill must wait for.
+    OS_DEVICE void issue(int s, uint32_t dep) const {
+        const int n = min(C, chunks - s * C), lane = threadIdx.x & 31;
+#if OS_RING_BULK
+        if (n > 0 && lane == 0) {
+            const uint32_t bar = bars + 8 * (s % R);
+            mbar_arrive_expect_tx(bar, n * 512);
+            bulk_copy_g2s(smem_u32(stage(s)), src + (size_t)s * C * 32 + dep, n * 512, bar);
+        }
+#else
+        for (int i = 0; i < n; i++) cp_async16(stage(s) + i * 32 + lane, src + ((size_t)s * C + i) * 32 + lane + dep, 16);
+        cp_async_commit();  // empty groups too: stage s is always group s
+#endif
+    }
+    OS_DEVICE void wait(int s) const {
+#if OS_RING_BULK
+        mbar_wait(bars + 8 * (s % R), (s / R) & 1);
+#else
+        cp_async_wait<R - 1>();
+        __syncwarp();  // (and the compiler reads the stage after the wait)
+#endif
+    }
+};
+
+// Dynamic shared memory of the ring kernels: the rings, their mbarriers, the split-K partials (kernels.py ring_smem).
+template <int NT, int C, int R>
+struct RingSmem {
+    static constexpr int RING = Q4_WARPS * R * C * 512, BARS = Q4_WARPS * R * 8, PARTIAL = Q4_WARPS * NT * 4 * 32 * 4;
+    static constexpr int BYTES = RING + BARS + PARTIAL;
+};
+
+// This warp's ring over its slice of a tile (`first` … `first + chunks − 1` of its `tile_chunks`), in smem_raw laid
+// out as RingSmem; the barriers initialised.
+template <int NT, int C, int R>
+OS_DEVICE WeightRing<C, R> warp_ring(unsigned char* smem_raw, const uint4* qweight, int tile, int tile_chunks,
+                                     int first, int chunks) {
+    using S = RingSmem<NT, C, R>;
+    const int warp = threadIdx.x >> 5;
+    WeightRing<C, R> ring;
+    ring.stages = reinterpret_cast<uint4*>(smem_raw) + warp * R * C * 32;
+    ring.bars = smem_u32(smem_raw + S::RING) + warp * R * 8;
+    ring.src = qweight + ((size_t)tile * tile_chunks + first) * 32;
+    ring.chunks = chunks;
+#if OS_RING_BULK
+    if ((threadIdx.x & 31) == 0) {
+        for (int r = 0; r < R; r++) mbar_init(ring.bars + 8 * r, 1);
+        fence_proxy_async();  // the barriers, initialised, before the copies that complete them
+    }
+    __syncwarp();
+#endif
+    return ring;
+}
+
+template <int NT, int C, int R>
+OS_DEVICE float (&ring_partial(unsigned char* smem_raw))[Q4_WARPS][NT * 4][32] {
+    using S = RingSmem<NT, C, R>;
+    return *reinterpret_cast<float(*)[Q4_WARPS][NT * 4][32]>(smem_raw + S::RING + S::BARS);
+}
+
 // Each 16-row tile is taken by `split` warps of one block (1, 2, 4 or 8), slice s taking steps s, s + split, … of
 // U chunks and then the leftover chunks in whole groups the same way (quant_finish adds and stores them).
 template <int NT, int G, bool SILU>
@@ -242,8 +321,6 @@ Q4_GROUP(128)
 // row order. An int8 weight is exact in bf16 (8 significant bits), so the mma sums Σ q·x exactly-rounded in f32
 // and the row scale is applied once at the end.
 constexpr int Q8_CHUNK = 32;  // k per 16-byte lane load (2 rows × 8 k)
-constexpr int Q8_RING = 8;    // chunks in flight or in use per warp (4 KB of shared memory; q8_body)
-constexpr int Q8_WIDE_RING = 4;  // NT = 8, whose split-K partials take 32 KB of the 48 KB of static shared memory
 
 // Two int8 weights, bytes 0 and 2 of w, → a bf16 pair, exactly and without the conversion unit (an eighth of the
 // ALU rate, which held the int8 kernels at two thirds of bandwidth): for q = l − 128·s (l its low 7 bits, s its
@@ -261,92 +338,122 @@ OS_DEVICE void q8_widen(uint32_t row_g, uint32_t row_g8, uint32_t (&a)[4]) {
     a[3] = q8_pair(row_g8 >> 8);  // row g+8, k +2 +3
 }
 
-// One chunk q of a tile (its loaded weights w): two k16 blocks straight into the accumulators. The activations of
-// token 8n + g at this lane's k offset are x[row[n] + 32q] (32-bit offsets: a 64-bit pointer per n8 tile spills).
+// One chunk of a tile (its loaded weights w, the activations xv[n] of token 8n + g at this lane's k offset): two k16
+// blocks straight into the accumulators.
 template <int NT>
-OS_DEVICE void q8_chunk(uint4 w, const bf16* __restrict__ x, const int (&row)[NT], int q, float (&acc)[NT][4]) {
+OS_DEVICE void q8_chunk(uint4 w, const uint4 (&xv)[NT], float (&acc)[NT][4]) {
     uint32_t a0[4], a1[4];
     q8_widen(w.x, w.y, a0);
     q8_widen(w.z, w.w, a1);
 #pragma unroll
     for (int n = 0; n < NT; n++) {
-        const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + row[n] + q * Q8_CHUNK));
-        mma_bf16_16816(acc[n], a0, xv.x, xv.y);
-        mma_bf16_16816(acc[n], a1, xv.z, xv.w);
+        mma_bf16_16816(acc[n], a0, xv[n].x, xv[n].y);
+        mma_bf16_16816(acc[n], a1, xv[n].z, xv[n].w);
     }
 }
 
-// Each warp streams its chunks through its own cp.async ring of RING chunks (a lane's slot is its own 16 bytes,
-// so no lane waits for another): RING − 1 loads stay in flight while one chunk is computed, and a slot is refilled
-// as soon as its weights are in registers. A register buffer instead (load U chunks, wait for all, compute) leaves
-// the memory system idle between steps with every warp in the same phase, and ptxas sinks register loads meant to
-// run ahead to just before their use: two thirds of bandwidth at four steps per warp, measured.
-template <int NT, bool SILU>
+// The activations of chunks q0 … q0+C−1 (x[row[n] + 32q]: 32-bit offsets, a 64-bit pointer per n8 tile spills); a
+// chunk past `last` reads chunk `last` (a prefetch past the slice, never used).
+template <int NT, int C>
+OS_DEVICE void q8_load_x(const bf16* __restrict__ x, const int (&row)[NT], int q0, int last, uint4 (&xv)[C][NT]) {
+#pragma unroll
+    for (int i = 0; i < C; i++)
+#pragma unroll
+        for (int n = 0; n < NT; n++)
+            xv[i][n] = __ldg(reinterpret_cast<const uint4*>(x + row[n] + min(q0 + i, last) * Q8_CHUNK));
+}
+
+// Slice s of `split` takes the contiguous chunks [s·per, (s+1)·per) of its tile (per = ⌈chunks / split⌉).
+template <int NT, bool SILU, int C, int R, bool XP = true>
 OS_DEVICE void q8_body(const uint4* __restrict__ qweight, const float* __restrict__ scales, const bf16* __restrict__ x,
                        void* __restrict__ y, int M, int N, int K, int split) {
-    constexpr int RING = NT == 8 ? Q8_WIDE_RING : Q8_RING;
-    __shared__ float partial[Q4_WARPS][NT * 4][32];
-    __shared__ uint4 ring[Q4_WARPS][RING][32];
+    extern __shared__ __align__(16) unsigned char smem_raw[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const int tile = blockIdx.x * (Q4_WARPS / split) + warp / split, slice = warp % split;
-    const int tiles = (N + Q4_TILE_ROWS - 1) / Q4_TILE_ROWS, chunks = K / Q8_CHUNK;
+    const int tiles = (N + Q4_TILE_ROWS - 1) / Q4_TILE_ROWS, chunks = K / Q8_CHUNK, per = (chunks + split - 1) / split;
     const bool active = tile < tiles;
-    const int mine = active && slice < chunks ? (chunks - 1 - slice) / split + 1 : 0;  // chunks slice + j·split
+    const int first = slice * per;
+    const WeightRing<C, R> ring =
+        warp_ring<NT, C, R>(smem_raw, qweight, tile, chunks, first, active ? max(0, min(per, chunks - first)) : 0);
     float acc[NT][4];
 #pragma unroll
     for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
     float s_g = 0.f, s_g8 = 0.f;
-    const uint4* src = qweight + ((size_t)tile * chunks + slice) * 32 + lane;  // chunk j of the slice: + j·split·32
-    uint4* slot = &ring[warp][0][lane];                                       // ring slot i: + i·32
-    // The ring's first loads go before the grid dependency wait: packed weights are the engine's, never written on
+    const int stages = (ring.chunks + C - 1) / C;
+    // The ring's first stages go before the grid dependency wait: packed weights are the engine's, never written on
     // the device, and they stream while the previous kernel drains.
 #pragma unroll
-    for (int j = 0; j < RING; j++) {
-        if (j < mine) cp_async16(slot + j * 32, src + (size_t)j * split * 32, 16);
-        cp_async_commit();  // empty groups too: chunk j is always group j
-    }
+    for (int s = 0; s < R; s++) ring.issue(s, 0);
     grid_dependency_wait();
     if (active) {
         int row[NT];  // token 8n + g, or M − 1 past M (as Q4Warp::x)
 #pragma unroll
         for (int n = 0; n < NT; n++) row[n] = min(n * 8 + g, M - 1) * K + 8 * c;
-        for (int j = 0; j < mine; j++) {
-            cp_async_wait<RING - 1>();  // chunk j is in
-            __syncwarp();               // (and the compiler reads the slot after the wait)
-            const uint4 w = slot[(j % RING) * 32];
-            q8_chunk<NT>(w, x, row, slice + j * split, acc);
-            // the refill's address depends on w (a zero at run time), so it cannot overwrite the slot before it is read
-            const int next = j + RING;
-            if (next < mine)
-                cp_async16(slot + (j % RING) * 32, src + (size_t)next * split * 32 + (w.x & ((uint32_t)K >> 31)), 16);
-            cp_async_commit();
+        // A stage's activations are loaded a stage ahead, into registers: loaded at their use, every chunk waited on
+        // an L1 (or L2) round trip, the first stall of the loop (ncu, H200).
+        uint4 xv[C][NT];
+        if (XP) q8_load_x<NT, C>(x, row, first, chunks - 1, xv);
+        for (int s = 0; s < stages; s++) {
+            uint4 next[C][NT];
+            q8_load_x<NT, C>(x, row, first + (XP ? s + 1 : s) * C, chunks - 1, XP ? next : xv);
+            ring.wait(s);
+            uint32_t seen = 0;
+            const int n = min(C, ring.chunks - s * C);
+#pragma unroll
+            for (int i = 0; i < C; i++) {
+                if (i < n) {
+                    const uint4 w = ring.stage(s)[i * 32 + lane];
+                    q8_chunk<NT>(w, xv[i], acc);
+                    seen |= w.x;
+                }
+            }
+            __syncwarp();  // every lane has its weights of the stage in registers: the slot may be refilled
+            // the refill's address depends on the weights read (a zero at run time): it cannot overtake the reads
+            ring.issue(s + R, seen & ((uint32_t)K >> 31));
+            if (XP) {
+#pragma unroll
+                for (int i = 0; i < C; i++)
+#pragma unroll
+                    for (int m = 0; m < NT; m++) xv[i][m] = next[i][m];
+            }
         }
         s_g = scales[tile * Q4_TILE_ROWS + g];
         s_g8 = scales[tile * Q4_TILE_ROWS + g + 8];
     }
-    quant_finish<NT, SILU>(acc, partial, split, active, tile, y, M, N, s_g, s_g8);
+    quant_finish<NT, SILU>(acc, ring_partial<NT, C, R>(smem_raw), split, active, tile, y, M, N, s_g, s_g8);
 }
 
-// Grid: (⌈tiles / (8 / split)⌉); block: 256 threads; split ∈ {1, 2, 4, 8} warps per tile.
+// Grid: (⌈tiles / (8 / split)⌉); block: 256 threads; split ∈ {1, 2, 4, 8} warps per tile; dynamic shared memory
+// RingSmem<NT, Q8_STAGE_CHUNKS, Q8_STAGES>::BYTES.
 // qweight, scales: the int8 device layout above (Np = 16·tiles ≥ N rows, K % 32 == 0); x [M, K] bf16 (M ≤ 8·NT);
 // y [M, N] f32, or silu (pairs layout, N = 2I, I % 8 == 0): [M, I] bf16.
-#define Q8_KERNEL(NT)                                                                                             \
+#define Q8_KERNEL(NT, C, R, SUFFIX, XP)                                                                               \
     extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32)                                                   \
-        q8_mma_n##NT(const uint4* qweight, const float* scales, const bf16* x, float* y, int M, int N, int K,     \
-                     int split) {                                                                                 \
+        q8_mma##SUFFIX##_n##NT(const uint4* qweight, const float* scales, const bf16* x, float* y, int M, int N,  \
+                               int K, int split) {                                                                \
         grid_dependents_launch();                                                                                 \
-        q8_body<NT, false>(qweight, scales, x, y, M, N, K, split);                                                \
+        q8_body<NT, false, C, R, XP>(qweight, scales, x, y, M, N, K, split);                                          \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32)                                                   \
-        q8_mma_silu_n##NT(const uint4* qweight, const float* scales, const bf16* x, bf16* y, int M, int N, int K, \
-                          int split) {                                                                            \
+        q8_mma_silu##SUFFIX##_n##NT(const uint4* qweight, const float* scales, const bf16* x, bf16* y, int M,     \
+                                    int N, int K, int split) {                                                    \
         grid_dependents_launch();                                                                                 \
-        q8_body<NT, true>(qweight, scales, x, y, M, N, K, split);                                                 \
+        q8_body<NT, true, C, R, XP>(qweight, scales, x, y, M, N, K, split);                                           \
     }
-Q8_KERNEL(1)
-Q8_KERNEL(2)
-Q8_KERNEL(4)
-Q8_KERNEL(8)
+constexpr int Q8_STAGE_CHUNKS = 2;  // chunks per stage (1 KB per warp)
+constexpr int Q8_STAGES = 4;        // stages per ring (4 KB per warp: 3 KB in flight)
+// The activations a stage ahead up to NT = 2 (at NT 4, 8 their registers would halve the resident warps, and each
+// load feeds NT mmas there)
+Q8_KERNEL(1, Q8_STAGE_CHUNKS, Q8_STAGES, , true)
+Q8_KERNEL(2, Q8_STAGE_CHUNKS, Q8_STAGES, , true)
+Q8_KERNEL(4, Q8_STAGE_CHUNKS, Q8_STAGES, , false)
+Q8_KERNEL(8, Q8_STAGE_CHUNKS, Q8_STAGES, , false)
+// ring experiments (bench only): the activations loaded at their use (nx), a deeper ring
+Q8_KERNEL(1, 2, 4, _c2r4nx, false)
+Q8_KERNEL(2, 2, 4, _c2r4nx, false)
+Q8_KERNEL(1, 4, 4, _c4r4, true)
+Q8_KERNEL(2, 4, 4, _c4r4, true)
+Q8_KERNEL(4, 4, 4, _c4r4, false)
 
 // For M > 64 rows (prefill): the matrix dequantized to bf16 in the canonical row order, bf16((q − z)·s) with the
 // product in f32 (as NumPy's dequantize_q4 then a cast), for the bf16 GEMM of gemm.cu (scales null).

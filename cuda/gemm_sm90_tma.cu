@@ -56,26 +56,6 @@ using Gemm90TBM64 = Gemm90TConfig<64, GEMM90T_BM64_STAGES>;     // 201 KB
 #define OS_GEMM90T 1
 
 #ifndef OS_EMULATE_SM90  // the emulator has its own models of these (emu.h, "Hopper TMA and mbarriers")
-// mbarriers in shared memory (8 bytes each), addressed by their shared-window offset.
-OS_DEVICE void mbar_init(uint32_t bar, int count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-OS_DEVICE void mbar_arrive(uint32_t bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-}
-// Arrive and add `bytes` to the transaction count the phase waits for (the TMA copies' complete_tx subtract them).
-OS_DEVICE void mbar_arrive_expect_tx(uint32_t bar, int bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-}
-// Until the phase of parity `parity` completed (a fresh barrier counts its phase "before 0", parity 1, as done).
-OS_DEVICE void mbar_wait(uint32_t bar, int parity) {
-    asm volatile(
-        "{\n.reg .pred done;\nwait_%=:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra wait_%=;\n}\n" ::"r"(bar),
-        "r"(parity)
-        : "memory");
-}
 // Box (x = column, y = row) of the 2-D tensor `map` into shared memory at `dst`, completing `bar`'s transactions.
 OS_DEVICE void tma_load_2d(uint32_t dst, const TensorMap* map, uint32_t bar, int x, int y) {
     asm volatile(

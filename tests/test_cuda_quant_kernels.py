@@ -221,3 +221,38 @@ def test_q8_beyond_64_rows_dequantize_then_the_bf16_gemm(dev, rng, pairs):
                      K.DeviceBuffer(row_scales.ptr, (N,), "f32"), out, M)
     err = rel(dev.get(out), x @ (q * s[:, None].astype(np.float64)).T)
     assert err <= 1e-5, f"rel err {err:.2e}"
+
+
+# ── ring-shape experiments (the bench's alternatives to the planned rings) ──────────────────────────────
+@pytest.mark.parametrize("M", [1, 3, 16])
+@pytest.mark.parametrize("split", [1, 8])
+def test_q8_ring_experiments_match_numpy(dev, rng, M, split):
+    N, Kdim = 100, 32 * 72  # 72 chunks: the rings wrap; partial last stages
+    qw, sc, w = q8_case(dev, rng, N, Kdim)
+    x = bf16(rng.standard_normal((M, Kdim)))
+    for ring, nts in K.Q8_RING_EXPERIMENTS.items():
+        if K.q4_tiles(M) in nts:
+            out = dev.poisoned((M, N), "f32")
+            dev.kernels.gemm_q8(dev.put(x, "bf16"), qw, sc, out, M, N, split=split, ring=ring)
+            err = rel(dev.get(out), x @ w.T)
+            assert err <= 1e-5, f"q8 {ring}: rel err {err:.2e}"
+
+
+def test_q8_resident_warps_match_the_loaded_kernels(dev):
+    """kernels.Q8_RESIDENT_WARPS (q8_split's input) from the cubins: registers (allocated per warp in 256s) and shared
+    memory (static + dynamic + the 1 KB the driver reserves per block) against the multiprocessor's."""
+    probe = dev.kernels.functions["q8_mma_n1"]
+    if not hasattr(probe, "num_regs"):
+        pytest.skip("register counts come from a GPU's loaded cubins (the emulator has none)")
+    attribute = dev.kernels.cuda.device_attribute
+    device = dev.kernels.cuda.Context.get_device()
+    regs_sm = device.get_attribute(attribute.MAX_REGISTERS_PER_MULTIPROCESSOR)
+    smem_sm = device.get_attribute(attribute.MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
+    for nt, expected in K.Q8_RESIDENT_WARPS.items():
+        blocks = []
+        for name in (f"q8_mma_n{nt}", f"q8_mma_silu_n{nt}"):
+            f = dev.kernels.functions[name]
+            per_warp = -(-f.num_regs * 32 // 256) * 256
+            smem = f.shared_size_bytes + dev.kernels.smem[name] + 1024
+            blocks.append(min(regs_sm // (per_warp * K.Q4_WARPS), smem_sm // smem, 64 // K.Q4_WARPS))
+        assert min(blocks) * K.Q4_WARPS == expected, (nt, blocks, expected)

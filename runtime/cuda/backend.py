@@ -568,7 +568,7 @@ class CudaBackend(Backend):
         y = out.rows(0, rows) if out is not None else DeviceBuffer(self.proj.ptr, (rows, N), "f32")
         if self._quant_mma(x, weight, y, rows, silu=False):  # one complete output
             return y, 1, rows * N
-        plan = self.kernels.plan(rows, N, K, int8=weight.data.dtype == "i8" and not weight.q8)
+        plan = self.kernels.plan(rows, N, K, int8=weight.int8_rows)
         if plan.variant == "gemv":
             self.kernels.gemv(weight.data, weight.scales, x, y, rows)
             return y, 1, rows * N
@@ -585,7 +585,7 @@ class CudaBackend(Backend):
         x = x.rows(0, rows)
         if self._quant_mma(x, weight, act, rows, silu=True):
             return
-        plan = self.kernels.plan(rows, N, K, silu=True, int8=weight.data.dtype == "i8" and not weight.q8)
+        plan = self.kernels.plan(rows, N, K, silu=True, int8=weight.int8_rows)
         if plan.variant == "gemv":
             self.kernels.gemv(weight.data, weight.scales, x, act, rows, silu=True)
             return

@@ -94,6 +94,13 @@ Q4_SMALL_UNROLL = 8  # chunks (16-byte loads per lane) per step: NT ≤ 2, NT = 
 Q4_MID_UNROLL = 4
 Q4_WIDE_UNROLL = 2
 Q4_NT = (1, 2, 4, 8)  # n8 token tiles of the instantiations (M ≤ 8, 16, 32, 64)
+Q8_STAGE_CHUNKS, Q8_STAGES = 2, 4  # gemm_quant.cu's int8 ring: chunks per stage, stages per warp
+Q8_RING_EXPERIMENTS = {"c2r4nx": (1, 2), "c4r4": (1, 2, 4)}  # other rings (bench only; nx: x loaded at its use)
+
+
+def ring_smem(nt: int, chunks: int = Q8_STAGE_CHUNKS, stages: int = Q8_STAGES) -> int:
+    """Dynamic shared memory of a ring kernel (gemm_quant.cu RingSmem): 8 warps' rings, their mbarriers, partials."""
+    return Q4_WARPS * stages * (chunks * 512 + 8) + Q4_WARPS * nt * 4 * 32 * 4
 
 # Python name → (file, constexpr name): what the mirror test compares.
 MIRRORED = {
@@ -310,6 +317,8 @@ SIGNATURES = {
        for silu in ("", "_silu") for g in Q4_GROUPS for nt in Q4_NT},
     "dequantize_q4": ("gemm_quant.cu", "PPPPiiii"),
     **{f"q8_mma{silu}_n{nt}": ("gemm_quant.cu", "PPPPiiii") for silu in ("", "_silu") for nt in Q4_NT},
+    **{f"q8_mma{silu}_{ring}_n{nt}": ("gemm_quant.cu", "PPPPiiii") for silu in ("", "_silu")
+       for ring, nts in Q8_RING_EXPERIMENTS.items() for nt in nts},
     "dequantize_q8": ("gemm_quant.cu", "PPPPiii"),
     **{f"paged_prefill_d{d}": ("attention.cu", "PPPPPPPPPPiiii") for d in HEAD_DIMS},
     **{f"paged_prefill90_d{d}": ("attention_sm90.cu", "PPPPPPPPPPiiiii") for d in HEAD_DIMS_SM90},
@@ -620,6 +629,12 @@ def kernel_smem(hopper: bool = False) -> dict[str, int]:
     for d in HEAD_DIMS:
         for g in DECODE_GROUPS:
             smem[f"paged_decode_d{d}_g{g}"] = decode_smem(d)
+    for silu in ("", "_silu"):
+        for nt in Q4_NT:
+            smem[f"q8_mma{silu}_n{nt}"] = ring_smem(nt)
+        for ring, nts in Q8_RING_EXPERIMENTS.items():
+            for nt in nts:
+                smem[f"q8_mma{silu}_{ring}_n{nt}"] = ring_smem(nt, int(ring[1]), int(ring[3]))
     return smem
 
 
@@ -704,8 +719,10 @@ def q4_units(K: int, group: int, nt: int) -> int:
 # Warps of the int4/int8 kernels resident per multiprocessor, by NT (256-thread blocks; registers from ptxas -v on
 # sm_90: about 100 for NT ≤ 2 → 2 blocks, 140 … 185 for NT 4, 8 → 1 block). Host-side: refresh when the kernels change.
 Q4_RESIDENT_WARPS = {1: 16, 2: 16, 4: 8, 8: 8}
-# The int8 kernels: 40, 53, 64, 74 registers and 36, 40, 48, 48 KB of shared memory (a cp.async ring per warp).
-Q8_RESIDENT_WARPS = {1: 48, 2: 32, 4: 32, 8: 24}
+# The int8 kernels (sm_90): 48, 71, 78, 126 registers (the activations a stage ahead up to NT = 2) and 37, 41, 49,
+# 66 KB of dynamic shared memory (ring_smem): 5, 3, 3, 2 blocks. tests/test_cuda_quant_kernels.py checks this
+# table against the loaded cubins' registers and shared memory.
+Q8_RESIDENT_WARPS = {1: 40, 2: 24, 4: 24, 8: 16}
 
 
 def q4_split(tiles: int, units: int, sm_count: int, resident_warps: int = 16) -> int:
@@ -718,6 +735,22 @@ def q4_split(tiles: int, units: int, sm_count: int, resident_warps: int = 16) ->
     """
     split = 1
     while split < Q4_WARPS and tiles * split * 2 <= sm_count * resident_warps and units >= 2 * split:
+        split *= 2
+    return split
+
+
+def q8_split(tiles: int, chunks: int, sm_count: int, resident_warps: int) -> int:
+    """Warps per 16-row tile (1, 2, 4, 8) for the int8 kernels: the most whose blocks fit one resident wave, give or
+    take a sixteenth of it, while every slice still gets two chunks. A second wave of a few blocks costs a block's
+    whole time with the chip nearly idle (7B qkv at M = 1 on an H200: 768 blocks for 660 slots, 25.1 µs at split 8
+    against 18.2 at 4), while gate_up's 688 blocks for 660 ran as fast as in one wave (32.1 µs; split 2: 37.7).
+
+    >>> q8_split(768, 128, 132, 40), q8_split(1376, 128, 132, 40), q8_split(256, 344, 132, 40)
+    (4, 4, 8)
+    """
+    slots = sm_count * (resident_warps // Q4_WARPS)
+    split = 1
+    while split < Q4_WARPS and math.ceil(tiles * 2 * split / Q4_WARPS) * 16 <= slots * 17 and chunks >= 4 * split:
         split *= 2
     return split
 
@@ -805,6 +838,11 @@ class Kernels:
         self.smem = kernel_smem(self.hopper)  # kernel name → dynamic shared memory bytes
         for name, nbytes in self.smem.items():
             self.functions[name].set_attribute(self.cuda.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
+        carveout = os.environ.get("OLMOSCOPE_SMEM_CARVEOUT")  # experiment: one carveout (percent) for every kernel
+        if carveout is not None:
+            for name, function in self.functions.items():
+                if not isinstance(function, DriverFunction):
+                    function.set_attribute(self.cuda.function_attribute.PREFERRED_SHARED_MEMORY_CARVEOUT, int(carveout))
         self.gemm_ctas = self.sm_count  # the persistent grid: one CTA per multiprocessor
         slot = max(tile.slot_floats for tile in GEMM_TILES.values())
         self._gemm_tickets = self.cuda.mem_alloc(4 * self.gemm_ctas)
@@ -1156,7 +1194,7 @@ class Kernels:
         self.gemm_q4(x, qweight, scales, zeros, y, rows, N, silu=silu, split=split)
 
     def gemm_q8(self, x: DeviceBuffer, qweight: DeviceBuffer, scales: DeviceBuffer, y: DeviceBuffer, rows: int,
-                N: int, silu: bool = False, split: int | None = None) -> None:
+                N: int, silu: bool = False, split: int | None = None, ring: str = "") -> None:
         """y = x·Wᵀ for 1 … 64 rows with W int8 in the device layout (pack_q8; silu: pairs=True), row scales f32:
         qweight i8 [Np, K] (Np = ⌈N/16⌉·16, K % 32 == 0), scales f32 [Np]; x [≥rows, K] bf16; y [≥rows, N] f32, or
         silu [≥rows, N/2] bf16. No workspace."""
@@ -1177,11 +1215,12 @@ class Kernels:
         else:
             _expect(y, "gemm_q8 output", "f32", (rows, N), min_rows=rows)
         tiles = Np // Q4_TILE_ROWS
-        split = split or q4_split(tiles, K // Q8_CHUNK, self.sm_count, Q8_RESIDENT_WARPS[nt])
+        split = split or q8_split(tiles, K // Q8_CHUNK, self.sm_count, Q8_RESIDENT_WARPS[nt])
         if split not in (1, 2, 4, 8):
             raise DeviceError(f"gemm_q8: split {split} (1, 2, 4 or 8)")
-        self.launch(f"q8_mma{'_silu' if silu else ''}_n{nt}", (math.ceil(tiles / (Q4_WARPS // split)),),
-                    (32 * Q4_WARPS, 1, 1), qweight.ptr, scales.ptr, x.ptr, y.ptr, rows, N, K, split)
+        name = f"q8_mma{'_silu' if silu else ''}{'_' + ring if ring else ''}_n{nt}"
+        self.launch(name, (math.ceil(tiles / (Q4_WARPS // split)),), (32 * Q4_WARPS, 1, 1), qweight.ptr, scales.ptr,
+                    x.ptr, y.ptr, rows, N, K, split, smem=self.smem[name])
 
     def dequantize_q8(self, qweight: DeviceBuffer, scales: DeviceBuffer, out: DeviceBuffer, out_scales: DeviceBuffer,
                       N: int, pairs: bool = False) -> None:
@@ -1382,4 +1421,4 @@ __all__ = ["BLOCK_SIZE", "GEMV_MAX_ROWS", "HEAD_DIMS", "DECODE_GROUPS", "GEMM_TI
            "decode_group",
            "decode_smem", "decode_splits", "norm_slices", "gemm_cost", "gemm_plan", "GemmPlan", "gemm_stream_tile", "gemm_workspace", "gemm_splits", "gemm_stream_chunks",
            "gemm_stream_plan", "gemm_tile", "gemm90_tile", "gemm90_splits", "GEMM_SKINNY", "gemm_ktiles_per_split", "gemm_v1_plan", "gemv_split", "kernel_smem",
-           "prefill_kernel", "prefill90_smem", "prefill_tiles", "q4_split", "q4_tiles", "q4_units"]
+           "prefill_kernel", "prefill90_smem", "prefill_tiles", "q4_split", "q4_tiles", "q4_units", "q8_split"]

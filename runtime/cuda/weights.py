@@ -44,6 +44,11 @@ class DeviceWeight:
         return self.data.dtype == "i8" and self.shape is not None
 
     @property
+    def int8_rows(self) -> bool:
+        """int8 in the engine's row order (the embedding, or a matrix that was not packed): gemv reads it as is."""
+        return self.data.dtype == "i8" and self.shape is None
+
+    @property
     def matrix_shape(self) -> tuple[int, ...]:
         return self.shape or self.data.shape
 

@@ -424,7 +424,7 @@ struct EmuTensorMap {
     uint32_t box_cols, box_rows, elem_bytes, swizzle_bytes;
 };
 constexpr uint64_t EMU_TENSOR_MAP_MAGIC = 0x50414d54554d45ull;  // "EMUTMAP"
-struct EmuBulkCopy { uint32_t dst; EmuTensorMap map; int x, y; };
+struct EmuBulkCopy { uint32_t dst; EmuTensorMap map; int x, y; const void* src = nullptr; int bytes = 0; };  // src: linear
 struct EmuMbar {
     int expected = 0, pending = 0, phase = 0;
     long long tx = 0;
@@ -439,6 +439,11 @@ inline EmuMbar& emu_mbar(uint32_t bar, const char* what) {
     std::abort();
 }
 inline void emu_bulk_land(const EmuBulkCopy& c) {
+    if (c.src) {  // cp.async.bulk (linear): bytes from src, 16 at a time, each inside the launch's shared memory
+        for (int o = 0; o < c.bytes; o += 16) emu_check_dynamic(emu_dynamic_smem + c.dst + o, "cp.async.bulk");
+        std::memcpy(emu_dynamic_smem + c.dst, c.src, c.bytes);
+        return;
+    }
     const EmuTensorMap& m = c.map;
     for (uint32_t r = 0; r < m.box_rows; r++)
         for (uint32_t e = 0; e < m.box_cols; e++) {
@@ -500,6 +505,20 @@ inline void tma_load_2d(uint32_t dst, const void* map_bytes, uint32_t bar, int x
     if (emu_eager) emu_bulk_land(c);
     else m.copies.push_back(c);
     m.tx -= (long long)c.map.box_rows * c.map.box_cols * c.map.elem_bytes;
+    emu_mbar_settle(m);
+}
+// cp.async.bulk (linear, gemm_quant.cu's int8 rings): lands with its barrier's phase, like the tensor copies.
+inline void bulk_copy_g2s(uint32_t dst, const void* src, int bytes, uint32_t bar) {
+    if (bytes <= 0 || bytes % 16 || dst % 16 || (uintptr_t)src % 16) {
+        std::fprintf(stderr, "emulator: cp.async.bulk of %d bytes to shared offset %u from %p (16-byte multiples)\n",
+                     bytes, dst, src);
+        std::abort();
+    }
+    EmuBulkCopy c{dst, {}, 0, 0, src, bytes};
+    EmuMbar& m = emu_mbar(bar, "cp.async.bulk");
+    if (emu_eager) emu_bulk_land(c);
+    else m.copies.push_back(c);
+    m.tx -= bytes;
     emu_mbar_settle(m);
 }
 inline void tma_prefetch_map(const void*) {}
