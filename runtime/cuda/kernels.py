@@ -95,12 +95,12 @@ Q4_MID_UNROLL = 4
 Q4_WIDE_UNROLL = 2
 Q4_NT = (1, 2, 4, 8)  # n8 token tiles of the instantiations (M ≤ 8, 16, 32, 64)
 Q8_STAGE_CHUNKS, Q8_STAGES = 2, 4  # gemm_quant.cu's int8 ring: chunks per stage, stages per warp
-Q8_RING_EXPERIMENTS = {"c2r4nx": (1, 2), "c4r4": (1, 2, 4)}  # other rings (bench only; nx: x loaded at its use)
 
 
-def ring_smem(nt: int, chunks: int = Q8_STAGE_CHUNKS, stages: int = Q8_STAGES) -> int:
-    """Dynamic shared memory of a ring kernel (gemm_quant.cu RingSmem): 8 warps' rings, their mbarriers, partials."""
-    return Q4_WARPS * stages * (chunks * 512 + 8) + Q4_WARPS * nt * 4 * 32 * 4
+def q8_smem(nt: int) -> int:
+    """Dynamic shared memory of an int8 kernel (gemm_quant.cu RingSmem): 8 warps' weight rings, their mbarriers, and
+    the split-K partials."""
+    return Q4_WARPS * Q8_STAGES * (Q8_STAGE_CHUNKS * 512 + 8) + Q4_WARPS * nt * 4 * 32 * 4
 
 # Python name → (file, constexpr name): what the mirror test compares.
 MIRRORED = {
@@ -146,7 +146,8 @@ MIRRORED = {
     "SAMPLE_NO_MASS": ("sampling.cu", "SAMPLE_NO_MASS"),
     "COPY_THREADS": ("kv_cache.cu", "COPY_THREADS"),
     **{name: ("gemm_quant.cu", name) for name in ("Q4_WARPS", "Q4_TILE_ROWS", "Q4_CHUNK", "Q4_MAX_ROWS", "Q4_SMALL_UNROLL",
-                                                  "Q4_MID_UNROLL", "Q4_WIDE_UNROLL", "Q8_CHUNK")},
+                                                  "Q4_MID_UNROLL", "Q4_WIDE_UNROLL", "Q8_CHUNK",
+                                                  "Q8_STAGE_CHUNKS", "Q8_STAGES")},
 }
 
 # The switch of the Hopper GEMM (gemm_sm90.cu, wgmma): on by default on sm_90 GPUs, where gemm_plan picks it for the
@@ -317,8 +318,6 @@ SIGNATURES = {
        for silu in ("", "_silu") for g in Q4_GROUPS for nt in Q4_NT},
     "dequantize_q4": ("gemm_quant.cu", "PPPPiiii"),
     **{f"q8_mma{silu}_n{nt}": ("gemm_quant.cu", "PPPPiiii") for silu in ("", "_silu") for nt in Q4_NT},
-    **{f"q8_mma{silu}_{ring}_n{nt}": ("gemm_quant.cu", "PPPPiiii") for silu in ("", "_silu")
-       for ring, nts in Q8_RING_EXPERIMENTS.items() for nt in nts},
     "dequantize_q8": ("gemm_quant.cu", "PPPPiii"),
     **{f"paged_prefill_d{d}": ("attention.cu", "PPPPPPPPPPiiii") for d in HEAD_DIMS},
     **{f"paged_prefill90_d{d}": ("attention_sm90.cu", "PPPPPPPPPPiiiii") for d in HEAD_DIMS_SM90},
@@ -631,10 +630,7 @@ def kernel_smem(hopper: bool = False) -> dict[str, int]:
             smem[f"paged_decode_d{d}_g{g}"] = decode_smem(d)
     for silu in ("", "_silu"):
         for nt in Q4_NT:
-            smem[f"q8_mma{silu}_n{nt}"] = ring_smem(nt)
-        for ring, nts in Q8_RING_EXPERIMENTS.items():
-            for nt in nts:
-                smem[f"q8_mma{silu}_{ring}_n{nt}"] = ring_smem(nt, int(ring[1]), int(ring[3]))
+            smem[f"q8_mma{silu}_n{nt}"] = q8_smem(nt)
     return smem
 
 
@@ -720,7 +716,7 @@ def q4_units(K: int, group: int, nt: int) -> int:
 # sm_90: about 100 for NT ≤ 2 → 2 blocks, 140 … 185 for NT 4, 8 → 1 block). Host-side: refresh when the kernels change.
 Q4_RESIDENT_WARPS = {1: 16, 2: 16, 4: 8, 8: 8}
 # The int8 kernels (sm_90): 48, 71, 78, 126 registers (the activations a stage ahead up to NT = 2) and 37, 41, 49,
-# 66 KB of dynamic shared memory (ring_smem): 5, 3, 3, 2 blocks. tests/test_cuda_quant_kernels.py checks this
+# 66 KB of dynamic shared memory (q8_smem): 5, 3, 3, 2 blocks. tests/test_cuda_quant_kernels.py checks this
 # table against the loaded cubins' registers and shared memory.
 Q8_RESIDENT_WARPS = {1: 40, 2: 24, 4: 24, 8: 16}
 
@@ -838,11 +834,6 @@ class Kernels:
         self.smem = kernel_smem(self.hopper)  # kernel name → dynamic shared memory bytes
         for name, nbytes in self.smem.items():
             self.functions[name].set_attribute(self.cuda.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
-        carveout = os.environ.get("OLMOSCOPE_SMEM_CARVEOUT")  # experiment: one carveout (percent) for every kernel
-        if carveout is not None:
-            for name, function in self.functions.items():
-                if not isinstance(function, DriverFunction):
-                    function.set_attribute(self.cuda.function_attribute.PREFERRED_SHARED_MEMORY_CARVEOUT, int(carveout))
         self.gemm_ctas = self.sm_count  # the persistent grid: one CTA per multiprocessor
         slot = max(tile.slot_floats for tile in GEMM_TILES.values())
         self._gemm_tickets = self.cuda.mem_alloc(4 * self.gemm_ctas)
@@ -1194,7 +1185,7 @@ class Kernels:
         self.gemm_q4(x, qweight, scales, zeros, y, rows, N, silu=silu, split=split)
 
     def gemm_q8(self, x: DeviceBuffer, qweight: DeviceBuffer, scales: DeviceBuffer, y: DeviceBuffer, rows: int,
-                N: int, silu: bool = False, split: int | None = None, ring: str = "") -> None:
+                N: int, silu: bool = False, split: int | None = None) -> None:
         """y = x·Wᵀ for 1 … 64 rows with W int8 in the device layout (pack_q8; silu: pairs=True), row scales f32:
         qweight i8 [Np, K] (Np = ⌈N/16⌉·16, K % 32 == 0), scales f32 [Np]; x [≥rows, K] bf16; y [≥rows, N] f32, or
         silu [≥rows, N/2] bf16. No workspace."""
@@ -1218,7 +1209,7 @@ class Kernels:
         split = split or q8_split(tiles, K // Q8_CHUNK, self.sm_count, Q8_RESIDENT_WARPS[nt])
         if split not in (1, 2, 4, 8):
             raise DeviceError(f"gemm_q8: split {split} (1, 2, 4 or 8)")
-        name = f"q8_mma{'_silu' if silu else ''}{'_' + ring if ring else ''}_n{nt}"
+        name = f"q8_mma{'_silu' if silu else ''}_n{nt}"
         self.launch(name, (math.ceil(tiles / (Q4_WARPS // split)),), (32 * Q4_WARPS, 1, 1), qweight.ptr, scales.ptr,
                     x.ptr, y.ptr, rows, N, K, split, smem=self.smem[name])
 

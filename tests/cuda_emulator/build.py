@@ -3,7 +3,8 @@ SIGNATURES kernel, `emu_call_<name>(argv, grid.x, grid.y, grid.z, block.x, block
 
 The sources are compiled unchanged except for two textual swaps: common.cuh's inline-PTX helpers (streaming loads,
 cp.async, ldmatrix, mma.sync, wgmma) give way to emu.h's emulations, and the dynamic shared memory declaration points
-at the emulator's buffer; OS_EMULATE_SM90 turns on the sm_90a code (gemm_sm90.cu) that other targets compile empty. EMU_MUTATE='[["old", "new"], …]' applies replacements first (mutation testing: a test suite
+at the emulator's buffer; OS_EMULATE_SM90 turns on the sm_90a code (gemm_sm90.cu) that other targets compile empty,
+and EMU_DEFINES='NAME=VALUE …' adds macros (OS_RING_BULK=0: gemm_quant.cu's pre-sm_90 cp.async ring). EMU_MUTATE='[["old", "new"], …]' applies replacements first (mutation testing: a test suite
 that still passes with a kernel broken on purpose is too weak).
 
     python tests/cuda_emulator/build.py [attention.cu …]   (default: every kernel file)
@@ -73,11 +74,12 @@ def build(names: list[str] | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "common.cuh").write_text(emulated_common(source_dir))
     mutations = json.loads(os.environ.get("EMU_MUTATE", "[]"))
+    defines = [f"-D{d}" for d in os.environ.get("EMU_DEFINES", "").split()]  # e.g. OS_RING_BULK=0
 
     def one(name: str) -> str:
         cpp = out / f"{name}.cpp"
         cpp.write_text(emulated_source(source_dir, name, SIGNATURES, mutations, argument_codes))
-        command = [compiler, "-std=c++20", "-O1", "-fPIC", "-shared", "-w", "-DOS_EMULATE_SM90", "-I", str(out),
+        command = [compiler, "-std=c++20", "-O1", "-fPIC", "-shared", "-w", "-DOS_EMULATE_SM90", *defines, "-I", str(out),
                    "-I", str(HERE),
                    "-x", "c++", str(cpp), "-o", str(out / f"{name}.so")]
         result = subprocess.run(command, capture_output=True, text=True)
