@@ -737,7 +737,7 @@ def q4_split(tiles: int, units: int, sm_count: int, resident_warps: int = 16) ->
 
 def q8_split(tiles: int, chunks: int, sm_count: int, resident_warps: int) -> int:
     """Warps per 16-row tile (1, 2, 4, 8) for the int8 kernels: the most whose blocks fit one resident wave, give or
-    take a sixteenth of it, while every slice still gets two chunks. A second wave of a few blocks costs a block's
+    take a sixteenth of it, while every slice still gets two stages (four chunks). A second wave of a few blocks costs a block's
     whole time with the chip nearly idle (7B qkv at M = 1 on an H200: 768 blocks for 660 slots, 25.1 µs at split 8
     against 18.2 at 4), while gate_up's 688 blocks for 660 ran as fast as in one wave (32.1 µs; split 2: 37.7).
 
