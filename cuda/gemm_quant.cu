@@ -218,10 +218,10 @@ struct RingSmem {
 
 // This warp's ring over its slice of a tile (`first` … `first + chunks − 1` of its `tile_chunks`), in smem_raw laid
 // out as RingSmem; the barriers initialised.
-template <int NT, int C, int R>
+template <int C, int R>
 OS_DEVICE WeightRing<C, R> warp_ring(unsigned char* smem_raw, const uint4* qweight, int tile, int tile_chunks,
                                      int first, int chunks) {
-    using S = RingSmem<NT, C, R>;
+    using S = RingSmem<1, C, R>;  // (the rings' place does not depend on NT)
     const int warp = threadIdx.x >> 5;
     WeightRing<C, R> ring;
     ring.stages = reinterpret_cast<uint4*>(smem_raw) + warp * R * C * 32;
@@ -323,6 +323,8 @@ Q4_GROUP(128)
 // row order. An int8 weight is exact in bf16 (8 significant bits), so the mma sums Σ q·x exactly-rounded in f32
 // and the row scale is applied once at the end.
 constexpr int Q8_CHUNK = 32;  // k per 16-byte lane load (2 rows × 8 k)
+constexpr int Q8_STAGE_CHUNKS = 2;  // chunks per ring stage (1 KB per warp; q8_body)
+constexpr int Q8_STAGES = 4;        // stages per ring (4 KB per warp: 3 KB in flight)
 
 // Two int8 weights, bytes 0 and 2 of w, → a bf16 pair, exactly and without the conversion unit (an eighth of the
 // ALU rate, which held the int8 kernels at two thirds of bandwidth): for q = l − 128·s (l its low 7 bits, s its
@@ -366,9 +368,10 @@ OS_DEVICE void q8_load_x(const bf16* __restrict__ x, const int (&row)[NT], int q
 }
 
 // Slice s of `split` takes the contiguous chunks [s·per, (s+1)·per) of its tile (per = ⌈chunks / split⌉).
-template <int NT, bool SILU, int C, int R, bool XP>
+template <int NT, bool SILU, bool XP>
 OS_DEVICE void q8_body(const uint4* __restrict__ qweight, const float* __restrict__ scales, const bf16* __restrict__ x,
                        void* __restrict__ y, int M, int N, int K, int split) {
+    constexpr int C = Q8_STAGE_CHUNKS, R = Q8_STAGES;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const int tile = blockIdx.x * (Q4_WARPS / split) + warp / split, slice = warp % split;
@@ -376,7 +379,7 @@ OS_DEVICE void q8_body(const uint4* __restrict__ qweight, const float* __restric
     const bool active = tile < tiles;
     const int first = slice * per;
     const WeightRing<C, R> ring =
-        warp_ring<NT, C, R>(smem_raw, qweight, tile, chunks, first, active ? max(0, min(per, chunks - first)) : 0);
+        warp_ring<C, R>(smem_raw, qweight, tile, chunks, first, active ? max(0, min(per, chunks - first)) : 0);
     float acc[NT][4];
 #pragma unroll
     for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
@@ -436,15 +439,13 @@ OS_DEVICE void q8_body(const uint4* __restrict__ qweight, const float* __restric
     extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32)                                                   \
         q8_mma_n##NT(const uint4* qweight, const float* scales, const bf16* x, float* y, int M, int N, int K,     \
                      int split) {                                                                                 \
-        q8_body<NT, false, Q8_STAGE_CHUNKS, Q8_STAGES, XP>(qweight, scales, x, y, M, N, K, split);                \
+        q8_body<NT, false, XP>(qweight, scales, x, y, M, N, K, split);                                            \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32)                                                   \
         q8_mma_silu_n##NT(const uint4* qweight, const float* scales, const bf16* x, bf16* y, int M, int N, int K, \
                           int split) {                                                                            \
-        q8_body<NT, true, Q8_STAGE_CHUNKS, Q8_STAGES, XP>(qweight, scales, x, y, M, N, K, split);                 \
+        q8_body<NT, true, XP>(qweight, scales, x, y, M, N, K, split);                                             \
     }
-constexpr int Q8_STAGE_CHUNKS = 2;  // chunks per stage (1 KB per warp)
-constexpr int Q8_STAGES = 4;        // stages per ring (4 KB per warp: 3 KB in flight)
 // The activations a stage ahead up to NT = 2 (at NT 4, 8 their registers would halve the resident warps, and each
 // load feeds NT mmas there)
 Q8_KERNEL(1, true)
