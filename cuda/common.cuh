@@ -12,10 +12,11 @@ typedef __nv_bfloat16 bf16;
 // ours drain instead of after our completion plus a launch gap. The trigger lets the next grid launch once every CTA
 // of ours has started; the wait holds until the previous grid has completed and its writes are visible. Every kernel
 // calls grid_dependency_sync() first, before any early return: a CTA that left without waiting could let this grid
-// complete ahead of its predecessor, and the next grid would then read unfinished data. A projection may instead
-// trigger first and issue its first weight copies before the wait (model weights are never written inside a graph),
-// so they stream while its predecessor drains; it waits before it reads or writes anything else. Outside such a
-// graph (and before sm_90) both are free.
+// complete ahead of its predecessor, and the next grid would then read unfinished data. A projection instead issues
+// its first weight copies before the wait (model weights are never written inside a graph), so they stream while its
+// predecessor drains, and waits before it reads or writes anything else; the decode projections trigger only after
+// their main loop (a grid triggered early holds slots for its successor to wait in: docs/QUANT_KERNELS.md). Outside
+// such a graph (and before sm_90) both are free.
 OS_DEVICE void grid_dependents_launch() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");

@@ -180,33 +180,39 @@ OS_DEVICE void quant_finish(float (&acc)[NT][4], float (&partial)[Q4_WARPS][NT *
 template <int C, int R>
 struct WeightRing {
     uint4* stages;      // this warp's [R][C][32] uint4
+    uint32_t base;      // the shared address of stages (sm_90)
     uint32_t bars;      // this warp's R mbarriers (sm_90), 8 bytes apart
     const uint4* src;   // chunk 0 of the slice (chunk q: + 32q)
     int chunks;         // of the slice
 
-    OS_DEVICE uint4* stage(int s) const { return stages + (s % R) * C * 32; }
-    // Stage s on its way (nothing past the slice's end); dep is 0 at run time, a value the refill must wait for.
-    OS_DEVICE void issue(int s, uint32_t dep) const {
+    OS_DEVICE uint4* slot(int r) const { return stages + r * C * 32; }
+    OS_DEVICE uint4* stage(int s) const { return slot(s % R); }
+    // Stage s on its way into slot r = s % R (nothing past the slice's end); dep is 0 at run time, a value the refill
+    // must wait for.
+    OS_DEVICE void issue_into(int r, int s, uint32_t dep) const {
         const int n = min(C, chunks - s * C), lane = threadIdx.x & 31;
 #if OS_RING_BULK
         if (n > 0 && lane == 0) {
-            const uint32_t bar = bars + 8 * (s % R);
+            const uint32_t bar = bars + 8 * r;
             mbar_arrive_expect_tx(bar, n * 512);
-            bulk_copy_g2s(smem_u32(stage(s)), src + (size_t)s * C * 32 + dep, n * 512, bar);
+            bulk_copy_g2s(base + r * C * 512, reinterpret_cast<const char*>(src) + (s * C * 512 + dep), n * 512, bar);
         }
 #else
-        for (int i = 0; i < n; i++) cp_async16(stage(s) + i * 32 + lane, src + ((size_t)s * C + i) * 32 + lane + dep, 16);
+        for (int i = 0; i < n; i++) cp_async16(slot(r) + i * 32 + lane, src + ((size_t)s * C + i) * 32 + lane + dep, 16);
         cp_async_commit();  // empty groups too: stage s is always group s
 #endif
     }
-    OS_DEVICE void wait(int s) const {
+    OS_DEVICE void issue(int s, uint32_t dep) const { issue_into(s % R, s, dep); }
+    // Until the stage in slot r has landed (its phase `parity`: stage s is slot s % R, parity (s / R) & 1).
+    OS_DEVICE void wait_slot(int r, int parity) const {
 #if OS_RING_BULK
-        mbar_wait(bars + 8 * (s % R), (s / R) & 1);
+        mbar_wait(bars + 8 * r, parity);
 #else
         cp_async_wait<R - 1>();
         __syncwarp();  // (and the compiler reads the stage after the wait)
 #endif
     }
+    OS_DEVICE void wait(int s) const { wait_slot(s % R, (s / R) & 1); }
 };
 
 // Dynamic shared memory of the int8 kernels: the rings, their mbarriers, the split-K partials (kernels.py q8_smem).
@@ -225,6 +231,7 @@ OS_DEVICE WeightRing<C, R> warp_ring(unsigned char* smem_raw, const uint4* qweig
     const int warp = threadIdx.x >> 5;
     WeightRing<C, R> ring;
     ring.stages = reinterpret_cast<uint4*>(smem_raw) + warp * R * C * 32;
+    ring.base = smem_u32(ring.stages);
     ring.bars = smem_u32(smem_raw + S::RING) + warp * R * 8;
     ring.src = qweight + ((size_t)tile * tile_chunks + first) * 32;
     ring.chunks = chunks;
@@ -287,6 +294,7 @@ OS_DEVICE void q4_body(const uint4* __restrict__ qweight, const uint32_t* __rest
             q4_math<NT, G, CPG>(p, steps * U + r * CPG, wr, acc);
         }
     }
+    grid_dependents_launch();  // only now (common.cuh)
     quant_finish<NT, SILU>(acc, partial, split, active, tile, y, M, N, 1.f, 1.f);
 }
 
@@ -302,13 +310,11 @@ OS_DEVICE void q4_body(const uint4* __restrict__ qweight, const uint32_t* __rest
     extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32, Q4_MIN_BLOCKS(NT))                                \
         q4_mma_g##G##_n##NT(const uint4* qweight, const uint32_t* scales, const uint8_t* zeros, const bf16* x,    \
                             float* y, int M, int N, int K, int split) {                                           \
-        grid_dependents_launch();                                                                                 \
         q4_body<NT, G, false>(qweight, scales, zeros, x, y, M, N, K, split);                                      \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32, Q4_MIN_BLOCKS(NT))                                \
         q4_mma_silu_g##G##_n##NT(const uint4* qweight, const uint32_t* scales, const uint8_t* zeros,              \
                                  const bf16* x, bf16* y, int M, int N, int K, int split) {                        \
-        grid_dependents_launch();                                                                                 \
         q4_body<NT, G, true>(qweight, scales, zeros, x, y, M, N, K, split);                                       \
     }
 #define Q4_GROUP(G) Q4_KERNEL(G, 1) Q4_KERNEL(G, 2) Q4_KERNEL(G, 4) Q4_KERNEL(G, 8)
@@ -323,8 +329,9 @@ Q4_GROUP(128)
 // row order. An int8 weight is exact in bf16 (8 significant bits), so the mma sums Σ q·x exactly-rounded in f32
 // and the row scale is applied once at the end.
 constexpr int Q8_CHUNK = 32;  // k per 16-byte lane load (2 rows × 8 k)
-constexpr int Q8_STAGE_CHUNKS = 2;  // chunks per ring stage (1 KB per warp; q8_body)
-constexpr int Q8_STAGES = 4;        // stages per ring (4 KB per warp: 3 KB in flight)
+constexpr int Q8_STAGE_CHUNKS = 2;     // chunks per ring stage (1 KB per warp; q8_body)
+constexpr int Q8_N1_STAGE_CHUNKS = 4;  // and at NT = 1, whose registers allow a stage of 2 KB (half the overhead)
+constexpr int Q8_STAGES = 4;           // stages per ring (4 or 8 KB per warp: three stages in flight)
 
 // Two int8 weights, bytes 0 and 2 of w, → a bf16 pair, exactly and without the conversion unit (an eighth of the
 // ALU rate, which held the int8 kernels at two thirds of bandwidth): for q = l − 128·s (l its low 7 bits, s its
@@ -356,26 +363,48 @@ OS_DEVICE void q8_chunk(uint4 w, const uint4 (&xv)[NT], float (&acc)[NT][4]) {
     }
 }
 
-// The activations of chunks q0 … q0+C−1 (x[row[n] + 32q]: 32-bit offsets, a 64-bit pointer per n8 tile spills); a
-// chunk past `last` reads chunk `last` (a prefetch past the slice, never used).
+// The activations of chunks q0 … q0+C−1 (token 8n + g at x[row[n]]: one 64-bit address per n8 tile and stage, the
+// chunks at immediate offsets from it).
 template <int NT, int C>
-OS_DEVICE void q8_load_x(const bf16* __restrict__ x, const int (&row)[NT], int q0, int last, uint4 (&xv)[C][NT]) {
+OS_DEVICE void q8_load_x(const bf16* __restrict__ x, const int (&row)[NT], int q0, uint4 (&xv)[C][NT]) {
 #pragma unroll
-    for (int i = 0; i < C; i++)
+    for (int n = 0; n < NT; n++) {
+        const uint4* at = reinterpret_cast<const uint4*>(x + (row[n] + q0 * Q8_CHUNK));
 #pragma unroll
-        for (int n = 0; n < NT; n++)
-            xv[i][n] = __ldg(reinterpret_cast<const uint4*>(x + row[n] + min(q0 + i, last) * Q8_CHUNK));
+        for (int i = 0; i < C; i++) xv[i][n] = __ldg(at + i * (Q8_CHUNK / 8));
+    }
 }
 
-// Slice s of `split` takes the contiguous chunks [s·per, (s+1)·per) of its tile (per = ⌈chunks / split⌉).
+// Stage s's chunks from ring slot r into the accumulators, then the slot refilled with stage s + R. `seen` ties the
+// refill to the weights read (its address depends on them, a zero at run time), so it cannot overtake the reads.
+template <int NT, int C, int R>
+OS_DEVICE void q8_stage(const WeightRing<C, R>& ring, int s, int r, const uint4 (&xv)[C][NT], float (&acc)[NT][4],
+                        int K) {
+    const int lane = threadIdx.x & 31;
+    uint32_t seen = 0;
+#pragma unroll
+    for (int i = 0; i < C; i++) {
+        const uint4 w = ring.slot(r)[i * 32 + lane];
+        q8_chunk<NT>(w, xv[i], acc);
+        seen |= w.x;
+    }
+    __syncwarp();  // every lane has its weights of the stage in registers: the slot may be refilled
+    ring.issue_into(r, s + R, seen & ((uint32_t)K >> 31));
+}
+
+// Slice s of `split` takes the contiguous chunks [s·per, (s+1)·per) of its tile, per = ⌈chunks / split⌉ rounded up
+// to whole stages, so only a tile's last slice can end in a partial stage: the main loop runs whole stages (a ring's
+// worth per trip at NT ≤ 2: the slot, its barrier and its parity then constants), and that partial stage comes after
+// it. The per-stage work is most of what is not math: docs/QUANT_KERNELS.md.
 template <int NT, bool SILU, bool XP>
 OS_DEVICE void q8_body(const uint4* __restrict__ qweight, const float* __restrict__ scales, const bf16* __restrict__ x,
                        void* __restrict__ y, int M, int N, int K, int split) {
-    constexpr int C = Q8_STAGE_CHUNKS, R = Q8_STAGES;
+    constexpr int C = NT == 1 ? Q8_N1_STAGE_CHUNKS : Q8_STAGE_CHUNKS, R = Q8_STAGES;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const int tile = blockIdx.x * (Q4_WARPS / split) + warp / split, slice = warp % split;
-    const int tiles = (N + Q4_TILE_ROWS - 1) / Q4_TILE_ROWS, chunks = K / Q8_CHUNK, per = (chunks + split - 1) / split;
+    const int tiles = (N + Q4_TILE_ROWS - 1) / Q4_TILE_ROWS, chunks = K / Q8_CHUNK;
+    const int per = C * ((chunks + C * split - 1) / (C * split));
     const bool active = tile < tiles;
     const int first = slice * per;
     const WeightRing<C, R> ring =
@@ -384,64 +413,73 @@ OS_DEVICE void q8_body(const uint4* __restrict__ qweight, const float* __restric
 #pragma unroll
     for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
     float s_g = 0.f, s_g8 = 0.f;
-    const int stages = (ring.chunks + C - 1) / C;
     // The ring's first stages go before the grid dependency wait: packed weights are the engine's, never written on
     // the device, and they stream while the previous kernel drains.
 #pragma unroll
     for (int s = 0; s < R; s++) ring.issue(s, 0);
     grid_dependency_wait();
     if (active) {
-        int row[NT];  // token 8n + g, or M − 1 past M (as Q4Warp::x)
+        int row[NT];  // token 8n + g, or M − 1 past M (as Q4Warp::x), at this lane's k offset and the slice's start
 #pragma unroll
-        for (int n = 0; n < NT; n++) row[n] = min(n * 8 + g, M - 1) * K + 8 * c;
-        // A stage's activations are loaded a stage ahead, into registers: loaded at their use, every chunk waited on
-        // an L1 (or L2) round trip, the first stall of the loop (ncu, H200).
+        for (int n = 0; n < NT; n++) row[n] = min(n * 8 + g, M - 1) * K + 8 * c + first * Q8_CHUNK;
+        const int whole = ring.chunks / C;
+        // A stage's activations are loaded a stage ahead, into registers (XP; the last whole stage reloads its own):
+        // loaded at their use, every chunk waited on an L1 (or L2) round trip, the first stall of the loop (ncu, H200).
         uint4 xv[C][NT];
-        if (XP) q8_load_x<NT, C>(x, row, first, chunks - 1, xv);
-        for (int s = 0; s < stages; s++) {
-            uint4 next[C][NT];
-            q8_load_x<NT, C>(x, row, first + (XP ? s + 1 : s) * C, chunks - 1, XP ? next : xv);
-            ring.wait(s);
-            uint32_t seen = 0;
-            const int n = min(C, ring.chunks - s * C);
+        if (XP && whole > 0) q8_load_x<NT, C>(x, row, 0, xv);
+        constexpr int U = XP ? R : 1;  // stages per trip: a whole ring's (its slots then constants) where registers allow
+        for (int base = 0; base < whole; base += U) {
+#pragma unroll
+            for (int r = 0; r < U; r++) {
+                const int s = base + r;
+                if (s >= whole) break;
+                uint4 next[C][NT];
+                q8_load_x<NT, C>(x, row, (XP ? min(s + 1, whole - 1) : s) * C, XP ? next : xv);
+                const int slot = U == R ? r : s % R;
+                ring.wait_slot(slot, (s / R) & 1);
+                q8_stage<NT, C, R>(ring, s, slot, xv, acc, K);
+                if (XP) {
+#pragma unroll
+                    for (int i = 0; i < C; i++)
+#pragma unroll
+                        for (int n = 0; n < NT; n++) xv[i][n] = next[i][n];
+                }
+            }
+        }
+        if (const int n = ring.chunks - whole * C) {  // the partial stage (n < C chunks): no refill after it
+            ring.wait(whole);
 #pragma unroll
             for (int i = 0; i < C; i++) {
                 if (i < n) {
-                    const uint4 w = ring.stage(s)[i * 32 + lane];
-                    q8_chunk<NT>(w, xv[i], acc);
-                    seen |= w.x;
+                    uint4 xi[1][NT];
+                    q8_load_x<NT, 1>(x, row, whole * C + i, xi);
+                    q8_chunk<NT>(ring.stage(whole)[i * 32 + lane], xi[0], acc);
                 }
-            }
-            __syncwarp();  // every lane has its weights of the stage in registers: the slot may be refilled
-            // the refill's address depends on the weights read (a zero at run time): it cannot overtake the reads
-            ring.issue(s + R, seen & ((uint32_t)K >> 31));
-            if (XP) {
-#pragma unroll
-                for (int i = 0; i < C; i++)
-#pragma unroll
-                    for (int m = 0; m < NT; m++) xv[i][m] = next[i][m];
             }
         }
         s_g = scales[tile * Q4_TILE_ROWS + g];
         s_g8 = scales[tile * Q4_TILE_ROWS + g + 8];
     }
-    // The next kernel may launch only now: triggered first thing (as the other projections do), it measured 1.02 ms
-    // for a 1B int8 decode step against 0.85 here (H200, batch 1; 7B 3.10 against 3.05).
+    // The next kernel may launch only now (common.cuh): triggered first thing, a 1B int8 decode step measured 1.02 ms
+    // against 0.85 (H200, batch 1; 7B 3.10 against 3.05).
     grid_dependents_launch();
     quant_finish<NT, SILU>(acc, ring_partial<NT, C, R>(smem_raw), split, active, tile, y, M, N, s_g, s_g8);
 }
 
 // Grid: (⌈tiles / (8 / split)⌉); block: 256 threads; split ∈ {1, 2, 4, 8} warps per tile; dynamic shared memory
-// RingSmem<NT, Q8_STAGE_CHUNKS, Q8_STAGES>::BYTES.
+// RingSmem<NT, C, Q8_STAGES>::BYTES (C: Q8_N1_STAGE_CHUNKS at NT = 1, else Q8_STAGE_CHUNKS).
 // qweight, scales: the int8 device layout above (Np = 16·tiles ≥ N rows, K % 32 == 0); x [M, K] bf16 (M ≤ 8·NT);
 // y [M, N] f32, or silu (pairs layout, N = 2I, I % 8 == 0): [M, I] bf16.
+// Blocks per multiprocessor the launch bounds hold NT 4 and 8 to (kernels.py Q8_RESIDENT_WARPS): unbounded, ptxas
+// takes 85 and 132 registers for them, a block fewer each (NT 1 and 2 take fewer than the bound would allow).
+#define Q8_MIN_BLOCKS(NT) ((NT) == 4 ? 3 : (NT) == 8 ? 2 : 1)
 #define Q8_KERNEL(NT, XP)                                                                                         \
-    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32)                                                   \
+    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32, Q8_MIN_BLOCKS(NT))                                \
         q8_mma_n##NT(const uint4* qweight, const float* scales, const bf16* x, float* y, int M, int N, int K,     \
                      int split) {                                                                                 \
         q8_body<NT, false, XP>(qweight, scales, x, y, M, N, K, split);                                            \
     }                                                                                                             \
-    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32)                                                   \
+    extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32, Q8_MIN_BLOCKS(NT))                                \
         q8_mma_silu_n##NT(const uint4* qweight, const float* scales, const bf16* x, bf16* y, int M, int N, int K, \
                           int split) {                                                                            \
         q8_body<NT, true, XP>(qweight, scales, x, y, M, N, K, split);                                             \

@@ -150,6 +150,7 @@ OS_DEVICE void gemm_body_v1(const bf16* __restrict__ A, const bf16* __restrict__
         }
     }
     cp_async_wait<0>();
+    grid_dependents_launch();  // only now (common.cuh)
 
     float* Cf = reinterpret_cast<float*>(out) + (size_t)blockIdx.z * M * N;
     const int g = lane >> 2, c = lane & 3;
@@ -192,14 +193,12 @@ OS_DEVICE void gemm_body_v1(const bf16* __restrict__ A, const bf16* __restrict__
     extern "C" __global__ void __launch_bounds__(GemmV1BM##BMV::THREADS)                                              \
         gemm_v1_bf16_bm##BMV(const bf16* A, const bf16* W, const float* scales, float* C, int M, int N, int K,        \
                              int ktiles_per_split, int w_early) {                                                     \
-        grid_dependents_launch();                                                                                     \
         gemm_body_v1<GemmV1BM##BMV, false>(A, W, scales, C, M, N, K, ktiles_per_split, w_early);                      \
     }                                                                                                                 \
     /* Grid: (ceil(N / 128), ceil(M / BM)); C [M, N/2] bf16 = SiLU(gate)·up, W = [gate; up] (N = 2I, even). */        \
     extern "C" __global__ void __launch_bounds__(GemmV1BM##BMV::THREADS)                                              \
         gemm_v1_bf16_silu_bm##BMV(const bf16* A, const bf16* W, const float* scales, bf16* C, int M, int N, int K,    \
                                   int w_early) {                                                                      \
-        grid_dependents_launch();                                                                                     \
         gemm_body_v1<GemmV1BM##BMV, true>(A, W, scales, C, M, N, K, 1 << 30, w_early);                                \
     }
 GEMM_V1_KERNEL(16)

@@ -151,6 +151,7 @@ OS_DEVICE void gemv_body(const W* __restrict__ weight, const float* __restrict__
             for (int m = 0; m < M; m++) dot_pair<W>(a, b, x + (size_t)m * K + (size_t)v * EPV, acc0[m], acc1[m]);
         }
     }
+    grid_dependents_launch();  // only now (common.cuh): the next kernel's blocks would wait on ours, holding their slots
 #pragma unroll
     for (int m = 0; m < M; m++) {
         acc0[m] = warp_sum(acc0[m]);
@@ -203,7 +204,6 @@ OS_DEVICE void gemv_body(const W* __restrict__ weight, const float* __restrict__
 #define GEMV_KERNEL(NAME, W, M, SILU, YT)                                                                          \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                                  \
         NAME(const W* w, const float* scales, const bf16* x, YT* y, int N, int K, int split, int w_early) {        \
-        grid_dependents_launch();                                                                                  \
         gemv_body<W, M, SILU>(w, scales, x, y, N, K, split, w_early);                                              \
     }
 #define GEMV_FAMILY(M)                                                 \

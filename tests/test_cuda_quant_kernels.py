@@ -168,10 +168,11 @@ def test_q8_matches_numpy(dev, rng, M):
     assert np.all(np.isnan(got[M:])), "rows past M were written"
 
 
-@pytest.mark.parametrize("M,chunks", [(3, 35), (1, 73), (16, 73), (33, 73)])
+@pytest.mark.parametrize("M,chunks", [(3, 35), (1, 137), (16, 73), (33, 73)])
 @pytest.mark.parametrize("split", [1, 2, 4, 8])
 def test_q8_every_k_split_gives_the_same_result(dev, rng, M, chunks, split):
-    # 73 chunks: every warp's ring (stages of 2) wraps, and its slice ends in a partial stage at every split
+    # 73 chunks (stages of 2 from M = 9) and 137 (stages of 4 at M ≤ 8): at every split the rings of four stages wrap,
+    # and a tile's last slice ends in a partial stage
     N, Kdim = 100, 32 * chunks
     qw, sc, w = q8_case(dev, rng, N, Kdim)
     x = bf16(rng.standard_normal((M, Kdim)))

@@ -123,16 +123,17 @@ def kernel_openings(text: str) -> list[tuple[str, list[str], str]]:
 def test_every_kernel_waits_for_its_predecessor_first():
     """Graph edges may be programmatic (driver.py CudaGraph, OLMOSCOPE_PDL): a kernel that reads or writes anything
     before grid_dependency_sync() (common.cuh), or returns without it, races the kernel before it. The one exception:
-    a projection may trigger first (grid_dependents_launch), or later (the int8 kernels, after their main loop), and
-    copy its first weights before its grid_dependency_wait(), which its file must then call, when those weights are
-    never written on the device: a kernel that takes `int w_early`, which the launcher sets only for the model's
-    weights (Kernels.gemm static_weights), or one that reads the engine's packed quantized `qweight`."""
+    a projection may trigger first (grid_dependents_launch), or later (the decode projections, after their main loop:
+    the kernel is one call of its *_body), and copy its first weights before its grid_dependency_wait(), which its
+    file must then call, when those weights are never written on the device: a kernel that takes `int w_early`, which
+    the launcher sets only for the model's weights (Kernels.gemm static_weights), or one that reads the engine's
+    packed quantized `qweight`."""
     late = []
     for path in sorted(kernel_dir().glob("*.cu")):
         text = path.read_text()
         for name, opening, params in kernel_openings(text):
             static = "int w_early" in params or "qweight" in params
-            early = static and (opening == ["grid_dependents_launch();"] or opening[0].startswith("q8_body<"))
+            early = static and (opening == ["grid_dependents_launch();"] or re.match(r"\w+_body(_v1)?<", opening[0]))
             if early and "grid_dependency_wait();" not in text:
                 late.append(f"{path.name}: {name}: triggers early, and its file never calls grid_dependency_wait()")
             elif opening != ["grid_dependency_sync();"] and not early:

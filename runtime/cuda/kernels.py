@@ -94,13 +94,15 @@ Q4_SMALL_UNROLL = 8  # chunks (16-byte loads per lane) per step: NT ≤ 2, NT = 
 Q4_MID_UNROLL = 4
 Q4_WIDE_UNROLL = 2
 Q4_NT = (1, 2, 4, 8)  # n8 token tiles of the instantiations (M ≤ 8, 16, 32, 64)
-Q8_STAGE_CHUNKS, Q8_STAGES = 2, 4  # gemm_quant.cu's int8 ring: chunks per stage, stages per warp
+Q8_STAGE_CHUNKS, Q8_N1_STAGE_CHUNKS, Q8_STAGES = 2, 4, 4  # gemm_quant.cu's int8 ring: chunks per stage (NT > 1,
+# NT = 1), stages per warp
 
 
 def q8_smem(nt: int) -> int:
     """Dynamic shared memory of an int8 kernel (gemm_quant.cu RingSmem): 8 warps' weight rings, their mbarriers, and
     the split-K partials."""
-    return Q4_WARPS * Q8_STAGES * (Q8_STAGE_CHUNKS * 512 + 8) + Q4_WARPS * nt * 4 * 32 * 4
+    chunks = Q8_N1_STAGE_CHUNKS if nt == 1 else Q8_STAGE_CHUNKS
+    return Q4_WARPS * Q8_STAGES * (chunks * 512 + 8) + Q4_WARPS * nt * 4 * 32 * 4
 
 # Python name → (file, constexpr name): what the mirror test compares.
 MIRRORED = {
@@ -147,7 +149,7 @@ MIRRORED = {
     "COPY_THREADS": ("kv_cache.cu", "COPY_THREADS"),
     **{name: ("gemm_quant.cu", name) for name in ("Q4_WARPS", "Q4_TILE_ROWS", "Q4_CHUNK", "Q4_MAX_ROWS", "Q4_SMALL_UNROLL",
                                                   "Q4_MID_UNROLL", "Q4_WIDE_UNROLL", "Q8_CHUNK",
-                                                  "Q8_STAGE_CHUNKS", "Q8_STAGES")},
+                                                  "Q8_STAGE_CHUNKS", "Q8_N1_STAGE_CHUNKS", "Q8_STAGES")},
 }
 
 # The switch of the Hopper GEMM (gemm_sm90.cu, wgmma): on by default on sm_90 GPUs, where gemm_plan picks it for the
@@ -715,10 +717,10 @@ def q4_units(K: int, group: int, nt: int) -> int:
 # Warps of the int4/int8 kernels resident per multiprocessor, by NT (256-thread blocks; registers from ptxas -v on
 # sm_90: about 100 for NT ≤ 2 → 2 blocks, 140 … 185 for NT 4, 8 → 1 block). Host-side: refresh when the kernels change.
 Q4_RESIDENT_WARPS = {1: 16, 2: 16, 4: 8, 8: 8}
-# The int8 kernels (sm_90): 48, 71, 78, 126 registers (the activations a stage ahead up to NT = 2) and 37, 41, 49,
-# 66 KB of dynamic shared memory (q8_smem): 5, 3, 3, 2 blocks. tests/test_cuda_quant_kernels.py checks this
-# table against the loaded cubins' registers and shared memory.
-Q8_RESIDENT_WARPS = {1: 40, 2: 24, 4: 24, 8: 16}
+# The int8 kernels (sm_90): 72, 80, 80, 128 registers (the activations a stage ahead up to NT = 2; NT 4 and 8 held to
+# 3 and 2 blocks by their launch bounds) and 68, 40, 48, 64 KB of dynamic shared memory (q8_smem): 3, 3, 3, 2 blocks.
+# tests/test_cuda_quant_kernels.py checks this table against the loaded cubins' registers and shared memory.
+Q8_RESIDENT_WARPS = {1: 24, 2: 24, 4: 24, 8: 16}
 
 
 def q4_split(tiles: int, units: int, sm_count: int, resident_warps: int = 16) -> int:
@@ -737,7 +739,7 @@ def q4_split(tiles: int, units: int, sm_count: int, resident_warps: int = 16) ->
 
 def q8_split(tiles: int, chunks: int, sm_count: int, resident_warps: int) -> int:
     """Warps per 16-row tile (1, 2, 4, 8) for the int8 kernels: the most whose blocks fit one resident wave, give or
-    take a sixteenth of it, while every slice still gets two stages (four chunks). A second wave of a few blocks costs a block's
+    take a sixteenth of it, while every slice still gets four chunks. A second wave of a few blocks costs a block's
     whole time with the chip nearly idle (7B qkv at M = 1 on an H200: 768 blocks for 660 slots, 25.1 µs at split 8
     against 18.2 at 4), while gate_up's 688 blocks for 660 ran as fast as in one wave (32.1 µs; split 2: 37.7).
 
