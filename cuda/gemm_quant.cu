@@ -471,7 +471,8 @@ OS_DEVICE void q8_body(const uint4* __restrict__ qweight, const float* __restric
 // qweight, scales: the int8 device layout above (Np = 16·tiles ≥ N rows, K % 32 == 0); x [M, K] bf16 (M ≤ 8·NT);
 // y [M, N] f32, or silu (pairs layout, N = 2I, I % 8 == 0): [M, I] bf16.
 // Blocks per multiprocessor the launch bounds hold NT 4 and 8 to (kernels.py Q8_RESIDENT_WARPS): unbounded, ptxas
-// takes 85 and 132 registers for them, a block fewer each (NT 1 and 2 take fewer than the bound would allow).
+// takes 85 and 132 registers for them, a block fewer each. NT 1 and 2 need no bound: their 72 and 80 registers give
+// three blocks, as many as NT 1's shared memory allows.
 #define Q8_MIN_BLOCKS(NT) ((NT) == 4 ? 3 : (NT) == 8 ? 2 : 1)
 #define Q8_KERNEL(NT, XP)                                                                                         \
     extern "C" __global__ void __launch_bounds__(Q4_WARPS * 32, Q8_MIN_BLOCKS(NT))                                \
