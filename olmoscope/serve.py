@@ -106,9 +106,13 @@ def _graceful_server_class():
             super().__init__(config)
             self._timer = threading.Timer(shutdown_timeout, serving.abort_all)
             self._timer.daemon = True
+            self._first_signal = threading.Lock()
 
         def handle_exit(self, sig, frame) -> None:
-            if not self._timer.is_alive() and not self.should_exit:
+            # A second signal can run this handler inside the first one's (Python runs handlers between bytecodes):
+            # a check of the timer there let both start it, and the second thread's start died with a traceback.
+            # The lock's non-blocking acquire is one step, so only the first signal starts the timer.
+            if self._first_signal.acquire(blocking=False):
                 click.echo(f"olmoscope: {signal.Signals(sig).name}: finishing running requests", err=True)
                 self._timer.start()
             super().handle_exit(sig, frame)
