@@ -253,6 +253,14 @@ OS_DEVICE void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" :
 
 OS_DEVICE float silu(float x) { return x / (1.f + __expf(-x)); }
 
+// Two int8 weights, bytes 0 and 2 of w, → a bf16 pair, exactly and without the conversion unit (an eighth of the
+// ALU rate, which held the int8 kernels at two thirds of bandwidth): for q = l − 128·s (l its low 7 bits, s its
+// sign bit), bf16 0x4300 | l is 128 + l and 0xC300 | s << 7 is −128 − 128·s, whose sum is q (|q| ≤ 128: exact);
+// the product by bf16 1.0 (0x3F80) is exact too. The int8 kernels of gemm_quant.cu and gemm_sm90_tma.cu.
+OS_DEVICE uint32_t q8_pair(uint32_t w) {
+    return fma_bf16x2(and_or(w, 0x007F007Fu, 0x43004300u), 0x3F803F80u, and_or(w, 0x00800080u, 0xC300C300u));
+}
+
 // Σ_p parts[p·part_stride + i] in a fixed order (p = 0, 1, …): split-K partial sums, summed the same way on every run.
 OS_DEVICE float4 sum_parts4(const float* __restrict__ parts, int n_parts, long long part_stride, size_t i) {
     float4 acc = *reinterpret_cast<const float4*>(parts + i);

@@ -333,13 +333,6 @@ constexpr int Q8_STAGE_CHUNKS = 2;     // chunks per ring stage (1 KB per warp; 
 constexpr int Q8_N1_STAGE_CHUNKS = 4;  // and at NT = 1, whose registers allow a stage of 2 KB (half the overhead)
 constexpr int Q8_STAGES = 4;           // stages per ring (4 or 8 KB per warp: three stages in flight)
 
-// Two int8 weights, bytes 0 and 2 of w, → a bf16 pair, exactly and without the conversion unit (an eighth of the
-// ALU rate, which held the int8 kernels at two thirds of bandwidth): for q = l − 128·s (l its low 7 bits, s its
-// sign bit), bf16 0x4300 | l is 128 + l and 0xC300 | s << 7 is −128 − 128·s, whose sum is q (|q| ≤ 128: exact).
-OS_DEVICE uint32_t q8_pair(uint32_t w) {
-    return fma_bf16x2(and_or(w, 0x007F007Fu, 0x43004300u), BF16X2_ONE, and_or(w, 0x00800080u, 0xC300C300u));
-}
-
 // Two int8 words (tile rows g, g+8 of one k16 block, bytes in the order k +0 +2 +1 +3) → the block's four A
 // registers.
 OS_DEVICE void q8_widen(uint32_t row_g, uint32_t row_g8, uint32_t (&a)[4]) {

@@ -79,16 +79,16 @@ OS_DEVICE uint64_t wgmma_desc_tma(uint32_t addr) {
            ((uint64_t)1 << 62);
 }
 
-// One work unit: tile t of the M-tile-fastest order, split z's k-tiles [kbegin, kbegin + kt).
+// One work unit: tile t (BM rows of M × BN of N) of the M-tile-fastest order, split z's k-tiles [kbegin, kbegin + kt).
 struct Gemm90TUnit {
     int m0, n_tile, kbegin, kt, z;
 };
-template <class C>
+template <int BM, int BN>
 OS_DEVICE Gemm90TUnit gemm90t_unit(int u, int M, int N, int K, int kps) {
-    const int m_tiles = (M + C::BM - 1) / C::BM, tiles = m_tiles * ((N + GEMM90T_BN - 1) / GEMM90T_BN);
+    const int m_tiles = (M + BM - 1) / BM, tiles = m_tiles * ((N + BN - 1) / BN);
     const int ktiles = (K + GEMM90T_BK - 1) / GEMM90T_BK, z = u / tiles, t = u % tiles;
     const int kbegin = min(ktiles, z * kps);
-    return {(t % m_tiles) * C::BM, t / m_tiles, kbegin, min(ktiles, kbegin + kps) - kbegin, z};
+    return {(t % m_tiles) * BM, t / m_tiles, kbegin, min(ktiles, kbegin + kps) - kbegin, z};
 }
 
 // Arm stage `stage`'s full barrier `full` with the whole stage's bytes and issue k-tile i's W boxes of `unit` (A's
@@ -189,7 +189,7 @@ OS_DEVICE void gemm90t_body(const TensorMap* tmA, const TensorMap* tmW0, const T
         // streaming while the previous kernel drains; their A boxes follow it.
         int early = 0;
         if (w_early && (int)blockIdx.x < units) {
-            const Gemm90TUnit unit = gemm90t_unit<C>(blockIdx.x, M, N, K, kps);
+            const Gemm90TUnit unit = gemm90t_unit<C::BM, GEMM90T_BN>(blockIdx.x, M, N, K, kps);
             early = min(unit.kt, C::STAGES);
             for (int i = 0; i < early; i++)
                 gemm90t_load_w<C, SILU_PAIR>(smem0 + i * C::STAGE_BYTES, bars + 8 * i, tmW0, tmW1, unit, i);
@@ -197,7 +197,7 @@ OS_DEVICE void gemm90t_body(const TensorMap* tmA, const TensorMap* tmW0, const T
         grid_dependency_wait();
         int s = 0, phase = 0;
         for (int u = blockIdx.x; u < units; u += gridDim.x) {
-            const Gemm90TUnit unit = gemm90t_unit<C>(u, M, N, K, kps);
+            const Gemm90TUnit unit = gemm90t_unit<C::BM, GEMM90T_BN>(u, M, N, K, kps);
             for (int i = 0; i < unit.kt; i++) {
                 const uint32_t full = bars + 8 * s, stage = smem0 + s * C::STAGE_BYTES;
                 if (u != (int)blockIdx.x || i >= early) {
@@ -218,7 +218,7 @@ OS_DEVICE void gemm90t_body(const TensorMap* tmA, const TensorMap* tmW0, const T
     int s = 0, phase = 0;
     float acc[128];
     for (int u = blockIdx.x; u < units; u += gridDim.x) {
-        const Gemm90TUnit unit = gemm90t_unit<C>(u, M, N, K, kps);
+        const Gemm90TUnit unit = gemm90t_unit<C::BM, GEMM90T_BN>(u, M, N, K, kps);
 #pragma unroll
         for (int i = 0; i < 128; i++) acc[i] = 0.f;
         int held = -1;  // the stage whose wgmma may still be running
@@ -281,3 +281,238 @@ OS_DEVICE void gemm90t_body(const TensorMap*, const TensorMap*, const TensorMap*
     }
 GEMM90T_KERNEL(64)
 GEMM90T_KERNEL(128)
+
+// ── int8 weights in the main loop ────────────────────────────────────────────────────────────────────────────────
+// y = x·Wᵀ for W int8 in pack_q8's layout (runtime/cuda/quant_layout.py: 16-row tiles, 512-byte chunks of 32 k, lane
+// 4g + c's 16 bytes rows g, g+8 at k 8c … 8c+7) with f32 row scales, past the 64 rows of gemm_quant.cu's kernels
+// (prefill): computed as Dᵀ = W·xᵀ, the weights wgmma's A operand from registers (m64: 64 weight rows per consumer
+// warpgroup, warp w one device tile of 16) and the activations its B operand from shared memory (n256: 256 tokens,
+// K-major, the 128-byte swizzle), so the int8 bytes are what the copies move and the widening to bf16 is a few ALU
+// operations per register on the consumers, next to the asynchronous wgmma (Machete's and CUTLASS's mixed-input
+// GEMMs make the same choice: the narrow operand through registers).
+//   The producer copies, per k-tile of 64, x's box [256 tokens][64] (32 KB) and each of the 8 device tiles' 1 KB
+//   (2 chunks) as a box of 8 rows × 128 bytes of the matrix viewed as [Np·K/128][128 bytes], with the TMA's 128-byte
+//   swizzle: the 16-byte unit (g, c') of chunk h lands in 128-byte row 4h + g/2 at slot (4·(g mod 2) + c') ^ row.
+//   A consumer warp takes its tile's chunk with one ldmatrix.x4 (matrix i = the units (g, i), g = 0 … 7: one per bank
+//   group thanks to the swizzle) → word c of unit (g, i): rows g (c even) or g + 8 (c odd), k 8i + 4·(c/2) … +3.
+//   The wgmma fragment of lane 4g + c needs rows g and g + 8 at k 2c, 2c+1 of each 8: its partner lane c ^ 1 holds
+//   the other row's word (one shuffle), and one byte permute gathers the two rows' k pair into bytes 0, 2 (row g) and
+//   1, 3 (row g + 8), which q8_pair widens exactly. The row scale goes in the epilogue (the product of q and x is
+//   exact in f32, as in gemm_quant.cu): out = scale·Σ q·x.
+// Fragments are double-buffered in registers: a k-tile's are written while the wgmma of the one before still reads
+// the other set (wgmma_wait<1> retires that one before its registers are rewritten).
+// Plain: C [splits, M, N] f32 partials (columns in the canonical row order: pairs maps the [gate; up] tile rows
+// back); silu (pairs layout, one split): C [M, N/2] bf16 = SiLU(gate)·up, both halves of an output in one thread.
+constexpr int Q8T_TOKENS = 256;  // tokens per tile (the wgmma's n)
+constexpr int Q8T_ROWS = 128;    // weight rows per tile: 2 consumer warpgroups × 64 (8 device tiles of 16 rows)
+constexpr int Q8T_STAGES = 5;
+
+struct Q8TConfig {
+    static constexpr int CONSUMERS = Q8T_ROWS / 64, THREADS = 128 * (1 + CONSUMERS), STAGES = Q8T_STAGES;
+    static constexpr int X_BYTES = Q8T_TOKENS * GEMM90T_BK * 2;  // x box [256][64] bf16
+    static constexpr int W_BYTES = Q8T_ROWS * GEMM90T_BK;        // 8 device tiles × 1 KB
+    static constexpr int STAGE_BYTES = X_BYTES + W_BYTES;
+    static constexpr int SMEM = STAGES * STAGE_BYTES + 1024 + 2 * STAGES * 8;
+    static_assert(STAGE_BYTES % 1024 == 0 && SMEM <= 227 * 1024, "1 KB aligned stages, sm_90's shared memory");
+};
+
+#ifdef OS_GEMM90T
+#ifndef OS_EMULATE_SM90  // the emulator's model: emu.h, wgmma_rs_m64n256k16
+#define Q8T_D8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+                  "+f"(d[i + 6]), "+f"(d[i + 7])
+#define Q8T_D32(i) Q8T_D8(i), Q8T_D8(i + 8), Q8T_D8(i + 16), Q8T_D8(i + 24)
+// D[64 × 256] += A[64 × 16]·B[256 × 16]ᵀ: A from four bf16x2 registers per thread (the m16n8k16 A fragment of warp
+// w's rows 16w …), B K-major bf16 from a descriptor; asynchronous as wgmma_m64n256k16.
+OS_DEVICE void wgmma_rs_m64n256k16(float (&d)[128], const uint32_t (&a)[4], uint64_t desc_b) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+        "{"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+        "{%128, %129, %130, %131}, %132, 1, 1, 1, 0;\n"
+        : Q8T_D32(0), Q8T_D32(32), Q8T_D32(64), Q8T_D32(96)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+}
+#endif
+
+// This lane's ldmatrix row address in a tile's 1 KB for chunk h (lane 8i + g names unit (g, i), swizzled as copied).
+OS_DEVICE uint32_t q8t_ldmatrix_offset(int h) {
+    const int lane = threadIdx.x & 31, i = lane >> 3, g = lane & 7, row = 4 * h + (g >> 1);
+    return 128 * row + 16 * ((4 * (g & 1) + i) ^ row);
+}
+
+// The A fragments of one k-tile's four k16 blocks for the warp's device tile (its 1 KB at `tile_smem`).
+OS_DEVICE void q8t_fragments(uint32_t tile_smem, uint32_t (&f)[4][4]) {
+    const uint32_t sel = (threadIdx.x & 1) ? 0x3715u : 0x6240u;  // bytes 1, 3 (c odd) or 0, 2 of both rows' words
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        uint32_t r[4];
+        ldmatrix_x4_s(r, tile_smem + q8t_ldmatrix_offset(h));
+#pragma unroll
+        for (int i = 0; i < 4; i++) {  // unit i: k 8i … 8i+7 of the chunk, the low (i even) or high half of a block
+            const uint32_t x = __byte_perm(r[i], __shfl_xor_sync(0xffffffffu, r[i], 1), sel);
+            f[2 * h + (i >> 1)][2 * (i & 1)] = q8_pair(x);           // row g
+            f[2 * h + (i >> 1)][2 * (i & 1) + 1] = q8_pair(x >> 8);  // row g + 8
+        }
+    }
+}
+
+// One k-tile of a consumer warpgroup: its fragments from stage `stage`, then the four wgmma (one commit group).
+OS_DEVICE void q8t_ktile(float (&acc)[128], uint32_t (&f)[4][4], uint32_t stage, int tile_in_unit) {
+    q8t_fragments(stage + Q8TConfig::X_BYTES + 1024 * tile_in_unit, f);
+    const uint64_t db = wgmma_desc_tma(stage);
+    wgmma_fence();  // the fragment registers written above, before the wgmma read them
+#pragma unroll
+    for (int j = 0; j < GEMM90T_BK / 16; j++) wgmma_rs_m64n256k16(acc, f[j], db + 2 * j);
+    wgmma_commit();
+}
+
+// The stores of one warp's accumulators: device tile `tile` (rows g, g + 8 of this lane: acc[4j + e] and
+// acc[4j + 2 + e], e = 0, 1, at token token0 + 8j + 2c + e), times the row scales.
+template <bool SILU>
+OS_DEVICE void q8t_store(const float (&acc)[128], const float* __restrict__ scales, void* __restrict__ out, int M,
+                         int N, int tile, int token0, int z, bool pairs) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c2 = 2 * (lane & 3);
+    const float s_g = scales[16 * tile + g], s_g8 = scales[16 * tile + g + 8];
+    if (SILU) {  // rows g, g + 8: gate and up of intermediate 8·tile + g
+        const int I = N / 2, col = 8 * tile + g;
+        bf16* o = reinterpret_cast<bf16*>(out);
+#pragma unroll
+        for (int j = 0; j < Q8T_TOKENS / 8; j++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int token = token0 + 8 * j + c2 + e;
+                if (token < M)
+                    o[(size_t)token * I + col] = __float2bfloat16(silu(acc[4 * j + e] * s_g) * (acc[4 * j + 2 + e] * s_g8));
+            }
+        return;
+    }
+    const int n_g = pairs ? 8 * tile + g : 16 * tile + g, n_g8 = pairs ? N / 2 + 8 * tile + g : 16 * tile + 8 + g;
+    float* Cf = reinterpret_cast<float*>(out) + (size_t)z * M * N;
+#pragma unroll
+    for (int j = 0; j < Q8T_TOKENS / 8; j++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            const int token = token0 + 8 * j + c2 + e;
+            if (token >= M) continue;
+            if (n_g < N) Cf[(size_t)token * N + n_g] = acc[4 * j + e] * s_g;
+            if (n_g8 < N) Cf[(size_t)token * N + n_g8] = acc[4 * j + 2 + e] * s_g8;
+        }
+}
+
+// Units: (token tile, 8-tile weight tile, split) in gemm90t_unit's order (token tiles fastest), over M tokens and the
+// Np = 16·tiles device rows.
+template <bool SILU>
+OS_DEVICE void q8t_body(const TensorMap* tmX, const TensorMap* tmW, const float* __restrict__ scales,
+                        void* __restrict__ out, int M, int N, int K, int kps, int splits, bool pairs) {
+    using C = Q8TConfig;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const uint32_t smem0 = (smem_u32(smem_raw) + 1023) & ~1023u;
+    const uint32_t bars = smem0 + C::STAGES * C::STAGE_BYTES;  // full[s] at bars + 8s, empty[s] at +8·(STAGES + s)
+    const int tiles = (N + 15) / 16, Np = 16 * tiles, lines = K / 8;  // a device tile is K/8 rows of 128 bytes
+    const int units = (M + Q8T_TOKENS - 1) / Q8T_TOKENS * ((Np + Q8T_ROWS - 1) / Q8T_ROWS) * splits;
+    const int wg = threadIdx.x >> 7;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < C::STAGES; s++) {
+            mbar_init(bars + 8 * s, 1);
+            mbar_init(bars + 8 * (C::STAGES + s), 4 * C::CONSUMERS);
+        }
+        fence_proxy_async();
+    }
+    __syncthreads();
+
+    if (wg == 0) {  // ── producer ──
+        setmaxnreg_dec<GEMM90T_PRODUCER_REGS>();
+        if (threadIdx.x != 0) return;
+        tma_prefetch_map(tmX), tma_prefetch_map(tmW);
+        // the weights of the first unit's first stages before the wait (model weights: no kernel writes them)
+        auto load_w = [&](uint32_t stage, uint32_t full, const Gemm90TUnit& unit, int i) {
+            mbar_arrive_expect_tx(full, C::STAGE_BYTES);
+            for (int t = 0; t < Q8T_ROWS / 16; t++)
+                tma_load_2d(stage + C::X_BYTES + 1024 * t, tmW, full, 0,
+                            (unit.n_tile * (Q8T_ROWS / 16) + t) * lines + 8 * (unit.kbegin + i));
+        };
+        int early = 0;
+        if ((int)blockIdx.x < units) {
+            const Gemm90TUnit unit = gemm90t_unit<Q8T_TOKENS, Q8T_ROWS>(blockIdx.x, M, Np, K, kps);
+            early = min(unit.kt, C::STAGES);
+            for (int i = 0; i < early; i++) load_w(smem0 + i * C::STAGE_BYTES, bars + 8 * i, unit, i);
+        }
+        grid_dependency_wait();
+        int s = 0, phase = 0;
+        for (int u = blockIdx.x; u < units; u += gridDim.x) {
+            const Gemm90TUnit unit = gemm90t_unit<Q8T_TOKENS, Q8T_ROWS>(u, M, Np, K, kps);
+            for (int i = 0; i < unit.kt; i++) {
+                const uint32_t full = bars + 8 * s, stage = smem0 + s * C::STAGE_BYTES;
+                if (u != (int)blockIdx.x || i >= early) {
+                    mbar_wait(bars + 8 * (C::STAGES + s), phase ^ 1);
+                    load_w(stage, full, unit, i);
+                }
+                tma_load_2d(stage, tmX, full, (unit.kbegin + i) * GEMM90T_BK, unit.m0);
+                if (++s == C::STAGES) s = 0, phase ^= 1;
+            }
+        }
+        return;
+    }
+
+    // ── consumers: warpgroup cw, warp w: device tile 4·cw + w of the unit's 8 ──
+    setmaxnreg_inc<GEMM90T_CONSUMER_REGS>();
+    grid_dependency_wait();
+    const int cw = wg - 1, lane = threadIdx.x & 31, tile_in_unit = 4 * cw + ((threadIdx.x >> 5) & 3);
+    int s = 0, phase = 0;
+    float acc[128];
+    uint32_t fa[4][4], fb[4][4];
+    auto release = [&](int stage) {
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bars + 8 * (C::STAGES + stage));
+    };
+    for (int u = blockIdx.x; u < units; u += gridDim.x) {
+        const Gemm90TUnit unit = gemm90t_unit<Q8T_TOKENS, Q8T_ROWS>(u, M, Np, K, kps);
+#pragma unroll
+        for (int i = 0; i < 128; i++) acc[i] = 0.f;
+        int held = -1;  // the stage whose wgmma may still be running
+        for (int i = 0; i < unit.kt; i++) {
+            mbar_wait(bars + 8 * s, phase);
+            if (i & 1) q8t_ktile(acc, fb, smem0 + s * C::STAGE_BYTES, tile_in_unit);
+            else q8t_ktile(acc, fa, smem0 + s * C::STAGE_BYTES, tile_in_unit);
+            wgmma_wait<1>();  // the previous k-tile's wgmma retired: its stage and its fragment set are free
+            if (held >= 0) release(held);
+            held = s;
+            if (++s == C::STAGES) s = 0, phase ^= 1;
+        }
+        wgmma_wait<0>();
+        if (held >= 0) release(held);
+        const int tile = unit.n_tile * (Q8T_ROWS / 16) + tile_in_unit;
+        if (tile < tiles) q8t_store<SILU>(acc, scales, out, M, N, tile, unit.m0, unit.z, pairs);
+    }
+}
+#else
+template <bool SILU>  // other targets: the entries exist, empty (never launched there)
+OS_DEVICE void q8t_body(const TensorMap*, const TensorMap*, const float*, void*, int, int, int, int, int, bool) {
+    grid_dependency_wait();
+}
+#endif
+
+// Grid: (min(units, multiprocessors)), units = ⌈M/256⌉ · ⌈Np/128⌉ · splits; block: 384 threads; dynamic shared
+// memory Q8TConfig::SMEM. tmX: x [M, K] bf16, box 64 × 256; qweight_map: the device matrix (pack_q8, Np = ⌈N/16⌉·16 rows,
+// K % 32 == 0) viewed as [Np·K/128, 64] bf16, box 64 × 8; scales [Np] f32 (pack_q8's order). Plain: split z covers
+// k-tiles [z·kps, …) into C + z·M·N (C [splits, M, N] f32, columns in canonical order; pairs: a [gate; up] matrix
+// packed with pairs=True); silu (pairs=True packing, N = 2I): C [M, I] bf16 = SiLU(x·gateᵀ)·(x·upᵀ).
+extern "C" __global__ void __launch_bounds__(Q8TConfig::THREADS, 1)
+    gemm90tma_q8(const __grid_constant__ TensorMap tmX, const __grid_constant__ TensorMap qweight_map,
+                 const float* scales, float* C, int M, int N, int K, int ktiles_per_split, int splits, int pairs) {
+    grid_dependents_launch();
+    q8t_body<false>(&tmX, &qweight_map, scales, C, M, N, K, ktiles_per_split, splits, pairs != 0);
+}
+extern "C" __global__ void __launch_bounds__(Q8TConfig::THREADS, 1)
+    gemm90tma_q8_silu(const __grid_constant__ TensorMap tmX, const __grid_constant__ TensorMap qweight_map,
+                      const float* scales, bf16* C, int M, int N, int K) {
+    grid_dependents_launch();
+    q8t_body<true>(&tmX, &qweight_map, scales, C, M, N, K, 1 << 30, 1, true);
+}

@@ -244,8 +244,8 @@ def test_sampling_is_repeatable_in_vocabulary_and_penalized_on_the_device(tiny):
 
 @pytest.mark.parametrize("shape", ["gqa2-d64-odd-vocab", "mha-d128-tied"])
 def test_int8_engine_matches_numpy_on_the_same_int8_weights(shape):
-    """int8 through the GPU's kernels (gemm_q8 on pack_q8's layout up to 64 rows, dequantize_q8 + the bf16 GEMM
-    past them, the SiLU pairs epilogue; a tied lm_head stays the gathered embedding, through the int8 GEMV and
+    """int8 through the GPU's kernels (gemm_q8 on pack_q8's layout up to 64 rows; past them gemm_q8_tma on sm_90,
+    elsewhere dequantize_q8 + the bf16 GEMM; the SiLU pairs epilogue; a tied lm_head stays the gathered embedding, through the int8 GEMV and
     widen_int8) against the NumPy reference on the same weights: a 24-token and a 100-token prompt, then decode
     steps, and one random batched schedule (decode batches of 1 … 8 rows, prompt chunks past 64 rows)."""
     model = random_model(SHAPES[shape], seed=5)

@@ -226,6 +226,70 @@ def test_q8_beyond_64_rows_dequantize_then_the_bf16_gemm(dev, rng, pairs):
     assert err <= 1e-5, f"rel err {err:.2e}"
 
 
+# The Hopper int8 GEMM (gemm_sm90_tma.cu gemm90tma_q8*: the packed int8 matrix through TMA copies, widened to bf16
+# wgmma fragments in registers; sm_90, or the emulator's models of wgmma, ldmatrix and the copies): against float64 on
+# odd N (a last device tile of 13 rows, a last 128-row weight tile of 5 device tiles), K % 64 = 32 (a half k-tile at
+# the end: its other half reads the next tile's bytes, times x's zero fill), token tiles cut short, split-K partials,
+# persistent CTAs walking many units, and rows past M left alone.
+def q8_tma_skip(dev):
+    if not dev.kernels.hopper:
+        pytest.skip("the Hopper int8 GEMM needs an sm_90 GPU (or the emulator)")
+
+
+@pytest.mark.parametrize("M,N,chunks,splits,ctas", [(65, 333, 21, 1, None), (300, 200, 16, 1, 3), (70, 144, 34, 3, None),
+                                                    (1, 40, 2, 1, None), (257, 1040, 8, 2, 5)])
+def test_q8_tma_matches_numpy(dev, rng, M, N, chunks, splits, ctas):
+    q8_tma_skip(dev)
+    Kdim = 32 * chunks
+    qw, sc, w = q8_case(dev, rng, N, Kdim)
+    x = bf16(rng.standard_normal((M, Kdim)))
+    out = dev.poisoned((splits, M + 1, N), "f32")
+    parts = K.DeviceBuffer(out.ptr, (splits * M, N), "f32")  # splits × [M, N], then one row never written
+    dev.kernels.gemm_q8_tma(dev.put(x, "bf16"), qw, sc, parts, M, N, splits=splits, ctas=ctas)
+    got = dev.get(out).reshape(-1, N)
+    err = rel(got[:splits * M].reshape(splits, M, N).sum(axis=0), x @ w.T)
+    assert err <= 1e-5, f"rel err {err:.2e}"
+    assert np.all(np.isnan(got[splits * M:])), "rows past the partials were written"
+
+
+@pytest.mark.parametrize("M,ctas", [(100, None), (260, 1)])
+def test_q8_tma_silu_pairs_gate_and_up(dev, rng, M, ctas):
+    q8_tma_skip(dev)
+    I, Kdim = 200, 32 * 11
+    qw, sc, w = q8_case(dev, rng, 2 * I, Kdim, pairs=True, scale=0.25)
+    x = bf16(rng.standard_normal((M, Kdim)))
+    want = x @ w.T
+    out = dev.poisoned((M + 1, I), "bf16")
+    dev.kernels.gemm_q8_tma(dev.put(x, "bf16"), qw, sc, out, M, 2 * I, silu=True, ctas=ctas)
+    got = dev.get(out)
+    gate, up = np.split(want, 2, axis=-1)
+    err = rel(got[:M], silu(gate) * up)
+    assert err <= 1e-2, f"silu: rel err {err:.2e}"
+    assert np.all(np.isnan(got[M:])), "rows past M were written"
+    parts = dev.poisoned((2 * M, 2 * I), "f32")  # the plain kernel on a pairs matrix: canonical [gate; up] columns
+    dev.kernels.gemm_q8_tma(dev.put(x, "bf16"), qw, sc, parts, M, 2 * I, splits=2, pairs=True, ctas=ctas)
+    err = rel(dev.get(parts).reshape(2, M, 2 * I).sum(axis=0), want)
+    assert err <= 1e-5, f"pairs partials: rel err {err:.2e}"
+
+
+def test_q8_tma_launcher_refuses_bad_shapes(dev, rng):
+    q8_tma_skip(dev)
+    qw, sc, _ = q8_case(dev, rng, 64, 256)
+    x, y = dev.poisoned((70, 256), "bf16"), dev.poisoned((70, 64), "f32")
+    with pytest.raises(DeviceError, match="device matrix"):
+        dev.kernels.gemm_q8_tma(x, qw, sc, y, 70, 80)
+    with pytest.raises(DeviceError, match="scales"):
+        dev.kernels.gemm_q8_tma(x, qw, dev.poisoned((63,), "f32"), y, 70, 64)
+    with pytest.raises(DeviceError, match="splits"):
+        dev.kernels.gemm_q8_tma(x, qw, sc, y, 70, 64, splits=5)  # 4 k-tiles
+    with pytest.raises(DeviceError, match="silu"):
+        dev.kernels.gemm_q8_tma(x, qw, sc, dev.poisoned((70, 32), "bf16"), 70, 64, silu=True, splits=2)
+    with pytest.raises(DeviceError, match="output"):
+        dev.kernels.gemm_q8_tma(x, qw, sc, dev.poisoned((69, 64), "f32"), 70, 64)
+    with pytest.raises(DeviceError, match="CTAs"):
+        dev.kernels.gemm_q8_tma(x, qw, sc, y, 70, 64, ctas=dev.kernels.sm_count + 1)
+
+
 def test_q8_resident_warps_match_the_loaded_kernels(dev):
     """kernels.Q8_RESIDENT_WARPS (q8_split's input) from the cubins: registers (allocated per warp in 256s) and shared
     memory (static + dynamic + the 1 KB the driver reserves per block) against the multiprocessor's."""

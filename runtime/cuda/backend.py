@@ -262,8 +262,10 @@ class CudaBackend(Backend):
         self.widened = self.widened_scales = None
         if self._quantized:
             matrices = [w for layer in self.weights.layers for w in vars(layer).values()] + [self.weights.lm_head]
-            quantized = [w for w in matrices if w.data.dtype in ("i8", "u8")]
-            self.widened = self._alloc((max(math.prod(w.matrix_shape) for w in quantized),), "bf16")
+            # the matrices _matrix widens past Q4_MAX_ROWS rows (packed int8 on sm_90 is widened in the GEMM instead)
+            quantized = [w for w in matrices if w.data.dtype in ("i8", "u8") and not (w.q8 and self.kernels.q8_in_loop)]
+            if quantized:
+                self.widened = self._alloc((max(math.prod(w.matrix_shape) for w in quantized),), "bf16")
             if any(w.q8 for w in quantized):  # dequantize_q8 puts the row scales back in row order too
                 self.widened_scales = self._alloc((max(w.matrix_shape[0] for w in quantized),), "f32")
         self._results = [cuda.pagelocked_empty(R, np.int32) for _ in range(RESULT_RING)]
@@ -560,6 +562,16 @@ class CudaBackend(Backend):
             self.kernels.gemm_q8(x, weight.data, weight.scales, y, rows, N, silu=silu)
         return True
 
+    def _q8_in_loop(self, x: DeviceBuffer, weight: DeviceWeight, y: DeviceBuffer, rows: int, splits: int,
+                    silu: bool) -> bool:
+        """Packed int8 past Q4_MAX_ROWS rows on sm_90: gemm_q8_tma (widened in the wgmma main loop, no scratch) with
+        the plan's split count (the workspace is sized for it): whether it ran."""
+        if not (weight.q8 and self.kernels.q8_in_loop):
+            return False
+        self.kernels.gemm_q8_tma(x, weight.data, weight.scales, y, rows, weight.matrix_shape[0], silu=silu,
+                                 splits=splits, pairs=weight.pairs)
+        return True
+
     def _linear(self, x: DeviceBuffer, weight: DeviceWeight, rows: int, out: DeviceBuffer | None = None,
                 can_split: bool = True) -> tuple[DeviceBuffer, int, int]:
         """y = x·Wᵀ for `rows` rows by the plan's kernel: (output [parts·rows, N] f32, parts, part stride in elements)."""
@@ -574,7 +586,8 @@ class CudaBackend(Backend):
             return y, 1, rows * N
         splits = plan.splits if can_split else 1
         y = out.rows(0, rows) if out is not None else DeviceBuffer(self.proj.ptr, (splits * rows, N), "f32")
-        self._gemm(x, weight, y, rows, splits=splits, bm=plan.bm, variant=plan.variant)
+        if not self._q8_in_loop(x, weight, y, rows, splits, silu=False):
+            self._gemm(x, weight, y, rows, splits=splits, bm=plan.bm, variant=plan.variant)
         return y, splits, rows * N
 
     def _silu_linear(self, x: DeviceBuffer, weight: DeviceWeight, rows: int) -> None:
@@ -590,10 +603,12 @@ class CudaBackend(Backend):
             self.kernels.gemv(weight.data, weight.scales, x, act, rows, silu=True)
             return
         if plan.splits == 1:
-            self._gemm(x, weight, act, rows, silu=True, bm=plan.bm, variant=plan.variant)
+            if not self._q8_in_loop(x, weight, act, rows, 1, silu=True):
+                self._gemm(x, weight, act, rows, silu=True, bm=plan.bm, variant=plan.variant)
             return
         parts = DeviceBuffer(self.proj.ptr, (plan.splits * rows, N), "f32")
-        self._gemm(x, weight, parts, rows, splits=plan.splits, bm=plan.bm, variant=plan.variant)
+        if not self._q8_in_loop(x, weight, parts, rows, plan.splits, silu=False):
+            self._gemm(x, weight, parts, rows, splits=plan.splits, bm=plan.bm, variant=plan.variant)
         self.kernels.silu_mul_parts(parts, plan.splits, rows * N, act, rows)
 
     def _attention(self, k_pool: DeviceBuffer, v_pool: DeviceBuffer, plan: Plan) -> None:

@@ -61,6 +61,7 @@ GEMM90T_BK = 64
 GEMM90T_WBOX = 128
 GEMM90T_BM128_STAGES = 4
 GEMM90T_BM64_STAGES = 5
+Q8T_TOKENS, Q8T_ROWS, Q8T_STAGES = 256, 128, 5  # gemm_sm90_tma.cu's int8 kernel: tokens × weight rows per tile, stages
 GEMM_V1_BN = 128  # the previous GEMM (gemm_v1.cu, timed next to gemm.cu's): columns per CTA, smem row padding
 GEMM_V1_PAD = 8
 GEMM_V1_LARGE_BK = 32  # v1 bm128: k-tile, stages, threads
@@ -98,6 +99,12 @@ Q8_STAGE_CHUNKS, Q8_N1_STAGE_CHUNKS, Q8_STAGES = 2, 4, 4  # gemm_quant.cu's int8
 # NT = 1), stages per warp
 
 
+def q8t_smem() -> int:
+    """Dynamic shared memory of gemm_sm90_tma.cu's int8 kernel (Q8TConfig): stages of x's [256][64] bf16 box and the
+    8 device tiles' 1 KB each, 1 KB of alignment slack, two mbarriers per stage."""
+    return Q8T_STAGES * (Q8T_TOKENS * GEMM90T_BK * 2 + Q8T_ROWS * GEMM90T_BK) + 1024 + 2 * Q8T_STAGES * 8
+
+
 def q8_smem(nt: int) -> int:
     """Dynamic shared memory of an int8 kernel (gemm_quant.cu RingSmem): 8 warps' weight rings, their mbarriers, and
     the split-K partials."""
@@ -123,7 +130,7 @@ MIRRORED = {
     **{name: ("gemm_sm90.cu", name) for name in ("GEMM90_BM", "GEMM90_BN", "GEMM90_BK", "GEMM90_STAGES",
                                                  "GEMM90_THREADS", "GEMM90_BM64_STAGES")},
     **{name: ("gemm_sm90_tma.cu", name) for name in ("GEMM90T_BN", "GEMM90T_BK", "GEMM90T_WBOX", "GEMM90T_BM128_STAGES",
-                                                     "GEMM90T_BM64_STAGES")},
+                                                     "GEMM90T_BM64_STAGES", "Q8T_TOKENS", "Q8T_ROWS", "Q8T_STAGES")},
     **{name: ("gemm_v1.cu", name) for name in ("GEMM_V1_BN", "GEMM_V1_PAD", "GEMM_V1_LARGE_BK", "GEMM_V1_LARGE_STAGES",
                                                "GEMM_V1_LARGE_THREADS", "GEMM_V1_SMALL_BK", "GEMM_V1_SMALL_STAGES",
                                                "GEMM_V1_SMALL_THREADS")},
@@ -169,6 +176,9 @@ ATTENTION_HOPPER = os.environ.get("OLMOSCOPE_ATTENTION_HOPPER", "1") != "0"
 # The TMA-fed wgmma kernels (gemm_sm90_tma.cu) in the Hopper regimes where gemm_plan's rule takes them; with
 # OLMOSCOPE_GEMM_TMA=0 those regimes run gemm_sm90.cu's cp.async kernels as before.
 GEMM_TMA = os.environ.get("OLMOSCOPE_GEMM_TMA", "1") != "0"
+# int8 (pack_q8) projections past 64 rows on sm_90: widened in the TMA GEMM's main loop (gemm_sm90_tma.cu gemm90tma_q8)
+# unless OLMOSCOPE_GEMM_Q8_TMA=0, which keeps the scratch path (dequantize_q8 into a bf16 copy, then the bf16 GEMM).
+GEMM_Q8_TMA = os.environ.get("OLMOSCOPE_GEMM_Q8_TMA", "1") != "0"
 
 # Host-side planning knobs (not in any .cu file).
 GEMM_MIN_KTILES_PER_SPLIT = 4  # a split-K share streams at least this many k-tiles
@@ -312,6 +322,8 @@ SIGNATURES = {
     **{f"gemm90_bf16_silu_bm{bm}": ("gemm_sm90.cu", "PPPPiiii") for bm in GEMM90_TILES},
     **{f"gemm90tma_bf16_bm{bm}": ("gemm_sm90_tma.cu", MAP_FORMAT * 3 + "PPiiiiii") for bm in GEMM90T_TILES},
     **{f"gemm90tma_bf16_silu_bm{bm}": ("gemm_sm90_tma.cu", MAP_FORMAT * 3 + "PPiiii") for bm in GEMM90T_TILES},
+    "gemm90tma_q8": ("gemm_sm90_tma.cu", MAP_FORMAT * 2 + "PPiiiiii"),
+    "gemm90tma_q8_silu": ("gemm_sm90_tma.cu", MAP_FORMAT * 2 + "PPiii"),
     **{f"gemm_v1_bf16_bm{bm}": ("gemm_v1.cu", "PPPPiiiii") for bm in GEMM_V1_TILES},
     **{f"gemm_v1_bf16_silu_bm{bm}": ("gemm_v1.cu", "PPPPiiii") for bm in GEMM_V1_TILES},
     "silu_mul_parts": ("gemm.cu", "PiqPii"),
@@ -623,6 +635,7 @@ def kernel_smem(hopper: bool = False) -> dict[str, int]:
             smem[f"paged_prefill90_d{d}"] = prefill90_smem(d)
         for bm, tile in GEMM90T_TILES.items():
             smem[f"gemm90tma_bf16_bm{bm}"] = smem[f"gemm90tma_bf16_silu_bm{bm}"] = tile.smem
+        smem["gemm90tma_q8"] = smem["gemm90tma_q8_silu"] = q8t_smem()
     for bm, tile in GEMM_TILES.items():
         smem[f"gemm_bf16_bm{bm}"] = smem[f"gemm_bf16_silu_bm{bm}"] = tile.smem
     for bm, tile in GEMM_V1_TILES.items():
@@ -848,6 +861,11 @@ class Kernels:
         hopper = self.hopper and GEMM_HOPPER
         return gemm_plan(M, N, K, self.sm_count, silu=silu, hopper=hopper, int8=int8, skinny=GEMM_SKINNY,
                          tma=hopper and GEMM_TMA)
+
+    @property
+    def q8_in_loop(self) -> bool:
+        """Whether int8 projections past 64 rows run gemm_q8_tma here (sm_90, GEMM_HOPPER, GEMM_TMA, GEMM_Q8_TMA)."""
+        return self.hopper and GEMM_HOPPER and GEMM_TMA and GEMM_Q8_TMA
 
     def workspace(self, shapes, max_rows: int, int8: bool = False) -> int:
         """gemm_workspace under this GPU's plan (Kernels.plan): f32 elements of projection output or partials."""
@@ -1214,6 +1232,51 @@ class Kernels:
         name = f"q8_mma{'_silu' if silu else ''}_n{nt}"
         self.launch(name, (math.ceil(tiles / (Q4_WARPS // split)),), (32 * Q4_WARPS, 1, 1), qweight.ptr, scales.ptr,
                     x.ptr, y.ptr, rows, N, K, split, smem=self.smem[name])
+
+    def gemm_q8_tma(self, x: DeviceBuffer, qweight: DeviceBuffer, scales: DeviceBuffer, y: DeviceBuffer, rows: int,
+                    N: int, silu: bool = False, splits: int = 1, pairs: bool = False, ctas: int | None = None) -> None:
+        """y = x·Wᵀ with W int8 in the device layout (pack_q8) widened inside the Hopper TMA GEMM's main loop
+        (gemm_sm90_tma.cu, sm_90): any number of rows (gemm_q8 is faster up to 64). qweight i8 [Np, K], scales f32
+        [Np]; x [≥rows, K] bf16. Plain: y holds splits × [rows, N] f32 partials (part stride rows·N) with columns in
+        the canonical row order (pairs: W was packed with pairs=True, the [gate; up] layout); silu (pairs packing,
+        one split): y [≥rows, N/2] bf16 = SiLU(gate)·up. A persistent grid of `ctas` CTAs (default one per
+        multiprocessor), never more than the work units."""
+        _check_count("gemm_q8_tma", rows)
+        if not self.hopper:
+            raise DeviceError(f"gemm_q8_tma: the wgmma kernels need an sm_90 GPU, this is {self.arch}")
+        if len(qweight.shape) != 2:
+            raise DeviceError(f"gemm_q8_tma: qweight {list(qweight.shape)} (a matrix)")
+        Np, K = qweight.shape
+        if not 1 <= N or math.ceil(N / Q4_TILE_ROWS) * Q4_TILE_ROWS != Np or K % Q8_CHUNK:
+            raise DeviceError(f"gemm_q8_tma: {N} rows in a device matrix of {Np} × {K} (⌈N/16⌉·16, K % {Q8_CHUNK} == 0)")
+        if (silu or pairs) and N % 16:
+            raise DeviceError(f"gemm_q8_tma: N = {N} is not 2·I with I a multiple of 8 (pairs layout)")
+        _expect(qweight, "gemm_q8_tma qweight", "i8", (Np, K))
+        _expect(scales, "gemm_q8_tma scales", "f32", (Np,))
+        _expect(x, "gemm_q8_tma input", "bf16", (rows, K), min_rows=rows)
+        ktiles = math.ceil(K / GEMM90T_BK)
+        if silu:
+            if splits != 1:
+                raise DeviceError(f"gemm_q8_tma silu: {splits} splits (one)")
+            _expect(y, "gemm_q8_tma silu output", "bf16", (rows, N // 2), min_rows=rows)
+        else:
+            if not 1 <= splits <= min(ktiles, 64):
+                raise DeviceError(f"gemm_q8_tma: {splits} splits (1 … {min(ktiles, 64)})")
+            _expect_elements(y, "gemm_q8_tma output", "f32", splits * rows * N, last_dim=N)
+        if ctas is not None and not 1 <= ctas <= self.sm_count:
+            raise DeviceError(f"gemm_q8_tma: {ctas} CTAs (1 … {self.sm_count})")
+        maps = self.tensor_maps
+        x_map = maps.bf16(x.ptr, rows, K, Q8T_TOKENS)
+        w_map = maps.bf16(qweight.ptr, Np * K // 128, 64, 8)  # [Np·K/128 rows of 128 bytes], a device tile's 1 KB box
+        units = math.ceil(rows / Q8T_TOKENS) * math.ceil(Np / Q8T_ROWS) * splits
+        grid = (min(units, ctas or self.sm_count),)
+        block = (128 * (1 + Q8T_ROWS // 64), 1, 1)
+        if silu:
+            self.launch("gemm90tma_q8_silu", grid, block, x_map, w_map, scales.ptr, y.ptr, rows, N, K,
+                        smem=self.smem["gemm90tma_q8_silu"])
+        else:
+            self.launch("gemm90tma_q8", grid, block, x_map, w_map, scales.ptr, y.ptr, rows, N, K,
+                        math.ceil(ktiles / splits), splits, int(pairs), smem=self.smem["gemm90tma_q8"])
 
     def dequantize_q8(self, qweight: DeviceBuffer, scales: DeviceBuffer, out: DeviceBuffer, out_scales: DeviceBuffer,
                       N: int, pairs: bool = False) -> None:

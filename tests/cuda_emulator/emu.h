@@ -363,7 +363,7 @@ inline void emu_wgmma_ss(float* d, uint64_t desc_a, uint64_t desc_b, int accumul
     };
     emu_q->wg_open.push_back(std::move(op));
 }
-template <int N>
+template <int N, bool TRANS_B = true>
 inline void emu_wgmma_rs_tb(float* d, const uint32_t (&a)[4], uint64_t desc_b) {
     uint64_t mine[4] = {a[0], a[1], a[2], a[3]};
     emu_publish(mine, 4);
@@ -390,7 +390,8 @@ inline void emu_wgmma_rs_tb(float* d, const uint32_t (&a)[4], uint64_t desc_b) {
             for (int e = 0; e < 4; e++) {
                 const int row = e / 2, col = 8 * j + 2 * (l % 4) + (e % 2);
                 float s = 0.f;
-                for (int k = 0; k < 16; k++) s += A[row * 16 + k] * emu_wgmma_elem_nmajor(desc_b, col, k);
+                for (int k = 0; k < 16; k++)
+                    s += A[row * 16 + k] * (TRANS_B ? emu_wgmma_elem_nmajor(desc_b, col, k) : emu_wgmma_elem(desc_b, col, k));
                 d[4 * j + e] += s;
             }
     };
@@ -401,6 +402,10 @@ inline void wgmma_ss_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b
 }
 inline void wgmma_rs_m64n128k16_tb(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b) { emu_wgmma_rs_tb<128>(d, a, desc_b); }
 inline void wgmma_rs_m64n64k16_tb(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) { emu_wgmma_rs_tb<64>(d, a, desc_b); }
+// gemm_sm90_tma.cu's int8 form: the same A from registers, B K-major (imm-trans-b = 0: element (n, k) as wgmma_m64n256k16's).
+inline void wgmma_rs_m64n256k16(float (&d)[128], const uint32_t (&a)[4], uint64_t desc_b) {
+    emu_wgmma_rs_tb<256, false>(d, a, desc_b);
+}
 // ── Hopper TMA and mbarriers (gemm_sm90_tma.cu; this block is the TMA GEMM's, separate from the wgmma forms) ──
 // mbarrier: a side table keyed by the barrier's shared-window offset, (re)set by mbar_init: the arrivals a phase
 // expects and still waits for, its transaction count (bytes armed by arrive.expect_tx minus bytes of bulk copies
