@@ -18,15 +18,15 @@ cache (so weights come from DRAM, as in a real step), median of several replays.
 - paged prefill of 2048 tokens (one prompt, and 4 × 512): µs and TFLOP/s (causal: the visible keys only) of
   attention.cu's mma.sync kernel and, on sm_90, attention_sm90.cu's wgmma kernel (* = what Kernels.paged_prefill runs);
 - QK-norm + RoPE + append, both variants, at T = 1 … 256; sampling rows (greedy, top-k/top-p) at R = 1, 8, 64;
-- on sm_90, int8 projections at M = 128 … 2048 three ways: bf16, dequantize_q8 + the bf16 GEMM (the old path), and
-  the int8 wgmma kernel that widens in its main loop (gemm_sm90_tma.cu gemm90tma_q8), µs and TFLOP/s;
+- on sm_90, int8 and int4 (g128 asym) projections at M = 128 … 2048: bf16, dequantize_q8/q4 + the bf16 GEMM (the
+  old path), and the wgmma kernels that dequantize in their main loop (gemm_sm90_tma.cu gemm90tma_q8, _q4);
 - quantized projections (gemm_quant.cu) at M = 1, 2, 4, 8, 16, 32, 64 next to bf16 (gemv / planned gemm): int4
   (group 128 symmetric and asymmetric, group 32 asymmetric), int8 on the tensor cores (q8) and the int8 GEMV (M ≤ 4);
   µs and % of copy bandwidth of the bytes each must move (weights + scales + zeros + x + y), and the speed-up of
   int4 g128 over bf16.
 
     python3 benchmarks/bench_kernels.py [--models 1b,7b] [--out DIR] [--quick] [--gemm-only | --quant-only |
-                                        --attention-only | --small-only | --q8-prefill-only] [--random]
+                                        --attention-only | --small-only | --quant-prefill-only] [--random]
 
 Prints one compact table; with --out writes DIR/bench_kernels.json. Finishes in a few minutes on an H200 (--gemm-only: the GEMM tables alone;
 --quant-only: the quantized projections alone, about a minute; --attention-only: the paged prefill alone; --small-only:
@@ -294,14 +294,14 @@ def bench_prefill_gemm(b: Bench, model: str, cfg: dict, rows_list=PREFILL_GEMM_R
     return results
 
 
-Q8_PREFILL_ROWS = (128, 256, 512, 2048)
+QUANT_PREFILL_ROWS = (128, 256, 512, 2048)
 
 
-def bench_q8_prefill(b: Bench, model: str, cfg: dict, rows_list=Q8_PREFILL_ROWS) -> list[dict]:
-    """int8 (pack_q8) projections past 64 rows, sm_90, three ways in one run: "bf16" (the same shape's planned bf16
-    GEMM), "q8 scratch" (dequantize_q8 into a bf16 copy, then the planned GEMM with the row scales: the path before
-    the in-loop kernel), "q8 in-loop" (gemm_q8_tma: widened in the TMA GEMM's main loop, the plan's split count);
-    µs and TFLOP/s (2·M·N·K), the weight copies together larger than the L2."""
+def bench_quant_prefill(b: Bench, model: str, cfg: dict, rows_list=QUANT_PREFILL_ROWS) -> list[dict]:
+    """Packed int8 and int4 (g128 asymmetric) projections past 64 rows, sm_90, in one run: "bf16" (the same shape's
+    planned bf16 GEMM), "q8/q4 scratch" (dequantize_q8/q4 into a bf16 copy, then the planned GEMM: the path before
+    the in-loop kernels), "q8/q4 in-loop" (gemm_q8_tma, gemm_q4_tma: dequantized in the TMA GEMM's main loop, the
+    plan's split count); µs and TFLOP/s (2·M·N·K), the weight copies together larger than the L2."""
     k = b.kernels
     results = []
     for name, (N, Kdim, silu) in projections(cfg).items():
@@ -313,6 +313,8 @@ def bench_q8_prefill(b: Bench, model: str, cfg: dict, rows_list=Q8_PREFILL_ROWS)
         widened, row_scales = b.alloc((N, Kdim), "bf16"), b.alloc((N,), "f32")
         bf = [b.alloc((N, Kdim), "bf16") for _ in range(b.copies(N * Kdim * 2))]
         q8 = [(b.alloc((N, Kdim), "i8"), b.alloc((N,), "f32")) for _ in range(b.copies(N * Kdim))]
+        one = quant_weights(b, N, Kdim, "q4", 128, True)
+        q4 = [one[0]] + [quant_weights(b, N, Kdim, "q4", 128, True)[0] for _ in range(b.copies(one[1]) - 1)]
 
         def gemm(M, w, scales, static, plan):
             if plan.splits == 1:
@@ -322,27 +324,35 @@ def bench_q8_prefill(b: Bench, model: str, cfg: dict, rows_list=Q8_PREFILL_ROWS)
             if silu:
                 k.silu_mul_parts(target, plan.splits, M * N, y, M)
 
-        def in_loop(M, q, s, plan):
+        def in_loop(M, launch, plan):
             if silu and plan.splits == 1:
-                return k.gemm_q8_tma(x, q, s, y, M, N, silu=True)
+                return launch(y, silu=True)
             target = DeviceBuffer(parts.ptr, (plan.splits * M, N), "f32")
-            k.gemm_q8_tma(x, q, s, target, M, N, splits=plan.splits, pairs=silu)
+            launch(target, splits=plan.splits, pairs=silu)
             if silu:
                 k.silu_mul_parts(target, plan.splits, M * N, y, M)
 
-        def scratch(M, q, s, plan):
+        def q8_scratch(M, q, s, plan):
             k.dequantize_q8(q, s, widened, row_scales, N, pairs=silu)
             gemm(M, widened, row_scales, False, plan)
+
+        def q4_scratch(M, w, plan):
+            k.dequantize_q4(*w, widened, N, pairs=silu)
+            gemm(M, widened, None, False, plan)
 
         for M in rows_list:
             plan = k.plan(M, N, Kdim, silu=silu)
             ways = {"bf16": [lambda w=w: gemm(M, w, None, True, plan) for w in bf],
-                    "q8 scratch": [lambda q=q, s=s: scratch(M, q, s, plan) for q, s in q8],
-                    "q8 in-loop": [lambda q=q, s=s: in_loop(M, q, s, plan) for q, s in q8]}
+                    "q8 scratch": [lambda q=q, s=s: q8_scratch(M, q, s, plan) for q, s in q8],
+                    "q8 in-loop": [lambda q=q, s=s: in_loop(M, lambda out, **kw: k.gemm_q8_tma(x, q, s, out, M, N, **kw),
+                                                            plan) for q, s in q8],
+                    "q4 scratch": [lambda w=w: q4_scratch(M, w, plan) for w in q4],
+                    "q4 in-loop": [lambda w=w: in_loop(M, lambda out, **kw: k.gemm_q4_tma(x, *w, out, M, N, **kw), plan)
+                                   for w in q4]}
             for variant, launches in ways.items():
                 us = b.time_us(launches * max(1, 8 // len(launches)))
                 results.append(dict(kind="gemm_prefill", model=model, name=name, N=N, K=Kdim, M=M, variant=variant,
-                                    planned=variant == "q8 in-loop", us=us, tflops=2 * M * N * Kdim / us / 1e6))
+                                    planned=variant.endswith("in-loop"), us=us, tflops=2 * M * N * Kdim / us / 1e6))
         b.free()
     return results
 
@@ -660,8 +670,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer rows and batches (a smoke run)")
     parser.add_argument("--gemm-only", action="store_true", help="the projections and prefill GEMMs only")
     parser.add_argument("--quant-only", action="store_true", help="the quantized projections (int4, int8) only")
-    parser.add_argument("--q8-prefill-only", action="store_true", help="int8 projections past 64 rows only (sm_90): "
-                        "bf16, the dequantize-then-GEMM scratch path and the in-loop int8 wgmma kernel")
+    parser.add_argument("--quant-prefill-only", action="store_true", help="int8/int4 projections past 64 rows only "
+                        "(sm_90): bf16, the dequantize-then-GEMM scratch paths and the in-loop wgmma kernels")
     parser.add_argument("--attention-only", action="store_true", help="the paged prefill attention only")
     parser.add_argument("--small-only", action="store_true", help="the small per-layer kernels only: paged decode "
                         "attention (splits 1, 2 and the planned count at every batch) and qk_norm_rope_append")
@@ -695,17 +705,17 @@ def main() -> int:
                            ("qk_norm_rope_append", lambda: bench_rope(b, model, cfg, ROPE_ROWS))]
             if args.attention_only:
                 stages = [("paged prefill", lambda: bench_prefill(b, model, cfg))]
-            if args.q8_prefill_only:
-                stages = [("int8 prefill GEMM", lambda: bench_q8_prefill(b, model, cfg))]
+            if args.quant_prefill_only:
+                stages = [("quantized prefill GEMM", lambda: bench_quant_prefill(b, model, cfg))]
             elif b.kernels.hopper and not (args.attention_only or args.small_only or args.quick):
-                stages += [("int8 prefill GEMM", lambda: bench_q8_prefill(b, model, cfg))]
+                stages += [("quantized prefill GEMM", lambda: bench_quant_prefill(b, model, cfg))]
             if args.small_only:
                 stages = [("paged decode", lambda: bench_decode(b, model, cfg, bandwidth, DECODE_BATCHES, (1, 2))),
                           ("qk_norm_rope_append", lambda: bench_rope(b, model, cfg, ROPE_ROWS))]
             for stage, run in stages:
                 results += run()
                 print(f"  {model} {stage} done at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-        if not (args.gemm_only or args.quant_only or args.attention_only or args.small_only or args.q8_prefill_only):
+        if not (args.gemm_only or args.quant_only or args.attention_only or args.small_only or args.quant_prefill_only):
             results += bench_sampling(b)
     finally:
         b.close()

@@ -301,6 +301,14 @@ GEMM90T_KERNEL(128)
 //   exact in f32, as in gemm_quant.cu): out = scale·Σ q·x.
 // Fragments are double-buffered in registers: a k-tile's are written while the wgmma of the one before still reads
 // the other set (wgmma_wait<1> retires that one before its registers are rewritten).
+// int4 (pack_q4's layout: a device tile's 64-k chunk is 512 bytes, lane 4g + c's word j rows g and g + 8 at k
+// 32·(j/2) + 8c + 4·(j mod 2) … +3 as nibbles) on the same pipeline: a k-tile of a device tile is one chunk, copied
+// as 4 rows of 128 bytes into the first half of its 1 KB slot. The fragment of lane 4g + c for k16 block b needs word
+// 2·(b/2) + c/2 of the units (g, 2·(b mod 2)) and (g, 2·(b mod 2) + 1): one 32-bit load each (conflict-free: the 8
+// rows g sit in 8 distinct 16-byte bank groups after the swizzle), shifted by 8·(c mod 2) to the k pair of this lane,
+// q − z exactly in bf16 (gemm_quant.cu's trick), then times the group's f16 scale in f32 and rounded to bf16: the
+// weights dequantize_q4 writes, bit for bit, so the result is the scratch path's up to the order of the sums. The
+// group scales and zeros of a k-tile are read from global memory (L1/L2) before the wait for its stage.
 // Plain: C [splits, M, N] f32 partials (columns in the canonical row order: pairs maps the [gate; up] tile rows
 // back); silu (pairs layout, one split): C [M, N/2] bf16 = SiLU(gate)·up, both halves of an output in one thread.
 constexpr int Q8T_TOKENS = 256;  // tokens per tile (the wgmma's n)
@@ -310,8 +318,9 @@ constexpr int Q8T_STAGES = 5;
 struct Q8TConfig {
     static constexpr int CONSUMERS = Q8T_ROWS / 64, THREADS = 128 * (1 + CONSUMERS), STAGES = Q8T_STAGES;
     static constexpr int X_BYTES = Q8T_TOKENS * GEMM90T_BK * 2;  // x box [256][64] bf16
-    static constexpr int W_BYTES = Q8T_ROWS * GEMM90T_BK;        // 8 device tiles × 1 KB
+    static constexpr int W_BYTES = Q8T_ROWS * GEMM90T_BK;        // 8 device tiles × 1 KB (int8: all of it)
     static constexpr int STAGE_BYTES = X_BYTES + W_BYTES;
+    static constexpr int Q4_TILE_BYTES = 16 * GEMM90T_BK / 2;    // int4: a device tile's chunk, 512 bytes of its slot
     static constexpr int SMEM = STAGES * STAGE_BYTES + 1024 + 2 * STAGES * 8;
     static_assert(STAGE_BYTES % 1024 == 0 && SMEM <= 227 * 1024, "1 KB aligned stages, sm_90's shared memory");
 };
@@ -363,9 +372,55 @@ OS_DEVICE void q8t_fragments(uint32_t tile_smem, uint32_t (&f)[4][4]) {
     }
 }
 
-// One k-tile of a consumer warpgroup: its fragments from stage `stage`, then the four wgmma (one commit group).
-OS_DEVICE void q8t_ktile(float (&acc)[128], uint32_t (&f)[4][4], uint32_t stage, int tile_in_unit) {
-    q8t_fragments(stage + Q8TConfig::X_BYTES + 1024 * tile_in_unit, f);
+// An int4 k-tile's group scales (f16 pair: rows g, g + 8) and zero bytes (z_g | z_g8 << 4) of this lane: the groups
+// of k 0 … 31 and 32 … 63 (the same group from G = 64).
+struct Q4TGroups {
+    uint32_t scale[2], zero[2];
+};
+OS_DEVICE Q4TGroups q4t_groups(const uint32_t* __restrict__ scales, const uint8_t* __restrict__ zeros, int tile,
+                               int ktile, int K, int log2g) {
+    const int g = (threadIdx.x & 31) >> 2, groups = K >> log2g;
+    Q4TGroups q;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const size_t at = ((size_t)tile * groups + ((GEMM90T_BK * ktile + 32 * h) >> log2g)) * 8 + g;
+        q.scale[h] = __ldg(scales + at);
+        q.zero[h] = zeros ? (uint32_t)__ldg(zeros + at) : 0x88u;
+    }
+    return q;
+}
+
+// Two bf16 lanes times an f32 scale, rounded once per lane (as dequantize_q4's product and cast).
+OS_DEVICE uint32_t scale_bf16x2(uint32_t p, float s) { return pack_bf16x2(bf16_lo(p) * s, bf16_hi(p) * s); }
+
+// The int4 A fragments of one k-tile's four k16 blocks for the warp's device tile (its chunk at `tile`).
+OS_DEVICE void q4t_fragments(const unsigned char* tile, const Q4TGroups& q, uint32_t (&f)[4][4]) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, line = g >> 1, shift = 8 * (c & 1);
+#pragma unroll
+    for (int b = 0; b < 4; b++) {
+        const float2 s = f16x2_to_float2(q.scale[b >> 1]);
+        const uint32_t zb = q.zero[b >> 1];
+        const uint32_t z_g = 0xC300C300u | ((zb & 15u) * 0x10001u), z_g8 = 0xC300C300u | (((zb >> 4) & 15u) * 0x10001u);
+#pragma unroll
+        for (int hi = 0; hi < 2; hi++) {  // unit c' = 2·(b mod 2) + hi: k 8c' … of the block's half chunk
+            const int unit = 2 * (b & 1) + hi, j = 2 * (b >> 1) + (c >> 1);
+            const int at = 128 * line + 16 * ((4 * (g & 1) + unit) ^ line) + 4 * j;
+            const uint32_t w = *reinterpret_cast<const uint32_t*>(tile + at) >> shift;
+            const uint32_t q_g = fma_bf16x2(and_or(w, 0x000F000Fu, 0x43004300u), 0x3F803F80u, z_g);
+            const uint32_t q_g8 = fma_bf16x2(and_or(w >> 4, 0x000F000Fu, 0x43004300u), 0x3F803F80u, z_g8);
+            f[b][2 * hi] = scale_bf16x2(q_g, s.x);       // row g
+            f[b][2 * hi + 1] = scale_bf16x2(q_g8, s.y);  // row g + 8
+        }
+    }
+}
+
+// One k-tile of a consumer warpgroup: its fragments from stage `stage` (int8, or int4 with its groups), then the
+// four wgmma (one commit group).
+template <bool Q4>
+OS_DEVICE void q8t_ktile(float (&acc)[128], uint32_t (&f)[4][4], uint32_t stage, const unsigned char* stage_ptr,
+                         int tile_in_unit, const Q4TGroups& groups) {
+    if (Q4) q4t_fragments(stage_ptr + Q8TConfig::X_BYTES + 1024 * tile_in_unit, groups, f);
+    else q8t_fragments(stage + Q8TConfig::X_BYTES + 1024 * tile_in_unit, f);
     const uint64_t db = wgmma_desc_tma(stage);
     wgmma_fence();  // the fragment registers written above, before the wgmma read them
 #pragma unroll
@@ -374,12 +429,12 @@ OS_DEVICE void q8t_ktile(float (&acc)[128], uint32_t (&f)[4][4], uint32_t stage,
 }
 
 // The stores of one warp's accumulators: device tile `tile` (rows g, g + 8 of this lane: acc[4j + e] and
-// acc[4j + 2 + e], e = 0, 1, at token token0 + 8j + 2c + e), times the row scales.
+// acc[4j + 2 + e], e = 0, 1, at token token0 + 8j + 2c + e), times the row scales (int8; none: int4).
 template <bool SILU>
 OS_DEVICE void q8t_store(const float (&acc)[128], const float* __restrict__ scales, void* __restrict__ out, int M,
                          int N, int tile, int token0, int z, bool pairs) {
     const int lane = threadIdx.x & 31, g = lane >> 2, c2 = 2 * (lane & 3);
-    const float s_g = scales[16 * tile + g], s_g8 = scales[16 * tile + g + 8];
+    const float s_g = scales ? scales[16 * tile + g] : 1.f, s_g8 = scales ? scales[16 * tile + g + 8] : 1.f;
     if (SILU) {  // rows g, g + 8: gate and up of intermediate 8·tile + g
         const int I = N / 2, col = 8 * tile + g;
         bf16* o = reinterpret_cast<bf16*>(out);
@@ -407,15 +462,20 @@ OS_DEVICE void q8t_store(const float (&acc)[128], const float* __restrict__ scal
 }
 
 // Units: (token tile, 8-tile weight tile, split) in gemm90t_unit's order (token tiles fastest), over M tokens and the
-// Np = 16·tiles device rows.
-template <bool SILU>
+// Np = 16·tiles device rows. Q4: int4 with group scales gscales, zeros (or null) and group size 2^log2g; else int8
+// with the row scales `scales`.
+template <bool SILU, bool Q4>
 OS_DEVICE void q8t_body(const TensorMap* tmX, const TensorMap* tmW, const float* __restrict__ scales,
+                        const uint32_t* __restrict__ gscales, const uint8_t* __restrict__ zeros, int log2g,
                         void* __restrict__ out, int M, int N, int K, int kps, int splits, bool pairs) {
     using C = Q8TConfig;
+    // a device tile's k-tile: int8 8 rows of 128 bytes (K/8 per tile), int4 4 rows (K/16)
+    constexpr int BOX_ROWS = Q4 ? 4 : 8, TX_BYTES = C::X_BYTES + Q8T_ROWS / 16 * BOX_ROWS * 128;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const uint32_t smem0 = (smem_u32(smem_raw) + 1023) & ~1023u;
+    const unsigned char* smem_ptr = smem_raw + (smem0 - smem_u32(smem_raw));
     const uint32_t bars = smem0 + C::STAGES * C::STAGE_BYTES;  // full[s] at bars + 8s, empty[s] at +8·(STAGES + s)
-    const int tiles = (N + 15) / 16, Np = 16 * tiles, lines = K / 8;  // a device tile is K/8 rows of 128 bytes
+    const int tiles = (N + 15) / 16, Np = 16 * tiles, lines = K / (Q4 ? 16 : 8);  // rows of 128 bytes per tile
     const int units = (M + Q8T_TOKENS - 1) / Q8T_TOKENS * ((Np + Q8T_ROWS - 1) / Q8T_ROWS) * splits;
     const int wg = threadIdx.x >> 7;
     if (threadIdx.x == 0) {
@@ -433,10 +493,10 @@ OS_DEVICE void q8t_body(const TensorMap* tmX, const TensorMap* tmW, const float*
         tma_prefetch_map(tmX), tma_prefetch_map(tmW);
         // the weights of the first unit's first stages before the wait (model weights: no kernel writes them)
         auto load_w = [&](uint32_t stage, uint32_t full, const Gemm90TUnit& unit, int i) {
-            mbar_arrive_expect_tx(full, C::STAGE_BYTES);
+            mbar_arrive_expect_tx(full, TX_BYTES);
             for (int t = 0; t < Q8T_ROWS / 16; t++)
                 tma_load_2d(stage + C::X_BYTES + 1024 * t, tmW, full, 0,
-                            (unit.n_tile * (Q8T_ROWS / 16) + t) * lines + 8 * (unit.kbegin + i));
+                            (unit.n_tile * (Q8T_ROWS / 16) + t) * lines + BOX_ROWS * (unit.kbegin + i));
         };
         int early = 0;
         if ((int)blockIdx.x < units) {
@@ -477,10 +537,15 @@ OS_DEVICE void q8t_body(const TensorMap* tmX, const TensorMap* tmW, const float*
 #pragma unroll
         for (int i = 0; i < 128; i++) acc[i] = 0.f;
         int held = -1;  // the stage whose wgmma may still be running
+        const int tile = unit.n_tile * (Q8T_ROWS / 16) + tile_in_unit;
         for (int i = 0; i < unit.kt; i++) {
+            Q4TGroups groups{};  // int4: loaded before the wait, in flight while the stage's copies land
+            if (Q4 && tile < tiles) groups = q4t_groups(gscales, zeros, tile, unit.kbegin + i, K, log2g);
             mbar_wait(bars + 8 * s, phase);
-            if (i & 1) q8t_ktile(acc, fb, smem0 + s * C::STAGE_BYTES, tile_in_unit);
-            else q8t_ktile(acc, fa, smem0 + s * C::STAGE_BYTES, tile_in_unit);
+            const uint32_t stage = smem0 + s * C::STAGE_BYTES;
+            const unsigned char* stage_ptr = smem_ptr + s * C::STAGE_BYTES;
+            if (i & 1) q8t_ktile<Q4>(acc, fb, stage, stage_ptr, tile_in_unit, groups);
+            else q8t_ktile<Q4>(acc, fa, stage, stage_ptr, tile_in_unit, groups);
             wgmma_wait<1>();  // the previous k-tile's wgmma retired: its stage and its fragment set are free
             if (held >= 0) release(held);
             held = s;
@@ -488,13 +553,13 @@ OS_DEVICE void q8t_body(const TensorMap* tmX, const TensorMap* tmW, const float*
         }
         wgmma_wait<0>();
         if (held >= 0) release(held);
-        const int tile = unit.n_tile * (Q8T_ROWS / 16) + tile_in_unit;
         if (tile < tiles) q8t_store<SILU>(acc, scales, out, M, N, tile, unit.m0, unit.z, pairs);
     }
 }
 #else
-template <bool SILU>  // other targets: the entries exist, empty (never launched there)
-OS_DEVICE void q8t_body(const TensorMap*, const TensorMap*, const float*, void*, int, int, int, int, int, bool) {
+template <bool SILU, bool Q4>  // other targets: the entries exist, empty (never launched there)
+OS_DEVICE void q8t_body(const TensorMap*, const TensorMap*, const float*, const uint32_t*, const uint8_t*, int, void*,
+                        int, int, int, int, int, bool) {
     grid_dependency_wait();
 }
 #endif
@@ -508,11 +573,29 @@ extern "C" __global__ void __launch_bounds__(Q8TConfig::THREADS, 1)
     gemm90tma_q8(const __grid_constant__ TensorMap tmX, const __grid_constant__ TensorMap qweight_map,
                  const float* scales, float* C, int M, int N, int K, int ktiles_per_split, int splits, int pairs) {
     grid_dependents_launch();
-    q8t_body<false>(&tmX, &qweight_map, scales, C, M, N, K, ktiles_per_split, splits, pairs != 0);
+    q8t_body<false, false>(&tmX, &qweight_map, scales, nullptr, nullptr, 0, C, M, N, K, ktiles_per_split, splits,
+                           pairs != 0);
 }
 extern "C" __global__ void __launch_bounds__(Q8TConfig::THREADS, 1)
     gemm90tma_q8_silu(const __grid_constant__ TensorMap tmX, const __grid_constant__ TensorMap qweight_map,
                       const float* scales, bf16* C, int M, int N, int K) {
     grid_dependents_launch();
-    q8t_body<true>(&tmX, &qweight_map, scales, C, M, N, K, 1 << 30, 1, true);
+    q8t_body<true, false>(&tmX, &qweight_map, scales, nullptr, nullptr, 0, C, M, N, K, 1 << 30, 1, true);
+}
+// int4 (pack_q4's layout, K % 64 == 0, group size 2^log2g ∈ {32, 64, 128}): qweight_map views the device matrix as
+// [Np·K/256, 64] bf16, box 64 × 4; scales f16 [Np, K/G] and zeros u8 [Np/2, K/G] (or null: symmetric) in pack_q4's
+// order; the rest as the int8 entries (no row scales).
+extern "C" __global__ void __launch_bounds__(Q8TConfig::THREADS, 1)
+    gemm90tma_q4(const __grid_constant__ TensorMap tmX, const __grid_constant__ TensorMap qweight_map,
+                 const uint32_t* scales, const uint8_t* zeros, float* C, int M, int N, int K, int log2g,
+                 int ktiles_per_split, int splits, int pairs) {
+    grid_dependents_launch();
+    q8t_body<false, true>(&tmX, &qweight_map, nullptr, scales, zeros, log2g, C, M, N, K, ktiles_per_split, splits,
+                          pairs != 0);
+}
+extern "C" __global__ void __launch_bounds__(Q8TConfig::THREADS, 1)
+    gemm90tma_q4_silu(const __grid_constant__ TensorMap tmX, const __grid_constant__ TensorMap qweight_map,
+                      const uint32_t* scales, const uint8_t* zeros, bf16* C, int M, int N, int K, int log2g) {
+    grid_dependents_launch();
+    q8t_body<true, true>(&tmX, &qweight_map, nullptr, scales, zeros, log2g, C, M, N, K, 1 << 30, 1, true);
 }

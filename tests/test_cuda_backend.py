@@ -268,9 +268,10 @@ def test_int8_engine_matches_numpy_on_the_same_int8_weights(shape):
 
 @pytest.mark.parametrize("scheme,group,lm_head", [("asym", 128, False), ("sym", 64, True), ("asym", 32, False)])
 def test_int4_engine_matches_numpy_on_the_same_int4_weights(tmp_path, scheme, group, lm_head):
-    """int4 through the GPU's kernels (gemm_q4 up to 64 rows, dequantize_q4 + the bf16 GEMM past them, the SiLU
-    pairs epilogue) against the NumPy reference on the same packed weights: a 24-token and a 100-token prompt,
-    then decode steps. Bound: the bf16 runtime's TOLERANCE (activations are rounded to bf16 the same way)."""
+    """int4 through the GPU's kernels (gemm_q4 up to 64 rows; on sm_90 gemm_q4_tma up to Q4_IN_LOOP_MAX_ROWS;
+    dequantize_q4 + the bf16 GEMM past them; the SiLU pairs epilogue) against the NumPy reference on the same packed
+    weights: a 24-, a 100- and a 300-token prompt, then decode steps. Bound: the bf16 runtime's TOLERANCE
+    (activations are rounded to bf16 the same way)."""
     from olmoscope.convert import Int4Options, convert
     from olmoscope.runtime.engine import open_engine
 
@@ -279,7 +280,7 @@ def test_int4_engine_matches_numpy_on_the_same_int4_weights(tmp_path, scheme, gr
     convert(str(tmp_path / "snapshot"), tmp_path / "m.olmo", dtype="int4",
             int4=Int4Options(group_size=group, scheme=scheme, lm_head=lm_head))
     with open_engine(tmp_path / "m.olmo") as engine:
-        for prompt in (PROMPT_TOKENS, 100):
+        for prompt in (PROMPT_TOKENS, 100, 300):
             tokens = np.random.default_rng(prompt).integers(0, engine.config.vocab_size, prompt + 16)
             with CudaBackend(engine, OPTIONS) as gpu:
                 ours = teacher_forced_logits(gpu, tokens, prompt)

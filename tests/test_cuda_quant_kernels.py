@@ -272,6 +272,43 @@ def test_q8_tma_silu_pairs_gate_and_up(dev, rng, M, ctas):
     assert err <= 1e-5, f"pairs partials: rel err {err:.2e}"
 
 
+# int4 on the same pipeline: every group size, symmetric and asymmetric, against the dequantized matrix rounded to
+# bf16 (the weights the kernel builds are dequantize_q4's, bit for bit; only the order of the f32 sums differs).
+@pytest.mark.parametrize("group,asym", [(32, True), (64, False), (128, True), (128, False)])
+@pytest.mark.parametrize("M,N,Kdim,splits,ctas", [(65, 333, 640, 1, None), (300, 200, 512, 2, 3)])
+def test_q4_tma_matches_numpy(dev, rng, group, asym, M, N, Kdim, splits, ctas):
+    q8_tma_skip(dev)
+    qw, sc, zr, w = q4_case(dev, rng, N, Kdim, group, asym)
+    x = bf16(rng.standard_normal((M, Kdim)))
+    out = dev.poisoned((splits, M + 1, N), "f32")
+    parts = K.DeviceBuffer(out.ptr, (splits * M, N), "f32")
+    dev.kernels.gemm_q4_tma(dev.put(x, "bf16"), qw, sc, zr, parts, M, N, splits=splits, ctas=ctas)
+    got = dev.get(out).reshape(-1, N)
+    err = rel(got[:splits * M].reshape(splits, M, N).sum(axis=0), x @ bf16(w).T)
+    assert err <= 1e-5, f"rel err {err:.2e}"
+    assert np.all(np.isnan(got[splits * M:])), "rows past the partials were written"
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_q4_tma_silu_pairs_gate_and_up(dev, rng, group):
+    q8_tma_skip(dev)
+    M, I, Kdim = 90, 200, 256
+    qw, sc, zr, w = q4_case(dev, rng, 2 * I, Kdim, group, asym=True, pairs=True)
+    x = bf16(rng.standard_normal((M, Kdim)))
+    want = x @ bf16(w).T
+    out = dev.poisoned((M + 1, I), "bf16")
+    dev.kernels.gemm_q4_tma(dev.put(x, "bf16"), qw, sc, zr, out, M, 2 * I, silu=True)
+    got = dev.get(out)
+    gate, up = np.split(want, 2, axis=-1)
+    err = rel(got[:M], silu(gate) * up)
+    assert err <= 1e-2, f"silu: rel err {err:.2e}"
+    assert np.all(np.isnan(got[M:])), "rows past M were written"
+    parts = dev.poisoned((M, 2 * I), "f32")
+    dev.kernels.gemm_q4_tma(dev.put(x, "bf16"), qw, sc, zr, parts, M, 2 * I, pairs=True, ctas=2)
+    err = rel(dev.get(parts), want)
+    assert err <= 1e-5, f"pairs: rel err {err:.2e}"
+
+
 def test_q8_tma_launcher_refuses_bad_shapes(dev, rng):
     q8_tma_skip(dev)
     qw, sc, _ = q8_case(dev, rng, 64, 256)
@@ -288,6 +325,13 @@ def test_q8_tma_launcher_refuses_bad_shapes(dev, rng):
         dev.kernels.gemm_q8_tma(x, qw, sc, dev.poisoned((69, 64), "f32"), 70, 64)
     with pytest.raises(DeviceError, match="CTAs"):
         dev.kernels.gemm_q8_tma(x, qw, sc, y, 70, 64, ctas=dev.kernels.sm_count + 1)
+    q4w, q4s, q4z, _ = q4_case(dev, rng, 64, 256, 64, asym=True)
+    with pytest.raises(DeviceError, match="zeros"):
+        dev.kernels.gemm_q4_tma(x, q4w, q4s, dev.put(np.zeros((64, 4)), "u8"), y, 70, 64)
+    with pytest.raises(DeviceError, match="device matrix"):
+        dev.kernels.gemm_q4_tma(x, q4w, q4s, q4z, y, 70, 40)
+    with pytest.raises(DeviceError, match="input"):
+        dev.kernels.gemm_q4_tma(dev.poisoned((70, 128), "bf16"), q4w, q4s, q4z, y, 70, 64)
 
 
 def test_q8_resident_warps_match_the_loaded_kernels(dev):

@@ -23,8 +23,8 @@ from olmoscope.runtime.backend import Backend, PendingStep, RuntimeOptions, plan
 from olmoscope.runtime.blocks import BLOCK_SIZE
 from olmoscope.runtime.cuda.driver import (ITEMSIZE, CudaGraph, DeviceBuffer, available, cuda, cuda_errors,
                                            free_pinned, gib)
-from olmoscope.runtime.cuda.kernels import (FA_QUERIES, HEAD_DIMS, Q4_MAX_ROWS, TOP_LOGPROBS, Kernels, decode_splits,
-                                            prefill_tiles)
+from olmoscope.runtime.cuda.kernels import (FA_QUERIES, HEAD_DIMS, Q4_IN_LOOP_MAX_ROWS, Q4_MAX_ROWS, TOP_LOGPROBS,
+                                            Kernels, decode_splits, prefill_tiles)
 from olmoscope.runtime.cuda.weights import DeviceWeight, decode_weight_bytes, device_bytes, upload
 from olmoscope.runtime.cuda.workspace import MetaSizes, StepMeta
 from olmoscope.runtime.engine import Engine
@@ -263,7 +263,8 @@ class CudaBackend(Backend):
         if self._quantized:
             matrices = [w for layer in self.weights.layers for w in vars(layer).values()] + [self.weights.lm_head]
             # the matrices _matrix widens past Q4_MAX_ROWS rows (packed int8 on sm_90 is widened in the GEMM instead)
-            quantized = [w for w in matrices if w.data.dtype in ("i8", "u8") and not (w.q8 and self.kernels.q8_in_loop)]
+            in_loop = self.kernels.quant_in_loop
+            quantized = [w for w in matrices if w.data.dtype in ("i8", "u8") and not (in_loop and w.q8)]
             if quantized:
                 self.widened = self._alloc((max(math.prod(w.matrix_shape) for w in quantized),), "bf16")
             if any(w.q8 for w in quantized):  # dequantize_q8 puts the row scales back in row order too
@@ -562,14 +563,20 @@ class CudaBackend(Backend):
             self.kernels.gemm_q8(x, weight.data, weight.scales, y, rows, N, silu=silu)
         return True
 
-    def _q8_in_loop(self, x: DeviceBuffer, weight: DeviceWeight, y: DeviceBuffer, rows: int, splits: int,
-                    silu: bool) -> bool:
-        """Packed int8 past Q4_MAX_ROWS rows on sm_90: gemm_q8_tma (widened in the wgmma main loop, no scratch) with
-        the plan's split count (the workspace is sized for it): whether it ran."""
-        if not (weight.q8 and self.kernels.q8_in_loop):
+    def _quant_in_loop(self, x: DeviceBuffer, weight: DeviceWeight, y: DeviceBuffer, rows: int, splits: int,
+                       silu: bool) -> bool:
+        """Packed int8 past Q4_MAX_ROWS rows, int4 up to Q4_IN_LOOP_MAX_ROWS, on sm_90: gemm_q8_tma / gemm_q4_tma
+        (dequantized in the wgmma main loop, no scratch) with the plan's split count (the workspace is sized for it):
+        whether it ran."""
+        if not (self.kernels.quant_in_loop and (weight.q8 or (weight.int4 and rows <= Q4_IN_LOOP_MAX_ROWS))):
             return False
-        self.kernels.gemm_q8_tma(x, weight.data, weight.scales, y, rows, weight.matrix_shape[0], silu=silu,
-                                 splits=splits, pairs=weight.pairs)
+        N = weight.matrix_shape[0]
+        if weight.q8:
+            self.kernels.gemm_q8_tma(x, weight.data, weight.scales, y, rows, N, silu=silu, splits=splits,
+                                     pairs=weight.pairs)
+        else:
+            self.kernels.gemm_q4_tma(x, weight.data, weight.scales, weight.zeros, y, rows, N, silu=silu, splits=splits,
+                                     pairs=weight.pairs)
         return True
 
     def _linear(self, x: DeviceBuffer, weight: DeviceWeight, rows: int, out: DeviceBuffer | None = None,
@@ -586,7 +593,7 @@ class CudaBackend(Backend):
             return y, 1, rows * N
         splits = plan.splits if can_split else 1
         y = out.rows(0, rows) if out is not None else DeviceBuffer(self.proj.ptr, (splits * rows, N), "f32")
-        if not self._q8_in_loop(x, weight, y, rows, splits, silu=False):
+        if not self._quant_in_loop(x, weight, y, rows, splits, silu=False):
             self._gemm(x, weight, y, rows, splits=splits, bm=plan.bm, variant=plan.variant)
         return y, splits, rows * N
 
@@ -603,11 +610,11 @@ class CudaBackend(Backend):
             self.kernels.gemv(weight.data, weight.scales, x, act, rows, silu=True)
             return
         if plan.splits == 1:
-            if not self._q8_in_loop(x, weight, act, rows, 1, silu=True):
+            if not self._quant_in_loop(x, weight, act, rows, 1, silu=True):
                 self._gemm(x, weight, act, rows, silu=True, bm=plan.bm, variant=plan.variant)
             return
         parts = DeviceBuffer(self.proj.ptr, (plan.splits * rows, N), "f32")
-        if not self._q8_in_loop(x, weight, parts, rows, plan.splits, silu=False):
+        if not self._quant_in_loop(x, weight, parts, rows, plan.splits, silu=False):
             self._gemm(x, weight, parts, rows, splits=plan.splits, bm=plan.bm, variant=plan.variant)
         self.kernels.silu_mul_parts(parts, plan.splits, rows * N, act, rows)
 

@@ -176,9 +176,15 @@ ATTENTION_HOPPER = os.environ.get("OLMOSCOPE_ATTENTION_HOPPER", "1") != "0"
 # The TMA-fed wgmma kernels (gemm_sm90_tma.cu) in the Hopper regimes where gemm_plan's rule takes them; with
 # OLMOSCOPE_GEMM_TMA=0 those regimes run gemm_sm90.cu's cp.async kernels as before.
 GEMM_TMA = os.environ.get("OLMOSCOPE_GEMM_TMA", "1") != "0"
-# int8 (pack_q8) projections past 64 rows on sm_90: widened in the TMA GEMM's main loop (gemm_sm90_tma.cu gemm90tma_q8)
-# unless OLMOSCOPE_GEMM_Q8_TMA=0, which keeps the scratch path (dequantize_q8 into a bf16 copy, then the bf16 GEMM).
-GEMM_Q8_TMA = os.environ.get("OLMOSCOPE_GEMM_Q8_TMA", "1") != "0"
+# Packed int8 and int4 projections past 64 rows on sm_90: dequantized in the TMA GEMM's main loop (gemm_sm90_tma.cu
+# gemm90tma_q8, gemm90tma_q4) unless OLMOSCOPE_GEMM_QUANT_TMA=0, which keeps the scratch path (dequantize_q8 or
+# dequantize_q4 into a bf16 copy, then the bf16 GEMM).
+GEMM_QUANT_TMA = os.environ.get("OLMOSCOPE_GEMM_QUANT_TMA", "1") != "0"
+# int4 in the main loop up to this many rows, the scratch path beyond: the in-loop kernel spends ~5 ALU operations per
+# weight pair on the f32 group scale, so past ~512 rows its consumers, not the tensor cores, set the pace (H200,
+# bench_kernels.py --quant-prefill-only, 2026-12-04: a 7B layer's four projections at M = 256 272 µs in the loop
+# against 353 through the scratch, 514 against 524 at 512, 1435 against 1251 at 2048; int8 wins at every M).
+Q4_IN_LOOP_MAX_ROWS = 256
 
 # Host-side planning knobs (not in any .cu file).
 GEMM_MIN_KTILES_PER_SPLIT = 4  # a split-K share streams at least this many k-tiles
@@ -324,6 +330,8 @@ SIGNATURES = {
     **{f"gemm90tma_bf16_silu_bm{bm}": ("gemm_sm90_tma.cu", MAP_FORMAT * 3 + "PPiiii") for bm in GEMM90T_TILES},
     "gemm90tma_q8": ("gemm_sm90_tma.cu", MAP_FORMAT * 2 + "PPiiiiii"),
     "gemm90tma_q8_silu": ("gemm_sm90_tma.cu", MAP_FORMAT * 2 + "PPiii"),
+    "gemm90tma_q4": ("gemm_sm90_tma.cu", MAP_FORMAT * 2 + "PPPiiiiiii"),
+    "gemm90tma_q4_silu": ("gemm_sm90_tma.cu", MAP_FORMAT * 2 + "PPPiiii"),
     **{f"gemm_v1_bf16_bm{bm}": ("gemm_v1.cu", "PPPPiiiii") for bm in GEMM_V1_TILES},
     **{f"gemm_v1_bf16_silu_bm{bm}": ("gemm_v1.cu", "PPPPiiii") for bm in GEMM_V1_TILES},
     "silu_mul_parts": ("gemm.cu", "PiqPii"),
@@ -635,7 +643,8 @@ def kernel_smem(hopper: bool = False) -> dict[str, int]:
             smem[f"paged_prefill90_d{d}"] = prefill90_smem(d)
         for bm, tile in GEMM90T_TILES.items():
             smem[f"gemm90tma_bf16_bm{bm}"] = smem[f"gemm90tma_bf16_silu_bm{bm}"] = tile.smem
-        smem["gemm90tma_q8"] = smem["gemm90tma_q8_silu"] = q8t_smem()
+        for kind in ("q8", "q4"):
+            smem[f"gemm90tma_{kind}"] = smem[f"gemm90tma_{kind}_silu"] = q8t_smem()
     for bm, tile in GEMM_TILES.items():
         smem[f"gemm_bf16_bm{bm}"] = smem[f"gemm_bf16_silu_bm{bm}"] = tile.smem
     for bm, tile in GEMM_V1_TILES.items():
@@ -863,9 +872,10 @@ class Kernels:
                          tma=hopper and GEMM_TMA)
 
     @property
-    def q8_in_loop(self) -> bool:
-        """Whether int8 projections past 64 rows run gemm_q8_tma here (sm_90, GEMM_HOPPER, GEMM_TMA, GEMM_Q8_TMA)."""
-        return self.hopper and GEMM_HOPPER and GEMM_TMA and GEMM_Q8_TMA
+    def quant_in_loop(self) -> bool:
+        """Whether packed int8/int4 projections past 64 rows run gemm_q8_tma / gemm_q4_tma here (sm_90 with
+        GEMM_HOPPER, GEMM_TMA and GEMM_QUANT_TMA on)."""
+        return self.hopper and GEMM_HOPPER and GEMM_TMA and GEMM_QUANT_TMA
 
     def workspace(self, shapes, max_rows: int, int8: bool = False) -> int:
         """gemm_workspace under this GPU's plan (Kernels.plan): f32 elements of projection output or partials."""
@@ -1242,41 +1252,59 @@ class Kernels:
         one split): y [≥rows, N/2] bf16 = SiLU(gate)·up. A persistent grid of `ctas` CTAs (default one per
         multiprocessor), never more than the work units."""
         _check_count("gemm_q8_tma", rows)
-        if not self.hopper:
-            raise DeviceError(f"gemm_q8_tma: the wgmma kernels need an sm_90 GPU, this is {self.arch}")
         if len(qweight.shape) != 2:
             raise DeviceError(f"gemm_q8_tma: qweight {list(qweight.shape)} (a matrix)")
         Np, K = qweight.shape
         if not 1 <= N or math.ceil(N / Q4_TILE_ROWS) * Q4_TILE_ROWS != Np or K % Q8_CHUNK:
             raise DeviceError(f"gemm_q8_tma: {N} rows in a device matrix of {Np} × {K} (⌈N/16⌉·16, K % {Q8_CHUNK} == 0)")
-        if (silu or pairs) and N % 16:
-            raise DeviceError(f"gemm_q8_tma: N = {N} is not 2·I with I a multiple of 8 (pairs layout)")
         _expect(qweight, "gemm_q8_tma qweight", "i8", (Np, K))
         _expect(scales, "gemm_q8_tma scales", "f32", (Np,))
-        _expect(x, "gemm_q8_tma input", "bf16", (rows, K), min_rows=rows)
+        w_map = self.tensor_maps.bf16(qweight.ptr, Np * K // 128, 64, 8)  # 128-byte rows: a tile's k-tile is 8
+        self._quant_tma("q8", (scales.ptr,), w_map, x, y, rows, N, K, silu, splits, pairs, ctas)
+
+    def gemm_q4_tma(self, x: DeviceBuffer, qweight: DeviceBuffer, scales: DeviceBuffer, zeros: DeviceBuffer | None,
+                    y: DeviceBuffer, rows: int, N: int, silu: bool = False, splits: int = 1, pairs: bool = False,
+                    ctas: int | None = None) -> None:
+        """gemm_q8_tma for W int4 in the device layout (pack_q4: qweight u8 [Np, K/2], scales f16 [Np, K/G], zeros
+        u8 [Np/2, K/G] or None), dequantized in the main loop to bf16((q − z)·s), dequantize_q4's weights."""
+        _check_count("gemm_q4_tma", rows)
+        K, group = self._q4_shapes("gemm_q4_tma", qweight, scales, zeros, N)
+        Np = qweight.shape[0]
+        w_map = self.tensor_maps.bf16(qweight.ptr, Np * K // 256, 64, 4)  # 128-byte rows: a tile's k-tile is 4
+        self._quant_tma("q4", (scales.ptr, _ptr(zeros)), w_map, x, y, rows, N, K, silu, splits, pairs, ctas,
+                        log2g=group.bit_length() - 1)
+
+    def _quant_tma(self, kind: str, weight_args: tuple, w_map: bytes, x: DeviceBuffer, y: DeviceBuffer, rows: int,
+                   N: int, K: int, silu: bool, splits: int, pairs: bool, ctas: int | None, log2g: int | None = None):
+        """The launch of gemm_sm90_tma.cu's int8/int4 kernels after their weights were checked: x, y, splits, CTAs."""
+        what = f"gemm_{kind}_tma"
+        if not self.hopper:
+            raise DeviceError(f"{what}: the wgmma kernels need an sm_90 GPU, this is {self.arch}")
+        if (silu or pairs) and N % 16:
+            raise DeviceError(f"{what}: N = {N} is not 2·I with I a multiple of 8 (pairs layout)")
+        _expect(x, f"{what} input", "bf16", (rows, K), min_rows=rows)
         ktiles = math.ceil(K / GEMM90T_BK)
         if silu:
             if splits != 1:
-                raise DeviceError(f"gemm_q8_tma silu: {splits} splits (one)")
-            _expect(y, "gemm_q8_tma silu output", "bf16", (rows, N // 2), min_rows=rows)
+                raise DeviceError(f"{what} silu: {splits} splits (one)")
+            _expect(y, f"{what} silu output", "bf16", (rows, N // 2), min_rows=rows)
         else:
             if not 1 <= splits <= min(ktiles, 64):
-                raise DeviceError(f"gemm_q8_tma: {splits} splits (1 … {min(ktiles, 64)})")
-            _expect_elements(y, "gemm_q8_tma output", "f32", splits * rows * N, last_dim=N)
+                raise DeviceError(f"{what}: {splits} splits (1 … {min(ktiles, 64)})")
+            _expect_elements(y, f"{what} output", "f32", splits * rows * N, last_dim=N)
         if ctas is not None and not 1 <= ctas <= self.sm_count:
-            raise DeviceError(f"gemm_q8_tma: {ctas} CTAs (1 … {self.sm_count})")
-        maps = self.tensor_maps
-        x_map = maps.bf16(x.ptr, rows, K, Q8T_TOKENS)
-        w_map = maps.bf16(qweight.ptr, Np * K // 128, 64, 8)  # [Np·K/128 rows of 128 bytes], a device tile's 1 KB box
+            raise DeviceError(f"{what}: {ctas} CTAs (1 … {self.sm_count})")
+        x_map = self.tensor_maps.bf16(x.ptr, rows, K, Q8T_TOKENS)
+        Np = math.ceil(N / Q4_TILE_ROWS) * Q4_TILE_ROWS
         units = math.ceil(rows / Q8T_TOKENS) * math.ceil(Np / Q8T_ROWS) * splits
-        grid = (min(units, ctas or self.sm_count),)
-        block = (128 * (1 + Q8T_ROWS // 64), 1, 1)
+        grid, block = (min(units, ctas or self.sm_count),), (128 * (1 + Q8T_ROWS // 64), 1, 1)
+        group = () if log2g is None else (log2g,)
+        name = f"gemm90tma_{kind}{'_silu' if silu else ''}"
         if silu:
-            self.launch("gemm90tma_q8_silu", grid, block, x_map, w_map, scales.ptr, y.ptr, rows, N, K,
-                        smem=self.smem["gemm90tma_q8_silu"])
+            self.launch(name, grid, block, x_map, w_map, *weight_args, y.ptr, rows, N, K, *group, smem=self.smem[name])
         else:
-            self.launch("gemm90tma_q8", grid, block, x_map, w_map, scales.ptr, y.ptr, rows, N, K,
-                        math.ceil(ktiles / splits), splits, int(pairs), smem=self.smem["gemm90tma_q8"])
+            self.launch(name, grid, block, x_map, w_map, *weight_args, y.ptr, rows, N, K, *group,
+                        math.ceil(ktiles / splits), splits, int(pairs), smem=self.smem[name])
 
     def dequantize_q8(self, qweight: DeviceBuffer, scales: DeviceBuffer, out: DeviceBuffer, out_scales: DeviceBuffer,
                       N: int, pairs: bool = False) -> None:
