@@ -1,6 +1,7 @@
 // Hopper projection GEMM fed by the Tensor Memory Accelerator (sm_90a: TMA bulk tensor copies, mbarriers, wgmma):
 // C = A·Wᵀ, A [M, K] bf16 activations, W [N, K] bf16 weights, f32 accumulation. gemm_sm90.cu's tiles and epilogues,
-// with the copies taken off the math warps:
+// with the copies taken off the math warps (and, at the end of the file, the same pipeline for packed int8 and int4
+// weights, dequantized in the main loop):
 //
 //   warpgroup 0 (producer): one thread issues the TMA copies of each k-tile into a ring of STAGES shared-memory stages
 //     (A's box of BM rows × 64 columns, W's two boxes of 128 rows × 64), arming the stage's `full` mbarrier with the
@@ -444,7 +445,8 @@ OS_DEVICE void q8t_store(const float (&acc)[128], const float* __restrict__ scal
             for (int e = 0; e < 2; e++) {
                 const int token = token0 + 8 * j + c2 + e;
                 if (token < M)
-                    o[(size_t)token * I + col] = __float2bfloat16(silu(acc[4 * j + e] * s_g) * (acc[4 * j + 2 + e] * s_g8));
+                    o[(size_t)token * I + col] =
+                        __float2bfloat16(silu(acc[4 * j + e] * s_g) * (acc[4 * j + 2 + e] * s_g8));
             }
         return;
     }
@@ -565,8 +567,8 @@ OS_DEVICE void q8t_body(const TensorMap*, const TensorMap*, const float*, const 
 #endif
 
 // Grid: (min(units, multiprocessors)), units = ⌈M/256⌉ · ⌈Np/128⌉ · splits; block: 384 threads; dynamic shared
-// memory Q8TConfig::SMEM. tmX: x [M, K] bf16, box 64 × 256; qweight_map: the device matrix (pack_q8, Np = ⌈N/16⌉·16 rows,
-// K % 32 == 0) viewed as [Np·K/128, 64] bf16, box 64 × 8; scales [Np] f32 (pack_q8's order). Plain: split z covers
+// memory Q8TConfig::SMEM. tmX: x [M, K] bf16, box 64 × 256; qweight_map: the device matrix (pack_q8,
+// Np = ⌈N/16⌉·16 rows, K % 32 == 0) viewed as [Np·K/128, 64] bf16, box 64 × 8; scales [Np] f32 (pack_q8's order). Plain: split z covers
 // k-tiles [z·kps, …) into C + z·M·N (C [splits, M, N] f32, columns in canonical order; pairs: a [gate; up] matrix
 // packed with pairs=True); silu (pairs=True packing, N = 2I): C [M, I] bf16 = SiLU(x·gateᵀ)·(x·upᵀ).
 extern "C" __global__ void __launch_bounds__(Q8TConfig::THREADS, 1)
