@@ -1214,19 +1214,25 @@ class Kernels:
             raise DeviceError(f"gemv_q4: {rows} rows (1 … {GEMV_MAX_ROWS}; more go to gemm_q4)")
         self.gemm_q4(x, qweight, scales, zeros, y, rows, N, silu=silu, split=split)
 
+    def _q8_shapes(self, what: str, qweight: DeviceBuffer, scales: DeviceBuffer, N: int) -> tuple[int, int]:
+        """(Np, K) after checking an int8 matrix of N rows in the device layout: qweight i8 [Np, K], scales f32 [Np],
+        Np = ⌈N/16⌉·16, K % 32 == 0."""
+        if len(qweight.shape) != 2:
+            raise DeviceError(f"{what}: qweight {list(qweight.shape)} (a matrix)")
+        Np, K = qweight.shape
+        if not 1 <= N or math.ceil(N / Q4_TILE_ROWS) * Q4_TILE_ROWS != Np or K % Q8_CHUNK:
+            raise DeviceError(f"{what}: {N} rows in a device matrix of {Np} × {K} (⌈N/16⌉·16, K % {Q8_CHUNK} == 0)")
+        _expect(qweight, f"{what} qweight", "i8", (Np, K))
+        _expect(scales, f"{what} scales", "f32", (Np,))
+        return Np, K
+
     def gemm_q8(self, x: DeviceBuffer, qweight: DeviceBuffer, scales: DeviceBuffer, y: DeviceBuffer, rows: int,
                 N: int, silu: bool = False, split: int | None = None) -> None:
         """y = x·Wᵀ for 1 … 64 rows with W int8 in the device layout (pack_q8; silu: pairs=True), row scales f32:
         qweight i8 [Np, K] (Np = ⌈N/16⌉·16, K % 32 == 0), scales f32 [Np]; x [≥rows, K] bf16; y [≥rows, N] f32, or
         silu [≥rows, N/2] bf16. No workspace."""
         _check_count("gemm_q8", rows)
-        if len(qweight.shape) != 2:
-            raise DeviceError(f"gemm_q8: qweight {list(qweight.shape)} (a matrix)")
-        Np, K = qweight.shape
-        if not 1 <= N or math.ceil(N / Q4_TILE_ROWS) * Q4_TILE_ROWS != Np or K % Q8_CHUNK:
-            raise DeviceError(f"gemm_q8: {N} rows in a device matrix of {Np} × {K} (⌈N/16⌉·16, K % {Q8_CHUNK} == 0)")
-        _expect(qweight, "gemm_q8 qweight", "i8", (Np, K))
-        _expect(scales, "gemm_q8 scales", "f32", (Np,))
+        Np, K = self._q8_shapes("gemm_q8", qweight, scales, N)
         nt = q4_tiles(rows)
         _expect(x, "gemm_q8 input", "bf16", (rows, K), min_rows=rows)
         if silu:
@@ -1252,13 +1258,7 @@ class Kernels:
         one split): y [≥rows, N/2] bf16 = SiLU(gate)·up. A persistent grid of `ctas` CTAs (default one per
         multiprocessor), never more than the work units."""
         _check_count("gemm_q8_tma", rows)
-        if len(qweight.shape) != 2:
-            raise DeviceError(f"gemm_q8_tma: qweight {list(qweight.shape)} (a matrix)")
-        Np, K = qweight.shape
-        if not 1 <= N or math.ceil(N / Q4_TILE_ROWS) * Q4_TILE_ROWS != Np or K % Q8_CHUNK:
-            raise DeviceError(f"gemm_q8_tma: {N} rows in a device matrix of {Np} × {K} (⌈N/16⌉·16, K % {Q8_CHUNK} == 0)")
-        _expect(qweight, "gemm_q8_tma qweight", "i8", (Np, K))
-        _expect(scales, "gemm_q8_tma scales", "f32", (Np,))
+        Np, K = self._q8_shapes("gemm_q8_tma", qweight, scales, N)
         w_map = self.tensor_maps.bf16(qweight.ptr, Np * K // 128, 64, 8)  # 128-byte rows: a tile's k-tile is 8
         self._quant_tma("q8", (scales.ptr,), w_map, x, y, rows, N, K, silu, splits, pairs, ctas)
 
