@@ -26,11 +26,12 @@ cache (so weights come from DRAM, as in a real step), median of several replays.
   int4 g128 over bf16.
 
     python3 benchmarks/bench_kernels.py [--models 1b,7b] [--out DIR] [--quick] [--gemm-only | --quant-only |
-                                        --attention-only | --small-only | --quant-prefill-only] [--random]
+                                        --attention-only | --small-only | --quant-prefill-only |
+                                        --prefill-gemm-only] [--random]
 
 Prints one compact table; with --out writes DIR/bench_kernels.json. Finishes in a few minutes on an H200 (--gemm-only: the GEMM tables alone;
 --quant-only: the quantized projections alone, about a minute; --attention-only: the paged prefill alone; --small-only:
-paged decode and QK-norm + RoPE alone).
+paged decode and QK-norm + RoPE alone; --prefill-gemm-only: the bf16 prefill GEMMs at M = 512 and 2048 alone).
 """
 
 from __future__ import annotations
@@ -672,6 +673,8 @@ def main() -> int:
     parser.add_argument("--quant-only", action="store_true", help="the quantized projections (int4, int8) only")
     parser.add_argument("--quant-prefill-only", action="store_true", help="int8/int4 projections past 64 rows only "
                         "(sm_90): bf16, the dequantize-then-GEMM scratch paths and the in-loop wgmma kernels")
+    parser.add_argument("--prefill-gemm-only", action="store_true", help="the bf16 prefill GEMMs (M = 512, 2048) "
+                        "only")
     parser.add_argument("--attention-only", action="store_true", help="the paged prefill attention only")
     parser.add_argument("--small-only", action="store_true", help="the small per-layer kernels only: paged decode "
                         "attention (splits 1, 2 and the planned count at every batch) and qk_norm_rope_append")
@@ -707,7 +710,10 @@ def main() -> int:
                 stages = [("paged prefill", lambda: bench_prefill(b, model, cfg))]
             if args.quant_prefill_only:
                 stages = [("quantized prefill GEMM", lambda: bench_quant_prefill(b, model, cfg))]
-            elif b.kernels.hopper and not (args.attention_only or args.small_only or args.quick):
+            elif args.prefill_gemm_only:
+                stages = [("prefill GEMM", lambda: bench_prefill_gemm(b, model, cfg))]
+            elif b.kernels.hopper and not (args.attention_only or args.small_only or args.quick or
+                                           args.prefill_gemm_only):
                 stages += [("quantized prefill GEMM", lambda: bench_quant_prefill(b, model, cfg))]
             if args.small_only:
                 stages = [("paged decode", lambda: bench_decode(b, model, cfg, bandwidth, DECODE_BATCHES, (1, 2))),
@@ -715,7 +721,8 @@ def main() -> int:
             for stage, run in stages:
                 results += run()
                 print(f"  {model} {stage} done at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-        if not (args.gemm_only or args.quant_only or args.attention_only or args.small_only or args.quant_prefill_only):
+        if not (args.gemm_only or args.quant_only or args.attention_only or args.small_only or args.quant_prefill_only
+                or args.prefill_gemm_only):
             results += bench_sampling(b)
     finally:
         b.close()

@@ -52,34 +52,14 @@ struct Fa90Layout {
 constexpr float FA90_LOG2E = 1.4426950408889634f;
 
 #if !defined(OS_EMULATE_SM90)
-// The two wgmma forms used here (the emulator has its own, emu.h). S (+)= Q·Kᵀ: D[64 × 128] f32, A and B K-major bf16
-// from descriptors. O += P·V: D[64 × N] f32, A = P from four bf16x2 registers, B N-major (imm-trans-b = 1).
-#define FA90_D8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
-                   "+f"(d[i + 6]), "+f"(d[i + 7])
-#define FA90_D32(i) FA90_D8(i), FA90_D8(i + 8), FA90_D8(i + 16), FA90_D8(i + 24)
-
-OS_DEVICE void wgmma_ss_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-        "%64, %65, p, 1, 1, 0, 0;\n}\n"
-        : FA90_D32(0), FA90_D32(32)
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-}
-
+// The register-A wgmma forms used here (the emulator has its own, emu.h; S (+)= Q·Kᵀ is common.cuh's
+// wgmma_ss_m64n128k16). O += P·V: D[64 × N] f32, A = P from four bf16x2 registers, B N-major (imm-trans-b = 1).
 OS_DEVICE void wgmma_rs_m64n128k16_tb(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b) {
     asm volatile(
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "{" WGMMA_D64 "}, "
         "{%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
-        : FA90_D32(0), FA90_D32(32)
+        : WGMMA_D64_OPERANDS(d)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
 }
 
@@ -89,7 +69,7 @@ OS_DEVICE void wgmma_rs_m64n64k16_tb(float (&d)[32], const uint32_t (&a)[4], uin
         "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
         "{%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"
-        : FA90_D32(0)
+        : WGMMA_D32(d, 0)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
 }
 #endif

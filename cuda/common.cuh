@@ -208,13 +208,16 @@ OS_DEVICE void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta
 
 // ── Hopper (sm_90a) warpgroup MMA: asynchronous, operands from shared memory through matrix descriptors ──
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// The 128 f32 accumulators of an m64n256 wgmma: the asm operand list "%0, … %127" and their read-write constraints
-// (the smem-smem form below and gemm_sm90_tma.cu's register-A form).
-#define WGMMA_D128                                                                                                  \
+// The f32 accumulators of an m64n128 (64 per thread) and an m64n256 wgmma (128): the asm operand lists "%0, … %63"
+// and "%0, … %127", and their read-write constraints (the forms below, gemm_sm90_tma.cu's register-A form and
+// attention_sm90.cu's).
+#define WGMMA_D64                                                                                                   \
     "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                                      \
     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "                            \
     "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                            \
-    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "                            \
+    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define WGMMA_D128                                                                                                  \
+    WGMMA_D64 ", "                                                                                                  \
     "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "                            \
     "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "                            \
     "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "                \
@@ -222,7 +225,8 @@ OS_DEVICE void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta
 #define WGMMA_D8(d, i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
                        "+f"(d[i + 6]), "+f"(d[i + 7])
 #define WGMMA_D32(d, i) WGMMA_D8(d, i), WGMMA_D8(d, i + 8), WGMMA_D8(d, i + 16), WGMMA_D8(d, i + 24)
-#define WGMMA_D128_OPERANDS(d) WGMMA_D32(d, 0), WGMMA_D32(d, 32), WGMMA_D32(d, 64), WGMMA_D32(d, 96)
+#define WGMMA_D64_OPERANDS(d) WGMMA_D32(d, 0), WGMMA_D32(d, 32)
+#define WGMMA_D128_OPERANDS(d) WGMMA_D64_OPERANDS(d), WGMMA_D32(d, 64), WGMMA_D32(d, 96)
 
 // D[64 × 256] (+)= A[64 × 16]·B[256 × 16]ᵀ for one warpgroup (f32 accumulators, 128 per thread), A and B K-major
 // bf16 in shared memory, given by their matrix descriptors; accumulate = 0 overwrites D. Asynchronous: the result is
@@ -235,6 +239,17 @@ OS_DEVICE void wgmma_m64n256k16(float (&d)[128], uint64_t desc_a, uint64_t desc_
         WGMMA_D128 "}, "
         "%128, %129, p, 1, 1, 0, 0;\n}\n"
         : WGMMA_D128_OPERANDS(d)
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+// The same for D[64 × 128] (64 accumulators per thread).
+OS_DEVICE void wgmma_ss_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{" WGMMA_D64 "}, "
+        "%64, %65, p, 1, 1, 0, 0;\n}\n"
+        : WGMMA_D64_OPERANDS(d)
         : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 

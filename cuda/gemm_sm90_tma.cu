@@ -31,6 +31,7 @@
 #include "common.cuh"
 
 constexpr int GEMM90T_BN = 256, GEMM90T_BK = 64, GEMM90T_WBOX = 128;  // tile columns, k-tile, rows of one W box
+constexpr int GEMM90T_GATE_BOX = 64;  // silu: rows of one gate (or up) box, two per tile, one per half tile
 constexpr int GEMM90T_BM128_STAGES = 4, GEMM90T_BM64_STAGES = 5;
 constexpr int GEMM90T_PRODUCER_REGS = 40, GEMM90T_CONSUMER_REGS = 232;  // setmaxnreg (bm128: 128·40 + 256·232 ≤ 64 K)
 
@@ -80,9 +81,11 @@ OS_DEVICE uint64_t wgmma_desc_tma(uint32_t addr) {
            ((uint64_t)1 << 62);
 }
 
-// One work unit: tile t (BM rows of M × BN of N) of the M-tile-fastest order, split z's k-tiles [kbegin, kbegin + kt).
+// One work unit: tile t (BM rows of M × BN of N) of the M-tile-fastest order, split z's k-tiles [kbegin, kbegin + kt),
+// all of the tile's columns (half < 0) or one half of them (half 0 or 1: gemm90t_schedule).
 struct Gemm90TUnit {
     int m0, n_tile, kbegin, kt, z;
+    int half = -1;
 };
 template <int BM, int BN>
 OS_DEVICE Gemm90TUnit gemm90t_unit(int u, int M, int N, int K, int kps) {
@@ -92,31 +95,64 @@ OS_DEVICE Gemm90TUnit gemm90t_unit(int u, int M, int N, int K, int kps) {
     return {(t % m_tiles) * BM, t / m_tiles, kbegin, min(ktiles, kbegin + kps) - kbegin, z};
 }
 
-// Arm stage `stage`'s full barrier `full` with the whole stage's bytes and issue k-tile i's W boxes of `unit` (A's
-// box, issued apart, completes the same phase). plain: rows n0 … n0 + 255 of W; silu: gate and up rows n_tile·128 …
-// + 127 (two maps).
+// The bf16 kernels' schedule: gemm90t_unit's units, except that a last round of r ≤ gridDim.x / 2 tiles (one split,
+// tiles mod grid = r) goes as 2r half-width units, one per CTA: that round then takes about half a tile's time where
+// a whole tile's would leave the other multiprocessors idle (7B gate_up at 2048 tokens: 1376 tiles, 10 rounds of 132
+// and one of 56). Units [0, full) are whole tiles, [full, units) the halves, tile full + (u − full)/2.
+struct Gemm90TSchedule {
+    int full, units;
+};
+template <int BM>
+OS_DEVICE Gemm90TSchedule gemm90t_schedule(int M, int N, int splits) {
+    const int tiles = (M + BM - 1) / BM * ((N + GEMM90T_BN - 1) / GEMM90T_BN), last = tiles % (int)gridDim.x;
+    if (splits == 1 && last > 0 && 2 * last <= (int)gridDim.x) return {tiles - last, tiles + last};
+    return {tiles * splits, tiles * splits};
+}
+template <int BM>
+OS_DEVICE Gemm90TUnit gemm90t_unit_of(int u, const Gemm90TSchedule& schedule, int M, int N, int K, int kps) {
+    if (u < schedule.full) return gemm90t_unit<BM, GEMM90T_BN>(u, M, N, K, kps);
+    Gemm90TUnit unit = gemm90t_unit<BM, GEMM90T_BN>(schedule.full + (u - schedule.full) / 2, M, N, K, kps);
+    unit.half = (u - schedule.full) & 1;
+    return unit;
+}
+
+// Arm stage `stage`'s full barrier `full` with the stage's bytes and issue k-tile i's W boxes of `unit` (A's box,
+// issued apart, completes the same phase). plain: rows n0 … n0 + 255 of W in boxes of 128 (a half tile: one box);
+// silu: gate rows n_tile·128 … + 127, then the same up rows (two maps), in boxes of 64 (a half tile: one of each), so
+// the gate and up rows of a tile or a half always lie together as one wgmma B operand.
 template <class C, bool SILU_PAIR>
 OS_DEVICE void gemm90t_load_w(uint32_t stage, uint32_t full, const TensorMap* tmW0, const TensorMap* tmW1,
                               const Gemm90TUnit& unit, int i) {
-    const int w0 = unit.n_tile * (SILU_PAIR ? GEMM90T_WBOX : GEMM90T_BN), w1 = w0 + (SILU_PAIR ? 0 : GEMM90T_WBOX);
-    const int k = (unit.kbegin + i) * GEMM90T_BK;
-    mbar_arrive_expect_tx(full, C::STAGE_BYTES);
-    tma_load_2d(stage + C::A_BYTES, tmW0, full, k, w0);
-    tma_load_2d(stage + C::A_BYTES + GEMM90T_WBOX * 128, tmW1, full, k, w1);
+    const int k = (unit.kbegin + i) * GEMM90T_BK, half = unit.half;
+    const uint32_t w = stage + C::A_BYTES;
+    if (SILU_PAIR) {
+        const int rows = half < 0 ? GEMM90T_WBOX : GEMM90T_GATE_BOX;  // of gate, and as many of up
+        const int r0 = unit.n_tile * GEMM90T_WBOX + (half < 0 ? 0 : GEMM90T_GATE_BOX * half);
+        mbar_arrive_expect_tx(full, C::A_BYTES + 2 * rows * 128);
+        for (int b = 0; b < rows; b += GEMM90T_GATE_BOX) {
+            tma_load_2d(w + b * 128, tmW0, full, k, r0 + b);
+            tma_load_2d(w + (rows + b) * 128, tmW1, full, k, r0 + b);
+        }
+    } else {
+        const int boxes = half < 0 ? 2 : 1, r0 = unit.n_tile * GEMM90T_BN + GEMM90T_WBOX * max(half, 0);
+        mbar_arrive_expect_tx(full, C::A_BYTES + boxes * GEMM90T_WBOX * 128);
+        for (int b = 0; b < boxes; b++) tma_load_2d(w + b * GEMM90T_WBOX * 128, tmW0, full, k, r0 + b * GEMM90T_WBOX);
+    }
 }
 
 // The stores of one unit's accumulators (warpgroup rows m0 + 64·cw …; layout as gemm_sm90.cu's: warp w holds rows
-// 16w … 16w + 15, acc[4j + e] at row 16w + lane/4 + 8·(e/2), column 8j + 2·(lane mod 4) + (e mod 2)).
-template <bool SILU_PAIR>
-OS_DEVICE void gemm90t_store(const float (&acc)[128], const float* __restrict__ scales, void* __restrict__ out,
-                             int M, int N, int row0, int n_tile, int z) {
+// 16w … 16w + 15, acc[4j + e] at row 16w + lane/4 + 8·(e/2), column 8j + 2·(lane mod 4) + (e mod 2)), COLS output
+// columns from col0 (plain: 256, a half tile 128; silu: 128 gate columns then as many up, a half tile 64).
+template <bool SILU_PAIR, int COLS>
+OS_DEVICE void gemm90t_store(const float (&acc)[SILU_PAIR ? COLS : COLS / 2], const float* __restrict__ scales,
+                             void* __restrict__ out, int M, int N, int row0, int col0, int z) {
     const int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) & 3, g = lane >> 2, c2 = 2 * (lane & 3);
-    if (SILU_PAIR) {  // columns 0 … 127 gate, 128 … 255 up, output column n_tile·128 + (column mod 128)
+    if (SILU_PAIR) {  // accumulator columns 0 … COLS − 1 gate, COLS … 2·COLS − 1 up, output column col0 + (column mod COLS)
         const int I = N / 2;
         bf16* o = reinterpret_cast<bf16*>(out);
 #pragma unroll
-        for (int j = 0; j < GEMM90T_WBOX / 8; j++) {
-            const int col = n_tile * GEMM90T_WBOX + 8 * j + c2;
+        for (int j = 0; j < COLS / 8; j++) {
+            const int col = col0 + 8 * j + c2;
             if (col >= I) continue;
             float sg0 = 1.f, sg1 = 1.f, su0 = 1.f, su1 = 1.f;
             if (scales) {
@@ -127,7 +163,7 @@ OS_DEVICE void gemm90t_store(const float (&acc)[128], const float* __restrict__ 
             for (int half = 0; half < 2; half++) {
                 const int row = row0 + 16 * w + g + 8 * half;
                 if (row >= M) continue;
-                const int e = 4 * j + 2 * half, eu = e + 4 * (GEMM90T_WBOX / 8);
+                const int e = 4 * j + 2 * half, eu = e + 4 * (COLS / 8);
                 const float v0 = silu(acc[e] * sg0) * (acc[eu] * su0);
                 const float v1 = silu(acc[e + 1] * sg1) * (acc[eu + 1] * su1);
                 bf16* p = o + (size_t)row * I + col;
@@ -143,8 +179,8 @@ OS_DEVICE void gemm90t_store(const float (&acc)[128], const float* __restrict__ 
     }
     float* Cf = reinterpret_cast<float*>(out) + (size_t)z * M * N;
 #pragma unroll
-    for (int j = 0; j < GEMM90T_BN / 8; j++) {
-        const int col = n_tile * GEMM90T_BN + 8 * j + c2;
+    for (int j = 0; j < COLS / 8; j++) {
+        const int col = col0 + 8 * j + c2;
         if (col >= N) continue;
         float s0 = 1.f, s1 = 1.f;
         if (scales) s0 = scales[col], s1 = scales[min(col + 1, N - 1)];
@@ -164,6 +200,42 @@ OS_DEVICE void gemm90t_store(const float (&acc)[128], const float* __restrict__ 
     }
 }
 
+// One unit's main loop on a consumer warpgroup (rows 64·cw … of the stage's A box): the wgmma of each k-tile on
+// B's first WN rows (a whole tile's 256, a half tile's 128) into acc, zeroed first; the stages go back to the producer
+// as their wgmma retire (wgmma_wait<1>: the wgmma of one k-tile runs while the next one's copies are waited for).
+template <class C, int WN>
+OS_DEVICE void gemm90t_consume(float (&acc)[WN / 2], int kt, uint32_t smem0, uint32_t bars, int cw, int& s,
+                               int& phase) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int i = 0; i < WN / 2; i++) acc[i] = 0.f;
+    int held = -1;  // the stage whose wgmma may still be running
+    for (int i = 0; i < kt; i++) {
+        mbar_wait(bars + 8 * s, phase);
+        const uint32_t stage = smem0 + s * C::STAGE_BYTES;
+        const uint64_t da = wgmma_desc_tma(stage + cw * 64 * 128), db = wgmma_desc_tma(stage + C::A_BYTES);
+        wgmma_fence();
+#pragma unroll
+        for (int j = 0; j < GEMM90T_BK / 16; j++) {
+            if constexpr (WN == 256) wgmma_m64n256k16(acc, da + 2 * j, db + 2 * j, 1);
+            else wgmma_ss_m64n128k16(acc, da + 2 * j, db + 2 * j, 1);
+        }
+        wgmma_commit();
+        wgmma_wait<1>();
+        if (held >= 0) {
+            __syncwarp();
+            if (lane == 0) mbar_arrive(bars + 8 * (C::STAGES + held));
+        }
+        held = s;
+        if (++s == C::STAGES) s = 0, phase ^= 1;
+    }
+    wgmma_wait<0>();
+    if (held >= 0) {
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bars + 8 * (C::STAGES + held));
+    }
+}
+
 template <class C, bool SILU_PAIR>
 OS_DEVICE void gemm90t_body(const TensorMap* tmA, const TensorMap* tmW0, const TensorMap* tmW1,
                             const float* __restrict__ scales, void* __restrict__ out, int M, int N, int K, int kps,
@@ -171,8 +243,8 @@ OS_DEVICE void gemm90t_body(const TensorMap* tmA, const TensorMap* tmW0, const T
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const uint32_t smem0 = (smem_u32(smem_raw) + 1023) & ~1023u;
     const uint32_t bars = smem0 + C::STAGES * C::STAGE_BYTES;  // full[s] at bars + 8s, empty[s] at +8·(STAGES + s)
-    const int units = (M + C::BM - 1) / C::BM * ((N + GEMM90T_BN - 1) / GEMM90T_BN) * splits;
-    const int wg = threadIdx.x >> 7;
+    const Gemm90TSchedule schedule = gemm90t_schedule<C::BM>(M, N, splits);
+    const int units = schedule.units, wg = threadIdx.x >> 7;
     if (threadIdx.x == 0) {
         for (int s = 0; s < C::STAGES; s++) {
             mbar_init(bars + 8 * s, 1);                                   // the producer's arrive (+ the bytes)
@@ -190,7 +262,7 @@ OS_DEVICE void gemm90t_body(const TensorMap* tmA, const TensorMap* tmW0, const T
         // streaming while the previous kernel drains; their A boxes follow it.
         int early = 0;
         if (w_early && (int)blockIdx.x < units) {
-            const Gemm90TUnit unit = gemm90t_unit<C::BM, GEMM90T_BN>(blockIdx.x, M, N, K, kps);
+            const Gemm90TUnit unit = gemm90t_unit_of<C::BM>(blockIdx.x, schedule, M, N, K, kps);
             early = min(unit.kt, C::STAGES);
             for (int i = 0; i < early; i++)
                 gemm90t_load_w<C, SILU_PAIR>(smem0 + i * C::STAGE_BYTES, bars + 8 * i, tmW0, tmW1, unit, i);
@@ -198,7 +270,7 @@ OS_DEVICE void gemm90t_body(const TensorMap* tmA, const TensorMap* tmW0, const T
         grid_dependency_wait();
         int s = 0, phase = 0;
         for (int u = blockIdx.x; u < units; u += gridDim.x) {
-            const Gemm90TUnit unit = gemm90t_unit<C::BM, GEMM90T_BN>(u, M, N, K, kps);
+            const Gemm90TUnit unit = gemm90t_unit_of<C::BM>(u, schedule, M, N, K, kps);
             for (int i = 0; i < unit.kt; i++) {
                 const uint32_t full = bars + 8 * s, stage = smem0 + s * C::STAGE_BYTES;
                 if (u != (int)blockIdx.x || i >= early) {
@@ -215,36 +287,21 @@ OS_DEVICE void gemm90t_body(const TensorMap* tmA, const TensorMap* tmW0, const T
     // ── consumers: warpgroup cw = wg − 1 computes rows 64·cw … + 63 of each tile ──
     if constexpr (C::CONSUMERS > 1) setmaxnreg_inc<GEMM90T_CONSUMER_REGS>();
     grid_dependency_wait();  // before the stores (the previous kernel may still read the output buffer)
-    const int cw = wg - 1, lane = threadIdx.x & 31;
+    const int cw = wg - 1;
     int s = 0, phase = 0;
-    float acc[128];
+    constexpr int COLS = SILU_PAIR ? GEMM90T_WBOX : GEMM90T_BN;  // output columns of a whole tile
     for (int u = blockIdx.x; u < units; u += gridDim.x) {
-        const Gemm90TUnit unit = gemm90t_unit<C::BM, GEMM90T_BN>(u, M, N, K, kps);
-#pragma unroll
-        for (int i = 0; i < 128; i++) acc[i] = 0.f;
-        int held = -1;  // the stage whose wgmma may still be running
-        for (int i = 0; i < unit.kt; i++) {
-            mbar_wait(bars + 8 * s, phase);
-            const uint32_t stage = smem0 + s * C::STAGE_BYTES;
-            const uint64_t da = wgmma_desc_tma(stage + cw * 64 * 128), db = wgmma_desc_tma(stage + C::A_BYTES);
-            wgmma_fence();
-#pragma unroll
-            for (int j = 0; j < GEMM90T_BK / 16; j++) wgmma_m64n256k16(acc, da + 2 * j, db + 2 * j, 1);
-            wgmma_commit();
-            wgmma_wait<1>();  // the previous k-tile's wgmma retired: its stage goes back to the producer
-            if (held >= 0) {
-                __syncwarp();
-                if (lane == 0) mbar_arrive(bars + 8 * (C::STAGES + held));
-            }
-            held = s;
-            if (++s == C::STAGES) s = 0, phase ^= 1;
+        const Gemm90TUnit unit = gemm90t_unit_of<C::BM>(u, schedule, M, N, K, kps);
+        const int row0 = unit.m0 + 64 * cw, col0 = unit.n_tile * COLS;
+        if (unit.half < 0) {
+            float acc[128];
+            gemm90t_consume<C, GEMM90T_BN>(acc, unit.kt, smem0, bars, cw, s, phase);
+            gemm90t_store<SILU_PAIR, COLS>(acc, scales, out, M, N, row0, col0, unit.z);
+        } else {  // a half tile: 128 columns of B, half the accumulators
+            float acc[64];
+            gemm90t_consume<C, GEMM90T_BN / 2>(acc, unit.kt, smem0, bars, cw, s, phase);
+            gemm90t_store<SILU_PAIR, COLS / 2>(acc, scales, out, M, N, row0, col0 + COLS / 2 * unit.half, unit.z);
         }
-        wgmma_wait<0>();
-        if (held >= 0) {
-            __syncwarp();
-            if (lane == 0) mbar_arrive(bars + 8 * (C::STAGES + held));
-        }
-        gemm90t_store<SILU_PAIR>(acc, scales, out, M, N, unit.m0 + 64 * cw, unit.n_tile, unit.z);
     }
 }
 #endif
@@ -252,7 +309,7 @@ OS_DEVICE void gemm90t_body(const TensorMap* tmA, const TensorMap* tmW0, const T
 // Grid: (min(units, multiprocessors)), units = ceil(M / BM) · ceil(N / 256) · splits; block: Gemm90TConfig::THREADS
 // (384 for bm128, 256 for bm64); dynamic shared memory Gemm90TConfig::SMEM. Tensor maps (bf16, 128-byte swizzle):
 // A [M, K] box 64 × BM; plain: W0 = W1 = W [N, K] box 64 × 128; silu: W0 = gate [N/2, K], W1 = up [N/2, K] (rows
-// N/2 … of W), box 64 × 128. scales [N] f32 or null. Plain: split z covers k-tiles [z·kps, min((z+1)·kps,
+// N/2 … of W), box 64 × 64 (GEMM90T_GATE_BOX). The grid sets the schedule (gemm90t_schedule). scales [N] f32 or null. Plain: split z covers k-tiles [z·kps, min((z+1)·kps,
 // ceil(K / 64))) and writes its partial sum to C + z·M·N (C [splits, M, N] f32; an empty split writes zeros). Silu:
 // one split, C [M, N/2] bf16 = SiLU(A·gateᵀ)·(A·upᵀ).
 // w_early: 1 when no kernel writes W (the model's weights): its first stages are copied before the grid dependency
@@ -307,9 +364,10 @@ GEMM90T_KERNEL(128)
 // as 4 rows of 128 bytes into the first half of its 1 KB slot. The fragment of lane 4g + c for k16 block b needs word
 // 2·(b/2) + c/2 of the units (g, 2·(b mod 2)) and (g, 2·(b mod 2) + 1): one 32-bit load each (conflict-free: the 8
 // rows g sit in 8 distinct 16-byte bank groups after the swizzle), shifted by 8·(c mod 2) to the k pair of this lane,
-// q − z exactly in bf16 (gemm_quant.cu's trick), then times the group's f16 scale in f32 and rounded to bf16: the
-// weights dequantize_q4 writes, bit for bit, so the result is the scratch path's up to the order of the sums. The
-// group scales and zeros of a k-tile are read from global memory (L1/L2) before the wait for its stage.
+// q − z exactly in bf16 (gemm_quant.cu's trick), then times the group's f16 scale split in two bf16 parts and
+// rounded once (q4t_weight): the weights dequantize_q4 writes, bit for bit, so the result is the scratch path's up
+// to the order of the sums. The group scales and zeros of a k-tile are read from global memory (L1/L2) before the
+// wait for its stage.
 // Plain: C [splits, M, N] f32 partials (columns in the canonical row order: pairs maps the [gate; up] tile rows
 // back); silu (pairs layout, one split): C [M, N/2] bf16 = SiLU(gate)·up, both halves of an output in one thread.
 constexpr int Q8T_TOKENS = 256;  // tokens per tile (the wgmma's n)
@@ -362,10 +420,29 @@ OS_DEVICE void q8t_fragments(uint32_t tile_smem, uint32_t (&f)[4][4]) {
     }
 }
 
+// An int4 group scale s (f16, exact in f32) as two bf16 parts, s_hi = bf16(s) and s_lo = s − s_hi (at most 3
+// significant bits, exact): then for an integer d = q − z (|d| ≤ 15) the bf16 product d·s rounds once as
+// fma(d, s_hi, d·s_lo), since d·s_lo is exact in bf16 (≤ 7 bits) and the fused add sees d·s exactly. That is
+// dequantize_q4's weight (the f32 product rounded to bf16) bit for bit, in two bf16x2 operations per register
+// instead of widening both lanes to f32, scaling and packing them again (five): the int4 consumers' main cost.
+struct Q4TScale {
+    uint32_t hi_g, lo_g, hi_g8, lo_g8;  // s_hi, s_lo of rows g and g + 8, each in both bf16 lanes
+    uint32_t z_g, z_g8;                 // −(128 + z) of rows g and g + 8 in both lanes
+};
+OS_DEVICE Q4TScale q4t_scale(uint32_t scale, uint32_t zb) {
+    const float2 s = f16x2_to_float2(scale);
+    const uint32_t hi = pack_bf16x2(s.x, s.y), lo = pack_bf16x2(s.x - bf16_lo(hi), s.y - bf16_hi(hi));
+    return {__byte_perm(hi, 0, 0x1010), __byte_perm(lo, 0, 0x1010), __byte_perm(hi, 0, 0x3232),
+            __byte_perm(lo, 0, 0x3232), 0xC300C300u | ((zb & 15u) * 0x10001u),
+            0xC300C300u | (((zb >> 4) & 15u) * 0x10001u)};
+}
+
 // An int4 k-tile's group scales (f16 pair: rows g, g + 8) and zero bytes (z_g | z_g8 << 4) of this lane: the groups
-// of k 0 … 31 and 32 … 63 (the same group from G = 64).
+// of k 0 … 31 and 32 … 63 (the same group from G = 64 on, then scaled once). Loaded before the wait for the stage
+// and used after it, so the loads are in flight while the copies land.
 struct Q4TGroups {
     uint32_t scale[2], zero[2];
+    bool one;  // G ≥ 64: one group per k-tile
 };
 OS_DEVICE Q4TGroups q4t_groups(const uint32_t* __restrict__ scales, const uint8_t* __restrict__ zeros, int tile,
                                int ktile, int K, int log2g) {
@@ -377,29 +454,32 @@ OS_DEVICE Q4TGroups q4t_groups(const uint32_t* __restrict__ scales, const uint8_
         q.scale[h] = __ldg(scales + at);
         q.zero[h] = zeros ? (uint32_t)__ldg(zeros + at) : 0x88u;
     }
+    q.one = log2g > 5;
     return q;
 }
 
-// Two bf16 lanes times an f32 scale, rounded once per lane (as dequantize_q4's product and cast).
-OS_DEVICE uint32_t scale_bf16x2(uint32_t p, float s) { return pack_bf16x2(bf16_lo(p) * s, bf16_hi(p) * s); }
+// One bf16x2 A register of an int4 row: nibbles (k, k + 1) of w → d = q − z exactly (gemm_quant.cu's trick) → d·s.
+OS_DEVICE uint32_t q4t_weight(uint32_t w, uint32_t z, uint32_t hi, uint32_t lo) {
+    constexpr uint32_t NEG_ZERO = 0x80008000u;  // −0 + p = p for every p, −0 included: an exact product stays exact
+    const uint32_t d = fma_bf16x2(and_or(w, 0x000F000Fu, 0x43004300u), 0x3F803F80u, z);
+    return fma_bf16x2(d, hi, fma_bf16x2(d, lo, NEG_ZERO));
+}
 
 // The int4 A fragments of one k-tile's four k16 blocks for the warp's device tile (its chunk at `tile`).
 OS_DEVICE void q4t_fragments(const unsigned char* tile, const Q4TGroups& q, uint32_t (&f)[4][4]) {
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, line = g >> 1, shift = 8 * (c & 1);
+    const Q4TScale s0 = q4t_scale(q.scale[0], q.zero[0]);
+    const Q4TScale s1 = q.one ? s0 : q4t_scale(q.scale[1], q.zero[1]);
 #pragma unroll
     for (int b = 0; b < 4; b++) {
-        const float2 s = f16x2_to_float2(q.scale[b >> 1]);
-        const uint32_t zb = q.zero[b >> 1];
-        const uint32_t z_g = 0xC300C300u | ((zb & 15u) * 0x10001u), z_g8 = 0xC300C300u | (((zb >> 4) & 15u) * 0x10001u);
+        const Q4TScale& s = b < 2 ? s0 : s1;
 #pragma unroll
         for (int hi = 0; hi < 2; hi++) {  // unit c' = 2·(b mod 2) + hi: k 8c' … of the block's half chunk
             const int unit = 2 * (b & 1) + hi, j = 2 * (b >> 1) + (c >> 1);
             const int at = 128 * line + 16 * ((4 * (g & 1) + unit) ^ line) + 4 * j;
             const uint32_t w = *reinterpret_cast<const uint32_t*>(tile + at) >> shift;
-            const uint32_t q_g = fma_bf16x2(and_or(w, 0x000F000Fu, 0x43004300u), 0x3F803F80u, z_g);
-            const uint32_t q_g8 = fma_bf16x2(and_or(w >> 4, 0x000F000Fu, 0x43004300u), 0x3F803F80u, z_g8);
-            f[b][2 * hi] = scale_bf16x2(q_g, s.x);       // row g
-            f[b][2 * hi + 1] = scale_bf16x2(q_g8, s.y);  // row g + 8
+            f[b][2 * hi] = q4t_weight(w, s.z_g, s.hi_g, s.lo_g);             // row g
+            f[b][2 * hi + 1] = q4t_weight(w >> 4, s.z_g8, s.hi_g8, s.lo_g8);  // row g + 8
         }
     }
 }

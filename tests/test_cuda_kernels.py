@@ -615,6 +615,32 @@ def test_gemm_tma_persistent_ctas_walk_every_unit(dev, rng, bm, ctas):
     assert err <= 1e-2, f"bm {bm}, {ctas} CTAs, silu: rel err {err:.2e}"
 
 
+# A last round of at most half the grid runs as half tiles (gemm90t_schedule): 6 tiles on 4 CTAs (bm128) and 9 on 6
+# (bm64) leave 2 and 3 tiles for 4 and 6 half units, all in the last column tile. N = 700: its first half whole and
+# its second partial (plain: columns 640 … 699; silu: gate columns 320 … 349 of I = 350); N = 600: the first half
+# partial and the second wholly past N.
+@pytest.mark.parametrize("N", [700, 600])
+@pytest.mark.parametrize("bm,ctas", [(128, 4), (64, 6)])
+def test_gemm_tma_last_round_as_half_tiles(dev, rng, bm, ctas, N):
+    if not dev.kernels.hopper:
+        pytest.skip("the TMA GEMM needs an sm_90 GPU (or the emulator)")
+    M, Kdim = 150, 64 * 5 + 24
+    a, w = bf16(rng.standard_normal((M, Kdim))), bf16(rng.standard_normal((N, Kdim)) / 8)
+    c = dev.poisoned((M + 1, N), "f32")
+    dev.kernels.gemm(dev.put(a, "bf16"), dev.put(w, "bf16"), None, c, M, bm=bm, variant="tma", ctas=ctas)
+    got = dev.get(c)
+    err = rel(got[:M], a @ w.T)
+    assert err <= 1e-5, f"bm {bm}, {ctas} CTAs: rel err {err:.2e}"
+    assert np.all(np.isnan(got[M:])), "rows past M were written"
+    out = dev.poisoned((M + 1, N // 2), "bf16")
+    dev.kernels.gemm(dev.put(a, "bf16"), dev.put(w, "bf16"), None, out, M, silu=True, bm=bm, variant="tma", ctas=ctas)
+    gate, up = np.split(a @ w.T, 2, axis=-1)
+    got = dev.get(out)
+    err = rel(got[:M], silu(gate) * up)
+    assert err <= 1e-2, f"bm {bm}, {ctas} CTAs, silu: rel err {err:.2e}"
+    assert np.all(np.isnan(got[M:])), "silu: rows past M were written"
+
+
 def test_gemm_tma_encodes_each_tensor_map_once(dev, rng):
     if not dev.kernels.hopper:
         pytest.skip("the TMA GEMM needs an sm_90 GPU (not emulated)")

@@ -289,6 +289,26 @@ def test_q4_tma_matches_numpy(dev, rng, group, asym, M, N, Kdim, splits, ctas):
     assert np.all(np.isnan(got[splits * M:])), "rows past the partials were written"
 
 
+
+@pytest.mark.parametrize("group,asym", [(32, True), (64, True), (128, False)])
+def test_q4_tma_weights_are_dequantize_q4s_bit_for_bit(dev, rng, group, asym):
+    """x = the identity, so output row k is column k of the weights the kernel built, each times 1 alone in its sum:
+    they must equal bf16(dequantize_q4) exactly, for scales over f16's whole range (subnormals too), where the bf16
+    split of the scale (s_hi + s_lo) is what keeps the single rounding."""
+    q8_tma_skip(dev)
+    N, Kdim = 40, 256
+    qweight, _, zeros, _ = random_q4(rng, N, Kdim, group, asym)
+    scales = (10.0 ** rng.uniform(-7.5, 4.5, (N, Kdim // group)) * rng.choice([-1, 1], (N, Kdim // group)))
+    scales = scales.astype(np.float16)
+    want = bf16(dequantize_q4(qweight, scales, zeros))
+    qw, sc, zr = upload(dev, pack_q4(qweight, scales, zeros))
+    out = dev.poisoned((Kdim, N), "f32")
+    dev.kernels.gemm_q4_tma(dev.put(np.eye(Kdim), "bf16"), qw, sc, zr, out, Kdim, N)
+    got = dev.get(out).T
+    wrong = np.count_nonzero(got != want)
+    assert wrong == 0, f"{wrong} of {want.size} weights differ from dequantize_q4's bf16 (max |Δ| " \
+                       f"{np.max(np.abs(got - want)):.3g})"
+
 @pytest.mark.parametrize("group", [32, 128])
 def test_q4_tma_silu_pairs_gate_and_up(dev, rng, group):
     q8_tma_skip(dev)

@@ -59,6 +59,7 @@ GEMM90_BM64_STAGES = 5  # gemm_sm90.cu bm64 (skinny M: decode batches)
 GEMM90T_BN = 256  # gemm_sm90_tma.cu (TMA + mbarrier pipeline): tile columns, k-tile, rows of one W box, stages
 GEMM90T_BK = 64
 GEMM90T_WBOX = 128
+GEMM90T_GATE_BOX = 64  # silu: rows of one gate (or up) box
 GEMM90T_BM128_STAGES = 4
 GEMM90T_BM64_STAGES = 5
 Q8T_TOKENS, Q8T_ROWS, Q8T_STAGES = 256, 128, 5  # gemm_sm90_tma.cu's int8 kernel: tokens × weight rows per tile, stages
@@ -129,8 +130,9 @@ MIRRORED = {
     "GEMM_LARGE_STAGES": ("gemm.cu", "GEMM_LARGE_STAGES"),
     **{name: ("gemm_sm90.cu", name) for name in ("GEMM90_BM", "GEMM90_BN", "GEMM90_BK", "GEMM90_STAGES",
                                                  "GEMM90_THREADS", "GEMM90_BM64_STAGES")},
-    **{name: ("gemm_sm90_tma.cu", name) for name in ("GEMM90T_BN", "GEMM90T_BK", "GEMM90T_WBOX", "GEMM90T_BM128_STAGES",
-                                                     "GEMM90T_BM64_STAGES", "Q8T_TOKENS", "Q8T_ROWS", "Q8T_STAGES")},
+    **{name: ("gemm_sm90_tma.cu", name) for name in ("GEMM90T_BN", "GEMM90T_BK", "GEMM90T_WBOX", "GEMM90T_GATE_BOX",
+                                                     "GEMM90T_BM128_STAGES", "GEMM90T_BM64_STAGES", "Q8T_TOKENS",
+                                                     "Q8T_ROWS", "Q8T_STAGES")},
     **{name: ("gemm_v1.cu", name) for name in ("GEMM_V1_BN", "GEMM_V1_PAD", "GEMM_V1_LARGE_BK", "GEMM_V1_LARGE_STAGES",
                                                "GEMM_V1_LARGE_THREADS", "GEMM_V1_SMALL_BK", "GEMM_V1_SMALL_STAGES",
                                                "GEMM_V1_SMALL_THREADS")},
@@ -1120,9 +1122,10 @@ class Kernels:
 
     def _gemm_tma(self, a: DeviceBuffer, weight: DeviceBuffer, scales: DeviceBuffer | None, c: DeviceBuffer,
                   rows: int, silu: bool, splits: int, bm: int, ctas: int | None, static_weights: bool) -> None:
-        """gemm_sm90_tma.cu (shapes checked by gemm): A's map [rows, K] in boxes of bm rows; W's two maps of 128-row
-        boxes (W itself twice, or its gate and up halves); a persistent grid of `ctas` CTAs (default one per
-        multiprocessor), never more than the work units (tiles × splits)."""
+        """gemm_sm90_tma.cu (shapes checked by gemm): A's map [rows, K] in boxes of bm rows; W's two maps (W itself
+        twice in 128-row boxes, or its gate and up halves in 64-row boxes); a persistent grid of `ctas` CTAs (default
+        one per multiprocessor), never more than the tiles × splits (a last round of at most half the grid runs as
+        half tiles: gemm90t_schedule)."""
         N, K = weight.shape
         if ctas is not None and not 1 <= ctas <= self.sm_count:
             raise DeviceError(f"gemm tma: {ctas} CTAs (1 … {self.sm_count})")
@@ -1130,8 +1133,8 @@ class Kernels:
         a_map = maps.bf16(a.ptr, rows, K, bm)
         if silu:
             half = N // 2
-            w_maps = (maps.bf16(weight.ptr, half, K, GEMM90T_WBOX), maps.bf16(weight.ptr + half * K * 2, half, K,
-                                                                             GEMM90T_WBOX))
+            w_maps = (maps.bf16(weight.ptr, half, K, GEMM90T_GATE_BOX),
+                      maps.bf16(weight.ptr + half * K * 2, half, K, GEMM90T_GATE_BOX))
         else:
             w_maps = (maps.bf16(weight.ptr, N, K, GEMM90T_WBOX),) * 2
         units = math.ceil(rows / bm) * math.ceil(N / GEMM90T_BN) * splits
