@@ -95,23 +95,29 @@ OS_DEVICE Gemm90TUnit gemm90t_unit(int u, int M, int N, int K, int kps) {
     return {(t % m_tiles) * BM, t / m_tiles, kbegin, min(ktiles, kbegin + kps) - kbegin, z};
 }
 
-// The bf16 kernels' schedule: gemm90t_unit's units, except that a last round of r ≤ gridDim.x / 2 tiles (one split,
-// tiles mod grid = r) goes as 2r half-width units, one per CTA: that round then takes about half a tile's time where
-// a whole tile's would leave the other multiprocessors idle (7B gate_up at 2048 tokens: 1376 tiles, 10 rounds of 132
-// and one of 56). Units [0, full) are whole tiles, [full, units) the halves, tile full + (u − full)/2.
+// The schedule of gemm90t_unit's units: a last round of r ≤ gridDim.x / 2 tiles (one split, tiles mod grid = r) goes
+// as 2r half-width units, one per CTA: that round then takes about half a tile's time where a whole tile's would
+// leave the other multiprocessors idle (7B gate_up at 2048 tokens: 1376 tiles, 10 rounds of 132 and one of 56).
+// Units [0, full) are whole tiles, [full, units) the halves, tile full + (u − full)/2. narrow: every unit is the
+// first half of its tile (the int8/int4 kernels' tiles for at most 128 tokens: their second half would be empty).
 struct Gemm90TSchedule {
     int full, units;
+    bool narrow;
 };
-template <int BM>
-OS_DEVICE Gemm90TSchedule gemm90t_schedule(int M, int N, int splits) {
-    const int tiles = (M + BM - 1) / BM * ((N + GEMM90T_BN - 1) / GEMM90T_BN), last = tiles % (int)gridDim.x;
-    if (splits == 1 && last > 0 && 2 * last <= (int)gridDim.x) return {tiles - last, tiles + last};
-    return {tiles * splits, tiles * splits};
+OS_DEVICE Gemm90TSchedule gemm90t_schedule(int tiles, int splits, bool narrow = false) {
+    const int last = tiles % (int)gridDim.x;
+    if (narrow) return {0, tiles * splits, true};
+    if (splits == 1 && last > 0 && 2 * last <= (int)gridDim.x) return {tiles - last, tiles + last, false};
+    return {tiles * splits, tiles * splits, false};
 }
-template <int BM>
+template <int BM, int BN>
 OS_DEVICE Gemm90TUnit gemm90t_unit_of(int u, const Gemm90TSchedule& schedule, int M, int N, int K, int kps) {
-    if (u < schedule.full) return gemm90t_unit<BM, GEMM90T_BN>(u, M, N, K, kps);
-    Gemm90TUnit unit = gemm90t_unit<BM, GEMM90T_BN>(schedule.full + (u - schedule.full) / 2, M, N, K, kps);
+    if (u < schedule.full || schedule.narrow) {
+        Gemm90TUnit unit = gemm90t_unit<BM, BN>(u, M, N, K, kps);
+        if (schedule.narrow) unit.half = 0;
+        return unit;
+    }
+    Gemm90TUnit unit = gemm90t_unit<BM, BN>(schedule.full + (u - schedule.full) / 2, M, N, K, kps);
     unit.half = (u - schedule.full) & 1;
     return unit;
 }
@@ -243,7 +249,8 @@ OS_DEVICE void gemm90t_body(const TensorMap* tmA, const TensorMap* tmW0, const T
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const uint32_t smem0 = (smem_u32(smem_raw) + 1023) & ~1023u;
     const uint32_t bars = smem0 + C::STAGES * C::STAGE_BYTES;  // full[s] at bars + 8s, empty[s] at +8·(STAGES + s)
-    const Gemm90TSchedule schedule = gemm90t_schedule<C::BM>(M, N, splits);
+    const Gemm90TSchedule schedule =
+        gemm90t_schedule((M + C::BM - 1) / C::BM * ((N + GEMM90T_BN - 1) / GEMM90T_BN), splits);
     const int units = schedule.units, wg = threadIdx.x >> 7;
     if (threadIdx.x == 0) {
         for (int s = 0; s < C::STAGES; s++) {
@@ -262,7 +269,7 @@ OS_DEVICE void gemm90t_body(const TensorMap* tmA, const TensorMap* tmW0, const T
         // streaming while the previous kernel drains; their A boxes follow it.
         int early = 0;
         if (w_early && (int)blockIdx.x < units) {
-            const Gemm90TUnit unit = gemm90t_unit_of<C::BM>(blockIdx.x, schedule, M, N, K, kps);
+            const Gemm90TUnit unit = gemm90t_unit_of<C::BM, GEMM90T_BN>(blockIdx.x, schedule, M, N, K, kps);
             early = min(unit.kt, C::STAGES);
             for (int i = 0; i < early; i++)
                 gemm90t_load_w<C, SILU_PAIR>(smem0 + i * C::STAGE_BYTES, bars + 8 * i, tmW0, tmW1, unit, i);
@@ -270,7 +277,7 @@ OS_DEVICE void gemm90t_body(const TensorMap* tmA, const TensorMap* tmW0, const T
         grid_dependency_wait();
         int s = 0, phase = 0;
         for (int u = blockIdx.x; u < units; u += gridDim.x) {
-            const Gemm90TUnit unit = gemm90t_unit_of<C::BM>(u, schedule, M, N, K, kps);
+            const Gemm90TUnit unit = gemm90t_unit_of<C::BM, GEMM90T_BN>(u, schedule, M, N, K, kps);
             for (int i = 0; i < unit.kt; i++) {
                 const uint32_t full = bars + 8 * s, stage = smem0 + s * C::STAGE_BYTES;
                 if (u != (int)blockIdx.x || i >= early) {
@@ -291,7 +298,7 @@ OS_DEVICE void gemm90t_body(const TensorMap* tmA, const TensorMap* tmW0, const T
     int s = 0, phase = 0;
     constexpr int COLS = SILU_PAIR ? GEMM90T_WBOX : GEMM90T_BN;  // output columns of a whole tile
     for (int u = blockIdx.x; u < units; u += gridDim.x) {
-        const Gemm90TUnit unit = gemm90t_unit_of<C::BM>(u, schedule, M, N, K, kps);
+        const Gemm90TUnit unit = gemm90t_unit_of<C::BM, GEMM90T_BN>(u, schedule, M, N, K, kps);
         const int row0 = unit.m0 + 64 * cw, col0 = unit.n_tile * COLS;
         if (unit.half < 0) {
             float acc[128];
@@ -396,6 +403,15 @@ OS_DEVICE void wgmma_rs_m64n256k16(float (&d)[128], const uint32_t (&a)[4], uint
         : WGMMA_D128_OPERANDS(d)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
 }
+// The same for D[64 × 128] (a half tile's 128 tokens).
+OS_DEVICE void wgmma_rs_m64n128k16(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{" WGMMA_D64 "}, "
+        "{%64, %65, %66, %67}, %68, 1, 1, 1, 0;\n"
+        : WGMMA_D64_OPERANDS(d)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+}
 #endif
 
 // This lane's ldmatrix row address in a tile's 1 KB for chunk h (lane 8i + g names unit (g, i), swizzled as copied).
@@ -485,31 +501,34 @@ OS_DEVICE void q4t_fragments(const unsigned char* tile, const Q4TGroups& q, uint
 }
 
 // One k-tile of a consumer warpgroup: its fragments from stage `stage` (int8, or int4 with its groups), then the
-// four wgmma (one commit group).
-template <bool Q4>
-OS_DEVICE void q8t_ktile(float (&acc)[128], uint32_t (&f)[4][4], uint32_t stage, const unsigned char* stage_ptr,
-                         int tile_in_unit, const Q4TGroups& groups) {
+// four wgmma (one commit group) on TOKENS of the stage's x box from token `first` (256 from 0, or a half tile's 128).
+template <bool Q4, int TOKENS>
+OS_DEVICE void q8t_ktile(float (&acc)[TOKENS / 2], uint32_t (&f)[4][4], uint32_t stage, const unsigned char* stage_ptr,
+                         int tile_in_unit, const Q4TGroups& groups, int first) {
     if (Q4) q4t_fragments(stage_ptr + Q8TConfig::X_BYTES + 1024 * tile_in_unit, groups, f);
     else q8t_fragments(stage + Q8TConfig::X_BYTES + 1024 * tile_in_unit, f);
-    const uint64_t db = wgmma_desc_tma(stage);
+    const uint64_t db = wgmma_desc_tma(stage + 128 * first);  // K-major: 128 bytes per token row
     wgmma_fence();  // the fragment registers written above, before the wgmma read them
 #pragma unroll
-    for (int j = 0; j < GEMM90T_BK / 16; j++) wgmma_rs_m64n256k16(acc, f[j], db + 2 * j);
+    for (int j = 0; j < GEMM90T_BK / 16; j++) {
+        if constexpr (TOKENS == Q8T_TOKENS) wgmma_rs_m64n256k16(acc, f[j], db + 2 * j);
+        else wgmma_rs_m64n128k16(acc, f[j], db + 2 * j);
+    }
     wgmma_commit();
 }
 
 // The stores of one warp's accumulators: device tile `tile` (rows g, g + 8 of this lane: acc[4j + e] and
-// acc[4j + 2 + e], e = 0, 1, at token token0 + 8j + 2c + e), times the row scales (int8; none: int4).
-template <bool SILU>
-OS_DEVICE void q8t_store(const float (&acc)[128], const float* __restrict__ scales, void* __restrict__ out, int M,
-                         int N, int tile, int token0, int z, bool pairs) {
+// acc[4j + 2 + e], e = 0, 1, at token token0 + 8j + 2c + e, TOKENS of them), times the row scales (int8; none: int4).
+template <bool SILU, int TOKENS>
+OS_DEVICE void q8t_store(const float (&acc)[TOKENS / 2], const float* __restrict__ scales, void* __restrict__ out,
+                         int M, int N, int tile, int token0, int z, bool pairs) {
     const int lane = threadIdx.x & 31, g = lane >> 2, c2 = 2 * (lane & 3);
     const float s_g = scales ? scales[16 * tile + g] : 1.f, s_g8 = scales ? scales[16 * tile + g + 8] : 1.f;
     if (SILU) {  // rows g, g + 8: gate and up of intermediate 8·tile + g
         const int I = N / 2, col = 8 * tile + g;
         bf16* o = reinterpret_cast<bf16*>(out);
 #pragma unroll
-        for (int j = 0; j < Q8T_TOKENS / 8; j++)
+        for (int j = 0; j < TOKENS / 8; j++)
 #pragma unroll
             for (int e = 0; e < 2; e++) {
                 const int token = token0 + 8 * j + c2 + e;
@@ -522,7 +541,7 @@ OS_DEVICE void q8t_store(const float (&acc)[128], const float* __restrict__ scal
     const int n_g = pairs ? 8 * tile + g : 16 * tile + g, n_g8 = pairs ? N / 2 + 8 * tile + g : 16 * tile + 8 + g;
     float* Cf = reinterpret_cast<float*>(out) + (size_t)z * M * N;
 #pragma unroll
-    for (int j = 0; j < Q8T_TOKENS / 8; j++)
+    for (int j = 0; j < TOKENS / 8; j++)
 #pragma unroll
         for (int e = 0; e < 2; e++) {
             const int token = token0 + 8 * j + c2 + e;
@@ -530,6 +549,50 @@ OS_DEVICE void q8t_store(const float (&acc)[128], const float* __restrict__ scal
             if (n_g < N) Cf[(size_t)token * N + n_g] = acc[4 * j + e] * s_g;
             if (n_g8 < N) Cf[(size_t)token * N + n_g8] = acc[4 * j + 2 + e] * s_g8;
         }
+}
+
+// What a consumer warp's main loop reads: the stages and their barriers, the int4 groups, its device tile in a unit.
+struct Q8TStream {
+    uint32_t smem0;
+    const unsigned char* smem_ptr;
+    uint32_t bars;
+    const uint32_t* gscales;
+    const uint8_t* zeros;
+    int tiles, K, log2g, tile_in_unit;
+};
+
+// One unit's main loop on a consumer warpgroup, into acc (zeroed first): TOKENS = 256 (a whole tile) or 128 (a half
+// tile, tokens 128·half … of the stage's x box). Fragments alternate between fa and fb: a k-tile's are written while
+// the wgmma of the one before still reads the other set (wgmma_wait<1> retires that one before its registers are
+// rewritten), and each stage goes back to the producer once its wgmma retired.
+template <bool Q4, int TOKENS>
+OS_DEVICE void q8t_consume(float (&acc)[TOKENS / 2], uint32_t (&fa)[4][4], uint32_t (&fb)[4][4], const Q8TStream& st,
+                           const Gemm90TUnit& unit, int& s, int& phase) {
+    using C = Q8TConfig;
+    const int lane = threadIdx.x & 31, tile = unit.n_tile * (Q8T_ROWS / 16) + st.tile_in_unit;
+    const int first = unit.half < 0 ? 0 : TOKENS * unit.half;
+    auto release = [&](int stage) {
+        __syncwarp();
+        if (lane == 0) mbar_arrive(st.bars + 8 * (C::STAGES + stage));
+    };
+#pragma unroll
+    for (int i = 0; i < TOKENS / 2; i++) acc[i] = 0.f;
+    int held = -1;  // the stage whose wgmma may still be running
+    for (int i = 0; i < unit.kt; i++) {
+        Q4TGroups groups{};  // int4: loaded before the wait, in flight while the stage's copies land
+        if (Q4 && tile < st.tiles) groups = q4t_groups(st.gscales, st.zeros, tile, unit.kbegin + i, st.K, st.log2g);
+        mbar_wait(st.bars + 8 * s, phase);
+        const uint32_t stage = st.smem0 + s * C::STAGE_BYTES;
+        const unsigned char* stage_ptr = st.smem_ptr + s * C::STAGE_BYTES;
+        if (i & 1) q8t_ktile<Q4, TOKENS>(acc, fb, stage, stage_ptr, st.tile_in_unit, groups, first);
+        else q8t_ktile<Q4, TOKENS>(acc, fa, stage, stage_ptr, st.tile_in_unit, groups, first);
+        wgmma_wait<1>();  // the previous k-tile's wgmma retired: its stage and its fragment set are free
+        if (held >= 0) release(held);
+        held = s;
+        if (++s == C::STAGES) s = 0, phase ^= 1;
+    }
+    wgmma_wait<0>();
+    if (held >= 0) release(held);
 }
 
 // Units: (token tile, 8-tile weight tile, split) in gemm90t_unit's order (token tiles fastest), over M tokens and the
@@ -547,8 +610,9 @@ OS_DEVICE void q8t_body(const TensorMap* tmX, const TensorMap* tmW, const float*
     const unsigned char* smem_ptr = smem_raw + (smem0 - smem_u32(smem_raw));
     const uint32_t bars = smem0 + C::STAGES * C::STAGE_BYTES;  // full[s] at bars + 8s, empty[s] at +8·(STAGES + s)
     const int tiles = (N + 15) / 16, Np = 16 * tiles, lines = K / (Q4 ? 16 : 8);  // rows of 128 bytes per tile
-    const int units = (M + Q8T_TOKENS - 1) / Q8T_TOKENS * ((Np + Q8T_ROWS - 1) / Q8T_ROWS) * splits;
-    const int wg = threadIdx.x >> 7;
+    const Gemm90TSchedule schedule = gemm90t_schedule(
+        (M + Q8T_TOKENS - 1) / Q8T_TOKENS * ((Np + Q8T_ROWS - 1) / Q8T_ROWS), splits, M <= Q8T_TOKENS / 2);
+    const int units = schedule.units, wg = threadIdx.x >> 7;
     if (threadIdx.x == 0) {
         for (int s = 0; s < C::STAGES; s++) {
             mbar_init(bars + 8 * s, 1);
@@ -571,14 +635,14 @@ OS_DEVICE void q8t_body(const TensorMap* tmX, const TensorMap* tmW, const float*
         };
         int early = 0;
         if ((int)blockIdx.x < units) {
-            const Gemm90TUnit unit = gemm90t_unit<Q8T_TOKENS, Q8T_ROWS>(blockIdx.x, M, Np, K, kps);
+            const Gemm90TUnit unit = gemm90t_unit_of<Q8T_TOKENS, Q8T_ROWS>(blockIdx.x, schedule, M, Np, K, kps);
             early = min(unit.kt, C::STAGES);
             for (int i = 0; i < early; i++) load_w(smem0 + i * C::STAGE_BYTES, bars + 8 * i, unit, i);
         }
         grid_dependency_wait();
         int s = 0, phase = 0;
         for (int u = blockIdx.x; u < units; u += gridDim.x) {
-            const Gemm90TUnit unit = gemm90t_unit<Q8T_TOKENS, Q8T_ROWS>(u, M, Np, K, kps);
+            const Gemm90TUnit unit = gemm90t_unit_of<Q8T_TOKENS, Q8T_ROWS>(u, schedule, M, Np, K, kps);
             for (int i = 0; i < unit.kt; i++) {
                 const uint32_t full = bars + 8 * s, stage = smem0 + s * C::STAGE_BYTES;
                 if (u != (int)blockIdx.x || i >= early) {
@@ -595,36 +659,24 @@ OS_DEVICE void q8t_body(const TensorMap* tmX, const TensorMap* tmW, const float*
     // ── consumers: warpgroup cw, warp w: device tile 4·cw + w of the unit's 8 ──
     setmaxnreg_inc<GEMM90T_CONSUMER_REGS>();
     grid_dependency_wait();
-    const int cw = wg - 1, lane = threadIdx.x & 31, tile_in_unit = 4 * cw + ((threadIdx.x >> 5) & 3);
+    const int cw = wg - 1, tile_in_unit = 4 * cw + ((threadIdx.x >> 5) & 3);
     int s = 0, phase = 0;
-    float acc[128];
     uint32_t fa[4][4], fb[4][4];
-    auto release = [&](int stage) {
-        __syncwarp();
-        if (lane == 0) mbar_arrive(bars + 8 * (C::STAGES + stage));
-    };
+    const Q8TStream stream{smem0, smem_ptr, bars, gscales, zeros, tiles, K, log2g, tile_in_unit};
     for (int u = blockIdx.x; u < units; u += gridDim.x) {
-        const Gemm90TUnit unit = gemm90t_unit<Q8T_TOKENS, Q8T_ROWS>(u, M, Np, K, kps);
-#pragma unroll
-        for (int i = 0; i < 128; i++) acc[i] = 0.f;
-        int held = -1;  // the stage whose wgmma may still be running
+        const Gemm90TUnit unit = gemm90t_unit_of<Q8T_TOKENS, Q8T_ROWS>(u, schedule, M, Np, K, kps);
         const int tile = unit.n_tile * (Q8T_ROWS / 16) + tile_in_unit;
-        for (int i = 0; i < unit.kt; i++) {
-            Q4TGroups groups{};  // int4: loaded before the wait, in flight while the stage's copies land
-            if (Q4 && tile < tiles) groups = q4t_groups(gscales, zeros, tile, unit.kbegin + i, K, log2g);
-            mbar_wait(bars + 8 * s, phase);
-            const uint32_t stage = smem0 + s * C::STAGE_BYTES;
-            const unsigned char* stage_ptr = smem_ptr + s * C::STAGE_BYTES;
-            if (i & 1) q8t_ktile<Q4>(acc, fb, stage, stage_ptr, tile_in_unit, groups);
-            else q8t_ktile<Q4>(acc, fa, stage, stage_ptr, tile_in_unit, groups);
-            wgmma_wait<1>();  // the previous k-tile's wgmma retired: its stage and its fragment set are free
-            if (held >= 0) release(held);
-            held = s;
-            if (++s == C::STAGES) s = 0, phase ^= 1;
+        if (unit.half < 0) {
+            float acc[Q8T_TOKENS / 2];
+            q8t_consume<Q4, Q8T_TOKENS>(acc, fa, fb, stream, unit, s, phase);
+            if (tile < tiles) q8t_store<SILU, Q8T_TOKENS>(acc, scales, out, M, N, tile, unit.m0, unit.z, pairs);
+        } else {  // a half tile: tokens m0 + 128·half …
+            float acc[Q8T_TOKENS / 4];
+            q8t_consume<Q4, Q8T_TOKENS / 2>(acc, fa, fb, stream, unit, s, phase);
+            if (tile < tiles)
+                q8t_store<SILU, Q8T_TOKENS / 2>(acc, scales, out, M, N, tile, unit.m0 + Q8T_TOKENS / 2 * unit.half,
+                                                unit.z, pairs);
         }
-        wgmma_wait<0>();
-        if (held >= 0) release(held);
-        if (tile < tiles) q8t_store<SILU>(acc, scales, out, M, N, tile, unit.m0, unit.z, pairs);
     }
 }
 #else

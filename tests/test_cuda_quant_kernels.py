@@ -236,8 +236,10 @@ def q8_tma_skip(dev):
         pytest.skip("the Hopper int8 GEMM needs an sm_90 GPU (or the emulator)")
 
 
+# M ≤ 128 runs every unit as a half tile of 128 tokens; 500 tokens on 3 CTAs leave one of 4 tiles for a last round
+# of two half tiles (gemm90t_schedule), the second partial (tokens 384 … 499).
 @pytest.mark.parametrize("M,N,chunks,splits,ctas", [(65, 333, 21, 1, None), (300, 200, 16, 1, 3), (70, 144, 34, 3, None),
-                                                    (1, 40, 2, 1, None), (257, 1040, 8, 2, 5)])
+                                                    (1, 40, 2, 1, None), (257, 1040, 8, 2, 5), (500, 200, 16, 1, 3)])
 def test_q8_tma_matches_numpy(dev, rng, M, N, chunks, splits, ctas):
     q8_tma_skip(dev)
     Kdim = 32 * chunks
@@ -252,7 +254,7 @@ def test_q8_tma_matches_numpy(dev, rng, M, N, chunks, splits, ctas):
     assert np.all(np.isnan(got[splits * M:])), "rows past the partials were written"
 
 
-@pytest.mark.parametrize("M,ctas", [(100, None), (260, 1)])
+@pytest.mark.parametrize("M,ctas", [(100, None), (260, 1), (500, 6)])  # 500 on 6 CTAs: 8 tiles, 2 as half tiles
 def test_q8_tma_silu_pairs_gate_and_up(dev, rng, M, ctas):
     q8_tma_skip(dev)
     I, Kdim = 200, 32 * 11
@@ -275,7 +277,7 @@ def test_q8_tma_silu_pairs_gate_and_up(dev, rng, M, ctas):
 # int4 on the same pipeline: every group size, symmetric and asymmetric, against the dequantized matrix rounded to
 # bf16 (the weights the kernel builds are dequantize_q4's, bit for bit; only the order of the f32 sums differs).
 @pytest.mark.parametrize("group,asym", [(32, True), (64, False), (128, True), (128, False)])
-@pytest.mark.parametrize("M,N,Kdim,splits,ctas", [(65, 333, 640, 1, None), (300, 200, 512, 2, 3)])
+@pytest.mark.parametrize("M,N,Kdim,splits,ctas", [(65, 333, 640, 1, None), (300, 200, 512, 2, 3), (500, 200, 256, 1, 3)])
 def test_q4_tma_matches_numpy(dev, rng, group, asym, M, N, Kdim, splits, ctas):
     q8_tma_skip(dev)
     qw, sc, zr, w = q4_case(dev, rng, N, Kdim, group, asym)

@@ -406,6 +406,9 @@ inline void wgmma_rs_m64n64k16_tb(float (&d)[32], const uint32_t (&a)[4], uint64
 inline void wgmma_rs_m64n256k16(float (&d)[128], const uint32_t (&a)[4], uint64_t desc_b) {
     emu_wgmma_rs_tb<256, false>(d, a, desc_b);
 }
+inline void wgmma_rs_m64n128k16(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b) {
+    emu_wgmma_rs_tb<128, false>(d, a, desc_b);
+}
 // ── Hopper TMA and mbarriers (gemm_sm90_tma.cu; this block is the TMA GEMM's, separate from the wgmma forms) ──
 // mbarrier: a side table keyed by the barrier's shared-window offset, (re)set by mbar_init: the arrivals a phase
 // expects and still waits for, its transaction count (bytes armed by arrive.expect_tx minus bytes of bulk copies
