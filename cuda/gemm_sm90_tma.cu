@@ -105,8 +105,8 @@ struct Gemm90TSchedule {
     bool narrow;
 };
 OS_DEVICE Gemm90TSchedule gemm90t_schedule(int tiles, int splits, bool narrow = false) {
-    const int last = tiles % (int)gridDim.x;
     if (narrow) return {0, tiles * splits, true};
+    const int last = tiles % (int)gridDim.x;
     if (splits == 1 && last > 0 && 2 * last <= (int)gridDim.x) return {tiles - last, tiles + last, false};
     return {tiles * splits, tiles * splits, false};
 }
@@ -153,7 +153,7 @@ template <bool SILU_PAIR, int COLS>
 OS_DEVICE void gemm90t_store(const float (&acc)[SILU_PAIR ? COLS : COLS / 2], const float* __restrict__ scales,
                              void* __restrict__ out, int M, int N, int row0, int col0, int z) {
     const int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) & 3, g = lane >> 2, c2 = 2 * (lane & 3);
-    if (SILU_PAIR) {  // accumulator columns 0 … COLS − 1 gate, COLS … 2·COLS − 1 up, output column col0 + (column mod COLS)
+    if (SILU_PAIR) {  // accumulator columns 0 … COLS − 1 gate, COLS … 2·COLS − 1 up: output col0 + (column mod COLS)
         const int I = N / 2;
         bf16* o = reinterpret_cast<bf16*>(out);
 #pragma unroll
@@ -316,9 +316,9 @@ OS_DEVICE void gemm90t_body(const TensorMap* tmA, const TensorMap* tmW0, const T
 // Grid: (min(units, multiprocessors)), units = ceil(M / BM) · ceil(N / 256) · splits; block: Gemm90TConfig::THREADS
 // (384 for bm128, 256 for bm64); dynamic shared memory Gemm90TConfig::SMEM. Tensor maps (bf16, 128-byte swizzle):
 // A [M, K] box 64 × BM; plain: W0 = W1 = W [N, K] box 64 × 128; silu: W0 = gate [N/2, K], W1 = up [N/2, K] (rows
-// N/2 … of W), box 64 × 64 (GEMM90T_GATE_BOX). The grid sets the schedule (gemm90t_schedule). scales [N] f32 or null. Plain: split z covers k-tiles [z·kps, min((z+1)·kps,
-// ceil(K / 64))) and writes its partial sum to C + z·M·N (C [splits, M, N] f32; an empty split writes zeros). Silu:
-// one split, C [M, N/2] bf16 = SiLU(A·gateᵀ)·(A·upᵀ).
+// N/2 … of W), box 64 × 64 (GEMM90T_GATE_BOX). The grid sets the schedule (gemm90t_schedule). scales [N] f32 or
+// null. Plain: split z covers k-tiles [z·kps, min((z+1)·kps, ceil(K / 64))) and writes its partial sum to C + z·M·N
+// (C [splits, M, N] f32; an empty split writes zeros). Silu: one split, C [M, N/2] bf16 = SiLU(A·gateᵀ)·(A·upᵀ).
 // w_early: 1 when no kernel writes W (the model's weights): its first stages are copied before the grid dependency
 // wait (common.cuh); 0 for a scratch an earlier kernel filled (runtime/cuda/kernels.py Kernels.gemm static_weights).
 #ifndef OS_GEMM90T
@@ -561,15 +561,15 @@ struct Q8TStream {
     int tiles, K, log2g, tile_in_unit;
 };
 
-// One unit's main loop on a consumer warpgroup, into acc (zeroed first): TOKENS = 256 (a whole tile) or 128 (a half
-// tile, tokens 128·half … of the stage's x box). Fragments alternate between fa and fb: a k-tile's are written while
-// the wgmma of the one before still reads the other set (wgmma_wait<1> retires that one before its registers are
-// rewritten), and each stage goes back to the producer once its wgmma retired.
+// One unit's main loop on a consumer warpgroup for its device tile `tile`, into acc (zeroed first): TOKENS = 256 (a
+// whole tile) or 128 (a half tile, tokens 128·half … of the stage's x box). Fragments alternate between fa and fb: a
+// k-tile's are written while the wgmma of the one before still reads the other set (wgmma_wait<1> retires that one
+// before its registers are rewritten), and each stage goes back to the producer once its wgmma retired.
 template <bool Q4, int TOKENS>
 OS_DEVICE void q8t_consume(float (&acc)[TOKENS / 2], uint32_t (&fa)[4][4], uint32_t (&fb)[4][4], const Q8TStream& st,
-                           const Gemm90TUnit& unit, int& s, int& phase) {
+                           const Gemm90TUnit& unit, int tile, int& s, int& phase) {
     using C = Q8TConfig;
-    const int lane = threadIdx.x & 31, tile = unit.n_tile * (Q8T_ROWS / 16) + st.tile_in_unit;
+    const int lane = threadIdx.x & 31;
     const int first = unit.half < 0 ? 0 : TOKENS * unit.half;
     auto release = [&](int stage) {
         __syncwarp();
@@ -668,11 +668,11 @@ OS_DEVICE void q8t_body(const TensorMap* tmX, const TensorMap* tmW, const float*
         const int tile = unit.n_tile * (Q8T_ROWS / 16) + tile_in_unit;
         if (unit.half < 0) {
             float acc[Q8T_TOKENS / 2];
-            q8t_consume<Q4, Q8T_TOKENS>(acc, fa, fb, stream, unit, s, phase);
+            q8t_consume<Q4, Q8T_TOKENS>(acc, fa, fb, stream, unit, tile, s, phase);
             if (tile < tiles) q8t_store<SILU, Q8T_TOKENS>(acc, scales, out, M, N, tile, unit.m0, unit.z, pairs);
         } else {  // a half tile: tokens m0 + 128·half …
             float acc[Q8T_TOKENS / 4];
-            q8t_consume<Q4, Q8T_TOKENS / 2>(acc, fa, fb, stream, unit, s, phase);
+            q8t_consume<Q4, Q8T_TOKENS / 2>(acc, fa, fb, stream, unit, tile, s, phase);
             if (tile < tiles)
                 q8t_store<SILU, Q8T_TOKENS / 2>(acc, scales, out, M, N, tile, unit.m0 + Q8T_TOKENS / 2 * unit.half,
                                                 unit.z, pairs);
@@ -687,11 +687,11 @@ OS_DEVICE void q8t_body(const TensorMap*, const TensorMap*, const float*, const 
 }
 #endif
 
-// Grid: (min(units, multiprocessors)), units = ⌈M/256⌉ · ⌈Np/128⌉ · splits; block: 384 threads; dynamic shared
-// memory Q8TConfig::SMEM. tmX: x [M, K] bf16, box 64 × 256; qweight_map: the device matrix (pack_q8,
-// Np = ⌈N/16⌉·16 rows, K % 32 == 0) viewed as [Np·K/128, 64] bf16, box 64 × 8; scales [Np] f32 (pack_q8's order). Plain: split z covers
-// k-tiles [z·kps, …) into C + z·M·N (C [splits, M, N] f32, columns in canonical order; pairs: a [gate; up] matrix
-// packed with pairs=True); silu (pairs=True packing, N = 2I): C [M, I] bf16 = SiLU(x·gateᵀ)·(x·upᵀ).
+// Grid: (min(units, multiprocessors)), units = ⌈M/256⌉ · ⌈Np/128⌉ · splits; block: 384 threads; dynamic shared memory
+// Q8TConfig::SMEM. tmX: x [M, K] bf16, box 64 × 256; qweight_map: the device matrix (pack_q8, Np = ⌈N/16⌉·16 rows,
+// K % 32 == 0) viewed as [Np·K/128, 64] bf16, box 64 × 8; scales [Np] f32 (pack_q8's order). Plain: split z covers
+// k-tiles [z·kps, …) into C + z·M·N (C [splits, M, N] f32, columns in canonical order; pairs: a [gate; up] matrix packed with
+// pairs=True); silu (pairs=True packing, N = 2I): C [M, I] bf16 = SiLU(x·gateᵀ)·(x·upᵀ).
 extern "C" __global__ void __launch_bounds__(Q8TConfig::THREADS, 1)
     gemm90tma_q8(const __grid_constant__ TensorMap tmX, const __grid_constant__ TensorMap qweight_map,
                  const float* scales, float* C, int M, int N, int K, int ktiles_per_split, int splits, int pairs) {
