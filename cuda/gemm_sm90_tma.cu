@@ -690,8 +690,8 @@ OS_DEVICE void q8t_body(const TensorMap*, const TensorMap*, const float*, const 
 // Grid: (min(units, multiprocessors)), units = ⌈M/256⌉ · ⌈Np/128⌉ · splits; block: 384 threads; dynamic shared memory
 // Q8TConfig::SMEM. tmX: x [M, K] bf16, box 64 × 256; qweight_map: the device matrix (pack_q8, Np = ⌈N/16⌉·16 rows,
 // K % 32 == 0) viewed as [Np·K/128, 64] bf16, box 64 × 8; scales [Np] f32 (pack_q8's order). Plain: split z covers
-// k-tiles [z·kps, …) into C + z·M·N (C [splits, M, N] f32, columns in canonical order; pairs: a [gate; up] matrix packed with
-// pairs=True); silu (pairs=True packing, N = 2I): C [M, I] bf16 = SiLU(x·gateᵀ)·(x·upᵀ).
+// k-tiles [z·kps, …) into C + z·M·N (C [splits, M, N] f32, columns in canonical order; pairs: a [gate; up] matrix
+// packed with pairs=True); silu (pairs=True packing, N = 2I): C [M, I] bf16 = SiLU(x·gateᵀ)·(x·upᵀ).
 extern "C" __global__ void __launch_bounds__(Q8TConfig::THREADS, 1)
     gemm90tma_q8(const __grid_constant__ TensorMap tmX, const __grid_constant__ TensorMap qweight_map,
                  const float* scales, float* C, int M, int N, int K, int ktiles_per_split, int splits, int pairs) {
