@@ -4,7 +4,7 @@
 // weights, dequantized in the main loop):
 //
 //   warpgroup 0 (producer): one thread issues the TMA copies of each k-tile into a ring of STAGES shared-memory stages
-//     (A's box of BM rows × 64 columns, W's two boxes of 128 rows × 64), arming the stage's `full` mbarrier with the
+//     (A's box of BM rows × 64 columns, W's 256 rows × 64 in boxes of 128 rows, or of 64 for silu), arming the stage's `full` mbarrier with the
 //     stage's byte count (expect_tx); it refills a stage once its `empty` mbarrier says every consumer warp retired
 //     the wgmma that read it. It gives its registers to the consumers (setmaxnreg.dec) and does nothing else.
 //   warpgroups 1 … (consumers, 64 rows each): wait for a stage's `full` phase, issue wgmma.mma_async m64n256k16 × 4
@@ -16,7 +16,8 @@
 // stages 1024-byte aligned), the layout the wgmma descriptors read, as in gemm_sm90.cu.
 // Persistent: a grid of at most one CTA per multiprocessor walks the work units u = z·tiles + t (split z, tile t,
 // M-tile fastest) with stride gridDim.x; the producer runs ahead into the next unit while the consumers store the
-// last one's accumulators (the epilogue is hidden behind the next tile's copies).
+// last one's accumulators (the epilogue is hidden behind the next tile's copies). A last round of at most half the
+// grid runs as half tiles of 128 columns (gemm90t_schedule).
 // silu: W = [gate; up] as two tensor maps (gate rows, up rows): a tile's W boxes are gate rows n … n+127 and the same
 // up rows, so its accumulator columns 0 … 127 are gate and 128 … 255 the matching up, and one thread holds both
 // halves of each output: C [M, N/2] bf16 = SiLU(gate)·up, no interleaving. Plain: both boxes from W, rows n0 … +255.
