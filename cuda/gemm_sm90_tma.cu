@@ -4,9 +4,10 @@
 // weights, dequantized in the main loop):
 //
 //   warpgroup 0 (producer): one thread issues the TMA copies of each k-tile into a ring of STAGES shared-memory stages
-//     (A's box of BM rows × 64 columns, W's 256 rows × 64 in boxes of 128 rows, or of 64 for silu), arming the stage's `full` mbarrier with the
-//     stage's byte count (expect_tx); it refills a stage once its `empty` mbarrier says every consumer warp retired
-//     the wgmma that read it. It gives its registers to the consumers (setmaxnreg.dec) and does nothing else.
+//     (A's box of BM rows × 64 columns, W's 256 rows × 64 in boxes of 128 rows, or of 64 for silu), arming the stage's
+//     `full` mbarrier with the stage's byte count (expect_tx); it refills a stage once its `empty` mbarrier says every
+//     consumer warp retired the wgmma that read it. It gives its registers to the consumers (setmaxnreg.dec) and does
+//     nothing else.
 //   warpgroups 1 … (consumers, 64 rows each): wait for a stage's `full` phase, issue wgmma.mma_async m64n256k16 × 4
 //     on it straight from shared memory, and release the stage of the k-tile before (wgmma_wait<1>: the wgmma of
 //     one k-tile runs while the next one's copies are waited for).
